@@ -1,0 +1,220 @@
+"""The one MiKV configuration: dataclass, presets and validation.
+
+CLI flags, YAML presets and vLLM ``additional_config`` all funnel into
+:class:`MiKVConfig` through :func:`MiKVConfig.from_dict`, which is the single
+place where values are validated. Framework-free (no vllm import).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+LO_BITS = (0, 2, 3, 4, 8)
+HI_DTYPES = ("float16", "bfloat16", "float32")
+SCORERS = ("accumulated", "window")
+SCORE_DTYPES = ("float32", "float16")
+POLICIES = ("mikv", "rtn", "h2o")
+
+
+class MiKVConfigError(ValueError):
+    """Invalid MiKV configuration; the message names the offending field."""
+
+    def __init__(self, field_name: str, message: str):
+        self.field = field_name
+        super().__init__(f"mikv config field '{field_name}': {message}")
+
+
+@dataclass(frozen=True)
+class MiKVConfig:
+    """Mixed-precision KV cache settings (one per engine, all layers alike).
+
+    lo_bits        bits of the low-precision copy every token gets (0 = no copy:
+                   tokens outside the hi set are evicted, i.e. H2O).
+    group_size     quantization group along head_dim; None = head_dim / 2.
+    hi_dtype       storage dtype of the high-precision tier.
+    hi_ratio       r: share of a request's tokens also kept at high precision.
+    recent_window  newest tokens pinned in the hi tier; None = half the budget.
+    sink_tokens    first tokens pinned in the hi tier (attention sinks).
+    scorer         "accumulated" (H2O: softmax mass from every query row) or
+                   "window" (SnapKV: only the last ``obs_window`` rows of a
+                   prefill chunk vote; decode rows always vote).
+    balancer       per-channel key balancer b = sqrt(max|q| / max|k|).
+    score_dtype    dtype of the per-token accumulated score.
+    """
+
+    name: str = "custom"
+    policy: str = "mikv"
+    lo_bits: int = 2
+    group_size: int | None = None
+    hi_dtype: str = "float16"
+    hi_ratio: float = 0.2
+    recent_window: int | None = None
+    sink_tokens: int = 4
+    scorer: str = "accumulated"
+    obs_window: int = 32
+    balancer: bool = True
+    score_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ checks
+    def validate(self, head_dim: int | None = None) -> "MiKVConfig":
+        """Raise :class:`MiKVConfigError` on the first invalid field."""
+        _check_type("name", self.name, str)
+        if self.policy not in POLICIES:
+            raise MiKVConfigError("policy", f"must be one of {POLICIES}, got {self.policy!r}")
+        _check_type("lo_bits", self.lo_bits, int)
+        if self.lo_bits not in LO_BITS:
+            raise MiKVConfigError("lo_bits", f"must be one of {LO_BITS}, got {self.lo_bits}")
+        if self.group_size is not None:
+            _check_type("group_size", self.group_size, int)
+            if self.group_size <= 0:
+                raise MiKVConfigError("group_size", f"must be positive, got {self.group_size}")
+        if self.hi_dtype not in HI_DTYPES:
+            raise MiKVConfigError("hi_dtype", f"must be one of {HI_DTYPES}, got {self.hi_dtype!r}")
+        _check_type("hi_ratio", self.hi_ratio, (int, float))
+        if not 0.0 <= float(self.hi_ratio) <= 1.0:
+            raise MiKVConfigError("hi_ratio", f"must be in [0, 1], got {self.hi_ratio}")
+        if self.recent_window is not None:
+            _check_type("recent_window", self.recent_window, int)
+            if self.recent_window < 0:
+                raise MiKVConfigError("recent_window", f"must be >= 0, got {self.recent_window}")
+        _check_type("sink_tokens", self.sink_tokens, int)
+        if self.sink_tokens < 0:
+            raise MiKVConfigError("sink_tokens", f"must be >= 0, got {self.sink_tokens}")
+        if self.scorer not in SCORERS:
+            raise MiKVConfigError("scorer", f"must be one of {SCORERS}, got {self.scorer!r}")
+        _check_type("obs_window", self.obs_window, int)
+        if self.obs_window <= 0:
+            raise MiKVConfigError("obs_window", f"must be positive, got {self.obs_window}")
+        _check_type("balancer", self.balancer, bool)
+        if self.score_dtype not in SCORE_DTYPES:
+            raise MiKVConfigError("score_dtype", f"must be one of {SCORE_DTYPES}, got {self.score_dtype!r}")
+        if self.lo_bits == 0 and self.hi_ratio == 0:
+            raise MiKVConfigError("hi_ratio", "lo_bits 0 (eviction) with hi_ratio 0 would keep no token")
+        if head_dim is not None:
+            g = self.group_for(head_dim)
+            if head_dim % g:
+                raise MiKVConfigError("group_size", f"{g} does not divide head_dim {head_dim}")
+        return self
+
+    # ----------------------------------------------------------------- derived
+    def group_for(self, head_dim: int) -> int:
+        """Quantization group size for ``head_dim`` (default head_dim / 2)."""
+        return self.group_size if self.group_size is not None else max(1, head_dim // 2)
+
+    def budget(self, num_tokens: int) -> int:
+        """Hi-precision budget ⌊r·L⌋ for a request of ``num_tokens`` tokens."""
+        return int(self.hi_ratio * num_tokens + 1e-9)
+
+    def recent_for(self, budget: int) -> int:
+        """Recent-window length for a given budget (explicit or half of it)."""
+        if self.recent_window is not None:
+            return self.recent_window
+        return budget // 2
+
+    @property
+    def evicts(self) -> bool:
+        """True when tokens outside the hi set are dropped (lo_bits 0)."""
+        return self.lo_bits == 0
+
+    # ---------------------------------------------------------------- loading
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> "MiKVConfig":
+        """Build from a mapping; ``preset`` names a base preset, other keys override it.
+
+        Unknown keys are rejected with an error naming them.
+        """
+        data = dict(data or {})
+        base_name = data.pop("preset", None)
+        if base_name is None and "name" in data and data["name"] in PRESETS and len(data) == 1:
+            base_name = data.pop("name")
+        base = preset(base_name) if base_name is not None else cls()
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in data:
+            if key not in known:
+                raise MiKVConfigError(key, f"unknown key; valid keys: {sorted(known | {'preset'})}")
+        values = dataclasses.asdict(base)
+        values.update(data)
+        if base_name is not None and "name" not in data:
+            values["name"] = base_name if len(data) == 0 else f"{base_name}+custom"
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> "MiKVConfig":
+        """Load a YAML file holding either the config mapping or ``{mikv: {...}}``."""
+        import yaml
+
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+        if not isinstance(data, dict):
+            raise MiKVConfigError("<file>", f"{path} must hold a mapping, got {type(data).__name__}")
+        if "mikv" in data and isinstance(data["mikv"], dict):
+            data = data["mikv"]
+        return cls.from_dict(data)
+
+    @classmethod
+    def parse(cls, text: str) -> "MiKVConfig":
+        """Parse a CLI value: inline JSON, a YAML/JSON file path, or a preset name."""
+        text = text.strip()
+        if text.startswith("{"):
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise MiKVConfigError("<json>", f"invalid JSON: {exc}") from None
+            if not isinstance(data, dict):
+                raise MiKVConfigError("<json>", "must be a JSON object")
+            return cls.from_dict(data)
+        if text in PRESETS:
+            return preset(text)
+        if os.path.exists(text):
+            return cls.from_yaml(text)
+        raise MiKVConfigError("<value>", f"{text!r} is neither JSON, an existing file nor a preset {sorted(PRESETS)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "MiKVConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _check_type(name: str, value: Any, types: type | tuple[type, ...]) -> None:
+    # bool is an int subclass: refuse it where a number is expected.
+    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        raise MiKVConfigError(name, f"must be {_type_names(types)}, got bool")
+    if not isinstance(value, types):
+        raise MiKVConfigError(name, f"must be {_type_names(types)}, got {type(value).__name__} {value!r}")
+
+
+def _type_names(types: type | tuple[type, ...]) -> str:
+    types = types if isinstance(types, tuple) else (types,)
+    return " or ".join(t.__name__ for t in types)
+
+
+# ------------------------------------------------------------------- presets
+# `mikv-paper` is the paper's headline and never changes. `mikv` is the product
+# default; the quality benchmark re-picks it from measured results.
+PRESETS: dict[str, dict[str, Any]] = {
+    "mikv-paper": dict(policy="mikv", lo_bits=2, hi_ratio=0.2, balancer=True, hi_dtype="float16"),
+    "mikv": dict(policy="mikv", lo_bits=2, hi_ratio=0.2, balancer=True, hi_dtype="float16"),
+    "mikv-int3-r05": dict(policy="mikv", lo_bits=3, hi_ratio=0.05, balancer=True),
+    "mikv-int4": dict(policy="mikv", lo_bits=4, hi_ratio=0.2, balancer=True),
+    "rtn": dict(policy="rtn", lo_bits=2, hi_ratio=0.0, sink_tokens=0, recent_window=0, balancer=False),
+    "rtn-int4": dict(policy="rtn", lo_bits=4, hi_ratio=0.0, sink_tokens=0, recent_window=0, balancer=False),
+    "h2o": dict(policy="h2o", lo_bits=0, hi_ratio=0.2, balancer=False),
+}
+
+# What `--kv-cache-policy NAME` selects when no explicit config is given.
+POLICY_DEFAULT_PRESET = {"mikv": "mikv", "rtn": "rtn", "h2o": "h2o"}
+
+
+def preset(name: str) -> MiKVConfig:
+    """Return the named preset (see :data:`PRESETS`)."""
+    if name not in PRESETS:
+        raise MiKVConfigError("preset", f"unknown preset {name!r}; known: {sorted(PRESETS)}")
+    return MiKVConfig(name=name, **PRESETS[name])
