@@ -97,6 +97,12 @@ class MiKVConfig:
             raise MiKVConfigError("score_dtype", f"must be one of {SCORE_DTYPES}, got {self.score_dtype!r}")
         if self.lo_bits == 0 and self.hi_ratio == 0:
             raise MiKVConfigError("hi_ratio", "lo_bits 0 (eviction) with hi_ratio 0 would keep no token")
+        if self.policy == "rtn" and self.hi_ratio != 0:
+            raise MiKVConfigError("hi_ratio", f"policy 'rtn' (uniform low-bit) needs hi_ratio 0, got {self.hi_ratio}")
+        if self.policy == "h2o" and self.lo_bits != 0:
+            raise MiKVConfigError("lo_bits", f"policy 'h2o' (eviction) needs lo_bits 0, got {self.lo_bits}")
+        if self.policy == "mikv" and (self.lo_bits == 0 or self.hi_ratio == 0):
+            raise MiKVConfigError("policy", "'mikv' needs lo_bits > 0 and hi_ratio > 0 (use 'h2o' or 'rtn')")
         if head_dim is not None:
             g = self.group_for(head_dim)
             if head_dim % g:
@@ -125,25 +131,58 @@ class MiKVConfig:
 
     # ---------------------------------------------------------------- loading
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None) -> "MiKVConfig":
-        """Build from a mapping; ``preset`` names a base preset, other keys override it.
+    def from_dict(cls, data: Mapping[str, Any] | None, policy: str | None = None) -> "MiKVConfig":
+        """Build from a mapping; other keys override a base preset.
 
-        Unknown keys are rejected with an error naming them.
+        The base is ``data["preset"]`` if given, else the default preset of
+        ``policy`` (or of ``data["policy"]``, else ``mikv``). Unknown keys are
+        rejected with an error naming them.
         """
+        if data is not None and not isinstance(data, Mapping):
+            raise MiKVConfigError("mikv", f"must be a mapping, got {type(data).__name__}")
         data = dict(data or {})
+        if policy is not None and policy not in POLICIES:
+            raise MiKVConfigError("kv_cache_policy", f"must be one of {POLICIES}, got {policy!r}")
+        if policy is not None and data.get("policy", policy) != policy:
+            raise MiKVConfigError("policy", f"config says {data['policy']!r} but kv_cache_policy is {policy!r}")
         base_name = data.pop("preset", None)
-        if base_name is None and "name" in data and data["name"] in PRESETS and len(data) == 1:
-            base_name = data.pop("name")
-        base = preset(base_name) if base_name is not None else cls()
+        if base_name is None:
+            pol = policy or data.get("policy", "mikv")
+            if pol not in POLICIES:
+                raise MiKVConfigError("policy", f"must be one of {POLICIES}, got {pol!r}")
+            base_name = POLICY_DEFAULT_PRESET[pol]
+        base = preset(base_name)
+        if policy is not None and base.policy != policy:
+            raise MiKVConfigError("preset", f"preset {base_name!r} is a {base.policy!r} preset, not {policy!r}")
         known = {f.name for f in dataclasses.fields(cls)}
         for key in data:
             if key not in known:
                 raise MiKVConfigError(key, f"unknown key; valid keys: {sorted(known | {'preset'})}")
         values = dataclasses.asdict(base)
+        overrides = {k: v for k, v in data.items() if values.get(k) != v or k == "name"}
         values.update(data)
-        if base_name is not None and "name" not in data:
-            values["name"] = base_name if len(data) == 0 else f"{base_name}+custom"
+        if "name" not in data:
+            values["name"] = base_name if not overrides else f"{base_name}+custom"
         return cls(**values)
+
+    @classmethod
+    def from_additional_config(cls, additional: Mapping[str, Any] | None) -> "MiKVConfig | None":
+        """The config selected by vLLM ``additional_config`` or None (stock vLLM).
+
+        Keys: ``kv_cache_policy`` (mikv | rtn | h2o) and optional ``mikv``
+        (a mapping of :class:`MiKVConfig` fields, or a preset name).
+        """
+        if not additional or not isinstance(additional, Mapping):
+            return None
+        policy = additional.get("kv_cache_policy")
+        section = additional.get("mikv")
+        if policy in (None, "none"):
+            if section is not None:
+                raise MiKVConfigError("kv_cache_policy", "'mikv' settings given but no kv_cache_policy set")
+            return None
+        if isinstance(section, str):
+            section = {"preset": section}
+        return cls.from_dict(section, policy=policy)
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "MiKVConfig":

@@ -1,0 +1,24 @@
+"""vLLM general plugin entry point (``vllm.general_plugins``: ``mikv``).
+
+vLLM calls :func:`register` in every process (API server, engine core,
+workers), possibly several times; it is idempotent.
+"""
+
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger("mikv_vllm")
+_registered = False
+
+
+def register() -> None:
+    """Register the MiKV attention backend, CLI flags and config checks."""
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    from .vllm_glue import install
+
+    install()
+    logger.debug("mikv-vllm plugin registered")
