@@ -80,6 +80,8 @@ class RegionLayout:
         sc_dt = SCORE_TORCH_DTYPES[config.score_dtype]
         hi_es = torch.empty((), dtype=hi_dt).element_size()
         sc_es = torch.empty((), dtype=sc_dt).element_size()
+        if (d * b) % 8:
+            raise ValueError(f"head_dim {d} * lo_bits {b} is not a whole number of bytes")
         packed = d * b // 8 if b else 0
         groups = d // g if b else 0
         off = 0
@@ -183,7 +185,11 @@ def as_regions(kv_cache: torch.Tensor, layout: RegionLayout) -> torch.Tensor:
     """View vLLM's per-layer cache ``[B, H, N, C/es]`` as uint8 ``[B, H, N*C]``."""
     b, h = kv_cache.shape[:2]
     raw = kv_cache.view(torch.uint8) if kv_cache.dtype != torch.uint8 else kv_cache
-    raw = raw.reshape(b, h, -1)
+    try:  # a view, never a copy: writes must reach the cache
+        raw = raw.view(b, h, -1)
+    except RuntimeError as exc:
+        raise ValueError(f"cache of shape {tuple(kv_cache.shape)} / strides {kv_cache.stride()} has no "
+                         "contiguous (block, head) regions (LBHNC layout expected)") from exc
     if raw.shape[-1] != layout.region_bytes:
         raise ValueError(f"cache region has {raw.shape[-1]} bytes, layout expects {layout.region_bytes}")
     return raw

@@ -1,0 +1,140 @@
+"""Per-token asymmetric round-to-nearest quantization and bit packing.
+
+Every token's vector ``x[..., D]`` is split into ``G = D / group`` groups; each
+group gets an fp16 ``(scale, zero)`` pair (the ``k_sz``/``v_sz`` view
+``[..., G, 2]``) and ``bits``-bit codes::
+
+    zero  = fp16_round_down(min(x_g))
+    scale = fp16_round_up((max(x_g) - zero) / (2^bits - 1))
+    code  = clamp(floor((x - zero) / scale + 0.5), 0, 2^bits - 1)   (0 where scale == 0)
+    x_hat = zero + code * scale                                      (fp32)
+
+Codes are computed from the *stored* fp16 values, and rounding zero down and
+scale up keeps the whole group inside ``[zero, zero + (2^bits-1)*scale]``, so
+``|x - x_hat| <= scale/2`` (+ fp32 rounding) for every element. A constant
+group is exact when its value is fp16-representable (scale 0, x_hat = zero);
+otherwise zero is the fp16 value just below it and scale a tiny positive number
+(< one fp16 ulp of the value / (2^bits-1)), still within the bound. Inputs
+are clamped to the fp16 range ±65504 first (the bound holds for the clamped
+value); nothing produces NaN/inf for finite inputs.
+
+Packing is the little-endian bit stream of ``layout.py``: element j occupies
+stream bits ``[j*bits, (j+1)*bits)``, stream bit ``8*m + k`` is bit k of byte m.
+Supported bits: 2, 3, 4, 8 (``D * bits`` must be a multiple of 8).
+"""
+
+from __future__ import annotations
+
+import torch
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+FP16_MAX = 65504.0
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+
+
+# ------------------------------------------------------------------ packing
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack uint8 codes ``[..., D]`` (each < 2^bits) into uint8 ``[..., D*bits/8]``."""
+    _check_bits(bits)
+    d = codes.shape[-1]
+    if (d * bits) % 8:
+        raise ValueError(f"D * bits must be a multiple of 8, got D={d}, bits={bits}")
+    if bits == 8:
+        return codes.to(torch.uint8).clone()
+    nbytes = d * bits // 8
+    pad = (-d) % 8
+    c = codes.to(torch.int64)
+    if pad:
+        c = torch.nn.functional.pad(c, (0, pad))
+    # 8 codes of `bits` bits make exactly `bits` bytes.
+    c = c.reshape(*c.shape[:-1], c.shape[-1] // 8, 8)
+    shifts = torch.arange(8, device=c.device, dtype=torch.int64) * bits
+    word = (c << shifts).sum(-1, keepdim=True)                      # [..., D/8, 1]
+    byte_shifts = torch.arange(bits, device=c.device, dtype=torch.int64) * 8
+    out = ((word >> byte_shifts) & 0xFF).reshape(*codes.shape[:-1], c.shape[-2] * bits)
+    return out[..., :nbytes].to(torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: uint8 ``[..., dim*bits/8]`` -> uint8 codes ``[..., dim]``."""
+    _check_bits(bits)
+    if packed.shape[-1] != dim * bits // 8 or (dim * bits) % 8:
+        raise ValueError(f"packed last dim {packed.shape[-1]} does not match dim={dim}, bits={bits}")
+    if bits == 8:
+        return packed.to(torch.uint8).clone()
+    p = packed.to(torch.int64)
+    pad = (-p.shape[-1]) % bits
+    if pad:
+        p = torch.nn.functional.pad(p, (0, pad))
+    p = p.reshape(*p.shape[:-1], p.shape[-1] // bits, bits)
+    byte_shifts = torch.arange(bits, device=p.device, dtype=torch.int64) * 8
+    word = (p << byte_shifts).sum(-1, keepdim=True)                 # [..., chunks, 1]
+    shifts = torch.arange(8, device=p.device, dtype=torch.int64) * bits
+    codes = ((word >> shifts) & ((1 << bits) - 1)).reshape(*packed.shape[:-1], p.shape[-2] * 8)
+    return codes[..., :dim].to(torch.uint8)
+
+
+# ------------------------------------------------------------ fp16 rounding
+def fp16_round_down(x: torch.Tensor) -> torch.Tensor:
+    """Largest fp16 value <= ``x`` (fp32 input, clamped to ±65504)."""
+    x = x.float().clamp(-FP16_MAX, FP16_MAX)
+    h = x.half()
+    return torch.where(h.float() > x, torch.nextafter(h, torch.full_like(h, -float("inf"))), h)
+
+
+def fp16_round_up(x: torch.Tensor) -> torch.Tensor:
+    """Smallest fp16 value >= ``x`` (fp32 input, clamped to ±65504)."""
+    x = x.float().clamp(-FP16_MAX, FP16_MAX)
+    h = x.half()
+    return torch.where(h.float() < x, torch.nextafter(h, torch.full_like(h, float("inf"))), h)
+
+
+# ------------------------------------------------------------- quantization
+def _grouped(x: torch.Tensor, group: int) -> torch.Tensor:
+    d = x.shape[-1]
+    if d % group:
+        raise ValueError(f"group {group} does not divide D={d}")
+    return x.reshape(*x.shape[:-1], d // group, group)
+
+
+def quantize_codes(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unpacked variant of :func:`quantize`: (uint8 codes ``[..., D]``, fp16 sz ``[..., G, 2]``)."""
+    _check_bits(bits)
+    xg = _grouped(x.float().clamp(-FP16_MAX, FP16_MAX), group)      # [..., G, g]
+    qmax = (1 << bits) - 1
+    zero = fp16_round_down(xg.amin(-1))                              # [..., G] fp16
+    scale = fp16_round_up((xg.amax(-1) - zero.float()) / qmax)
+    z, s = zero.float().unsqueeze(-1), scale.float().unsqueeze(-1)
+    t = torch.where(s > 0, (xg - z) / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(xg))
+    codes = torch.floor(t + 0.5).clamp_(0, qmax).to(torch.uint8)
+    sz = torch.stack([scale, zero], dim=-1)                          # [..., G, 2]
+    return codes.reshape(x.shape), sz
+
+
+def quantize(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize ``x[..., D]`` -> (packed uint8 ``[..., D*bits/8]``, fp16 (scale, zero) ``[..., D/group, 2]``)."""
+    codes, sz = quantize_codes(x, bits, group)
+    return pack_codes(codes, bits), sz
+
+
+def dequantize_codes(codes: torch.Tensor, sz: torch.Tensor, group: int) -> torch.Tensor:
+    """fp32 ``zero + code * scale`` for unpacked codes ``[..., D]``."""
+    cg = _grouped(codes.float(), group)
+    s = sz[..., 0].float().unsqueeze(-1)
+    z = sz[..., 1].float().unsqueeze(-1)
+    return (z + cg * s).reshape(codes.shape)
+
+
+def dequantize(packed: torch.Tensor, sz: torch.Tensor, bits: int, group: int, dim: int) -> torch.Tensor:
+    """Inverse of :func:`quantize`: fp32 ``[..., dim]``."""
+    return dequantize_codes(unpack_codes(packed, bits, dim), sz, group)
+
+
+def fake_quantize(x: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """``dequantize(quantize(x))`` without packing (fp32)."""
+    codes, sz = quantize_codes(x, bits, group)
+    return dequantize_codes(codes, sz, group)

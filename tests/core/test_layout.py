@@ -1,0 +1,63 @@
+"""RegionLayout: sub-arrays are disjoint, aligned, in bounds; as_regions is a true view."""
+
+import itertools
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mikv_vllm.config import PRESETS, MiKVConfig, preset
+from mikv_vllm.core.layout import ALIGN, RegionLayout, as_regions
+
+FIELDS = ("k_lo", "v_lo", "k_sz", "v_sz", "score", "tag", "k_hi", "v_hi", "balancer")
+
+
+@pytest.mark.parametrize("name,d,n", list(itertools.product(PRESETS, [64, 128], [16, 128])))
+def test_views_disjoint_aligned_in_bounds(name, d, n):
+    lay = RegionLayout.build(preset(name), n, d)
+    regions = torch.zeros(3, 2, lay.region_bytes, dtype=torch.uint8)
+    views = lay.views(regions)
+    spans = []
+    for f in FIELDS:
+        t = getattr(views, f)
+        assert t.shape[:2] == (3, 2)
+        nbytes = t[0, 0].numel() * t.element_size()
+        off = getattr(lay, f)
+        assert off % ALIGN == 0 and off + nbytes <= lay.region_bytes
+        if nbytes:
+            spans.append((off, off + nbytes))
+            t[1, 1].view(torch.uint8).fill_(1) if t.dtype == torch.uint8 else t[1, 1].zero_().add_(1)
+    spans.sort()
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+    assert regions[0].sum() == 0 and regions[2].sum() == 0 and regions[1, 0].sum() == 0
+    assert lay.content_bytes % 4 == 0
+    assert sum(v for k, v in lay.breakdown().items() if k != "total") == pytest.approx(lay.content_bytes)
+
+
+def test_integration_reference_figure():
+    # vllm-0.32-integration.md §7: INT2, r = 0.2, N = 16, D = 128, no balancer header -> 216 B
+    cfg = MiKVConfig(policy="mikv", lo_bits=2, hi_ratio=0.2, balancer=False)
+    assert RegionLayout.build(cfg, 16, 128).content_bytes == 216
+
+
+def test_as_regions_is_a_view_and_rejects_strided_caches():
+    lay = RegionLayout.build(preset("mikv"), 16, 64)
+    kv = torch.zeros(4, 3, 16, lay.content_bytes // 2, dtype=torch.bfloat16)
+    as_regions(kv, lay)[1, 2, 5] = 9
+    assert kv.view(torch.uint8).sum() == 9
+    strided = torch.zeros(16, 4, 3, lay.content_bytes // 2, dtype=torch.bfloat16).permute(1, 2, 0, 3)
+    with pytest.raises(ValueError):
+        as_regions(strided, lay)
+    with pytest.raises(ValueError):
+        as_regions(torch.zeros(4, 3, 16, 8, dtype=torch.bfloat16), lay)
+
+
+def test_bits_must_pack_into_whole_bytes():
+    with pytest.raises(ValueError):
+        RegionLayout.build(MiKVConfig(policy="mikv", lo_bits=3, group_size=4), 16, 12)
+
+
+def test_core_does_not_import_vllm():
+    code = "import sys, mikv_vllm.core; assert not any(m == 'vllm' or m.startswith('vllm.') for m in sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True)

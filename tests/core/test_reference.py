@@ -1,0 +1,247 @@
+"""Reference page operations: the composed per-request step and its edge cases."""
+
+import math
+
+import pytest
+import torch
+
+from mikv_vllm.config import MiKVConfig, preset
+from mikv_vllm.core.layout import RegionLayout
+from mikv_vllm.core.reference import (attention, first_voting_row, forward_request, gather_context,
+                                      load_balancer, write_tokens)
+
+from ._helpers import dense_attention, make_regions, run_request, structured_qkv
+
+HQ, HKV, D, N = 6, 2, 32, 16
+SCALE = 1 / math.sqrt(D)
+
+
+def _layout(cfg, n=N, d=D):
+    return RegionLayout.build(cfg, n, d)
+
+
+def _tags(regions, layout, row, length):
+    """{head: sorted tagged positions} over the request's blocks."""
+    v = layout.views(regions)
+    nb = -(-length // layout.block_size)
+    tags = v.tag[row[:nb].long()].transpose(0, 1).reshape(regions.shape[1], -1)
+    return [sorted((t[t > 0] - 1).tolist()) for t in tags]
+
+
+MIKV_FP32_ALL_HI = MiKVConfig(policy="mikv", lo_bits=2, hi_ratio=1.0, hi_dtype="float32")
+
+
+@pytest.mark.parametrize("garbage", [False, True])
+def test_all_hi_fp32_equals_dense_attention(garbage):
+    cfg, lay = MIKV_FP32_ALL_HI, _layout(MIKV_FP32_ALL_HI)
+    chunks = [20, 17, 13, 1, 1, 1, 1, 1]                      # chunked prefill + 5 decode steps
+    length = sum(chunks)
+    q, k, v = structured_qkv(length, HQ, HKV, D, seed=3)
+    regions = make_regions(lay, 12, HKV, garbage=garbage)
+    row = torch.tensor([9, 2, 7, 4, 11, 0])                    # longer than needed (4 blocks)
+    out = run_request(regions, lay, cfg, row, q, k, v, chunks, SCALE)
+    ref = dense_attention(q, k, v, SCALE)
+    assert (out - ref).abs().max().item() < 1e-5
+    assert all(t == list(range(length)) for t in _tags(regions, lay, row, length))
+
+
+def _decode_error(cfg, length=96, decode=24, seed=0):
+    lay = _layout(cfg)
+    q, k, v = structured_qkv(length + decode, HQ, HKV, D, seed=seed)
+    regions = make_regions(lay, 16, HKV)
+    row = torch.randperm(16, generator=torch.Generator().manual_seed(seed))
+    out = run_request(regions, lay, cfg, row, q, k, v, [length] + [1] * decode, SCALE)
+    ref = dense_attention(q, k, v, SCALE)
+    return ((out[length:] - ref[length:]).norm() / ref[length:].norm()).item()
+
+
+def test_rtn_error_grows_as_bits_fall():
+    errs = {b: _decode_error(MiKVConfig(policy="rtn", lo_bits=b, hi_ratio=0.0, sink_tokens=0, recent_window=0,
+                                        balancer=False)) for b in (8, 4, 3, 2)}
+    assert errs[8] < 1e-2
+    assert errs[8] < errs[4] < errs[3] < errs[2]
+
+
+def test_mikv_beats_rtn_at_same_lo_bits():
+    rtn = _decode_error(preset("rtn"))
+    mikv = _decode_error(preset("mikv"))
+    assert mikv < rtn
+
+
+def test_h2o_untagged_tokens_get_exactly_zero_weight():
+    cfg = preset("h2o")
+    lay = _layout(cfg)
+    length = 80
+    q, k, v = structured_qkv(length + 1, HQ, HKV, D, seed=5)
+    regions = make_regions(lay, 8, HKV, garbage=True)
+    row = torch.tensor([3, 6, 1, 0, 5, 7])
+    run_request(regions, lay, cfg, row, q, k, v, [50, 30], SCALE)
+    kept = _tags(regions, lay, row, length)
+    assert all(len(t) == cfg.budget(length) for t in kept)
+    # next decode step: weights via the reference ops
+    write_tokens(regions, lay, row, length, k[length:], v[length:])
+    k_ctx, v_ctx, valid = gather_context(regions, lay, row, length)
+    out, mass = attention(q[length:], k_ctx, v_ctx, valid, k[length:], v[length:], SCALE, vote_from=0)
+    for h in range(HKV):
+        assert valid[h].nonzero().flatten().tolist() == kept[h]
+        assert (mass[h, :length][~valid[h]] == 0).all()
+        assert (mass[h, :length][valid[h]] > 0).all()
+    # and the output equals dense attention over the kept tokens (fp16 hi copies) + the current token
+    for h in range(HKV):
+        idx = torch.tensor(kept[h] + [length])
+        kh = k[idx, h:h + 1].clone()
+        vh = v[idx, h:h + 1].clone()
+        kh[:-1], vh[:-1] = kh[:-1].half().float(), vh[:-1].half().float()
+        g = HQ // HKV
+        ref = dense_attention(q[length:, h * g:(h + 1) * g], kh, vh, SCALE, offset=len(kept[h]))
+        assert (out[:, h * g:(h + 1) * g] - ref).abs().max().item() < 1e-5
+
+
+def _needle_qkv(length, needle, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    d = 64
+    u = torch.randn(d, generator=gen)
+    u = u / u.norm()
+    k = torch.randn(length, 2, d, generator=gen)
+    v = torch.randn(length, 2, d, generator=gen)
+    q = torch.randn(length, 4, d, generator=gen) + 3.0 * u
+    k[needle] = 12.0 * u + 0.3 * torch.randn(2, d, generator=gen)
+    v[needle] = 4.0 * torch.randn(2, d, generator=gen)
+    return q, k, v
+
+
+def test_planted_needle_stays_hi_under_mikv_not_rtn():
+    length, needle, d = 128, 60, 64
+    q, k, v = _needle_qkv(length, needle)
+    scale = 1 / math.sqrt(d)
+    errs = {}
+    for name in ("mikv", "rtn"):
+        cfg = preset(name)
+        lay = RegionLayout.build(cfg, N, d)
+        regions = make_regions(lay, 10, 2)
+        row = torch.arange(9, -1, -1)
+        run_request(regions, lay, cfg, row, q, k, v, [40, 40, 48], scale)
+        b = load_balancer(regions, lay, row)
+        kc, vc, _ = gather_context(regions, lay, row, length, b)
+        errs[name] = ((kc[:, needle] - k[needle]).norm()
+                      + (vc[:, needle] - v[needle]).norm()).item()
+        if name == "mikv":
+            assert all(needle in t for t in _tags(regions, lay, row, length))
+    assert errs["mikv"] < 0.01 * errs["rtn"]
+
+
+@pytest.mark.parametrize("name", ["mikv", "h2o", "rtn", "mikv-int3-r05"])
+def test_stale_block_reuse_does_not_leak(name):
+    cfg = preset(name)
+    lay = _layout(cfg)
+    qa, ka, va = structured_qkv(70, HQ, HKV, D, seed=11)
+    qb, kb, vb = structured_qkv(45, HQ, HKV, D, seed=12)
+    reused = make_regions(lay, 8, HKV, garbage=True)
+    run_request(reused, lay, cfg, torch.tensor([5, 2, 7, 0, 3]), qa, ka * 5, va, [64, 1, 1, 1, 1, 1, 1], SCALE)
+    row_b = torch.tensor([2, 7, 5])
+    out_reused = run_request(reused, lay, cfg, row_b, qb, kb, vb, [30, 10, 1, 1, 1, 1, 1], SCALE)
+    fresh = make_regions(lay, 8, HKV)
+    out_fresh = run_request(fresh, lay, cfg, row_b, qb, kb, vb, [30, 10, 1, 1, 1, 1, 1], SCALE)
+    assert torch.equal(out_reused, out_fresh)
+    assert _tags(reused, lay, row_b, 45) == _tags(fresh, lay, row_b, 45)
+
+
+def test_rtn_has_no_hi_state_and_untouched_blocks_stay_untouched():
+    cfg = preset("rtn")
+    lay = _layout(cfg)
+    views = lay.views(make_regions(lay, 2, HKV))
+    assert lay.hi_slots == 0
+    assert views.tag.shape[-1] == 0 and views.score.shape[-1] == 0 and views.k_hi.numel() == 0
+    regions = make_regions(lay, 6, HKV, garbage=True)
+    before = regions.clone()
+    q, k, v = structured_qkv(20, HQ, HKV, D)
+    run_request(regions, lay, cfg, torch.tensor([4, 1, 0, 3]), q, k, v, [17, 1, 1, 1], SCALE)
+    for blk in (2, 5, 0, 3):   # blocks beyond ceil(20 / 16) = 2 entries of the row, or not in it
+        assert torch.equal(regions[blk], before[blk])
+
+
+def test_hi_set_invariants_over_decode():
+    cfg = MiKVConfig(policy="mikv", lo_bits=3, hi_ratio=0.2, sink_tokens=2)
+    lay = _layout(cfg)
+    total = 90
+    q, k, v = structured_qkv(total, HQ, HKV, D, seed=4)
+    regions = make_regions(lay, 8, HKV, garbage=True)
+    row = torch.tensor([1, 3, 5, 7, 0, 2])
+    chunks = [33, 20] + [1] * (total - 53)
+    start, prev = 0, None
+    for size in chunks:
+        forward_request(regions, lay, cfg, row, start, q[start:start + size], k[start:start + size],
+                        v[start:start + size], SCALE)
+        start += size
+        tags = _tags(regions, lay, row, start)
+        nb = -(-start // N)
+        for h, t in enumerate(tags):
+            assert len(t) == len(set(t)) == min(cfg.budget(start), nb * lay.hi_slots)
+            assert all(0 <= p < start for p in t)
+            if prev is not None:   # one-way: only previously-hi or brand-new tokens
+                assert set(t) <= set(prev[h]) | set(range(start - size, start))
+            assert {0, 1} <= set(t) and start - 1 in t       # sinks and newest token
+        prev = tags
+    # tagged tokens read back their fp16 raw K/V, others their dequantized lo copy
+    b = load_balancer(regions, lay, row)
+    kc, vc, valid = gather_context(regions, lay, row, total, b)
+    assert valid.all()
+    for h, t in enumerate(prev):
+        idx = torch.tensor(t)
+        assert torch.equal(kc[h, idx], k[idx, h].half().float())
+        assert torch.equal(vc[h, idx], v[idx, h].half().float())
+
+
+def test_window_scorer_votes_only_last_rows():
+    cfg = MiKVConfig(policy="mikv", scorer="window", obs_window=4)
+    assert first_voting_row(cfg, 10) == 6 and first_voting_row(cfg, 3) == 0 and first_voting_row(cfg, 1) == 0
+    assert first_voting_row(MiKVConfig(policy="mikv"), 10) == 0
+    q, k, v = structured_qkv(10, HQ, HKV, D)
+    empty = torch.zeros(HKV, 0, D)
+    _, full = attention(q, empty, empty, torch.zeros(HKV, 0, dtype=torch.bool), k, v, SCALE, vote_from=0)
+    _, last = attention(q, empty, empty, torch.zeros(HKV, 0, dtype=torch.bool), k, v, SCALE, vote_from=6)
+    g = HQ // HKV
+    assert torch.allclose(full.sum(1), torch.full((HKV,), 10.0 * g))
+    assert torch.allclose(last.sum(1), torch.full((HKV,), 4.0 * g))
+    assert torch.allclose(last[:, 7:], full[:, 7:])          # only rows >= 6 see keys >= 7 anyway
+    assert (last[:, :6] < full[:, :6]).all()
+
+
+def test_attention_chunks_query_rows(monkeypatch):
+    import mikv_vllm.core.reference as ref
+    q, k, v = structured_qkv(40, HQ, HKV, D, seed=9)
+    kc, vc = k[:25].transpose(0, 1), v[:25].transpose(0, 1)
+    valid = torch.rand(HKV, 25, generator=torch.Generator().manual_seed(0)) > 0.3
+    o1, m1 = attention(q[25:], kc, vc, valid, k[25:], v[25:], SCALE, vote_from=3)
+    monkeypatch.setattr(ref, "MAX_LOGIT_ELEMENTS", 50)
+    o2, m2 = attention(q[25:], kc, vc, valid, k[25:], v[25:], SCALE, vote_from=3)
+    assert torch.allclose(o1, o2, atol=1e-6) and torch.allclose(m1, m2, atol=1e-6)
+
+
+@pytest.mark.parametrize("hi_dtype", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("score_dtype", ["float32", "float16"])
+def test_dtypes_and_block_128(hi_dtype, score_dtype):
+    cfg = MiKVConfig(policy="mikv", lo_bits=4, hi_ratio=0.3, hi_dtype=hi_dtype, score_dtype=score_dtype)
+    lay = RegionLayout.build(cfg, 128, 64)
+    q, k, v = structured_qkv(150, 4, 2, 64, seed=2)
+    regions = make_regions(lay, 3, 2, garbage=True)
+    out = run_request(regions, lay, cfg, torch.tensor([2, 0]), q, k, v, [130, 1, 1, 18], 0.125)
+    ref = dense_attention(q, k, v, 0.125)
+    assert torch.isfinite(out).all()
+    assert ((out - ref).norm() / ref.norm()).item() < 0.05
+
+
+@pytest.mark.parametrize("name", ["mikv", "h2o", "rtn"])
+def test_one_token_prompt_then_decode(name):
+    cfg = preset(name)
+    lay = _layout(cfg)
+    q, k, v = structured_qkv(6, HQ, HKV, D, seed=8)
+    regions = make_regions(lay, 2, HKV, garbage=True)
+    out = run_request(regions, lay, cfg, torch.tensor([1]), q, k, v, [1] * 6, SCALE)
+    assert torch.isfinite(out).all()
+    # the first token attends only to itself, exactly
+    assert torch.allclose(out[0], v[0].repeat_interleave(HQ // HKV, 0), atol=1e-6)
+    if name == "h2o":
+        # budget floor(0.2 * L) is 0 below 5 tokens (tokens 0-3 evicted for good), then 1: token 4 enters
+        # at L = 5 and, with its accumulated score, beats the new token 5 at L = 6 (no recent window for B = 1)
+        assert _tags(regions, lay, torch.tensor([1]), 6) == [[4], [4]]
