@@ -66,16 +66,17 @@ def unpack_codes(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
         raise ValueError(f"packed last dim {packed.shape[-1]} does not match dim={dim}, bits={bits}")
     if bits == 8:
         return packed.to(torch.uint8).clone()
-    p = packed.to(torch.int64)
-    pad = (-p.shape[-1]) % bits
-    if pad:
-        p = torch.nn.functional.pad(p, (0, pad))
-    p = p.reshape(*p.shape[:-1], p.shape[-1] // bits, bits)
-    byte_shifts = torch.arange(bits, device=p.device, dtype=torch.int64) * 8
-    word = (p << byte_shifts).sum(-1, keepdim=True)                 # [..., chunks, 1]
-    shifts = torch.arange(8, device=p.device, dtype=torch.int64) * bits
-    codes = ((word >> shifts) & ((1 << bits) - 1)).reshape(*packed.shape[:-1], p.shape[-2] * 8)
-    return codes[..., :dim].to(torch.uint8)
+    lead = packed.shape[:-1]
+    if bits in (2, 4):  # codes never straddle bytes: element j = byte j*b//8 >> (j*b % 8)
+        shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
+        codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+        return codes.reshape(*lead, dim)
+    # 3 bits: every 3 bytes hold 8 codes (D*3 % 8 == 0 means D % 8 == 0).
+    p = packed.reshape(*lead, dim // 8, 3).to(torch.int32)
+    word = p[..., 0] | (p[..., 1] << 8) | (p[..., 2] << 16)                  # [..., D/8]
+    shifts = torch.arange(0, 24, 3, device=packed.device, dtype=torch.int32)
+    codes = (word.unsqueeze(-1) >> shifts) & 7
+    return codes.reshape(*lead, dim).to(torch.uint8)
 
 
 # ------------------------------------------------------------ fp16 rounding

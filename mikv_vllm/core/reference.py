@@ -118,12 +118,17 @@ def gather_context(regions: torch.Tensor, layout: RegionLayout, block_row: torch
     dev = regions.device
     row = block_row.to(dev).long()
     if layout.bits:
-        blk, off = token_slots(row, 0, ctx_len, n)
-        k = dequantize(views.k_lo[blk, :, off], views.k_sz[blk, :, off], layout.bits, layout.group, d)
-        v = dequantize(views.v_lo[blk, :, off], views.v_sz[blk, :, off], layout.bits, layout.group, d)
+        # Whole blocks at once (cheaper than per-token indexing), then trim to ctx_len.
+        blocks = row[:_num_blocks(ctx_len, n)]
+
+        def lo(packed: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
+            x = dequantize(packed[blocks], sz[blocks], layout.bits, layout.group, d)   # [nb, H, N, D]
+            return x.transpose(0, 1).reshape(h, -1, d)[:, :ctx_len]
+
+        k, v = lo(views.k_lo, views.k_sz), lo(views.v_lo, views.v_sz)
         if balancer is not None:
-            k = k / balancer
-        k, v = k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous()
+            k = k / balancer[:, None, :]
+        k, v = k.contiguous(), v.contiguous()
         valid = torch.ones(h, ctx_len, dtype=torch.bool, device=dev)
     else:
         k = torch.zeros(h, ctx_len, d, device=dev)
@@ -179,8 +184,7 @@ def attention(q: torch.Tensor, k_ctx: torch.Tensor, v_ctx: torch.Tensor, valid_c
         logits = torch.einsum("hgtd,hsd->hgts", qh[:, :, i0:i1], keys) * scale
         causal = key_pos[None, :] <= (ctx + torch.arange(i0, i1, device=dev))[:, None]   # [rows, S]
         allowed = causal[None] & key_ok[:, None]                                        # [H, rows, S]
-        logits = logits.masked_fill(~allowed[:, None], -float("inf"))
-        p = torch.softmax(logits, dim=-1)
+        p = torch.softmax(logits.masked_fill_(~allowed[:, None], -float("inf")), dim=-1)
         out[:, :, i0:i1] = torch.einsum("hgts,hsd->hgtd", p, vals)
         if mass is not None and i1 > vote_from:
             mass += p[:, :, max(0, vote_from - i0):].sum(dim=(1, 2))
@@ -194,10 +198,12 @@ def accumulate_scores(regions: torch.Tensor, layout: RegionLayout, block_row: to
     if not layout.hi_slots:
         return
     views = layout.views(regions)
-    blk, off = token_slots(block_row.to(regions.device), 0, mass.shape[1], layout.block_size)
-    cur = views.score[blk, :, off].float()                                           # [L, H]
+    h, length, n = mass.shape[0], mass.shape[1], layout.block_size
+    blocks = block_row.to(regions.device).long()[:_num_blocks(length, n)]
+    cur = views.score[blocks].transpose(0, 1).reshape(h, -1).float()                 # [H, nb*N]
+    cur[:, :length] += mass.float()
     top = torch.finfo(layout.score_dtype).max
-    views.score[blk, :, off] = (cur + mass.t().float()).clamp(max=top).to(layout.score_dtype)
+    views.score[blocks] = cur.clamp(max=top).to(layout.score_dtype).reshape(h, -1, n).transpose(0, 1)
 
 
 # --------------------------------------------------------------- hi slots
