@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-logger = logging.getLogger("mikv_vllm")
+logger = logging.getLogger("vllm.mikv")  # child of vLLM's configured logger
 _registered = False
 
 

@@ -32,7 +32,7 @@ from ..config import MiKVConfig
 from ..core.layout import RegionLayout, as_regions
 from .stats import LayerStats
 
-logger = logging.getLogger("mikv_vllm")
+logger = logging.getLogger("vllm.mikv")  # child of vLLM's configured logger
 
 # customize_spec() runs without a config context (vLLM calls it through the
 # worker wrapper); the impls, built earlier during model construction, publish
@@ -200,6 +200,7 @@ class MiKVAttentionImpl(AttentionImpl[MiKVMetadata]):
         out = output[:n_tok].view(n_tok, self.num_heads, self.head_size)
         qsl, seq_lens = attn_metadata.query_start_loc, attn_metadata.seq_lens
         n = layout.block_size
+        probe = self.stats.begin_step(layer, regions, layout, attn_metadata)  # stats (see stats.py)
         for i, seq_len in enumerate(seq_lens):
             start, end = qsl[i], qsl[i + 1]
             if end <= start:
@@ -210,5 +211,5 @@ class MiKVAttentionImpl(AttentionImpl[MiKVMetadata]):
                 regions, layout, self.config, row, ctx,
                 q_all[start:end], k_all[start:end], v_all[start:end], self.scale)
             out[start:end] = result.to(out.dtype)
-            self.stats.record(ctx, end - start)
+        self.stats.end_step(probe, regions, layout, attn_metadata)  # stats (see stats.py)
         return output

@@ -12,9 +12,9 @@ import argparse
 import logging
 from typing import Any
 
-from ..config import HI_DTYPES, LO_BITS, POLICIES, SCORE_DTYPES, SCORERS, MiKVConfig, MiKVConfigError
+from ..config import HI_DTYPES, LO_BITS, POLICIES, PRESETS, SCORE_DTYPES, SCORERS, MiKVConfig, MiKVConfigError
 
-logger = logging.getLogger("mikv_vllm")
+logger = logging.getLogger("vllm.mikv")  # child of vLLM's configured logger
 
 # (MiKVConfig field, argparse kwargs) for the individual --mikv-* flags.
 FIELD_FLAGS: dict[str, dict[str, Any]] = {
@@ -69,8 +69,11 @@ def additional_config_from_args(args: argparse.Namespace, additional: dict | Non
     raw = getattr(args, "mikv_config", None)
     section: dict[str, Any] = {}
     if raw is not None:
-        section = MiKVConfig.parse(raw).to_dict()
-        policy = policy or section["policy"]
+        parsed = MiKVConfig.parse(raw)
+        section = {k: v for k, v in parsed.to_dict().items() if k != "name"}
+        if parsed.name in PRESETS:  # keep the preset's name unless flags change it
+            section["preset"] = parsed.name
+        policy = policy or parsed.policy
     for name in FIELD_FLAGS:
         value = getattr(args, "mikv_" + name, None)
         if value is not None:

@@ -13,7 +13,7 @@ import logging
 from ..config import MiKVConfig
 from . import BACKEND_PATH
 
-logger = logging.getLogger("mikv_vllm")
+logger = logging.getLogger("vllm.mikv")  # child of vLLM's configured logger
 _installed = False
 
 

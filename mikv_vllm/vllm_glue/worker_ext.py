@@ -29,22 +29,29 @@ def collect_stats(static_forward_context: dict, model_dtype_size: int) -> dict[s
     out: dict[str, Any] = {
         "enabled": True,
         "policy": first.config.policy,
+        "preset": first.config.name,
         "config": first.config.to_dict(),
         "num_layers": len(impls),
         "num_kv_heads": first.num_kv_heads,
         "head_dim": first.head_size,
     }
-    totals = {k: 0 for k in ("tokens_stored", "prefill_tokens", "decode_tokens", "demoted", "promoted",
-                             "hi_tokens", "seen_tokens", "steps")}
-    for impl in impls:
-        for key in totals:
-            totals[key] += getattr(impl.stats, key)
-    out.update(totals)
-    out["hi_occupancy"] = totals["hi_tokens"] / totals["seen_tokens"] if totals["seen_tokens"] else 0.0
-    if layout is None:  # no forward pass yet
-        return out
+    snaps = [impl.stats.snapshot() for impl in impls]
+    # every layer stores the same tokens: report them once (first layer)
+    for key in ("steps", "tokens_stored", "prefill_tokens", "decode_tokens"):
+        out[key] = snaps[0][key]
+    sampled = [s for s in snaps if s["sampled"]]
+    out["sampled_layers"] = len(sampled)
+    for key in ("promoted", "demoted", "hi_tokens", "seen_tokens"):
+        out[key] = sum(s[key] for s in sampled)
+    out["hi_occupancy"] = out["hi_tokens"] / out["seen_tokens"] if out["seen_tokens"] else 0.0
     kv_cache = next(iter(layers.values())).kv_cache
-    kv_cache = kv_cache[0] if isinstance(kv_cache, (list, tuple)) else kv_cache
+    kv_cache = kv_cache[0] if isinstance(kv_cache, (list, tuple)) and kv_cache else kv_cache
+    if layout is None and getattr(kv_cache, "ndim", 0) == 4:  # allocated, no forward pass yet
+        from ..core.layout import RegionLayout
+
+        layout = RegionLayout.build(first.config, kv_cache.shape[2], first.head_size)
+    if layout is None:  # cache not allocated yet
+        return out
     num_blocks = kv_cache.shape[0]
     dense = 2 * first.head_size * model_dtype_size
     out.update({
@@ -69,4 +76,6 @@ class MiKVWorkerExtension:
 
         ctx = self.compilation_config.static_forward_context
         dtype_size = torch.empty((), dtype=self.model_config.dtype).element_size()
-        return collect_stats(ctx, dtype_size)
+        out = collect_stats(ctx, dtype_size)
+        out["rank"] = getattr(self, "rank", 0)
+        return out

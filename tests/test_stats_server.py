@@ -1,0 +1,281 @@
+"""Live MiKV stats: worker counters, ``GET /mikv/stats`` and the ``mikv_*`` Prometheus series.
+
+The first tests are in-process (no engine): the per-step tag accounting of
+:class:`~mikv_vllm.vllm_glue.stats.LayerStats` against a brute-force diff of the
+hi sets, the /mikv/stats aggregation and the collectors' re-registration. The
+``engine`` tests share one ``vllm serve --kv-cache-policy mikv`` (module scope,
+``VLLM_PLUGINS=mikv`` so the endpoint plugin loads, metrics polled every 1 s).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import types
+
+import pytest
+import torch
+
+from mikv_vllm.config import preset
+from mikv_vllm.core import reference
+from mikv_vllm.core.layout import RegionLayout
+from mikv_vllm.vllm_glue.stats import LayerStats
+
+POLL_INTERVAL_S = 1.0
+METRICS_TIMEOUT_S = 60.0
+
+
+# ----------------------------------------------------------------- in-process
+def _hi_set(regions, layout, row, length):
+    """{(kv head, position + 1)} of a request with ``length`` tokens, from its tags."""
+    if length == 0:
+        return set()
+    nb = -(-length // layout.block_size)
+    tags = layout.views(regions).tag[row[:nb].long()]
+    return {(h, int(x)) for b in range(nb) for h in range(tags.shape[1]) for x in tags[b, h] if 0 < x <= length}
+
+
+@pytest.mark.parametrize("device", [
+    "cpu",
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                    reason="needs CUDA")]),
+])
+def test_layer_stats_match_hi_set_diff(device):
+    torch.manual_seed(0)
+    config = preset("mikv")
+    n, h, hq, d = 16, 2, 4, 64
+    layout = RegionLayout.build(config, n, d)
+    # reused blocks are never zeroed: start from garbage so stale tags are exercised
+    regions = torch.randint(0, 256, (64, h, layout.region_bytes), dtype=torch.uint8, device=device)
+    rows = torch.tensor([[5, 9, 2, 40, 41, 42, 0, 0], [7, 3, 11, 12, 13, 14, 0, 0]], dtype=torch.int32,
+                        device=device)
+    stats = LayerStats(sampled=True)
+    lens = [0, 0]
+    promoted = demoted = 0
+    # chunked prefill, a step where request 1 is absent, then decode past block boundaries
+    plan = [[37, 20], [1, 1], [1, 0], [15, 1]] + [[1, 1]] * 30
+    for chunk in plan:
+        qsl, seq = [0], []
+        for i, t in enumerate(chunk):
+            qsl.append(qsl[-1] + t)
+            seq.append(lens[i] + t)
+        meta = types.SimpleNamespace(query_start_loc=qsl, seq_lens=seq, block_table=rows)
+        before = [_hi_set(regions, layout, rows[i], lens[i]) for i in range(2)]
+        probe = stats.begin_step(None, regions, layout, meta)
+        for i, t in enumerate(chunk):
+            if t:
+                q, k, v = (torch.randn(t, hh, d, device=device) for hh in (hq, h, h))
+                reference.forward_request(regions, layout, config, rows[i], lens[i], q, k, v, d ** -0.5)
+        stats.end_step(probe, regions, layout, meta)
+        hi_now = seen = 0
+        for i, t in enumerate(chunk):
+            after = _hi_set(regions, layout, rows[i], seq[i])
+            promoted += len(after - before[i])
+            demoted += len(before[i] - after)
+            if t:
+                hi_now += len(after)
+                seen += seq[i] * h
+        lens = seq
+        snap = stats.snapshot()
+        assert (snap["promoted"], snap["demoted"], snap["hi_tokens"], snap["seen_tokens"]) == (
+            promoted, demoted, hi_now, seen)
+    assert snap["tokens_stored"] == sum(lens) == snap["prefill_tokens"] + snap["decode_tokens"]
+    assert demoted > 0 and 0 < snap["hi_tokens"] / snap["seen_tokens"] <= config.hi_ratio
+
+
+def test_aggregate_sums_heads_and_keeps_shared_fields():
+    from mikv_vllm.vllm_glue.endpoints import aggregate
+
+    assert aggregate([]) == {"enabled": False}
+    assert aggregate([{"enabled": False}]) == {"enabled": False}
+    worker = {"enabled": True, "policy": "mikv", "preset": "mikv", "config": {"lo_bits": 2, "hi_ratio": 0.2},
+              "num_kv_heads": 2, "tokens_stored": 10, "steps": 3, "promoted": 7, "demoted": 3,
+              "hi_tokens": 4, "seen_tokens": 20, "sampled_layers": 1, "capacity_ratio": 4.0,
+              "num_blocks": 100, "capacity_tokens": 1600}
+    out = aggregate([worker, {**worker, "num_blocks": 90, "capacity_tokens": 1440, "hi_tokens": 2}])
+    assert out["enabled"] and out["num_workers"] == 2 and len(out["workers"]) == 2
+    assert (out["tokens_stored"], out["promoted"], out["demoted"], out["num_kv_heads"]) == (10, 14, 6, 4)
+    assert out["hi_occupancy"] == pytest.approx(6 / 40)
+    assert out["capacity_tokens"] == 1440 and out["capacity_ratio"] == 4.0
+
+
+def test_metrics_reregistration_reuses_collectors():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from mikv_vllm.vllm_glue.endpoints import MiKVEndpointPlugin, MiKVMetrics
+
+    registry = CollectorRegistry()
+    first = MiKVMetrics(registry)
+    second = MiKVMetrics(registry)  # a second plugin instance in the same process
+    assert second.tokens_stored is first.tokens_stored and second.policy_info is first.policy_info
+    stats = {"enabled": True, "policy": "mikv", "preset": "mikv", "config": {"lo_bits": 2, "hi_ratio": 0.2},
+             "tokens_stored": 5, "promoted": 2, "demoted": 1, "hi_occupancy": 0.2, "capacity_ratio": 4.5}
+    first.update(stats)
+    second.update({**stats, "tokens_stored": 9})  # counters follow the worker totals, not the sum of polls
+    text = generate_latest(registry).decode()
+    assert "mikv_tokens_stored_total 9.0" in text
+    assert 'mikv_policy_info{hi_ratio="0.2",lo_bits="2",policy="mikv",preset="mikv"} 1.0' in text
+    plugin = MiKVEndpointPlugin()
+    assert plugin.name == "mikv" and plugin.required_tasks == ("generate",)
+
+
+class _FakeEngine:
+    """Just enough EngineClient for the plugin: vllm_config.additional_config + collective_rpc."""
+
+    def __init__(self, additional_config, fail=False):
+        self.vllm_config = types.SimpleNamespace(additional_config=additional_config,
+                                                 parallel_config=types.SimpleNamespace(_api_process_rank=0))
+        self.fail = fail
+        self.calls = 0
+
+    async def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
+        assert method == "mikv_stats"
+        self.calls += 1
+        if self.fail:
+            raise RuntimeError("engine busy")
+        return [{"enabled": True, "policy": "mikv", "preset": "mikv", "config": {"lo_bits": 2, "hi_ratio": 0.2},
+                 "num_kv_heads": 3, "tokens_stored": 10 * self.calls, "hi_tokens": 3, "seen_tokens": 15,
+                 "sampled_layers": 1}]
+
+
+@pytest.mark.parametrize("policy", [True, False])
+def test_plugin_routes_polling_and_shutdown(monkeypatch, policy):
+    import contextlib
+
+    from fastapi import FastAPI
+    from starlette.testclient import TestClient
+
+    from mikv_vllm.vllm_glue import endpoints
+
+    monkeypatch.setenv(endpoints.INTERVAL_ENV, "0.05")
+    engine = _FakeEngine({"kv_cache_policy": "mikv"} if policy else {})
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):  # stands in for vLLM's own lifespan
+        await endpoints.MiKVEndpointPlugin().init_state(engine, app.state, None)
+        yield
+
+    app = FastAPI(lifespan=lifespan)
+    plugin = endpoints.MiKVEndpointPlugin()
+    plugin.attach_router(app)
+    plugin.attach_router(app)  # wrapping the lifespan twice is a no-op
+    with TestClient(app) as client:
+        body = client.get("/mikv/stats").json()
+        state = app.state.mikv_stats
+        if not policy:
+            assert body == {"enabled": False} and state.task is None and engine.calls == 0
+            return
+        assert body["enabled"] and body["num_kv_heads"] == 3 and body["hi_occupancy"] == pytest.approx(0.2)
+        task = state.task
+        deadline = time.monotonic() + 10
+        while state.last is None or engine.calls < 3:
+            assert time.monotonic() < deadline, "poller did not run"
+            time.sleep(0.05)
+        engine.fail = True  # polling errors are logged, the task keeps running
+        time.sleep(0.3)
+        assert not task.done()
+        assert client.get("/mikv/stats").status_code == 503
+    assert task.cancelled() or task.done()  # stopped by the lifespan wrapper on shutdown
+    assert state.task is None
+
+
+# --------------------------------------------------------------------- server
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    from helpers import ServerError, vllm_server
+
+    args = ("--kv-cache-policy", "mikv", "--kv-cache-memory-bytes", str(512 << 20), "--max-model-len", "2048")
+    env = {"VLLM_PLUGINS": "mikv", "MIKV_STATS_INTERVAL": str(POLL_INTERVAL_S)}
+    try:
+        with vllm_server(model_dir, *args, env=env, log_dir=tmp_path_factory.mktemp("vllm-stats")) as srv:
+            yield srv
+    except ServerError as e:
+        pytest.fail(str(e), pytrace=False)
+
+
+def _get_json(server, path):
+    import json
+
+    status, body = server.get(path)
+    assert status == 200, f"GET {path}: {status} {body[:500]}\n{server.log_tail(30)}"
+    return json.loads(body)
+
+
+def _metrics(server) -> dict[tuple[str, tuple], float]:
+    """{(sample name, sorted labels): value} of the mikv_* series in /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, body = server.get("/metrics")
+    assert status == 200, f"/metrics: {status}"
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(body) if family.name.startswith("mikv_")
+            for s in family.samples}
+
+
+PROMPTS = [
+    "The capital of France is",
+    "Write a short poem about the sea. The sea is wide and",
+    "List three prime numbers greater than one hundred, separated by commas:",
+]
+
+
+@pytest.fixture(scope="module")
+def traffic(server):
+    """Sequential completions (so the last engine step holds one request); their token usage."""
+    client = server.openai_client()
+    lengths = []
+    for i, prompt in enumerate(PROMPTS):
+        r = client.completions.create(model=server.model, prompt=prompt, max_tokens=20 + 7 * i,
+                                      temperature=0.0)
+        # every token but the last generated one has been written to the cache
+        lengths.append(r.usage.prompt_tokens + r.usage.completion_tokens - 1)
+    return lengths
+
+
+@pytest.mark.engine
+def test_mikv_stats_endpoint(server, traffic):
+    stats = _get_json(server, "/mikv/stats")
+    assert stats["enabled"] is True and stats["policy"] == "mikv" and stats["preset"] == "mikv"
+    assert stats["num_workers"] == len(stats["workers"]) == 1
+    r, heads = stats["config"]["hi_ratio"], stats["num_kv_heads"]
+    assert stats["tokens_stored"] == sum(traffic) > 0
+    assert stats["sampled_layers"] == 1
+    # budget floor(r * L) is always filled; the last step held only the last request
+    last = traffic[-1]
+    assert stats["seen_tokens"] == heads * last
+    assert stats["hi_tokens"] == heads * math.floor(r * last + 1e-9)
+    assert 0 < stats["hi_occupancy"] <= r
+    # one-way demotion: what entered minus what left = what each request held at its end
+    assert stats["promoted"] - stats["demoted"] == heads * sum(math.floor(r * n + 1e-9) for n in traffic)
+    assert stats["demoted"] > 0
+    assert stats["capacity_ratio"] > 1 and stats["capacity_tokens"] > 0
+    assert stats["bits_per_element"] < 16 and stats["bytes_per_token_per_head"] > 0
+
+
+@pytest.mark.engine
+def test_prometheus_series_follow_stats(server, traffic):
+    stats = _get_json(server, "/mikv/stats")  # no traffic after `traffic`: values are final
+    expected = {
+        ("mikv_tokens_stored_total", ()): stats["tokens_stored"],
+        ("mikv_tokens_demoted_total", ()): stats["demoted"],
+        ("mikv_tokens_promoted_total", ()): stats["promoted"],
+        ("mikv_hi_occupancy_ratio", ()): stats["hi_occupancy"],
+        ("mikv_bits_per_element", ()): stats["bits_per_element"],
+        ("mikv_bytes_per_token_per_head", ()): stats["bytes_per_token_per_head"],
+        ("mikv_capacity_ratio", ()): stats["capacity_ratio"],
+        ("mikv_capacity_tokens", ()): stats["capacity_tokens"],
+        ("mikv_policy_info", (("hi_ratio", str(stats["config"]["hi_ratio"])),
+                              ("lo_bits", str(stats["config"]["lo_bits"])),
+                              ("policy", "mikv"), ("preset", "mikv"))): 1.0,
+    }
+    deadline = time.monotonic() + METRICS_TIMEOUT_S
+    while True:  # the poller refreshes every POLL_INTERVAL_S
+        got = _metrics(server)
+        diff = {k: (v, got.get(k)) for k, v in expected.items()
+                if got.get(k) is None or not math.isclose(got[k], v, rel_tol=1e-9, abs_tol=1e-12)}
+        if not diff:
+            break
+        assert time.monotonic() < deadline, f"mikv_* series differ from /mikv/stats (want, got): {diff}"
+        time.sleep(POLL_INTERVAL_S / 2)
+    assert 0 < got[("mikv_hi_occupancy_ratio", ())] <= 1
+    assert got[("mikv_tokens_stored_total", ())] > 0
