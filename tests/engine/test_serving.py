@@ -53,6 +53,7 @@ def test_capacity_ratio_bf16(stock_capacity, mikv_server):
 
 
 def test_server_uses_mikv(mikv_server):
+    mikv_server.openai_client().completions.create(model=mikv_server.model, prompt="Hi", max_tokens=2)
     log = mikv_server.log_path.read_text(errors="replace")
     assert "MiKV policy mikv active" in log
     assert "MiKV layout" in log  # the MiKV impl ran a forward pass in the worker
