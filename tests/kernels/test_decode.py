@@ -1,0 +1,136 @@
+"""Decode attention kernel vs the reference (gather_context + attention) and full decode steps."""
+
+
+import pytest
+import torch
+
+from mikv_vllm.core import reference as ref
+from mikv_vllm.kernels import decode_attention, forward_decode, forward_request, get_ops, hi_slot_map, use_triton
+
+from ._util import SCALE, assert_pages_match, build_batch, make_config, reference_decode, stored_balancers
+
+# (lo bits, hi ratio, GQA group, head_dim, balancer, block size)
+CASES = [
+    (2, 0.2, 3, 64, True, 16),
+    (3, 0.05, 8, 128, True, 16),
+    (4, 0.0, 1, 64, False, 16),
+    (8, 0.25, 1, 128, False, 8),
+    (0, 0.25, 3, 64, False, 16),
+    (2, 0.0, 8, 64, True, 32),
+    (3, 0.5, 1, 64, True, 16),
+]
+CTXS = [37, 0, 16, 5]   # ragged: multi-split, first token, new token at a block's offset 0, short
+
+
+@pytest.mark.parametrize("bits,hi_ratio,group,head_dim,balancer,block_size", CASES)
+def test_decode_attention_matches_reference(bits, hi_ratio, group, head_dim, balancer, block_size):
+    config = make_config(bits, hi_ratio, balancer)
+    layout, regions, tables, q, k, v = build_batch(config, block_size, head_dim, 2, group, CTXS, seed=bits)
+    bal = stored_balancers(regions, layout, tables, CTXS)
+    exp_out, exp_mass = reference_decode(regions, layout, tables, CTXS, q, k, v, bal)
+    before = regions.clone()
+    out, mass = decode_attention(regions, layout, tables, torch.tensor(CTXS), q, k, v, SCALE, bal,
+                                 tokens_per_split=16)
+    assert torch.equal(regions, before)                  # no accumulate: pages untouched
+    torch.testing.assert_close(out, exp_out, rtol=1e-4, atol=1e-5)
+    if layout.hi_slots:
+        for i, c in enumerate(CTXS):
+            torch.testing.assert_close(mass[i, :, : c + 1], exp_mass[i], rtol=1e-4, atol=1e-6)
+            assert (mass[i, :, c + 1:] == 0).all()
+            torch.testing.assert_close(mass[i].sum(-1), torch.full((2,), float(group)), rtol=1e-5, atol=1e-5)
+    else:
+        assert mass is None
+
+
+def test_hi_slot_map_matches_tags():
+    config = make_config(2, 0.25, True)
+    layout, regions, tables, *_ = build_batch(config, 8, 64, 2, 1, [29, 3], seed=3)
+    m = hi_slot_map(regions, layout, tables, torch.tensor([29, 3]), 29)
+    r, views = layout.hi_slots, layout.views(regions)
+    for i, c in enumerate([29, 3]):
+        blocks = tables[i, : -(-c // 8)].long()
+        for h in range(2):
+            tags = views.tag[blocks, h].reshape(-1)
+            want = {int(t) - 1: int(blocks[j // r]) * r + j % r for j, t in enumerate(tags) if 0 < t <= c}
+            got = {p: int(s) for p, s in enumerate(m[i, h].tolist()) if s >= 0}
+            assert got == want and (len(want) > 0 or c < 8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16])
+def test_decode_attention_low_precision_queries(dtype):
+    """fp16 queries take the tensor-core dot path (fp32 accumulation). bf16 is checked on the GPU
+    (benchmarks/gpu_decode.py): the interpreter's bf16 tl.dot is broken (triton 3.9)."""
+    config = make_config(2, 0.2, True)
+    layout, regions, tables, q, k, v = build_batch(config, 16, 64, 2, 4, [40, 7], seed=5)
+    bal = stored_balancers(regions, layout, tables, [40, 7])
+    exp_out, exp_mass = reference_decode(regions, layout, tables, [40, 7], q.to(dtype).float(), k, v, bal)
+    out, mass = decode_attention(regions, layout, tables, torch.tensor([40, 7]), q.to(dtype), k, v, SCALE, bal)
+    tol = 2e-2 if dtype == torch.float16 else 6e-2
+    torch.testing.assert_close(out, exp_out, rtol=tol, atol=tol)
+    torch.testing.assert_close(mass[0, :, :41], exp_mass[0], rtol=tol, atol=tol / 4)
+
+
+@pytest.mark.parametrize("bits,hi_ratio,group,head_dim,balancer,block_size", [CASES[0], CASES[4], CASES[1]])
+def test_forward_decode_steps_match_reference(bits, hi_ratio, group, head_dim, balancer, block_size):
+    """Two full decode steps (store, attention, fused scores, hi maintenance) on a batch."""
+    config = make_config(bits, hi_ratio, balancer)
+    ctxs = [21, 0, 15]
+    layout, regions, tables, q, k, v = build_batch(config, block_size, head_dim, 2, group, ctxs, seed=11)
+    expected = regions.clone()
+    gen = torch.Generator().manual_seed(2)
+    for step in range(2):
+        want = torch.cat([ref.forward_request(expected, layout, config, tables[i], c, q[i:i + 1], k[i:i + 1],
+                                              v[i:i + 1], SCALE) for i, c in enumerate(ctxs)])
+        got = forward_decode(regions, layout, config, tables, ctxs, q, k, v, SCALE)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        assert_pages_match(expected, regions, layout)
+        ctxs = [c + 1 for c in ctxs]
+        q, k, v = (torch.randn(x.shape, generator=gen) for x in (q, k, v))
+    if layout.hi_slots:
+        assert (layout.views(regions).tag > 0).any()
+
+
+def test_forward_request_prefill_and_decode():
+    """Drop-in forward_request: dense prefill chunk, then a decode step, pages identical."""
+    config = make_config(3, 0.25, True)
+    layout, regions, tables, *_ = build_batch(config, 8, 64, 2, 2, [0], seed=7, room=11)
+    gen = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(11, h, 64, generator=gen) for h in (4, 2, 2))
+    row = tables[0]
+    expected = regions.clone()
+    for start, size in [(0, 9), (9, 1), (10, 1)]:
+        sl = slice(start, start + size)
+        want = ref.forward_request(expected, layout, config, row, start, q[sl], k[sl], v[sl], SCALE)
+        got = forward_request(regions, layout, config, row, start, q[sl], k[sl], v[sl], SCALE)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        assert_pages_match(expected, regions, layout)
+
+
+def test_switch_on_cpu():
+    assert not use_triton("cpu") and not use_triton(torch.device("cpu"))
+    assert get_ops("cpu") is ref
+
+
+def test_triton_ops_contract():
+    """TritonOps exposes the reference contract with identical signatures."""
+    import inspect
+
+    from mikv_vllm.kernels import TritonOps
+
+    for name in ("write_tokens", "gather_context", "attention", "accumulate_scores", "maintain_hi",
+                 "forward_request", "store_balancer", "load_balancer"):
+        assert inspect.signature(getattr(TritonOps, name)) == inspect.signature(getattr(ref, name)), name
+
+
+def test_unsupported_layout_falls_back_to_reference():
+    """head_dim 96 (group 48, not a power of two): forward_request is the reference, bit for bit."""
+    config = make_config(2, 0.25, True)
+    layout, regions, tables, *_ = build_batch(config, 16, 96, 1, 2, [0], seed=4, room=20)
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(20, h, 96, generator=gen) for h in (2, 1, 1))
+    expected = regions.clone()
+    for start, size in [(0, 18), (18, 1)]:
+        sl = slice(start, start + size)
+        want = ref.forward_request(expected, layout, config, tables[0], start, q[sl], k[sl], v[sl], SCALE)
+        got = forward_request(regions, layout, config, tables[0], start, q[sl], k[sl], v[sl], SCALE)
+        assert torch.equal(got, want) and torch.equal(regions, expected)
