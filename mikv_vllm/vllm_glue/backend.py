@@ -143,6 +143,8 @@ class MiKVMetadataBuilder(AttentionMetadataBuilder[MiKVMetadata]):
 
 
 class MiKVAttentionImpl(AttentionImpl[MiKVMetadata]):
+    _layout_logged: ClassVar[bool] = False  # log the page layout once per process
+
     def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int | None = None,
                  alibi_slopes=None, sliding_window=None, kv_cache_dtype: str = "auto",
                  logits_soft_cap=None, attn_type: str = AttentionType.DECODER,
@@ -171,16 +173,22 @@ class MiKVAttentionImpl(AttentionImpl[MiKVMetadata]):
         self.scale = float(scale)
         self.kv_cache_dtype = kv_cache_dtype
         self.layout: RegionLayout | None = None
+        self.ops = None  # chosen with the layout, on the first forward
         self.stats = LayerStats()
 
     def _layout_for(self, kv_cache: torch.Tensor) -> RegionLayout:
         if self.layout is None:
+            from ..kernels import get_ops
+
+            self.ops = get_ops(kv_cache.device)  # Triton on CUDA, core.reference (torch) elsewhere
             block_size = kv_cache.shape[2]
             layout = RegionLayout.build(self.config, block_size, self.head_size)
             as_regions(kv_cache, layout)  # self-check: page bytes match the layout
             self.layout = layout
-            logger.info("MiKV layout: block %d, %d B/token/head (%s)", block_size,
-                        layout.content_bytes, layout.breakdown())
+            if not MiKVAttentionImpl._layout_logged:
+                MiKVAttentionImpl._layout_logged = True
+                logger.info("MiKV layout: block %d, %d B/token/head (%s), ops %s", block_size,
+                            layout.content_bytes, layout.breakdown(), getattr(self.ops, "__name__", self.ops))
         return self.layout
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
@@ -189,8 +197,6 @@ class MiKVAttentionImpl(AttentionImpl[MiKVMetadata]):
             raise NotImplementedError("MiKV attention does not support fused output quantization")
         if attn_metadata is None:  # profiling run
             return output
-        from ..core import reference
-
         layout = self._layout_for(kv_cache)
         regions = as_regions(kv_cache, layout)
         n_tok = attn_metadata.num_actual_tokens
@@ -207,7 +213,7 @@ class MiKVAttentionImpl(AttentionImpl[MiKVMetadata]):
                 continue
             ctx = seq_len - (end - start)
             row = attn_metadata.block_table[i, : (seq_len + n - 1) // n]
-            result = reference.forward_request(
+            result = self.ops.forward_request(
                 regions, layout, self.config, row, ctx,
                 q_all[start:end], k_all[start:end], v_all[start:end], self.scale)
             out[start:end] = result.to(out.dtype)
