@@ -1,0 +1,325 @@
+"""What the quality benchmark evaluates: engine configurations and their bytes.
+
+An :class:`EvalConfig` is one engine: ``stock`` (vLLM's own full cache) or a
+MiKV policy with a complete :class:`~mikv_vllm.config.MiKVConfig`. Its cache
+cost is the *actual* page layout (``RegionLayout.content_bytes``, bookkeeping
+and padding included) at the engine's block size, reported as bytes per token
+per KV head and as a fraction of a 16-bit dense cache (``4 * head_dim`` B).
+
+Grids (all deduplicated by the effective config, so a config shared by the
+sweep, the frontier and the ablations runs once):
+
+* :func:`sweep_configs` - each policy at ~20/25/33/50 % of a 16-bit cache,
+  solved on the real layout (hi ratio in steps of one hi slot per block for
+  ``mikv``/``h2o``, lo bits for ``rtn``); cells a policy cannot reach are skipped.
+* :func:`frontier_configs` - lo bits x r grid plus H2O ratios.
+* :func:`ablation_configs` - one-knob changes of ``mikv-paper``.
+
+Framework-free (no vllm import).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+from ..config import MiKVConfig, preset
+from ..core.layout import RegionLayout, dense_bytes_per_token, paper_cache_fraction
+
+STOCK = "stock"
+DEFAULT_TARGETS = (0.20, 0.25, 0.33, 0.50)
+FRONTIER_LO_BITS = (2, 3, 4)
+FRONTIER_RATIOS = (0.0, 0.05, 0.1, 0.2)
+FRONTIER_H2O_RATIOS = (0.2, 0.3, 0.4)
+# A sweep cell is dropped when the closest reachable size is further than this
+# (relative) from the target: e.g. mikv cannot go below its rtn floor.
+TARGET_TOLERANCE = 0.15
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """One engine configuration of the benchmark."""
+
+    label: str
+    policy: str                       # "stock" | "mikv" | "rtn" | "h2o"
+    mikv: dict[str, Any] | None = None  # full MiKVConfig fields (None for stock)
+    family: str = ""                  # plot line, e.g. "mikv INT2", "rtn", "h2o"
+    groups: tuple[str, ...] = ()      # "sweep", "frontier", "ablation", "smoke", ...
+    target: float | None = None       # sweep target fraction of a 16-bit cache
+    ablation: str | None = None       # ablation knob description
+
+    # ----------------------------------------------------------------- build
+    @classmethod
+    def stock(cls, groups: Sequence[str] = ()) -> "EvalConfig":
+        return cls(label=STOCK, policy=STOCK, mikv=None, family=STOCK, groups=tuple(groups))
+
+    @classmethod
+    def from_mikv(cls, config: MiKVConfig, label: str | None = None, family: str | None = None,
+                  groups: Sequence[str] = (), target: float | None = None,
+                  ablation: str | None = None) -> "EvalConfig":
+        values = config.to_dict()
+        return cls(label=label or config.name, policy=config.policy, mikv=values,
+                   family=family or default_family(config), groups=tuple(groups), target=target,
+                   ablation=ablation)
+
+    @classmethod
+    def parse(cls, text: str, groups: Sequence[str] = ("custom",)) -> "EvalConfig":
+        """``stock``, a preset name, inline JSON or a YAML path (as ``--mikv-config``)."""
+        if text.strip() == STOCK:
+            return cls.stock(groups)
+        config = MiKVConfig.parse(text)
+        return cls.from_mikv(config, groups=groups)
+
+    # --------------------------------------------------------------- derived
+    @property
+    def is_stock(self) -> bool:
+        return self.policy == STOCK
+
+    def config(self) -> MiKVConfig | None:
+        return None if self.mikv is None else MiKVConfig(**self.mikv)
+
+    def additional_config(self) -> dict[str, Any] | None:
+        """vLLM ``additional_config`` for this engine (None = stock vLLM)."""
+        if self.is_stock:
+            return None
+        return {"kv_cache_policy": self.policy, "mikv": dict(self.mikv)}
+
+    def key(self) -> str:
+        """Identity of the engine (label and bookkeeping fields excluded)."""
+        if self.is_stock:
+            return STOCK
+        values = {k: v for k, v in self.mikv.items() if k != "name"}
+        return json.dumps(values, sort_keys=True)
+
+    def slug(self) -> str:
+        """File-name-safe label."""
+        return "".join(c if c.isalnum() or c in "-_." else "_" for c in self.label)
+
+    def merged(self, other: "EvalConfig") -> "EvalConfig":
+        """Same engine, groups united (first label wins; target/ablation kept if set)."""
+        groups = tuple(dict.fromkeys(self.groups + other.groups))
+        return dataclasses.replace(self, groups=groups, target=self.target if self.target is not None
+                                   else other.target, ablation=self.ablation or other.ablation)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["groups"] = list(self.groups)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EvalConfig":
+        d = dict(d)
+        d["groups"] = tuple(d.get("groups", ()))
+        return cls(**d)
+
+
+def default_family(config: MiKVConfig) -> str:
+    if config.policy == "rtn":
+        return "rtn"
+    if config.policy == "h2o":
+        return "h2o"
+    return f"mikv INT{config.lo_bits}"
+
+
+# --------------------------------------------------------------------- bytes
+@dataclass(frozen=True)
+class CacheCost:
+    """Bytes per token per KV head of one config at (head_dim, block_size)."""
+
+    bytes_per_token: float     # RegionLayout.content_bytes (stock: dense in the model dtype)
+    fraction_of_fp16: float    # bytes_per_token / (4 * head_dim)
+    paper_fraction: float | None  # mikv-paper.md section 7 accounting (no lo copy, no bookkeeping)
+    breakdown: dict[str, float] = field(default_factory=dict)
+
+
+def cache_cost(cfg: EvalConfig, head_dim: int, block_size: int, model_dtype_size: int = 2) -> CacheCost:
+    dense16 = dense_bytes_per_token(head_dim, 2)
+    if cfg.is_stock:
+        b = float(dense_bytes_per_token(head_dim, model_dtype_size))
+        return CacheCost(b, b / dense16, None, {"dense": b, "total": b})
+    config = cfg.config()
+    layout = RegionLayout.build(config, block_size, head_dim)
+    return CacheCost(float(layout.content_bytes), layout.content_bytes / dense16,
+                     paper_cache_fraction(config, head_dim), layout.breakdown())
+
+
+def bytes_of(config: MiKVConfig, head_dim: int, block_size: int) -> int:
+    return RegionLayout.build(config, block_size, head_dim).content_bytes
+
+
+# ------------------------------------------------------------------- solvers
+def _ratio_steps(block_size: int) -> list[float]:
+    """Hi ratios that are exactly k hi slots per block (k = 1..N)."""
+    return [round(k / block_size, 6) for k in range(1, block_size + 1)]
+
+
+def closest_config(base: MiKVConfig, target_fraction: float, head_dim: int, block_size: int,
+                   knob: str) -> tuple[MiKVConfig, float] | None:
+    """The variant of ``base`` (``knob`` = "hi_ratio" or "lo_bits") whose real bytes
+    are closest to ``target_fraction`` of a 16-bit cache; None if none is valid.
+    Returns (config, achieved fraction)."""
+    target = target_fraction * dense_bytes_per_token(head_dim, 2)
+    values: Iterable[Any] = _ratio_steps(block_size) if knob == "hi_ratio" else (2, 3, 4, 8)
+    best = None
+    for v in values:
+        try:
+            c = base.replace(**{knob: v})
+            c.validate(head_dim)
+            b = bytes_of(c, head_dim, block_size)
+        except (ValueError, TypeError):
+            continue
+        err = abs(b - target)
+        if best is None or err < best[0] - 1e-9:
+            best = (err, c, b)
+    if best is None:
+        return None
+    return best[1], best[2] / dense_bytes_per_token(head_dim, 2)
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.0f}"
+
+
+def _r_label(r: float) -> str:
+    return f"{r:.3f}".rstrip("0").rstrip(".")
+
+
+def mikv_config(lo_bits: int, hi_ratio: float, name: str | None = None, **extra: Any) -> MiKVConfig:
+    """A mikv-policy config on the ``mikv-paper`` base (r = 0 gives the rtn policy with the same
+    lo bits and balancer, i.e. 'uniform low-bit + balancer'; use :func:`rtn_config` for the
+    paper's RTN)."""
+    base = preset("mikv-paper").to_dict()
+    base.update(extra)
+    base.update(lo_bits=lo_bits, hi_ratio=hi_ratio)
+    base["name"] = name or f"mikv-int{lo_bits}-r{_r_label(hi_ratio)}"
+    return MiKVConfig(**base)
+
+
+def rtn_config(lo_bits: int, name: str | None = None) -> MiKVConfig:
+    base = preset("rtn").to_dict()
+    base.update(lo_bits=lo_bits, name=name or ("rtn" if lo_bits == 2 else f"rtn-int{lo_bits}"))
+    return MiKVConfig(**base)
+
+
+def h2o_config(hi_ratio: float, name: str | None = None) -> MiKVConfig:
+    base = preset("h2o").to_dict()
+    base.update(hi_ratio=hi_ratio, name=name or f"h2o-r{_r_label(hi_ratio)}")
+    return MiKVConfig(**base)
+
+
+SNAP_TOLERANCE = 0.10
+
+
+def sweep_configs(head_dim: int, block_size: int, targets: Sequence[float] = DEFAULT_TARGETS,
+                  policies: Sequence[str] = ("mikv", "rtn", "h2o"), mikv_lo_bits: int = 2,
+                  prefer: Sequence[EvalConfig] = ()) -> list[EvalConfig]:
+    """Each policy at each target fraction of a 16-bit cache (closest real layout).
+
+    A config of ``prefer`` (e.g. the frontier grid) of the same policy (and lo bits) within
+    ``SNAP_TOLERANCE`` of a target is used for that cell instead, so the two grids share engines."""
+    out: list[EvalConfig] = []
+    dense16 = dense_bytes_per_token(head_dim, 2)
+    bases = {
+        "mikv": (preset("mikv-paper").replace(lo_bits=mikv_lo_bits), "hi_ratio"),
+        "rtn": (preset("rtn"), "lo_bits"),
+        "h2o": (preset("h2o"), "hi_ratio"),
+    }
+    for pol in policies:
+        base, knob = bases[pol]
+        for t in targets:
+            snaps = []
+            for p in prefer:
+                pc = p.config()
+                if pc is None or pc.policy != pol or (pol == "mikv" and pc.lo_bits != mikv_lo_bits):
+                    continue
+                f = bytes_of(pc, head_dim, block_size) / dense16
+                if abs(f - t) <= SNAP_TOLERANCE * t:
+                    snaps.append((abs(f - t), p))
+            if snaps:
+                best = min(snaps, key=lambda x: x[0])[1]
+                out.append(dataclasses.replace(best, groups=("sweep",), target=t))
+                continue
+            found = closest_config(base, t, head_dim, block_size, knob)
+            if found is None:
+                continue
+            c, achieved = found
+            if abs(achieved - t) > TARGET_TOLERANCE * t:
+                continue  # unreachable (e.g. mikv below its rtn floor)
+            if pol == "rtn":
+                c = rtn_config(c.lo_bits)
+            elif pol == "h2o":
+                c = h2o_config(c.hi_ratio)
+            else:
+                c = mikv_config(c.lo_bits, c.hi_ratio)
+            out.append(EvalConfig.from_mikv(c, groups=("sweep",), target=t))
+    return out
+
+
+def frontier_configs(lo_bits: Sequence[int] = FRONTIER_LO_BITS, ratios: Sequence[float] = FRONTIER_RATIOS,
+                     h2o_ratios: Sequence[float] = FRONTIER_H2O_RATIOS) -> list[EvalConfig]:
+    """lo bits x r (r = 0 is the paper's RTN: uniform low-bit, no balancer) + H2O ratios."""
+    out = []
+    for b in lo_bits:
+        for r in ratios:
+            c = rtn_config(b) if r == 0 else mikv_config(b, r)
+            out.append(EvalConfig.from_mikv(c, groups=("frontier",)))
+    for r in h2o_ratios:
+        out.append(EvalConfig.from_mikv(h2o_config(r), groups=("frontier",)))
+    return out
+
+
+def ablation_configs(base_name: str = "mikv-paper") -> list[EvalConfig]:
+    """One-knob changes of ``base_name`` (the base itself included, as the reference row)."""
+    base = preset(base_name)
+    b = base.to_dict()
+    rows = [
+        ("base", {}),
+        ("balancer off", {"balancer": False}),
+        ("scorer window (obs 32)", {"scorer": "window"}),
+        ("recent window 0", {"recent_window": 0}),
+        ("recent window 64", {"recent_window": 64}),
+        ("hi dtype bfloat16", {"hi_dtype": "bfloat16"}),
+        ("hi dtype float32", {"hi_dtype": "float32"}),
+        ("rtn INT2 + balancer (r = 0)", {"policy": "rtn", "hi_ratio": 0.0, "sink_tokens": 0, "recent_window": 0}),
+    ]
+    out = []
+    for what, change in rows:
+        values = {**b, **change}
+        if what == "base":
+            values["name"] = base_name
+        else:
+            slug = what.split(" (")[0].replace(" ", "-").replace("+", "").replace("--", "-")
+            values["name"] = f"{base_name}/{slug}"
+        c = MiKVConfig(**values)
+        out.append(EvalConfig.from_mikv(c, family="ablation" if what != "base" else None,
+                                        groups=("ablation",), ablation=what))
+    return out
+
+
+def preset_configs(names: Sequence[str], groups: Sequence[str] = ("presets",)) -> list[EvalConfig]:
+    return [EvalConfig.stock(groups) if n == STOCK else EvalConfig.from_mikv(preset(n), groups=groups)
+            for n in names]
+
+
+def equal_bytes_h2o(config: MiKVConfig, head_dim: int, block_size: int) -> MiKVConfig:
+    """The H2O config whose real bytes are closest to (ties: above) ``config``'s."""
+    frac = bytes_of(config, head_dim, block_size) / dense_bytes_per_token(head_dim, 2)
+    found = closest_config(preset("h2o"), frac, head_dim, block_size, "hi_ratio")
+    assert found is not None
+    return h2o_config(found[0].hi_ratio)
+
+
+def dedupe(configs: Iterable[EvalConfig]) -> list[EvalConfig]:
+    """Unite configs that are the same engine (keeps first occurrence's label and order)."""
+    seen: dict[str, EvalConfig] = {}
+    for c in configs:
+        k = c.key()
+        seen[k] = seen[k].merged(c) if k in seen else c
+    return list(seen.values())
+
+
+def ratio_is_slot_exact(r: float, block_size: int) -> bool:
+    return math.isclose(r * block_size, round(r * block_size), abs_tol=1e-6)

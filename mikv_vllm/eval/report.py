@@ -1,0 +1,369 @@
+"""Turn worker results into numbers, tables, plots and the default-preset pick.
+
+All ratios are against the ``stock`` engine (vLLM's own full cache, same model,
+same prompts). Cache sizes are the real page layout (``RegionLayout``) in bytes
+per token per KV head and as % of a 16-bit dense cache (``4 * head_dim`` B);
+``capacity`` is what the engine actually allocated (``num_gpu_blocks *
+block_size`` tokens at the fixed ``kv_cache_memory_bytes``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any, Sequence
+
+from .configs import EvalConfig, cache_cost
+
+OUT_OF_REACH = 0.9          # full-cache passkey accuracy below this: the length is out of the model's reach
+PPL_RATIO_MAX = 1.03        # default-pick rule
+PASSKEY_SLACK_TRIALS = 1    # default-pick rule: within one trial of full cache
+
+
+def _acc(recs: list[dict]) -> tuple[int, int]:
+    return sum(bool(r["correct"]) for r in recs), len(recs)
+
+
+def _group(recs: list[dict], key: str) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for r in recs:
+        out.setdefault(str(r[key]), []).append(r)
+    return dict(sorted(out.items(), key=lambda kv: float(kv[0])))
+
+
+def summarize(results: Sequence[dict]) -> dict[str, Any]:
+    """Rows (one per config) + the stock reference + out-of-reach lengths."""
+    stock = next((r for r in results if r["config"]["policy"] == "stock"), None)
+    ref_ppl = _ppl(stock) if stock else None
+    ref_agree = {r["id"]: r["tokens"] for r in stock["probes"].get("agreement", [])} if stock else {}
+    ref_cap = stock["engine"]["capacity_tokens"] if stock else None
+    out_of_reach: list[str] = []
+    if stock:
+        for L, recs in _group(stock["probes"].get("passkey", []), "cell").items():
+            c, n = _acc(recs)
+            if n and c / n < OUT_OF_REACH:
+                out_of_reach.append(L)
+    rows = []
+    for res in results:
+        cfg = EvalConfig.from_dict(res["config"])
+        eng = res["engine"]
+        cost = cache_cost(cfg, eng["head_dim"], eng["block_size"], 4 if eng.get("dtype") == "float32" else 2)
+        row: dict[str, Any] = {
+            "label": cfg.label, "family": cfg.family, "groups": list(cfg.groups), "policy": cfg.policy,
+            "target": cfg.target, "ablation": cfg.ablation, "config": cfg.mikv,
+            "bytes_per_token_per_head": cost.bytes_per_token,
+            "fraction_of_fp16": cost.fraction_of_fp16,
+            "paper_fraction": cost.paper_fraction,
+            "engine_bytes_per_token_per_head": (eng.get("mikv_stats") or {}).get("bytes_per_token_per_head"),
+            "implied_bytes_per_token_per_head": eng.get("implied_bytes_per_token_per_head"),
+            "capacity_tokens": eng["capacity_tokens"],
+            "capacity_vs_stock": eng["capacity_tokens"] / ref_cap if ref_cap else None,
+            "seconds": res["timings"]["total"],
+            "engine_start_seconds": res["timings"]["engine_start"],
+            "cached": bool(res.get("cached")),
+        }
+        pk = {L: _acc(recs) for L, recs in _group(res["probes"].get("passkey", []), "cell").items()}
+        row["passkey"] = {L: {"correct": c, "trials": n} for L, (c, n) in pk.items()}
+        inreach = [(c, n) for L, (c, n) in pk.items() if L not in out_of_reach]
+        row["passkey_correct"] = sum(c for c, _ in inreach)
+        row["passkey_trials"] = sum(n for _, n in inreach)
+        row["passkey_acc"] = row["passkey_correct"] / row["passkey_trials"] if row["passkey_trials"] else None
+        nd = {d: _acc(recs) for d, recs in _group(res["probes"].get("needle", []), "cell").items()}
+        row["needle"] = {d: {"correct": c, "trials": n} for d, (c, n) in nd.items()}
+        nc, nn = sum(c for c, _ in nd.values()), sum(n for _, n in nd.values())
+        row["needle_acc"] = nc / nn if nn else None
+        ppl = _ppl(res)
+        row["ppl"] = ppl
+        row["ppl_ratio"] = ppl / ref_ppl if (ppl and ref_ppl) else None
+        matches, firsts, identical = [], [], 0
+        for rec in res["probes"].get("agreement", []):
+            ref = ref_agree.get(rec["id"])
+            if ref is None:
+                continue
+            toks = rec["tokens"]
+            n = min(len(ref), len(toks))
+            if n == 0:
+                continue
+            matches.append(sum(a == b for a, b in zip(ref[:n], toks[:n])) / n)
+            first = next((i for i in range(n) if ref[i] != toks[i]), n)
+            firsts.append(first)
+            identical += first == n
+        row["agreement_match"] = statistics.fmean(matches) if matches else None
+        row["first_divergence_mean"] = statistics.fmean(firsts) if firsts else None
+        row["first_divergence_median"] = statistics.median(firsts) if firsts else None
+        row["agreement_identical"] = identical if matches else None
+        row["agreement_prompts"] = len(matches)
+        rows.append(row)
+    return {"rows": rows, "out_of_reach_lengths": out_of_reach,
+            "agree_tokens": results[0]["workload"].get("agree_tokens") if results and "workload" in results[0] else None,
+            "reference": {"ppl": ref_ppl, "capacity_tokens": ref_cap,
+                          "passkey": next((r["passkey"] for r in rows if r["policy"] == "stock"), None)}}
+
+
+def _ppl(res: dict | None) -> float | None:
+    if not res:
+        return None
+    recs = res["probes"].get("ppl", [])
+    nll = sum(r["nll"] for r in recs)
+    n = sum(r["tokens"] for r in recs)
+    return math.exp(nll / n) if n else None
+
+
+# ------------------------------------------------------------------ default pick
+def pick_default(summary: dict, families: Sequence[str] | None = None,
+                 max_fraction: float | None = None) -> dict[str, Any]:
+    """The fewest-bytes mikv-policy config whose passkey accuracy is within one trial of
+    full cache (summed over in-reach lengths) and whose PPL ratio is <= 1.03.
+
+    ``max_fraction`` restricts to configs at most that share of a 16-bit cache (the tuner's budget).
+    Returns {"chosen": row | None, "candidates": [...], "rule": str}."""
+    rows = summary["rows"]
+    stock = next((r for r in rows if r["policy"] == "stock"), None)
+    rule = (f"fewest bytes among mikv configs with passkey correct >= full-cache correct - "
+            f"{PASSKEY_SLACK_TRIALS} (in-reach lengths) and PPL ratio <= {PPL_RATIO_MAX}")
+    if stock is None:
+        return {"chosen": None, "candidates": [], "rule": rule, "why": "no stock (full-cache) result"}
+    ok = []
+    for r in rows:
+        if r["policy"] != "mikv" or (families and r["family"] not in families):
+            continue
+        if r["ablation"] and r["ablation"] != "base" and "frontier" not in r["groups"] and "sweep" not in r["groups"]:
+            continue
+        if max_fraction is not None and r["fraction_of_fp16"] > max_fraction + 1e-9:
+            continue
+        passes = (r["passkey_trials"] == stock["passkey_trials"]
+                  and r["passkey_correct"] >= stock["passkey_correct"] - PASSKEY_SLACK_TRIALS
+                  and r["ppl_ratio"] is not None and r["ppl_ratio"] <= PPL_RATIO_MAX)
+        ok.append({**r, "passes": passes})
+    passing = sorted((r for r in ok if r["passes"]), key=lambda r: (r["bytes_per_token_per_head"],
+                                                                     r["ppl_ratio"]))
+    return {"chosen": passing[0] if passing else None, "candidates": ok, "rule": rule}
+
+
+def best_under_budget(summary: dict, budget_fraction: float) -> dict[str, Any]:
+    """Tuner: among all compressed configs within the budget, the best quality.
+
+    Order: passes the default rule first; then most passkey+needle correct; then lowest
+    PPL ratio; then fewest bytes."""
+    rows = [r for r in summary["rows"] if r["policy"] != "stock"
+            and r["fraction_of_fp16"] <= budget_fraction + 1e-9]
+    stock = next((r for r in summary["rows"] if r["policy"] == "stock"), None)
+
+    def passes(r):
+        return bool(stock and r["passkey_correct"] >= stock["passkey_correct"] - PASSKEY_SLACK_TRIALS
+                    and r["ppl_ratio"] is not None and r["ppl_ratio"] <= PPL_RATIO_MAX)
+
+    def key(r):
+        retrieval = r["passkey_correct"] + sum(v["correct"] for v in r["needle"].values())
+        return (not passes(r), -retrieval, r["ppl_ratio"] if r["ppl_ratio"] is not None else 1e9,
+                r["bytes_per_token_per_head"])
+
+    ranked = sorted(rows, key=key)
+    return {"best": ranked[0] if ranked else None, "ranked": [{**r, "passes": passes(r)} for r in ranked]}
+
+
+# ------------------------------------------------------------------ rendering
+def _f(x: float | None, fmt: str = "{:.3f}") -> str:
+    return "-" if x is None else fmt.format(x)
+
+
+def _cnt(d: dict | None) -> str:
+    return "-" if not d else f"{d['correct']}/{d['trials']}"
+
+
+def markdown_table(summary: dict, rows: Sequence[dict] | None = None, extra_first: str | None = None) -> str:
+    rows = list(summary["rows"] if rows is None else rows)
+    lengths = sorted({L for r in summary["rows"] for L in r["passkey"]}, key=float)
+    depths = sorted({d for r in summary["rows"] for d in r["needle"]}, key=float)
+    oor = set(summary["out_of_reach_lengths"])
+    head = ["config"] + ([extra_first] if extra_first else []) + [
+        "B/token/head", "% of fp16", "capacity (tokens)", "x stock"]
+    head += [f"passkey {int(L) / 1024:g}k" + (" (out of reach)" if L in oor else "") for L in lengths]
+    if depths:
+        head += ["needle " + "/".join(f"{float(d):g}" for d in depths), "needle"]
+    head += ["PPL", "PPL ratio", f"agree@{summary.get('agree_tokens') or 64}", "1st diverg."]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["label"]]
+        if extra_first:
+            cells.append(str(r.get(extra_first) or "-"))
+        cells += [f"{r['bytes_per_token_per_head']:.0f}", f"{100 * r['fraction_of_fp16']:.1f}",
+                  f"{r['capacity_tokens']:,}", _f(r["capacity_vs_stock"], "{:.2f}")]
+        cells += [_cnt(r["passkey"].get(L)) for L in lengths]
+        if depths:
+            cells.append(" ".join(str(r["needle"].get(d, {}).get("correct", "-")) for d in depths))
+            cells.append(_f(r["needle_acc"], "{:.2f}"))
+        cells += [_f(r["ppl"], "{:.2f}"), _f(r["ppl_ratio"]), _f(r["agreement_match"], "{:.2f}"),
+                  _f(r["first_divergence_mean"], "{:.1f}")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _by_bytes(rows):
+    return sorted(rows, key=lambda r: (r["bytes_per_token_per_head"], r["label"]))
+
+
+def render_markdown(summary: dict, meta: dict, pick: dict | None) -> str:
+    rows = summary["rows"]
+    stock = [r for r in rows if r["policy"] == "stock"]
+    parts = [f"# MiKV quality benchmark\n",
+             f"- model: `{meta.get('model')}`; engine block size {meta.get('block_size')}, head_dim "
+             f"{meta.get('head_dim')}, {meta.get('num_layers')} layers x {meta.get('num_kv_heads')} KV heads, "
+             f"model dtype {meta.get('dtype')}; KV memory {meta.get('kv_cache_memory_bytes', 0) / 2**30:g} GiB",
+             f"- prose: {meta.get('corpus', {}).get('description')} (`{meta.get('corpus', {}).get('source')}`)",
+             f"- workload: `{json.dumps(meta.get('workload'))}`",
+             f"- B/token/head = real page layout (RegionLayout.content_bytes, bookkeeping included); "
+             f"% of fp16 = that / {4 * int(meta.get('head_dim') or 0)} B; capacity = engine's "
+             f"num_gpu_blocks x block_size at the fixed KV memory; x stock = capacity / stock "
+             f"engine's (the stock engine stores fp32 K/V, the model dtype)",
+             f"- out-of-reach passkey lengths (full-cache accuracy < {OUT_OF_REACH:.0%}): "
+             f"{', '.join(summary['out_of_reach_lengths']) or 'none'}; they are left out of passkey accuracy",
+             f"- runtime: {meta.get('runtime_s', 0) / 60:.1f} min for {len(rows)} engines"
+             + (f" (command: `{meta['command']}`)" if meta.get("command") else ""), ""]
+    sweep = [r for r in rows if "sweep" in r["groups"]]
+    if sweep:
+        parts += ["## Policies x cache size (sweep)\n",
+                  "Target = nominal share of a 16-bit cache; the real layout closest to it is used.\n",
+                  markdown_table(summary, stock + sorted(sweep, key=lambda r: (r["family"], r["target"] or 0)),
+                                 extra_first="target"), ""]
+    front = [r for r in rows if "frontier" in r["groups"]]
+    if front:
+        parts += ["## Frontier (lo bits x r, H2O ratios), sorted by bytes\n",
+                  markdown_table(summary, stock + _by_bytes(front)), ""]
+    abl = [r for r in rows if "ablation" in r["groups"]]
+    if abl:
+        parts += ["## Ablations (one knob of mikv-paper at a time)\n",
+                  markdown_table(summary, stock + abl, extra_first="ablation"), ""]
+    other = [r for r in rows if not ({"sweep", "frontier", "ablation"} & set(r["groups"])) and r not in stock]
+    if other:
+        parts += ["## Other configs\n", markdown_table(summary, stock + _by_bytes(other)), ""]
+    if pick is not None:
+        parts += ["## Default pick\n", f"Rule: {pick['rule']}.\n"]
+        ch = pick.get("chosen")
+        if ch:
+            parts += [f"**Chosen: `{ch['label']}`** - {ch['bytes_per_token_per_head']:.0f} B/token/head "
+                      f"({100 * ch['fraction_of_fp16']:.1f} % of fp16), passkey {ch['passkey_correct']}/"
+                      f"{ch['passkey_trials']}, PPL ratio {ch['ppl_ratio']:.3f}.\n",
+                      "```yaml\n" + to_yaml(ch["config"], name="mikv") + "```\n"]
+        else:
+            parts += [f"No mikv config passes the rule{(': ' + pick['why']) if pick.get('why') else ''}.\n"]
+        cand = _by_bytes(pick.get("candidates", []))
+        if cand:
+            parts += ["| candidate | B/token/head | passkey | PPL ratio | passes |", "|---|---|---|---|---|"]
+            parts += [f"| {r['label']} | {r['bytes_per_token_per_head']:.0f} | {r['passkey_correct']}/"
+                      f"{r['passkey_trials']} | {_f(r['ppl_ratio'])} | {'yes' if r['passes'] else 'no'} |"
+                      for r in cand]
+            parts.append("")
+    return "\n".join(parts)
+
+
+def to_yaml(config: dict, name: str | None = None) -> str:
+    """A preset YAML (``mikv: {...}``) loadable with ``--mikv-config FILE``."""
+    values = dict(config)
+    if name:
+        values["name"] = name
+    lines = ["mikv:"]
+    for k, v in values.items():
+        if v is None:
+            s = "null"
+        elif isinstance(v, bool):
+            s = "true" if v else "false"
+        elif isinstance(v, float):
+            s = repr(round(v, 6))
+        elif isinstance(v, int):
+            s = str(v)
+        else:
+            s = json.dumps(str(v))
+        lines.append(f"  {k}: {s}")
+    return "\n".join(lines) + "\n"
+
+
+FAMILY_STYLE = {
+    "mikv INT2": ("tab:blue", "o"), "mikv INT3": ("tab:green", "s"), "mikv INT4": ("tab:purple", "D"),
+    "rtn": ("tab:orange", "^"), "h2o": ("tab:red", "v"), "ablation": ("0.5", "x"),
+}
+
+
+def plot(summary: dict, path: Path, title: str = "") -> Path | None:
+    """Quality vs real cache size (% of a 16-bit cache), one line per policy family."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = [r for r in summary["rows"] if r["policy"] != "stock" and r["family"] != "ablation"]
+    stock = next((r for r in summary["rows"] if r["policy"] == "stock"), None)
+    panels = [("passkey_acc", "passkey accuracy (in-reach lengths)", False),
+              ("needle_acc", "needle-in-prose accuracy", False),
+              ("ppl_ratio", "PPL ratio vs full cache (chunked prefill)", True),
+              ("agreement_match", "greedy token agreement with full cache", False)]
+    panels = [p for p in panels if any(r.get(p[0]) is not None for r in rows)]
+    if not panels:
+        return None
+    ncol = 2 if len(panels) > 1 else 1
+    nrow = math.ceil(len(panels) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(5.2 * ncol, 3.6 * nrow), squeeze=False)
+    fams = sorted({r["family"] for r in rows}, key=lambda f: list(FAMILY_STYLE).index(f) if f in FAMILY_STYLE else 99)
+    for ax, (key, name, logy) in zip(axes.flat, panels):
+        for fam in fams:
+            pts = sorted((100 * r["fraction_of_fp16"], r[key]) for r in rows if r["family"] == fam
+                         and r.get(key) is not None)
+            if not pts:
+                continue
+            color, marker = FAMILY_STYLE.get(fam, (None, "o"))
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color, label=fam, lw=1.4, ms=5)
+        ref = {"ppl_ratio": 1.0, "agreement_match": 1.0}.get(key, stock.get(key) if stock else None)
+        if ref is not None:
+            ax.axhline(ref, color="k", ls="--", lw=0.8, label="full cache")
+        if key == "ppl_ratio":
+            ax.axhline(PPL_RATIO_MAX, color="k", ls=":", lw=0.7)
+        if logy:
+            from matplotlib.ticker import FixedLocator, FormatStrFormatter, NullFormatter
+
+            ax.set_yscale("log")
+            vals = [r[key] for r in rows if r.get(key) is not None] + [1.0]
+            lo, hi = min(vals), max(vals)
+            ticks = [t for t in (0.98, 1.0, 1.03, 1.1, 1.2, 1.5, 2, 3, 5, 10, 20) if lo * 0.995 <= t <= hi * 1.05]
+            ax.yaxis.set_major_locator(FixedLocator(ticks))
+            ax.yaxis.set_major_formatter(FormatStrFormatter("%.2f"))
+            ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("KV cache size, % of a 16-bit cache (real layout)")
+        ax.set_title(name, fontsize=10)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def write_report(results: Sequence[dict], out_dir: Path, meta: dict, with_pick: bool = True) -> dict[str, Any]:
+    """Write summary.json, results.md and quality.png into ``out_dir``; return the summary."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = summarize(results)
+    if results:
+        eng = results[0]["engine"]
+        for k in ("block_size", "head_dim", "num_layers", "num_kv_heads", "dtype", "kv_cache_memory_bytes"):
+            meta.setdefault(k, eng.get(k))
+    pick = pick_default(summary) if with_pick else None
+    md = render_markdown(summary, meta, pick)
+    (out_dir / "results.md").write_text(md)
+    png = plot(summary, out_dir / "quality.png", title=f"{Path(str(meta.get('model'))).name}: quality vs KV bytes")
+    doc = {"meta": meta, "summary": summary, "default_pick": pick and {
+        "rule": pick["rule"], "chosen": pick["chosen"] and pick["chosen"]["label"],
+        "chosen_config": pick["chosen"] and pick["chosen"]["config"]}}
+    (out_dir / "summary.json").write_text(json.dumps(doc, indent=1, default=str))
+    summary["markdown"] = md
+    summary["plot"] = str(png) if png else None
+    summary["pick"] = pick
+    return summary
