@@ -240,6 +240,28 @@ register(
 
 
 # ----------------------------------------------------------------------------
+# bytes: the page accounting table (mikv_vllm/core/accounting.py)
+
+def _bytes_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    p.add_argument("--block-sizes", type=int, nargs="+", default=[16, 128])
+    p.add_argument("--presets", nargs="+", default=None, help="preset names (default: all)")
+
+
+def _run_bytes(args: argparse.Namespace) -> int:
+    from .core.accounting import bytes_table, to_markdown
+
+    print("Bytes per token per KV head. In-page = what vLLM allocates (lo copy of every token, hi slots,")
+    print("score/tag/balancer/padding). Paper % = r*bpe(hi) + (1-r)*bpe(lo) (no lo copy of hi tokens,")
+    print("no bookkeeping); paper + lo copy % = r*bpe(hi) + bpe(lo). fp16 dense = 4*head_dim bytes.\n")
+    print(to_markdown(bytes_table(args.presets, args.head_dims, args.block_sizes)))
+    return 0
+
+
+register("bytes", "Print the KV-cache bytes per token per KV head of every preset.", _bytes_args, _run_bytes)
+
+
+# ----------------------------------------------------------------------------
 # eval / tune: the quality benchmark (mikv_vllm/eval; docs/quality.md)
 
 from .eval import cli as _eval_cli  # noqa: E402  (argparse only; the benchmark is imported when run)
