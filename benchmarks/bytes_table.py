@@ -8,4 +8,6 @@ import sys
 from mikv_vllm.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["bytes", *sys.argv[1:]]))
+    rc = main(["bytes", *sys.argv[1:]])
+    if rc:
+        sys.exit(rc)
