@@ -223,7 +223,6 @@ def run_eval(args: argparse.Namespace) -> int:
 def tune_candidates(budget: float, head_dim: int, block_size: int):
     """At most one config per family: the largest that fits ``budget`` (fraction of a 16-bit cache)."""
     from . import configs as C
-    from ..config import preset
     from ..core.layout import dense_bytes_per_token
 
     limit = budget * dense_bytes_per_token(head_dim, 2)
@@ -245,7 +244,6 @@ def tune_candidates(budget: float, head_dim: int, block_size: int):
     h2o = best([C.h2o_config(round(r, 6)) for r in steps])
     if h2o is not None:
         out.append(C.EvalConfig.from_mikv(h2o, groups=("tune",)))
-    del preset
     return out
 
 
