@@ -70,7 +70,9 @@ def check_model(vllm_config, config: MiKVConfig) -> None:
     head_dim_v = getattr(hf_text, "v_head_dim", None)
     if head_dim_v not in (None, head_dim):
         raise MiKVUnsupportedError(f"MiKV needs equal K/V head sizes, got {head_dim} and {head_dim_v}")
-    if head_dim % 8:
+    from .backend import MiKVAttentionBackend
+
+    if not MiKVAttentionBackend.supports_head_size(head_dim):
         raise MiKVUnsupportedError(f"MiKV needs head_dim divisible by 8, got {head_dim}")
 
 

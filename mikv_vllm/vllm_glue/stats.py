@@ -80,7 +80,6 @@ class LayerStats:
     decode_tokens: int = 0          # of those, single-token steps
     seen_tokens: int = 0            # (token, KV head) pairs of the last sampled step's requests
     sampled: bool | None = None     # hi counters measured here (decided on the first step)
-    extra: dict = field(default_factory=dict)
     # device accumulators (sampled layers only): [promoted, demoted] cumulative, hi pairs last step
     _moves: torch.Tensor | None = field(default=None, repr=False)
     _hi_last: torch.Tensor | None = field(default=None, repr=False)
