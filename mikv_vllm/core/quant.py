@@ -123,16 +123,51 @@ def quantize(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torc
 
 
 def dequantize_codes(codes: torch.Tensor, sz: torch.Tensor, group: int) -> torch.Tensor:
-    """fp32 ``zero + code * scale`` for unpacked codes ``[..., D]``."""
+    """fp32 ``zero + code * scale`` for unpacked codes ``[..., D]`` (uint8 or float)."""
     cg = _grouped(codes.float(), group)
     s = sz[..., 0].float().unsqueeze(-1)
     z = sz[..., 1].float().unsqueeze(-1)
-    return (z + cg * s).reshape(codes.shape)
+    return torch.addcmul(z, cg, s).reshape(codes.shape)
+
+
+_CODE_TABLES: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _code_table(bits: int, device: torch.device) -> torch.Tensor:
+    """fp32 ``[bits, 256, 8]``: entry ``[m, x, j]`` is what byte m = x of a ``bits``-byte group of
+    the stream adds to code j of the 8 codes it holds (codes are bit fields, so they add up)."""
+    key = (bits, torch.device(device))
+    if key not in _CODE_TABLES:
+        x = torch.arange(256, dtype=torch.int64)
+        table = torch.zeros(bits, 256, 8)
+        for m in range(bits):
+            for j in range(8):
+                # bit k of byte m is stream bit 8m + k: bit (8m + k - j*bits) of code j when in range
+                for k in range(8):
+                    b = 8 * m + k - j * bits
+                    if 0 <= b < bits:
+                        table[m, :, j] += ((x >> k) & 1).float() * (1 << b)
+        _CODE_TABLES[key] = table.to(device)
+    return _CODE_TABLES[key]
+
+
+def unpack_codes_float(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """:func:`unpack_codes` as fp32 (exact small integers), by table lookup: the fast path."""
+    _check_bits(bits)
+    if bits == 8 or packed.shape[-1] != dim * bits // 8 or dim % 8:
+        return unpack_codes(packed, bits, dim).float()
+    lead = packed.shape[:-1]
+    table = _code_table(bits, packed.device)
+    idx = packed.reshape(-1, bits).long()                                   # one row per 8 codes
+    out = table[0].index_select(0, idx[:, 0])
+    for m in range(1, bits):
+        out += table[m].index_select(0, idx[:, m])
+    return out.reshape(*lead, dim)
 
 
 def dequantize(packed: torch.Tensor, sz: torch.Tensor, bits: int, group: int, dim: int) -> torch.Tensor:
     """Inverse of :func:`quantize`: fp32 ``[..., dim]``."""
-    return dequantize_codes(unpack_codes(packed, bits, dim), sz, group)
+    return dequantize_codes(unpack_codes_float(packed, bits, dim), sz, group)
 
 
 def fake_quantize(x: torch.Tensor, bits: int, group: int) -> torch.Tensor:

@@ -32,6 +32,8 @@ Kernel contract (mikv_vllm.kernels must match these signatures/semantics):
 * ``accumulate_scores(regions, layout, block_row, mass)``
 * ``maintain_hi(regions, layout, config, block_row, ctx_len, k_new, v_new)``
 * ``forward_request(regions, layout, config, block_row, ctx_len, q, k, v, scale) -> out [T,Hq,D]``
+* ``forward_decode(regions, layout, config, block_tables, ctx_lens, q, k, v, scale) -> out [B,Hq,D]``
+  (one decode token for each of B requests; the per-request step, batched)
 * helpers: ``store_balancer(regions, layout, block_row, b) -> stored b fp32``,
   ``load_balancer(regions, layout, block_row) -> b [H,D] | None``,
   ``first_voting_row(config, T) -> int``, ``token_slots(block_row, start, end, N) -> (blocks, offsets)``
@@ -47,8 +49,10 @@ from .importance import select_hi
 from .layout import RegionLayout
 from .quant import dequantize, quantize
 
-# Attention processes query rows in chunks so logits stay below this many elements.
+# Attention processes query rows in chunks (at most QUERY_ROWS rows, so each chunk skips the keys
+# its rows cannot see) with logits below MAX_LOGIT_ELEMENTS elements.
 MAX_LOGIT_ELEMENTS = 1 << 24
+QUERY_ROWS = 256
 
 
 def _num_blocks(length: int, block_size: int) -> int:
@@ -88,8 +92,17 @@ def write_tokens(regions: torch.Tensor, layout: RegionLayout, block_row: torch.T
     t, start = k.shape[0], int(start)
     if t == 0:
         return
-    views = layout.views(regions)
     blk, off = token_slots(block_row.to(regions.device), start, start + t, layout.block_size)
+    store_at(regions, layout, blk, off, k, v, balancer)
+
+
+def store_at(regions: torch.Tensor, layout: RegionLayout, blk: torch.Tensor, off: torch.Tensor,
+             k: torch.Tensor, v: torch.Tensor, balancer: torch.Tensor | None = None) -> None:
+    """:func:`write_tokens` for explicit slots: token i goes to block ``blk[i]``, offset ``off[i]``.
+
+    ``k, v [T, H, D]``; ``balancer`` ``[H, D]`` or per token ``[T, H, D]``.
+    """
+    views = layout.views(regions)
     if layout.hi_slots:
         views.tag[blk[off == 0]] = 0
         views.score[blk, :, off] = 0
@@ -173,21 +186,22 @@ def attention(q: torch.Tensor, k_ctx: torch.Tensor, v_ctx: torch.Tensor, valid_c
     keys = torch.cat([k_ctx.float(), k_new.float().transpose(0, 1)], dim=1)          # [H, S, D]
     vals = torch.cat([v_ctx.float(), v_new.float().transpose(0, 1)], dim=1)
     s = ctx + t
-    qh = q.float().reshape(t, h, g, d).permute(1, 2, 0, 3)                          # [H, g, T, D]
+    qh = (q.float() * scale).reshape(t, h, g, d).permute(1, 2, 0, 3)                # [H, g, T, D]
     out = torch.empty(h, g, t, d, device=dev)
     mass = torch.zeros(h, s, device=dev) if vote_from is not None else None
     key_pos = torch.arange(s, device=dev)
     key_ok = torch.cat([valid_ctx.to(dev), torch.ones(h, t, dtype=torch.bool, device=dev)], dim=1)   # [H, S]
-    rows = max(1, MAX_LOGIT_ELEMENTS // max(1, h * g * s))
+    rows = max(1, min(QUERY_ROWS, MAX_LOGIT_ELEMENTS // max(1, h * g * s)))
     for i0 in range(0, t, rows):
         i1 = min(t, i0 + rows)
-        logits = torch.einsum("hgtd,hsd->hgts", qh[:, :, i0:i1], keys) * scale
-        causal = key_pos[None, :] <= (ctx + torch.arange(i0, i1, device=dev))[:, None]   # [rows, S]
-        allowed = causal[None] & key_ok[:, None]                                        # [H, rows, S]
+        e = ctx + i1                                     # causal: rows < i1 see keys < ctx + i1 only
+        logits = torch.einsum("hgtd,hsd->hgts", qh[:, :, i0:i1], keys[:, :e])
+        causal = key_pos[None, :e] <= (ctx + torch.arange(i0, i1, device=dev))[:, None]   # [rows, e]
+        allowed = causal[None] & key_ok[:, None, :e]                                    # [H, rows, e]
         p = torch.softmax(logits.masked_fill_(~allowed[:, None], -float("inf")), dim=-1)
-        out[:, :, i0:i1] = torch.einsum("hgts,hsd->hgtd", p, vals)
+        out[:, :, i0:i1] = torch.einsum("hgts,hsd->hgtd", p, vals[:, :e])
         if mass is not None and i1 > vote_from:
-            mass += p[:, :, max(0, vote_from - i0):].sum(dim=(1, 2))
+            mass[:, :e] += p[:, :, max(0, vote_from - i0):].sum(dim=(1, 2))
     return out.permute(2, 0, 1, 3).reshape(t, hq, d), mass
 
 
@@ -270,4 +284,177 @@ def forward_request(regions: torch.Tensor, layout: RegionLayout, config: MiKVCon
     if mass is not None:
         accumulate_scores(regions, layout, block_row, mass)
         maintain_hi(regions, layout, config, block_row, ctx_len, k, v)
+    return out
+
+
+# ------------------------------------------------------------ batched decode
+# One decode step (T = 1) of B requests at once: the per-request ops above, vectorised over
+# requests. ``block_tables [B, M]`` holds each request's block row (columns past a request's
+# last block are never read or written, whatever they hold); ``pos [B]`` is each request's
+# context length = the position of its new token.
+
+def _blocks_for(block_tables: torch.Tensor, lengths: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block columns covering the longest of ``lengths`` -> (blocks ``[B, nb]``, own ``[B, nb]`` bool)."""
+    nbs = (lengths + n - 1) // n
+    nb = int(nbs.max()) if lengths.numel() else 0
+    own = torch.arange(nb, device=block_tables.device)[None, :] < nbs[:, None]
+    blocks = block_tables[:, :nb].long()
+    return torch.where(own, blocks, blocks[:, :1]), own   # padding columns read the first block
+
+
+def _per_head(x: torch.Tensor) -> torch.Tensor:
+    """``[B, nb, H, n, ...]`` block-major -> ``[B, H, nb * n, ...]`` position-major."""
+    b, nb, h, n = x.shape[:4]
+    return x.transpose(1, 2).reshape(b, h, nb * n, *x.shape[4:])
+
+
+def gather_decode(regions: torch.Tensor, layout: RegionLayout, block_tables: torch.Tensor, pos: torch.Tensor,
+                  balancer: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`gather_context` for B requests: K, V ``[B, H, Lmax, D]`` fp32, valid ``[B, H, Lmax]``.
+
+    Request b reads positions ``[0, pos[b])``; the rest of its row is invalid with K = V = 0.
+    ``balancer`` ``[B, H, D]``.
+    """
+    views = layout.views(regions)
+    bsz, h, d, n = pos.shape[0], regions.shape[1], layout.head_dim, layout.block_size
+    blocks, own = _blocks_for(block_tables, pos, n)
+    lmax = int(pos.max()) if bsz else 0
+    in_ctx = (torch.arange(lmax, device=pos.device)[None, :] < pos[:, None])[:, None].expand(bsz, h, lmax)
+    if layout.bits:
+        def lo(packed: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
+            return _per_head(dequantize(packed[blocks], sz[blocks], layout.bits, layout.group, d))[:, :, :lmax]
+
+        k, v = lo(views.k_lo, views.k_sz), lo(views.v_lo, views.v_sz)
+        if balancer is not None:
+            k = k / balancer[:, :, None, :]
+        # positions past a request's context may hold stale or foreign bytes (NaN included):
+        # their logits are masked, but 0 * NaN would reach the output through V
+        v = torch.where(in_ctx[..., None], v, 0.0)
+        valid = in_ctx.clone()
+    else:
+        k = torch.zeros(bsz, h, lmax, d, device=regions.device)
+        v = torch.zeros_like(k)
+        valid = torch.zeros(bsz, h, lmax, dtype=torch.bool, device=regions.device)
+    r = layout.hi_slots
+    if r and lmax:
+        tags = _per_head(views.tag[blocks])                                              # [B, H, nb*R]
+        slot_own = own.repeat_interleave(r, dim=1)[:, None]                               # [B, 1, nb*R]
+        bb, hh, ss = torch.nonzero(slot_own & (tags > 0) & (tags <= pos[:, None, None]), as_tuple=True)
+        p = tags[bb, hh, ss].long() - 1
+        k[bb, hh, p] = views.k_hi[blocks[bb, ss // r], hh, ss % r].float()
+        v[bb, hh, p] = views.v_hi[blocks[bb, ss // r], hh, ss % r].float()
+        valid[bb, hh, p] = True
+    return k, v, valid
+
+
+def attention_decode(q: torch.Tensor, k_ctx: torch.Tensor, v_ctx: torch.Tensor, valid_ctx: torch.Tensor,
+                     pos: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`attention` for one query per request: q ``[B, Hq, D]`` at positions ``pos``.
+
+    ``k_ctx, v_ctx [B, H, Lmax, D]``, ``valid_ctx [B, H, Lmax]`` (see :func:`gather_decode`);
+    ``k_new, v_new [B, H, D]`` raw. Returns out ``[B, Hq, D]`` and mass ``[B, H, Lmax + 1]``
+    (position-indexed: request b's new token is at ``pos[b]``; 0 past it).
+    """
+    bsz, hq, d = q.shape
+    h, lmax = k_ctx.shape[1], k_ctx.shape[2]
+    g = hq // h
+    ar = torch.arange(bsz, device=q.device)
+    keys = torch.cat([k_ctx.float(), k_ctx.new_zeros(bsz, h, 1, d)], dim=2)             # [B, H, S, D]
+    vals = torch.cat([v_ctx.float(), v_ctx.new_zeros(bsz, h, 1, d)], dim=2)
+    ok = torch.cat([valid_ctx, valid_ctx.new_zeros(bsz, h, 1)], dim=2)
+    keys[ar, :, pos] = k_new.float()
+    vals[ar, :, pos] = v_new.float()
+    ok[ar, :, pos] = True
+    qh = (q.float() * scale).reshape(bsz, h, g, d)
+    logits = torch.einsum("bhgd,bhsd->bhgs", qh, keys)
+    p = torch.softmax(logits.masked_fill_(~ok[:, :, None], -float("inf")), dim=-1)
+    out = torch.einsum("bhgs,bhsd->bhgd", p, vals)
+    return out.reshape(bsz, hq, d), p.sum(dim=2)
+
+
+def accumulate_scores_decode(regions: torch.Tensor, layout: RegionLayout, block_tables: torch.Tensor,
+                             pos: torch.Tensor, mass: torch.Tensor) -> None:
+    """:func:`accumulate_scores` for B requests: add ``mass [B, H, S]`` to positions ``[0, pos[b]]``."""
+    if not layout.hi_slots:
+        return
+    views = layout.views(regions)
+    bsz, h, n = pos.shape[0], regions.shape[1], layout.block_size
+    blocks, own = _blocks_for(block_tables, pos + 1, n)
+    cur = _per_head(views.score[blocks]).float()                                          # [B, H, nb*N]
+    s = min(mass.shape[2], cur.shape[2])
+    live = (torch.arange(s, device=pos.device)[None, :] <= pos[:, None])[:, None]
+    cur[:, :, :s] += torch.where(live, mass[:, :, :s].float(), 0.0)
+    top = torch.finfo(layout.score_dtype).max
+    new = cur.clamp(max=top).to(layout.score_dtype).reshape(bsz, h, -1, n).transpose(1, 2)   # [B, nb, H, N]
+    views.score[blocks[own]] = new[own]
+
+
+def maintain_hi_decode(regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig,
+                       block_tables: torch.Tensor, pos: torch.Tensor, k_new: torch.Tensor,
+                       v_new: torch.Tensor) -> None:
+    """:func:`maintain_hi` for B requests that each just wrote one token (``k_new, v_new [B, H, D]``)."""
+    r = layout.hi_slots
+    if not r or pos.numel() == 0:
+        return
+    views = layout.views(regions)
+    bsz, h, n = pos.shape[0], regions.shape[1], layout.block_size
+    seq = pos + 1
+    blocks, own = _blocks_for(block_tables, seq, n)
+    tags = _per_head(views.tag[blocks])                                                   # [B, H, S]
+    num_slots = tags.shape[2]
+    slot_own = own.repeat_interleave(r, dim=1)[:, None].expand(bsz, h, num_slots)
+    tagged = slot_own & (tags > 0) & (tags <= pos[:, None, None])
+    old_pos = torch.where(tagged, tags.long() - 1, -1)
+    positions = torch.cat([old_pos, pos[:, None, None].expand(bsz, h, 1)], dim=2)       # [B, H, S+1]
+    all_scores = _per_head(views.score[blocks]).float()                                   # [B, H, nb*N]
+    scores = all_scores.gather(2, positions.clamp(min=0))
+    keep = select_hi(positions, scores, seq[:, None, None], config, (own.sum(1) * r)[:, None, None])
+    new_tags = torch.where(keep[..., :num_slots], tags, torch.zeros_like(tags))
+    bb, hh = torch.nonzero(keep[..., num_slots], as_tuple=True)
+    if bb.numel():
+        taken = (new_tags != 0) | ~slot_own
+        slot = torch.argsort(taken.int(), dim=2, stable=True)[bb, hh, 0]                 # lowest free slot
+        new_tags[bb, hh, slot] = (pos[bb] + 1).to(new_tags.dtype)
+        blk, rr = blocks[bb, slot // r], slot % r
+        views.k_hi[blk, hh, rr] = k_new[bb, hh].to(regions.device, layout.hi_dtype)
+        views.v_hi[blk, hh, rr] = v_new[bb, hh].to(regions.device, layout.hi_dtype)
+    views.tag[blocks[own]] = new_tags.reshape(bsz, h, -1, r).transpose(1, 2)[own]
+
+
+def decode_balancer(regions: torch.Tensor, layout: RegionLayout, block_tables: torch.Tensor,
+                    pos: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    """Balancer ``[B, H, D]`` of each request (computed and stored for a request at position 0)."""
+    if not layout.has_balancer:
+        return None
+    if bool((pos == 0).any()):
+        return torch.stack([
+            store_balancer(regions, layout, block_tables[i], compute_balancer(q[i:i + 1], k[i:i + 1]))
+            if int(pos[i]) == 0 else load_balancer(regions, layout, block_tables[i])
+            for i in range(pos.shape[0])])
+    return from_storage(layout.views(regions).balancer[block_tables[:, 0].long()])
+
+
+def forward_decode(regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig, block_tables: torch.Tensor,
+                   ctx_lens: list[int], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   scale: float) -> torch.Tensor:
+    """One decode step for B requests: q ``[B, Hq, D]``, k/v ``[B, H, D]`` at positions ``ctx_lens``.
+
+    Same page effects and outputs (up to fp32 rounding) as
+    ``forward_request(..., block_tables[i], ctx_lens[i], q[i:i+1], k[i:i+1], v[i:i+1], scale)``
+    for every i; requests own disjoint blocks. Returns ``[B, Hq, D]`` fp32.
+    """
+    dev = regions.device
+    bt = block_tables.to(dev)
+    pos = torch.as_tensor([int(c) for c in ctx_lens], device=dev, dtype=torch.int64)
+    if pos.numel() == 0:
+        return q.new_zeros(q.shape, dtype=torch.float32)
+    b = decode_balancer(regions, layout, bt, pos, q, k)
+    blk = bt.long().gather(1, (pos // layout.block_size)[:, None])[:, 0]
+    store_at(regions, layout, blk, pos % layout.block_size, k, v, b)
+    k_ctx, v_ctx, valid = gather_decode(regions, layout, bt, pos, b)
+    out, mass = attention_decode(q, k_ctx, v_ctx, valid, pos, k, v, scale)
+    if layout.hi_slots:
+        accumulate_scores_decode(regions, layout, bt, pos, mass)
+        maintain_hi_decode(regions, layout, config, bt, pos, k, v)
     return out

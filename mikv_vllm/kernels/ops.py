@@ -2,7 +2,7 @@
 
 * decode (one token per request): Triton store + :func:`decode.decode_attention`
   with scores accumulated in-kernel; hi maintenance stays in torch
-  (``reference.maintain_hi`` is selection logic, one call per request).
+  (``reference.maintain_hi_decode``: selection logic, batched over requests).
 * prefill / multi-token chunks: Triton store, then the dense reference path
   (``gather_context`` + torch ``attention`` over dequantized blocks).
 * layouts outside :func:`_common.supported` fall back to the reference entirely.
@@ -14,7 +14,7 @@ import torch
 
 from ..config import MiKVConfig
 from ..core import reference as ref
-from ..core.balancer import compute_balancer, from_storage
+from ..core.balancer import compute_balancer
 from ..core.layout import RegionLayout
 from ._common import supported
 from .decode import decode_attention
@@ -55,26 +55,18 @@ def forward_decode(regions: torch.Tensor, layout: RegionLayout, config: MiKVConf
     Equivalent to ``reference.forward_request(..., ctx_lens[i], q[i:i+1], ...)`` for every i
     (requests own disjoint blocks). Returns ``[B, Hq, D]`` fp32.
     """
-    ctx_lens = [int(c) for c in ctx_lens]
     if not supported(layout):
-        return torch.cat([ref.forward_request(regions, layout, config, block_tables[i], c, q[i:i + 1], k[i:i + 1],
-                                              v[i:i + 1], scale) for i, c in enumerate(ctx_lens)])
+        return ref.forward_decode(regions, layout, config, block_tables, ctx_lens, q, k, v, scale)
+    ctx_lens = [int(c) for c in ctx_lens]
     dev, n = regions.device, layout.block_size
     bt = block_tables.to(dev)
-    bal = None
-    if layout.has_balancer and min(ctx_lens, default=1) == 0:   # a first token: compute + store its b
-        bal = torch.stack([_balancer(regions, layout, bt[i], c, q[i:i + 1], k[i:i + 1])
-                           for i, c in enumerate(ctx_lens)])
-    elif layout.has_balancer:
-        bal = from_storage(layout.views(regions).balancer[bt[:, 0].long()])     # [B, H, D]
     pos = torch.tensor(ctx_lens, device=dev, dtype=torch.int64)
+    bal = ref.decode_balancer(regions, layout, bt, pos, q, k)
     blk = bt.long().gather(1, (pos // n)[:, None])[:, 0]
     store_tokens(regions, layout, blk, pos % n, k, v, bal)
     out, _ = decode_attention(regions, layout, bt, pos, q, k, v, scale, bal, max_ctx=max(ctx_lens, default=0),
                               need_mass=False, accumulate=True)
-    if layout.hi_slots:
-        for i, c in enumerate(ctx_lens):
-            ref.maintain_hi(regions, layout, config, bt[i], c, k[i:i + 1], v[i:i + 1])
+    ref.maintain_hi_decode(regions, layout, config, bt, pos, k, v)   # selection logic, batched torch
     return out
 
 

@@ -207,15 +207,28 @@ class MiKVAttentionImpl(AttentionImpl[MiKVMetadata]):
         qsl, seq_lens = attn_metadata.query_start_loc, attn_metadata.seq_lens
         n = layout.block_size
         probe = self.stats.begin_step(layer, regions, layout, attn_metadata)  # stats (see stats.py)
+        decode_rows, decode_ctx = [], []
         for i, seq_len in enumerate(seq_lens):
             start, end = qsl[i], qsl[i + 1]
             if end <= start:
                 continue
             ctx = seq_len - (end - start)
+            if end - start == 1 and ctx > 0:   # decode: one batched step for all of them, below
+                decode_rows.append(i)
+                decode_ctx.append(ctx)
+                continue
             row = attn_metadata.block_table[i, : (seq_len + n - 1) // n]
             result = self.ops.forward_request(
                 regions, layout, self.config, row, ctx,
                 q_all[start:end], k_all[start:end], v_all[start:end], self.scale)
             out[start:end] = result.to(out.dtype)
+        if decode_rows:
+            rows = torch.tensor(decode_rows, device=attn_metadata.block_table.device)
+            tok = torch.tensor([qsl[i] for i in decode_rows], device=query.device)
+            max_blocks = (max(decode_ctx) + n) // n   # blocks holding positions [0, ctx] of the longest
+            result = self.ops.forward_decode(
+                regions, layout, self.config, attn_metadata.block_table[rows, :max_blocks], decode_ctx,
+                q_all[tok], k_all[tok], v_all[tok], self.scale)
+            out[tok] = result.to(out.dtype)
         self.stats.end_step(probe, regions, layout, attn_metadata)  # stats (see stats.py)
         return output

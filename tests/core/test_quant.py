@@ -126,3 +126,11 @@ def test_error_decreases_with_bits():
     errs = [(fake_quantize(x, b, 32) - x).pow(2).mean().item() for b in (2, 3, 4, 8)]
     assert errs[0] > errs[1] > errs[2] > errs[3] > 0
     assert errs[3] < 1e-4
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_table_unpack_equals_bit_unpack(bits):
+    from mikv_vllm.core.quant import unpack_codes_float
+    gen = torch.Generator().manual_seed(bits)
+    packed = torch.randint(0, 256, (5, 3, 64 * bits // 8), dtype=torch.uint8, generator=gen)
+    assert torch.equal(unpack_codes_float(packed, bits, 64), unpack_codes(packed, bits, 64).float())
