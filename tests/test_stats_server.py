@@ -42,7 +42,7 @@ def _hi_set(regions, layout, row, length):
 ])
 def test_layer_stats_match_hi_set_diff(device):
     torch.manual_seed(0)
-    config = preset("mikv")
+    config = preset("mikv-paper")   # r = 0.2: budgets large enough to demote in 80 tokens
     n, h, hq, d = 16, 2, 4, 64
     layout = RegionLayout.build(config, n, d)
     # reused blocks are never zeroed: start from garbage so stale tags are exercised
@@ -184,7 +184,9 @@ def test_plugin_routes_polling_and_shutdown(monkeypatch, policy):
 def server(model_dir, tmp_path_factory):
     from helpers import ServerError, vllm_server
 
-    args = ("--kv-cache-policy", "mikv", "--kv-cache-memory-bytes", str(512 << 20), "--max-model-len", "2048")
+    # mikv-paper (r = 0.2): these short requests get hi budgets that demote (the default's r = 0.05 would not)
+    args = ("--kv-cache-policy", "mikv", "--mikv-config", "mikv-paper", "--kv-cache-memory-bytes", str(512 << 20),
+            "--max-model-len", "2048")
     env = {"VLLM_PLUGINS": "mikv", "MIKV_STATS_INTERVAL": str(POLL_INTERVAL_S)}
     try:
         with vllm_server(model_dir, *args, env=env, log_dir=tmp_path_factory.mktemp("vllm-stats")) as srv:
@@ -235,7 +237,7 @@ def traffic(server):
 @pytest.mark.engine
 def test_mikv_stats_endpoint(server, traffic):
     stats = _get_json(server, "/mikv/stats")
-    assert stats["enabled"] is True and stats["policy"] == "mikv" and stats["preset"] == "mikv"
+    assert stats["enabled"] is True and stats["policy"] == "mikv" and stats["preset"] == "mikv-paper"
     assert stats["num_workers"] == len(stats["workers"]) == 1
     r, heads = stats["config"]["hi_ratio"], stats["num_kv_heads"]
     assert stats["tokens_stored"] == sum(traffic) > 0
@@ -266,7 +268,7 @@ def test_prometheus_series_follow_stats(server, traffic):
         ("mikv_capacity_tokens", ()): stats["capacity_tokens"],
         ("mikv_policy_info", (("hi_ratio", str(stats["config"]["hi_ratio"])),
                               ("lo_bits", str(stats["config"]["lo_bits"])),
-                              ("policy", "mikv"), ("preset", "mikv"))): 1.0,
+                              ("policy", "mikv"), ("preset", "mikv-paper"))): 1.0,
     }
     deadline = time.monotonic() + METRICS_TIMEOUT_S
     while True:  # the poller refreshes every POLL_INTERVAL_S

@@ -23,7 +23,7 @@ QUICK_WORKLOAD = dict(passkey_lengths=(512,), passkey_trials=8, needle_length=51
                       needle_trials=2, ppl_windows=1, ppl_length=512, ppl_chunk=128, agree_prompts=2,
                       agree_prompt_len=128, agree_tokens=32)
 TUNE_WORKLOAD = dict(passkey_lengths=(512, 1024), passkey_trials=8, needle_length=1024, needle_depths=(),
-                     needle_trials=0, ppl_windows=1, ppl_length=1024, ppl_chunk=128, agree_prompts=0)
+                     needle_trials=0, ppl_windows=1, ppl_length=1024, ppl_chunk=16, agree_prompts=0)
 TUNE_QUICK_WORKLOAD = dict(passkey_lengths=(512,), passkey_trials=6, needle_depths=(), needle_trials=0,
                            ppl_windows=1, ppl_length=512, ppl_chunk=128, agree_prompts=0)
 
@@ -56,7 +56,7 @@ def _common_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--needle-trials", type=int, default=None, help="needle trials per depth")
     g.add_argument("--ppl-windows", type=int, default=None)
     g.add_argument("--ppl-length", type=int, default=None)
-    g.add_argument("--ppl-chunk", type=int, default=None, help="prefill chunk of the PPL probe (default 128)")
+    g.add_argument("--ppl-chunk", type=int, default=None, help="prefill chunk of the PPL probe (default 16; --quick: 128)")
     g.add_argument("--agree-prompts", type=int, default=None)
     g.add_argument("--agree-prompt-len", type=int, default=None)
     g.add_argument("--agree-tokens", type=int, default=None)

@@ -13,6 +13,8 @@ Probes (all greedy, fixed seeds, identical prompts for every config):
   ``ppl_length`` tokens, prefilled in chunks of ``ppl_chunk`` tokens so every
   chunk after the first attends to the compressed cache. NLL is summed over
   positions ``>= ppl_chunk`` (the first chunk is exact for every config).
+  Inside a chunk, queries see the chunk's own K/V uncompressed, so the chunk is
+  kept small (16): close to decode, where only the new token is raw.
 
 Retrieval and agreement prompts are prefilled in one piece (full precision,
 as in the paper's setting): the compressed cache is what the decode steps read.
@@ -43,7 +45,7 @@ class Workload:
     needle_trials: int = 4
     ppl_windows: int = 2
     ppl_length: int = 1024
-    ppl_chunk: int = 128
+    ppl_chunk: int = 16
     agree_prompts: int = 8
     agree_prompt_len: int = 256
     agree_tokens: int = 64

@@ -47,7 +47,7 @@ def test_table_rows_are_consistent():
 
 
 def test_markdown_and_script(capsys, monkeypatch):
-    md = to_markdown(bytes_table(["mikv"], [128], [16]))
+    md = to_markdown(bytes_table(["mikv-paper"], [128], [16]))
     lines = md.splitlines()
     assert len(lines) == 3 and lines[0].startswith("| preset") and "32.50" in lines[2]
     monkeypatch.setattr(sys, "argv", ["bytes_table.py"])

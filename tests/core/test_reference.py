@@ -64,7 +64,7 @@ def test_rtn_error_grows_as_bits_fall():
 
 def test_mikv_beats_rtn_at_same_lo_bits():
     rtn = _decode_error(preset("rtn"))
-    mikv = _decode_error(preset("mikv"))
+    mikv = _decode_error(preset("mikv-paper"))
     assert mikv < rtn
 
 
@@ -115,7 +115,7 @@ def test_planted_needle_stays_hi_under_mikv_not_rtn():
     q, k, v = _needle_qkv(length, needle)
     scale = 1 / math.sqrt(d)
     errs = {}
-    for name in ("mikv", "rtn"):
+    for name in ("mikv-paper", "rtn"):
         cfg = preset(name)
         lay = RegionLayout.build(cfg, N, d)
         regions = make_regions(lay, 10, 2)
@@ -125,12 +125,12 @@ def test_planted_needle_stays_hi_under_mikv_not_rtn():
         kc, vc, _ = gather_context(regions, lay, row, length, b)
         errs[name] = ((kc[:, needle] - k[needle]).norm()
                       + (vc[:, needle] - v[needle]).norm()).item()
-        if name == "mikv":
+        if name == "mikv-paper":
             assert all(needle in t for t in _tags(regions, lay, row, length))
-    assert errs["mikv"] < 0.01 * errs["rtn"]
+    assert errs["mikv-paper"] < 0.01 * errs["rtn"]
 
 
-@pytest.mark.parametrize("name", ["mikv", "h2o", "rtn", "mikv-int3-r05"])
+@pytest.mark.parametrize("name", ["mikv", "mikv-paper", "h2o", "rtn"])
 def test_stale_block_reuse_does_not_leak(name):
     cfg = preset(name)
     lay = _layout(cfg)
@@ -231,7 +231,7 @@ def test_dtypes_and_block_128(hi_dtype, score_dtype):
     assert ((out - ref).norm() / ref.norm()).item() < 0.05
 
 
-@pytest.mark.parametrize("name", ["mikv", "h2o", "rtn"])
+@pytest.mark.parametrize("name", ["mikv", "mikv-paper", "h2o", "rtn"])
 def test_one_token_prompt_then_decode(name):
     cfg = preset(name)
     lay = _layout(cfg)
