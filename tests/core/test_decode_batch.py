@@ -84,3 +84,16 @@ def test_batch_of_one_and_empty_batch():
     assert torch.equal(lay.views(regions).tag, lay.views(solo).tag)
     empty = forward_decode(regions, lay, cfg, table[:0], [], q[:0], k[:0], v[:0], SCALE)
     assert empty.shape == (0, HQ, D)
+
+
+def test_cpu_decode_benchmark_runs(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "cpu_decode.py"
+    spec = importlib.util.spec_from_file_location("cpu_decode", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--context", "130", "--batch", "2", "--steps", "2"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| mikv |")]
+    assert len(rows) == 1 and rows[0].endswith("x |")
