@@ -355,22 +355,30 @@ def attention_decode(q: torch.Tensor, k_ctx: torch.Tensor, v_ctx: torch.Tensor, 
     ``k_ctx, v_ctx [B, H, Lmax, D]``, ``valid_ctx [B, H, Lmax]`` (see :func:`gather_decode`);
     ``k_new, v_new [B, H, D]`` raw. Returns out ``[B, Hq, D]`` and mass ``[B, H, Lmax + 1]``
     (position-indexed: request b's new token is at ``pos[b]``; 0 past it).
+
+    The reductions run per request over exactly its ``pos[b] + 1`` keys, so a request's
+    result does not depend on the other requests of the batch (batch invariance: padding
+    would change the summation order of softmax and P @ V in the last bits).
     """
     bsz, hq, d = q.shape
     h, lmax = k_ctx.shape[1], k_ctx.shape[2]
     g = hq // h
-    ar = torch.arange(bsz, device=q.device)
-    keys = torch.cat([k_ctx.float(), k_ctx.new_zeros(bsz, h, 1, d)], dim=2)             # [B, H, S, D]
-    vals = torch.cat([v_ctx.float(), v_ctx.new_zeros(bsz, h, 1, d)], dim=2)
-    ok = torch.cat([valid_ctx, valid_ctx.new_zeros(bsz, h, 1)], dim=2)
-    keys[ar, :, pos] = k_new.float()
-    vals[ar, :, pos] = v_new.float()
-    ok[ar, :, pos] = True
     qh = (q.float() * scale).reshape(bsz, h, g, d)
-    logits = torch.einsum("bhgd,bhsd->bhgs", qh, keys)
-    p = torch.softmax(logits.masked_fill_(~ok[:, :, None], -float("inf")), dim=-1)
-    out = torch.einsum("bhgs,bhsd->bhgd", p, vals)
-    return out.reshape(bsz, hq, d), p.sum(dim=2)
+    out = torch.empty(bsz, h, g, d, device=q.device)
+    mass = torch.zeros(bsz, h, lmax + 1, device=q.device)
+    kn, vn = k_new.float()[:, :, None], v_new.float()[:, :, None]                      # [B, H, 1, D]
+    all_valid = bool(valid_ctx.all()) if valid_ctx.numel() else True
+    for b, length in enumerate(pos.tolist()):
+        keys = torch.cat([k_ctx[b, :, :length], kn[b]], dim=1)                          # [H, L+1, D]
+        vals = torch.cat([v_ctx[b, :, :length], vn[b]], dim=1)
+        logits = torch.einsum("hgd,hsd->hgs", qh[b], keys)
+        if not all_valid:   # evicted tokens (lo_bits 0) get weight exactly 0
+            ok = torch.cat([valid_ctx[b, :, :length], valid_ctx.new_ones(h, 1)], dim=1)
+            logits.masked_fill_(~ok[:, None], -float("inf"))
+        p = torch.softmax(logits, dim=-1)
+        out[b] = torch.einsum("hgs,hsd->hgd", p, vals)
+        mass[b, :, :length + 1] = p.sum(dim=1)
+    return out.reshape(bsz, hq, d), mass
 
 
 def accumulate_scores_decode(regions: torch.Tensor, layout: RegionLayout, block_tables: torch.Tensor,

@@ -97,3 +97,21 @@ def test_cpu_decode_benchmark_runs(capsys):
     assert mod.main(["--context", "130", "--batch", "2", "--steps", "2"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| mikv |")]
     assert len(rows) == 1 and rows[0].endswith("x |")
+
+
+@pytest.mark.parametrize("name", ["mikv", "h2o"])
+def test_batch_invariance(name):
+    """A request's decode step gives bit-identical outputs and pages alone or in any batch."""
+    cfg = CONFIGS[name]
+    lay, regions, table, qkv, _ = _setup(cfg, seed=2)
+    alone, together = regions.clone(), regions.clone()
+    for step in range(STEPS):
+        pos = [p + step for p in PROMPTS]
+        q = torch.stack([qkv[i][0][c] for i, c in enumerate(pos)])
+        k = torch.stack([qkv[i][1][c] for i, c in enumerate(pos)])
+        v = torch.stack([qkv[i][2][c] for i, c in enumerate(pos)])
+        solo = torch.cat([forward_decode(alone, lay, cfg, table[i:i + 1], [c], q[i:i + 1], k[i:i + 1], v[i:i + 1],
+                                         SCALE) for i, c in enumerate(pos)])
+        batch = forward_decode(together, lay, cfg, table, pos, q, k, v, SCALE)
+        assert torch.equal(solo, batch), step
+        assert torch.equal(alone, together), step
