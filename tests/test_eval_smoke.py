@@ -192,3 +192,26 @@ def test_summary_and_default_rule():
     assert rows["int2"]["ppl_ratio"] > 1.03
     pick = pick_default(s)
     assert pick["chosen"]["label"] == "int3"
+
+
+def test_budget_comparison_best_per_family_with_no_more_bytes():
+    from mikv_vllm.eval.configs import h2o_config, mikv_config, rtn_config
+    from mikv_vllm.eval.report import budget_comparison, budget_table, summarize
+
+    results = [
+        _fake_result("stock", "stock", None, 10, 200.0),
+        _fake_result("int3", "mikv", mikv_config(3, 0.05).to_dict(), 9, 201.0),    # 84 B
+        _fake_result("int4", "mikv", mikv_config(4, 0.2).to_dict(), 10, 200.0),    # 140 B
+        _fake_result("rtn3", "rtn", rtn_config(3).to_dict(), 10, 202.0),           # 64 B
+        _fake_result("h2o", "h2o", h2o_config(0.4).to_dict(), 3, 205.0),           # 112 B
+    ]
+    entries = {e["budget"]: e for e in budget_comparison(summarize(results))}
+    assert set(entries) == {84.0, 140.0}
+    e84, e140 = entries[84.0], entries[140.0]
+    assert e84["mikv"]["label"] == "int3" and e84["rtn"]["label"] == "rtn3" and e84["h2o"] is None
+    assert e84["mikv_ge_rtn"] == {"retrieval": False, "ppl": True} and e84["mikv_ge_h2o"] is None
+    assert e140["mikv"]["label"] == "int4" and e140["h2o"]["label"] == "h2o"
+    assert e140["mikv_ge_rtn"] == {"retrieval": True, "ppl": True}
+    assert e140["mikv_ge_h2o"] == {"retrieval": True, "ppl": True}
+    table = budget_table(list(entries.values()))
+    assert "retrieval **no**, PPL yes" in table and table.count("\n") == 3

@@ -164,6 +164,64 @@ def best_under_budget(summary: dict, budget_fraction: float) -> dict[str, Any]:
     return {"best": ranked[0] if ranked else None, "ranked": [{**r, "passes": passes(r)} for r in ranked]}
 
 
+def budget_comparison(summary: dict) -> list[dict[str, Any]]:
+    """At each MiKV config's bytes: the best config of each family with no more bytes.
+
+    Families: ``mikv`` (policy mikv), ``rtn`` (uniform, policy rtn), ``h2o`` (eviction);
+    ablation variants are left out. Best = most retrieval correct (passkey at in-reach
+    lengths + needle), then lowest PPL ratio, then fewest bytes. ``mikv_ge`` says whether
+    the best MiKV point matches or beats every other family's best on both retrieval and
+    PPL ratio (None when a family has no point within the budget)."""
+    rows = [r for r in summary["rows"] if r["policy"] in ("mikv", "rtn", "h2o")
+            and not (r["ablation"] and r["ablation"] != "base")]
+
+    def retrieval(r):
+        return r["passkey_correct"] + sum(v["correct"] for v in r["needle"].values())
+
+    def best(policy, budget):
+        cands = [r for r in rows if r["policy"] == policy and r["bytes_per_token_per_head"] <= budget]
+        return min(cands, key=lambda r: (-retrieval(r), r["ppl_ratio"] if r["ppl_ratio"] is not None else 1e9,
+                                         r["bytes_per_token_per_head"]), default=None)
+
+    out = []
+    for budget in sorted({r["bytes_per_token_per_head"] for r in rows if r["policy"] == "mikv"}):
+        entry: dict[str, Any] = {"budget": budget}
+        for pol in ("mikv", "rtn", "h2o"):
+            b = best(pol, budget)
+            entry[pol] = b and {"label": b["label"], "bytes": b["bytes_per_token_per_head"],
+                                "retrieval": retrieval(b),
+                                "retrieval_trials": b["passkey_trials"] + sum(v["trials"] for v in b["needle"].values()),
+                                "ppl_ratio": b["ppl_ratio"]}
+        m = entry["mikv"]
+        for pol in ("rtn", "h2o"):
+            o = entry[pol]
+            entry[f"mikv_ge_{pol}"] = None if o is None else {
+                "retrieval": m["retrieval"] >= o["retrieval"],
+                "ppl": (m["ppl_ratio"] or 1e9) <= (o["ppl_ratio"] or 1e9) + 1e-12}
+        out.append(entry)
+    return out
+
+
+def budget_table(entries: Sequence[dict]) -> str:
+    """Markdown of :func:`budget_comparison`."""
+    def cell(e):
+        if e is None:
+            return "-"
+        return f"{e['label']} ({e['bytes']:.0f} B): {e['retrieval']}/{e['retrieval_trials']}, {_f(e['ppl_ratio'])}"
+
+    def verdict(v):
+        if v is None:
+            return "-"
+        return ("retrieval " + ("yes" if v["retrieval"] else "**no**") + ", PPL " + ("yes" if v["ppl"] else "**no**"))
+
+    lines = ["| budget (B/token/head) | best MiKV | best RTN | best H2O | MiKV >= RTN | MiKV >= H2O |",
+             "|---|---|---|---|---|---|"]
+    for e in entries:
+        lines.append(f"| {e['budget']:.0f} | {cell(e['mikv'])} | {cell(e['rtn'])} | {cell(e['h2o'])} | "
+                     f"{verdict(e['mikv_ge_rtn'])} | {verdict(e['mikv_ge_h2o'])} |")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------ rendering
 def _f(x: float | None, fmt: str = "{:.3f}") -> str:
     return "-" if x is None else fmt.format(x)
@@ -239,6 +297,12 @@ def render_markdown(summary: dict, meta: dict, pick: dict | None) -> str:
     other = [r for r in rows if not ({"sweep", "frontier", "ablation"} & set(r["groups"])) and r not in stock]
     if other:
         parts += ["## Other configs\n", markdown_table(summary, stock + _by_bytes(other)), ""]
+    budgets = budget_comparison(summary)
+    if budgets and any(e["rtn"] or e["h2o"] for e in budgets):
+        parts += ["## At equal bytes: best of each family with no more bytes\n",
+                  "Cells: config (bytes): retrieval correct (passkey at in-reach lengths + needle), PPL ratio. "
+                  "Best = most retrieval, then lowest PPL ratio.\n",
+                  budget_table(budgets), ""]
     if pick is not None:
         parts += ["## Default pick\n", f"Rule: {pick['rule']}.\n"]
         ch = pick.get("chosen")
@@ -359,7 +423,8 @@ def write_report(results: Sequence[dict], out_dir: Path, meta: dict, with_pick: 
     md = render_markdown(summary, meta, pick)
     (out_dir / "results.md").write_text(md)
     png = plot(summary, out_dir / "quality.png", title=f"{Path(str(meta.get('model'))).name}: quality vs KV bytes")
-    doc = {"meta": meta, "summary": summary, "default_pick": pick and {
+    doc = {"meta": meta, "summary": summary, "budget_comparison": budget_comparison(summary),
+           "default_pick": pick and {
         "rule": pick["rule"], "chosen": pick["chosen"] and pick["chosen"]["label"],
         "chosen_config": pick["chosen"] and pick["chosen"]["config"]}}
     (out_dir / "summary.json").write_text(json.dumps(doc, indent=1, default=str))
