@@ -443,6 +443,24 @@ def decode_balancer(regions: torch.Tensor, layout: RegionLayout, block_tables: t
     return from_storage(layout.views(regions).balancer[block_tables[:, 0].long()])
 
 
+# Padded context tokens (requests x longest context) per vectorised decode call: larger batches
+# are split into groups of similar length, so padding and temporaries stay bounded.
+DECODE_TOKENS_PER_CALL = 1 << 15
+
+
+def decode_groups(ctx_lens: list[int], limit: int | None = None) -> list[list[int]]:
+    """Request indices grouped by ascending context, each group's ``len * (max ctx + 1) <= limit``
+    (default :data:`DECODE_TOKENS_PER_CALL`; a single request always forms a group)."""
+    limit = DECODE_TOKENS_PER_CALL if limit is None else limit
+    groups: list[list[int]] = []
+    for i in sorted(range(len(ctx_lens)), key=lambda j: ctx_lens[j]):
+        if groups and (len(groups[-1]) + 1) * (ctx_lens[i] + 1) <= limit:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
 def forward_decode(regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig, block_tables: torch.Tensor,
                    ctx_lens: list[int], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    scale: float) -> torch.Tensor:
@@ -450,8 +468,24 @@ def forward_decode(regions: torch.Tensor, layout: RegionLayout, config: MiKVConf
 
     Same page effects and outputs (up to fp32 rounding) as
     ``forward_request(..., block_tables[i], ctx_lens[i], q[i:i+1], k[i:i+1], v[i:i+1], scale)``
-    for every i; requests own disjoint blocks. Returns ``[B, Hq, D]`` fp32.
+    for every i; requests own disjoint blocks. Batch invariant: a request's output and page
+    bytes do not depend on the other requests. Returns ``[B, Hq, D]`` fp32.
     """
+    ctx_lens = [int(c) for c in ctx_lens]
+    groups = decode_groups(ctx_lens)
+    if len(groups) <= 1:
+        return _forward_decode(regions, layout, config, block_tables, ctx_lens, q, k, v, scale)
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    for g in groups:
+        idx = torch.tensor(g, device=q.device)
+        out[idx] = _forward_decode(regions, layout, config, block_tables[idx.to(block_tables.device)],
+                                   [ctx_lens[i] for i in g], q[idx], k[idx], v[idx], scale)
+    return out
+
+
+def _forward_decode(regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig, block_tables: torch.Tensor,
+                    ctx_lens: list[int], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    scale: float) -> torch.Tensor:
     dev = regions.device
     bt = block_tables.to(dev)
     pos = torch.as_tensor([int(c) for c in ctx_lens], device=dev, dtype=torch.int64)

@@ -260,15 +260,14 @@ def sweep_configs(head_dim: int, block_size: int, targets: Sequence[float] = DEF
 
 def frontier_configs(lo_bits: Sequence[int] = FRONTIER_LO_BITS, ratios: Sequence[float] = FRONTIER_RATIOS,
                      h2o_ratios: Sequence[float] = FRONTIER_H2O_RATIOS) -> list[EvalConfig]:
-    """lo bits x r (r = 0 is the paper's RTN: uniform low-bit, no balancer) + H2O ratios."""
-    out = []
-    for b in lo_bits:
-        for r in ratios:
-            c = rtn_config(b) if r == 0 else mikv_config(b, r)
-            out.append(EvalConfig.from_mikv(c, groups=("frontier",)))
-    for r in h2o_ratios:
-        out.append(EvalConfig.from_mikv(h2o_config(r), groups=("frontier",)))
-    return out
+    """lo bits x r (r = 0 is the paper's RTN: uniform low-bit, no balancer) + H2O ratios.
+
+    Ordered by nominal bits per element (lo bits + 16 r), cheapest first: a partial run covers
+    the low-byte end of the frontier, where the families differ most, for every family."""
+    cfgs = [rtn_config(b) if r == 0 else mikv_config(b, r) for b in lo_bits for r in ratios]
+    cfgs += [h2o_config(r) for r in h2o_ratios]
+    cfgs.sort(key=lambda c: c.lo_bits + 16 * c.hi_ratio)     # stable: ties keep grid order
+    return [EvalConfig.from_mikv(c, groups=("frontier",)) for c in cfgs]
 
 
 def ablation_configs(base_name: str = "mikv-paper") -> list[EvalConfig]:

@@ -115,3 +115,22 @@ def test_batch_invariance(name):
         batch = forward_decode(together, lay, cfg, table, pos, q, k, v, SCALE)
         assert torch.equal(solo, batch), step
         assert torch.equal(alone, together), step
+
+
+def test_large_batches_split_into_bounded_groups(monkeypatch):
+    import mikv_vllm.core.reference as ref
+
+    assert ref.decode_groups([5, 100, 7, 60], limit=130) == [[0, 2], [3], [1]]
+    assert ref.decode_groups([500], limit=10) == [[0]]
+    cfg = CONFIGS["mikv"]
+    lay, regions, table, qkv, _ = _setup(cfg, seed=3)
+    one, split = regions.clone(), regions.clone()
+    pos = list(PROMPTS)
+    q = torch.stack([qkv[i][0][c] for i, c in enumerate(pos)])
+    k = torch.stack([qkv[i][1][c] for i, c in enumerate(pos)])
+    v = torch.stack([qkv[i][2][c] for i, c in enumerate(pos)])
+    whole = forward_decode(one, lay, cfg, table, pos, q, k, v, SCALE)
+    monkeypatch.setattr(ref, "DECODE_TOKENS_PER_CALL", 70)
+    assert len(ref.decode_groups(pos)) > 2
+    parts = forward_decode(split, lay, cfg, table, pos, q, k, v, SCALE)
+    assert torch.equal(whole, parts) and torch.equal(one, split)
