@@ -238,10 +238,10 @@ def _type_names(types: type | tuple[type, ...]) -> str:
 # ------------------------------------------------------------------- presets
 # `mikv-paper` is the paper's headline and never changes. `mikv` is the product
 # default, picked by the quality benchmark's rule (docs/quality.md, "Default rule"):
-# on the embedded model that is INT3 with r = 0.05 (the same as `mikv-int3-r05`).
+# on the embedded model that is INT3 with r = 0.1.
 PRESETS: dict[str, dict[str, Any]] = {
     "mikv-paper": dict(policy="mikv", lo_bits=2, hi_ratio=0.2, balancer=True, hi_dtype="float16"),
-    "mikv": dict(policy="mikv", lo_bits=3, hi_ratio=0.05, balancer=True, hi_dtype="float16"),
+    "mikv": dict(policy="mikv", lo_bits=3, hi_ratio=0.1, balancer=True, hi_dtype="float16"),
     "mikv-int3-r05": dict(policy="mikv", lo_bits=3, hi_ratio=0.05, balancer=True),
     "mikv-int4": dict(policy="mikv", lo_bits=4, hi_ratio=0.2, balancer=True),
     "rtn": dict(policy="rtn", lo_bits=2, hi_ratio=0.0, sink_tokens=0, recent_window=0, balancer=False),
