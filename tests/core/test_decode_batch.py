@@ -49,6 +49,11 @@ def _setup(cfg, seed=0):
     return lay, regions, table, qkv, perm[used:]
 
 
+def _step(qkv, pos):
+    """q, k, v of one decode step: request i's token at position pos[i]."""
+    return tuple(torch.stack([qkv[i][j][c] for i, c in enumerate(pos)]) for j in range(3))
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_batched_decode_matches_per_request(name):
     cfg = CONFIGS[name]
@@ -56,9 +61,7 @@ def test_batched_decode_matches_per_request(name):
     solo, batch = regions.clone(), regions.clone()
     for step in range(STEPS):
         pos = [p + step for p in PROMPTS]
-        q = torch.stack([qkv[i][0][c] for i, c in enumerate(pos)])
-        k = torch.stack([qkv[i][1][c] for i, c in enumerate(pos)])
-        v = torch.stack([qkv[i][2][c] for i, c in enumerate(pos)])
+        q, k, v = _step(qkv, pos)
         want = torch.cat([forward_request(solo, lay, cfg, table[i], c, q[i:i + 1], k[i:i + 1], v[i:i + 1], SCALE)
                           for i, c in enumerate(pos)])
         got = forward_decode(batch, lay, cfg, table, pos, q, k, v, SCALE)
@@ -107,9 +110,7 @@ def test_batch_invariance(name):
     alone, together = regions.clone(), regions.clone()
     for step in range(STEPS):
         pos = [p + step for p in PROMPTS]
-        q = torch.stack([qkv[i][0][c] for i, c in enumerate(pos)])
-        k = torch.stack([qkv[i][1][c] for i, c in enumerate(pos)])
-        v = torch.stack([qkv[i][2][c] for i, c in enumerate(pos)])
+        q, k, v = _step(qkv, pos)
         solo = torch.cat([forward_decode(alone, lay, cfg, table[i:i + 1], [c], q[i:i + 1], k[i:i + 1], v[i:i + 1],
                                          SCALE) for i, c in enumerate(pos)])
         batch = forward_decode(together, lay, cfg, table, pos, q, k, v, SCALE)
@@ -126,9 +127,7 @@ def test_large_batches_split_into_bounded_groups(monkeypatch):
     lay, regions, table, qkv, _ = _setup(cfg, seed=3)
     one, split = regions.clone(), regions.clone()
     pos = list(PROMPTS)
-    q = torch.stack([qkv[i][0][c] for i, c in enumerate(pos)])
-    k = torch.stack([qkv[i][1][c] for i, c in enumerate(pos)])
-    v = torch.stack([qkv[i][2][c] for i, c in enumerate(pos)])
+    q, k, v = _step(qkv, pos)
     whole = forward_decode(one, lay, cfg, table, pos, q, k, v, SCALE)
     monkeypatch.setattr(ref, "DECODE_TOKENS_PER_CALL", 70)
     assert len(ref.decode_groups(pos)) > 2
