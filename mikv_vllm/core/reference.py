@@ -80,6 +80,17 @@ def load_balancer(regions: torch.Tensor, layout: RegionLayout, block_row: torch.
     return from_storage(layout.views(regions).balancer[int(block_row[0])])
 
 
+def request_balancer(regions: torch.Tensor, layout: RegionLayout, block_row: torch.Tensor, ctx_len: int,
+                     q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    """A request's balancer for a chunk at ``ctx_len``: computed from the chunk and stored when
+    ``ctx_len == 0``, loaded otherwise; None when the layout has none."""
+    if not layout.has_balancer:
+        return None
+    if int(ctx_len) == 0:
+        return store_balancer(regions, layout, block_row, compute_balancer(q, k))
+    return load_balancer(regions, layout, block_row)
+
+
 # -------------------------------------------------------------------- store
 def write_tokens(regions: torch.Tensor, layout: RegionLayout, block_row: torch.Tensor, start: int,
                  k: torch.Tensor, v: torch.Tensor, balancer: torch.Tensor | None = None) -> None:
@@ -270,13 +281,7 @@ def forward_request(regions: torch.Tensor, layout: RegionLayout, config: MiKVCon
     growing ``ctx_len`` for chunked prefill and decode (T = 1).
     """
     ctx_len = int(ctx_len)
-    if layout.has_balancer:
-        if ctx_len == 0:
-            b = store_balancer(regions, layout, block_row, compute_balancer(q, k))
-        else:
-            b = load_balancer(regions, layout, block_row)
-    else:
-        b = None
+    b = request_balancer(regions, layout, block_row, ctx_len, q, k)
     write_tokens(regions, layout, block_row, ctx_len, k, v, b)
     k_ctx, v_ctx, valid = gather_context(regions, layout, block_row, ctx_len, b)
     vote_from = first_voting_row(config, q.shape[0]) if layout.hi_slots else None
@@ -436,10 +441,8 @@ def decode_balancer(regions: torch.Tensor, layout: RegionLayout, block_tables: t
     if not layout.has_balancer:
         return None
     if bool((pos == 0).any()):
-        return torch.stack([
-            store_balancer(regions, layout, block_tables[i], compute_balancer(q[i:i + 1], k[i:i + 1]))
-            if int(pos[i]) == 0 else load_balancer(regions, layout, block_tables[i])
-            for i in range(pos.shape[0])])
+        return torch.stack([request_balancer(regions, layout, block_tables[i], int(pos[i]), q[i:i + 1], k[i:i + 1])
+                            for i in range(pos.shape[0])])
     return from_storage(layout.views(regions).balancer[block_tables[:, 0].long()])
 
 

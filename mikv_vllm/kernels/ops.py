@@ -14,19 +14,10 @@ import torch
 
 from ..config import MiKVConfig
 from ..core import reference as ref
-from ..core.balancer import compute_balancer
 from ..core.layout import RegionLayout
 from ._common import supported
 from .decode import decode_attention
 from .store import store_tokens, write_tokens
-
-
-def _balancer(regions, layout, block_row, ctx_len, q, k):
-    if not layout.has_balancer:
-        return None
-    if ctx_len == 0:
-        return ref.store_balancer(regions, layout, block_row, compute_balancer(q, k))
-    return ref.load_balancer(regions, layout, block_row)
 
 
 def forward_request(regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig, block_row: torch.Tensor,
@@ -35,7 +26,7 @@ def forward_request(regions: torch.Tensor, layout: RegionLayout, config: MiKVCon
     if not supported(layout):
         return ref.forward_request(regions, layout, config, block_row, ctx_len, q, k, v, scale)
     if q.shape[0] != 1:
-        b = _balancer(regions, layout, block_row, ctx_len, q, k)
+        b = ref.request_balancer(regions, layout, block_row, ctx_len, q, k)
         write_tokens(regions, layout, block_row, ctx_len, k, v, b)
         k_ctx, v_ctx, valid = ref.gather_context(regions, layout, block_row, ctx_len, b)
         vote_from = ref.first_voting_row(config, q.shape[0]) if layout.hi_slots else None
