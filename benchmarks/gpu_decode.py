@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from mikv_vllm.config import MiKVConfig  # noqa: E402
 from mikv_vllm.core import reference as ref  # noqa: E402
+from mikv_vllm.core.importance import hi_budget  # noqa: E402
 from mikv_vllm.core.layout import RegionLayout  # noqa: E402
 from mikv_vllm.kernels import decode_attention, forward_decode, store_tokens  # noqa: E402
 
@@ -142,7 +143,7 @@ def synthetic(config, dev, ctx, batch, hkv, d, n, seed=0):
         r = layout.hi_slots
         views.score.zero_()
         views.k_hi.normal_(generator=g), views.v_hi.normal_(generator=g)
-        budget = min(config.budget(ctx), nb * r)
+        budget = hi_budget(config, ctx, nb * r)
         pos = torch.rand(batch, hkv, ctx, device=dev, generator=g).argsort(-1)[..., :budget].int() + 1
         tags = torch.zeros(batch, hkv, nb * r, dtype=torch.int32, device=dev)
         tags[..., :budget] = pos

@@ -16,7 +16,9 @@ from typing import Any, Mapping
 LO_BITS = (0, 2, 3, 4, 8)
 HI_DTYPES = ("float16", "bfloat16", "float32")
 SCORERS = ("accumulated", "window")
-SCORE_DTYPES = ("float32", "float16")
+# fp16 scores were dropped: an fp16 running sum stops growing once a score is large (its ulp
+# exceeds the per-step attention mass), which silently freezes the ranking of old tokens.
+SCORE_DTYPES = ("float32",)
 POLICIES = ("mikv", "rtn", "h2o")
 
 
@@ -37,13 +39,14 @@ class MiKVConfig:
     group_size     quantization group along head_dim; None = head_dim / 2.
     hi_dtype       storage dtype of the high-precision tier.
     hi_ratio       r: share of a request's tokens also kept at high precision.
-    recent_window  newest tokens pinned in the hi tier; None = half the budget.
-    sink_tokens    first tokens pinned in the hi tier (attention sinks).
+    recent_window  newest tokens kept in the hi tier; None = half the budget.
+    sink_tokens    first tokens kept in the hi tier from the first step (attention sinks);
+                   they are granted even when r * L is smaller (core.importance.hi_budget).
     scorer         "accumulated" (H2O: softmax mass from every query row) or
                    "window" (SnapKV: only the last ``obs_window`` rows of a
                    prefill chunk vote; decode rows always vote).
     balancer       per-channel key balancer b = sqrt(max|q| / max|k|).
-    score_dtype    dtype of the per-token accumulated score.
+    score_dtype    dtype of the per-token accumulated score (float32 only).
     """
 
     name: str = "custom"
@@ -93,6 +96,9 @@ class MiKVConfig:
         if self.obs_window <= 0:
             raise MiKVConfigError("obs_window", f"must be positive, got {self.obs_window}")
         _check_type("balancer", self.balancer, bool)
+        if self.score_dtype == "float16":
+            raise MiKVConfigError("score_dtype", "float16 is no longer supported (an fp16 running sum stops "
+                                  "accumulating once scores are large); use float32")
         if self.score_dtype not in SCORE_DTYPES:
             raise MiKVConfigError("score_dtype", f"must be one of {SCORE_DTYPES}, got {self.score_dtype!r}")
         if self.lo_bits == 0 and self.hi_ratio == 0:
@@ -113,21 +119,6 @@ class MiKVConfig:
     def group_for(self, head_dim: int) -> int:
         """Quantization group size for ``head_dim`` (default head_dim / 2)."""
         return self.group_size if self.group_size is not None else max(1, head_dim // 2)
-
-    def budget(self, num_tokens: int) -> int:
-        """Hi-precision budget ⌊r·L⌋ for a request of ``num_tokens`` tokens."""
-        return int(self.hi_ratio * num_tokens + 1e-9)
-
-    def recent_for(self, budget: int) -> int:
-        """Recent-window length for a given budget (explicit or half of it)."""
-        if self.recent_window is not None:
-            return self.recent_window
-        return budget // 2
-
-    @property
-    def evicts(self) -> bool:
-        """True when tokens outside the hi set are dropped (lo_bits 0)."""
-        return self.lo_bits == 0
 
     # ---------------------------------------------------------------- loading
     @classmethod

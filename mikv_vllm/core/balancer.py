@@ -47,10 +47,18 @@ def from_storage(b16: torch.Tensor) -> torch.Tensor:
 
 
 def balance_keys(k: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``k[..., H, D] * b[H, D]`` in fp32 (before quantization)."""
+    """``k * b`` in fp32 before quantization (shapes broadcast, e.g. ``[T, H, D] * [H, D]``).
+
+    The one implementation of the store side: ``core.reference`` calls it; the Triton store
+    kernel computes the same product.
+    """
     return k.float() * b
 
 
 def unbalance_keys(k_hat: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``k_hat[..., H, D] / b[H, D]`` in fp32 (after dequantization)."""
-    return k_hat.float() / b
+    """``k_hat * (1 / b)`` in fp32 after dequantization (shapes broadcast).
+
+    Multiplies by the reciprocal of the stored balancer, exactly as the Triton decode kernel
+    does, so the torch and kernel paths round the same way.
+    """
+    return k_hat.float() * (1.0 / b.float())

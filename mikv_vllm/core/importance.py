@@ -1,16 +1,23 @@
 """Hi-set selection per (request, layer, KV head), vectorised over KV heads (and requests).
 
-Candidates are the tokens that may hold a hi slot after this step: the
-currently-hi tokens and the tokens just written (demotion is one-way, so a token
-that lost its hi copy is never a candidate again). With ``L`` tokens in the
-request and ``num_slots`` physical hi slots (used + free) the budget is
-``B = min(config.budget(L), num_slots)``; ``W = config.recent_for(B)``.
+The whole selection rule lives here (docs/design.md, "Selection semantics"):
 
-Priority (the first ``B`` candidates of this order win, per head):
+* **Budget** (:func:`hi_budget`, the one formula): for a request of ``L`` tokens whose blocks
+  hold ``num_slots`` physical hi slots, ``B = min(max(floor(r * L), min(S, L)), num_slots)``
+  with ``S = config.sink_tokens``. The sink floor ``min(S, L)`` makes attention sinks hi from
+  the first step for every prompt length, whenever the request's slots allow it (the slots are
+  allocated with the page anyway, so the floor costs no memory).
+* **Recent window** (:func:`recent_window`): ``W = config.recent_window``, or ``B // 2``.
+* **Candidates**: the currently-hi tokens and the tokens just written. Demotion is one-way (the
+  raw K/V of a demoted token is gone), so no other token can become hi again.
+* **Priority** (the first ``B`` candidates of this order win, per head):
 
-1. sinks      ``pos < config.sink_tokens``   lower position first
-2. recent     ``pos >= L - W``               higher position first
-3. heavy      everything else                higher score first, ties: higher position
+  1. sinks      ``pos < S``          lower position first
+  2. recent     ``pos >= L - W``     higher position first
+  3. heavy      everything else      higher accumulated score first, ties: higher position
+
+Because the budget never shrinks as ``L`` grows and sinks are first, a sink that is hi stays
+hi for the request's life.
 """
 
 from __future__ import annotations
@@ -22,21 +29,26 @@ from ..config import MiKVConfig
 SINK, RECENT, HEAVY, NOT_A_CANDIDATE = 2, 1, 0, -1
 
 
-def hi_budget(config: MiKVConfig, seq_len: int, num_slots: int) -> int:
-    """``B = min(floor(r * L), num_slots)``."""
-    return max(0, min(config.budget(seq_len), num_slots))
+def hi_budget(config: MiKVConfig, seq_len, num_slots):
+    """``B = min(max(floor(r * L), min(S, L)), num_slots)``; ints in, int out, else long tensors.
+
+    ``seq_len`` / ``num_slots``: ints, or int tensors (broadcast together).
+    """
+    if not isinstance(seq_len, torch.Tensor) and not isinstance(num_slots, torch.Tensor):
+        return int(hi_budget(config, torch.tensor(seq_len), torch.tensor(num_slots)))
+    device = seq_len.device if isinstance(seq_len, torch.Tensor) else num_slots.device
+    length = torch.as_tensor(seq_len, device=device).long()
+    by_ratio = torch.floor(config.hi_ratio * length.double() + 1e-9).long()   # float64, like the paper's r*L
+    sinks = length.clamp(max=config.sink_tokens)
+    budget = torch.maximum(by_ratio, sinks) if config.hi_ratio > 0 else by_ratio
+    return torch.minimum(budget, torch.as_tensor(num_slots, device=device).long()).clamp(min=0)
 
 
-def _budget_tensor(config: MiKVConfig, seq_len: torch.Tensor, num_slots: torch.Tensor) -> torch.Tensor:
-    """:func:`hi_budget` elementwise (same float64 arithmetic as ``config.budget``)."""
-    budget = torch.floor(config.hi_ratio * seq_len.double() + 1e-9).long()
-    return torch.minimum(budget, num_slots.long()).clamp(min=0)
-
-
-def _recent_tensor(config: MiKVConfig, budget: torch.Tensor) -> torch.Tensor:
-    """``config.recent_for`` elementwise."""
+def recent_window(config: MiKVConfig, budget):
+    """Recent-window length ``W`` for a budget (int or tensor): explicit, or half the budget."""
     if config.recent_window is not None:
-        return torch.full_like(budget, config.recent_window)
+        return torch.full_like(budget, config.recent_window) if isinstance(budget, torch.Tensor) \
+            else config.recent_window
     return budget // 2
 
 
@@ -45,10 +57,7 @@ def priority_tiers(positions: torch.Tensor, seq_len, config: MiKVConfig, budget)
 
     ``seq_len`` / ``budget``: ints, or tensors broadcastable to ``positions``.
     """
-    if isinstance(budget, torch.Tensor):
-        recent_start = seq_len - _recent_tensor(config, budget)
-    else:
-        recent_start = seq_len - config.recent_for(budget)
+    recent_start = seq_len - recent_window(config, budget)
     tier = torch.full_like(positions, HEAVY)
     tier = torch.where(positions >= recent_start, torch.full_like(tier, RECENT), tier)
     tier = torch.where(positions < config.sink_tokens, torch.full_like(tier, SINK), tier)
@@ -63,14 +72,14 @@ def select_hi(positions: torch.Tensor, scores: torch.Tensor, seq_len, config: Mi
     scores     float ``[..., C]`` accumulated attention mass of each candidate.
     seq_len, num_slots  ints, or int tensors broadcastable to ``positions[..., :1]``
                (one request per leading index: the batched decode step).
-    Returns bool ``[..., C]`` with at most ``min(floor(r * seq_len), num_slots)``
-    True entries per row, all on candidates.
+    Returns bool ``[..., C]`` with at most :func:`hi_budget` True entries per row, all on
+    candidates.
     """
     pos = positions.long()
     valid = pos >= 0
     if isinstance(seq_len, torch.Tensor) or isinstance(num_slots, torch.Tensor):
         seq_len = torch.as_tensor(seq_len, device=pos.device).long()
-        budget = _budget_tensor(config, seq_len, torch.as_tensor(num_slots, device=pos.device))
+        budget = hi_budget(config, seq_len, torch.as_tensor(num_slots, device=pos.device))
         if pos.numel() == 0 or not bool((budget > 0).any()):
             return torch.zeros_like(valid)
     else:

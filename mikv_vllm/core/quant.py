@@ -174,3 +174,13 @@ def fake_quantize(x: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     """``dequantize(quantize(x))`` without packing (fp32)."""
     codes, sz = quantize_codes(x, bits, group)
     return dequantize_codes(codes, sz, group)
+
+
+def to_hi(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cast raw K/V to the hi-tier dtype, clamped to its finite range (like the lo path's ±65504).
+
+    A bf16/fp32 model's values above fp16's 65504 would otherwise become inf in an fp16 hi tier
+    (then NaN in attention); they are stored as ±finfo(dtype).max instead. NaN stays NaN.
+    """
+    top = torch.finfo(dtype).max
+    return x.float().clamp(-top, top).to(dtype)

@@ -44,10 +44,10 @@ from __future__ import annotations
 import torch
 
 from ..config import MiKVConfig
-from .balancer import compute_balancer, from_storage, to_storage
+from .balancer import balance_keys, compute_balancer, from_storage, to_storage, unbalance_keys
 from .importance import select_hi
 from .layout import RegionLayout
-from .quant import dequantize, quantize
+from .quant import dequantize, quantize, to_hi
 
 # Attention processes query rows in chunks (at most QUERY_ROWS rows, so each chunk skips the keys
 # its rows cannot see) with logits below MAX_LOGIT_ELEMENTS elements.
@@ -118,7 +118,7 @@ def store_at(regions: torch.Tensor, layout: RegionLayout, blk: torch.Tensor, off
         views.tag[blk[off == 0]] = 0
         views.score[blk, :, off] = 0
     if layout.bits:
-        kb = k.float() * balancer if balancer is not None else k.float()
+        kb = balance_keys(k, balancer) if balancer is not None else k.float()
         pk, sk = quantize(kb, layout.bits, layout.group)
         pv, sv = quantize(v.float(), layout.bits, layout.group)
         views.k_lo[blk, :, off] = pk
@@ -151,7 +151,7 @@ def gather_context(regions: torch.Tensor, layout: RegionLayout, block_row: torch
 
         k, v = lo(views.k_lo, views.k_sz), lo(views.v_lo, views.v_sz)
         if balancer is not None:
-            k = k / balancer[:, None, :]
+            k = unbalance_keys(k, balancer[:, None, :])
         k, v = k.contiguous(), v.contiguous()
         valid = torch.ones(h, ctx_len, dtype=torch.bool, device=dev)
     else:
@@ -267,8 +267,8 @@ def maintain_hi(regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig,
         slot = free_first[hh, rank[hh, jj]]
         new_tags[hh, slot] = (ctx_len + jj + 1).to(new_tags.dtype)
         blk, rr = blocks[slot // r], slot % r
-        views.k_hi[blk, hh, rr] = k_new[jj, hh].to(dev, layout.hi_dtype)
-        views.v_hi[blk, hh, rr] = v_new[jj, hh].to(dev, layout.hi_dtype)
+        views.k_hi[blk, hh, rr] = to_hi(k_new[jj, hh].to(dev), layout.hi_dtype)
+        views.v_hi[blk, hh, rr] = to_hi(v_new[jj, hh].to(dev), layout.hi_dtype)
     views.tag[blocks] = new_tags.reshape(h, -1, r).transpose(0, 1)
 
 
@@ -331,7 +331,7 @@ def gather_decode(regions: torch.Tensor, layout: RegionLayout, block_tables: tor
 
         k, v = lo(views.k_lo, views.k_sz), lo(views.v_lo, views.v_sz)
         if balancer is not None:
-            k = k / balancer[:, :, None, :]
+            k = unbalance_keys(k, balancer[:, :, None, :])
         # positions past a request's context may hold stale or foreign bytes (NaN included):
         # their logits are masked, but 0 * NaN would reach the output through V
         v = torch.where(in_ctx[..., None], v, 0.0)
@@ -430,8 +430,8 @@ def maintain_hi_decode(regions: torch.Tensor, layout: RegionLayout, config: MiKV
         slot = torch.argsort(taken.int(), dim=2, stable=True)[bb, hh, 0]                 # lowest free slot
         new_tags[bb, hh, slot] = (pos[bb] + 1).to(new_tags.dtype)
         blk, rr = blocks[bb, slot // r], slot % r
-        views.k_hi[blk, hh, rr] = k_new[bb, hh].to(regions.device, layout.hi_dtype)
-        views.v_hi[blk, hh, rr] = v_new[bb, hh].to(regions.device, layout.hi_dtype)
+        views.k_hi[blk, hh, rr] = to_hi(k_new[bb, hh].to(regions.device), layout.hi_dtype)
+        views.v_hi[blk, hh, rr] = to_hi(v_new[bb, hh].to(regions.device), layout.hi_dtype)
     views.tag[blocks[own]] = new_tags.reshape(bsz, h, -1, r).transpose(1, 2)[own]
 
 

@@ -21,8 +21,8 @@ CONFIGS = {
     "mikv-paper": preset("mikv-paper"),
     "h2o": preset("h2o"),
     "rtn": preset("rtn"),
-    "window-fp16-scores": MiKVConfig(policy="mikv", lo_bits=3, hi_ratio=0.3, scorer="window", obs_window=8,
-                                     score_dtype="float16", recent_window=3),
+    "window-scorer": MiKVConfig(policy="mikv", lo_bits=3, hi_ratio=0.3, scorer="window", obs_window=8,
+                                recent_window=3),
     "all-hi-fp32": MiKVConfig(policy="mikv", lo_bits=4, hi_ratio=1.0, hi_dtype="float32"),
 }
 

@@ -16,11 +16,28 @@ def _selected(mask, positions):
     return [sorted(positions[h][mask[h]].tolist()) for h in range(mask.shape[0])]
 
 
-def test_budget_is_min_of_ratio_and_slots():
-    cfg = _cfg(hi_ratio=0.2)
-    assert hi_budget(cfg, 100, 1000) == 20
-    assert hi_budget(cfg, 100, 7) == 7
-    assert hi_budget(cfg, 4, 10) == 0
+def test_budget_is_ratio_with_a_sink_floor_capped_by_slots():
+    cfg = _cfg(hi_ratio=0.2, sink_tokens=2)
+    assert hi_budget(cfg, 100, 1000) == 20          # floor(0.2 * 100)
+    assert hi_budget(cfg, 100, 7) == 7              # physical slots
+    assert hi_budget(cfg, 4, 10) == 2               # floor(0.8) = 0 < sink floor min(2, 4)
+    assert hi_budget(cfg, 1, 10) == 1               # a one-token prompt: its sink
+    assert hi_budget(cfg, 4, 1) == 1
+    assert hi_budget(cfg, 0, 10) == 0
+    cfg4 = _cfg(hi_ratio=0.1, sink_tokens=4)
+    assert [hi_budget(cfg4, n, 100) for n in (3, 6, 25, 39, 40, 41, 1000)] == [3, 4, 4, 4, 4, 4, 100]
+    assert hi_budget(_cfg(hi_ratio=0.3, sink_tokens=0), 5, 10) == 1   # no sinks, no floor
+    # float64 r*L like the paper: 0.29 * 100 is 28.999999999999996
+    assert hi_budget(_cfg(hi_ratio=0.29), 100, 1000) == 29
+
+
+def test_budget_tensor_form_equals_int_form():
+    cfg = _cfg(hi_ratio=0.07, sink_tokens=3)
+    lengths = torch.arange(0, 300)
+    slots = torch.randint(0, 40, (300,), generator=torch.Generator().manual_seed(0))
+    got = hi_budget(cfg, lengths, slots)
+    assert got.dtype == torch.int64
+    assert got.tolist() == [hi_budget(cfg, int(n), int(s)) for n, s in zip(lengths, slots)]
 
 
 def test_priority_sinks_recent_heavy():
@@ -42,10 +59,12 @@ def test_heavy_ties_prefer_higher_position():
 
 
 def test_budget_smaller_than_pinned_tokens():
-    cfg = _cfg(hi_ratio=0.1, sink_tokens=4, recent_window=8)  # L = 30 -> B = 3 < sinks
+    cfg = _cfg(hi_ratio=0.1, sink_tokens=4, recent_window=8)  # L = 30 -> r*L = 3 < sinks: B = 4
     positions = torch.arange(30).unsqueeze(0)
     sel = select_hi(positions, torch.rand(1, 30), 30, cfg, num_slots=100)
-    assert _selected(sel, positions) == [[0, 1, 2]]              # lower sink positions first
+    assert _selected(sel, positions) == [[0, 1, 2, 3]]           # every sink, no recent token
+    sel = select_hi(positions, torch.rand(1, 30), 30, cfg, num_slots=3)
+    assert _selected(sel, positions) == [[0, 1, 2]]              # slots cap: lower sink positions first
     cfg = _cfg(hi_ratio=0.2, sink_tokens=1, recent_window=10)   # B = 6: 1 sink + 5 newest
     sel = select_hi(positions, torch.rand(1, 30), 30, cfg, num_slots=100)
     assert _selected(sel, positions) == [[0, 25, 26, 27, 28, 29]]
@@ -66,8 +85,10 @@ def test_physical_slots_cap_and_zero_budget():
     positions = torch.arange(10).expand(3, 10)
     sel = select_hi(positions, torch.rand(3, 10), 10, cfg, num_slots=4)
     assert (sel.sum(1) == 4).all()
-    cfg = _cfg(hi_ratio=0.05)
+    cfg = _cfg(hi_ratio=0.05, sink_tokens=0)
     assert not select_hi(positions, torch.rand(3, 10), 10, cfg, num_slots=4).any()
+    cfg = _cfg(hi_ratio=0.05, sink_tokens=2)                    # the sink floor: B = 2
+    assert _selected(select_hi(positions, torch.rand(3, 10), 10, cfg, num_slots=4), positions) == [[0, 1]] * 3
 
 
 def test_nan_scores_rank_last():
