@@ -33,17 +33,22 @@ def test_lo_copy_accounting():
     assert paper_fraction_with_lo_copy(preset("h2o"), 128) == paper_cache_fraction(preset("h2o"), 128)
 
 
-def test_table_rows_are_consistent():
+def test_table_rows_against_hand_computed_numbers():
     rows = bytes_table()
     assert len(rows) == len(PRESETS) * 2 * 2
-    for r in rows:
-        assert r["bytes_per_token"] == r["lo_kv"] + r["hi_kv"] + r["bookkeeping"]
-        assert r["bytes_per_token"] % 4 == 0 and r["bookkeeping"] >= 0
-        assert r["dense_fp16"] == 4 * r["head_dim"]
-        assert r["in_page_fraction"] == r["bytes_per_token"] / r["dense_fp16"]
-        assert r["in_page_fraction"] >= r["paper_fraction"] - 1e-12
+    assert {(r["preset"], r["head_dim"], r["block_size"]) for r in rows} == \
+        {(p, d, n) for p in PRESETS for d in (64, 128) for n in (16, 128)}
+    # mikv (INT3, r = 0.1) at D = 64, N = 128 (tests/core/test_layout.py works the bytes out):
+    # lo 64, hi 26 (13 slots x 256 B / 128), bookkeeping 4 (score) + 0.40625 (tags) + 1 (balancer)
+    # + 0.59375 (padding) = 6; 96 / 256 of fp16; paper: (0.1 * 16 + 0.9 * (3 + 1)) / 16 = 0.325
+    row = bytes_row(preset("mikv"), 64, 128)
+    assert (row["bytes_per_token"], row["lo_kv"], row["hi_kv"], row["bookkeeping"]) == (96, 64, 26, 6)
+    assert row["dense_fp16"] == 256 and row["in_page_fraction"] == 0.375
+    assert row["paper_fraction"] == pytest.approx(0.325) and row["hi_slots"] == 13
+    assert row["paper_with_lo_copy"] == pytest.approx((0.1 * 16 + 4) / 16)
+    # rtn (INT2) at D = 128, N = 16: 32 B codes + 8 B (s, z) per K and per V, nothing else
     rtn = bytes_row(preset("rtn"), 128, 16)
-    assert rtn["bytes_per_token"] == 80 and rtn["hi_kv"] == 0 and rtn["bookkeeping"] == 0
+    assert (rtn["bytes_per_token"], rtn["hi_kv"], rtn["bookkeeping"], rtn["in_page_fraction"]) == (80, 0, 0, 80 / 512)
 
 
 def test_markdown_and_script(capsys, monkeypatch):
