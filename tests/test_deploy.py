@@ -31,10 +31,13 @@ K8S = DEPLOY / "k8s"
 DOCKERFILES = {"cpu": DEPLOY / "Dockerfile.cpu", "cuda": DEPLOY / "Dockerfile.cuda"}
 CORE_MANIFESTS = ["configmap.yaml", "deployment.yaml", "service.yaml"]
 CRD_MANIFESTS = ["servicemonitor.yaml"]
+# drop-in replacements for a core manifest (apply one or the other): not in the kustomization
+VARIANT_MANIFESTS = {"deployment-tp.yaml": "deployment.yaml"}
 K8S_VERSIONS = ["1.28.0", None]  # None: kubernetes-validate's latest
 STAND_IN_MODEL = str(K8S)
 CPU_MODEL_DIR = "/opt/models/smollm2-135m-instruct"
 CUDA_DEFAULT_MODEL = "Qwen/Qwen2.5-7B-Instruct"
+DEPLOYMENTS = {"deployment.yaml": CUDA_DEFAULT_MODEL, "deployment-tp.yaml": "Qwen/Qwen2.5-72B-Instruct"}
 LABELS = {"app.kubernetes.io/name": "mikv-vllm", "app.kubernetes.io/component": "server"}
 
 
@@ -158,11 +161,11 @@ def test_validators_installed():
 # ------------------------------------------------------- Kubernetes manifests
 def test_every_manifest_is_classified():
     files = {p.name for p in K8S.glob("*.yaml")}
-    assert files == set(CORE_MANIFESTS) | set(CRD_MANIFESTS) | {"kustomization.yaml"}
+    assert files == set(CORE_MANIFESTS) | set(CRD_MANIFESTS) | set(VARIANT_MANIFESTS) | {"kustomization.yaml"}
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS, ids=lambda v: v or "latest")
-@pytest.mark.parametrize("name", CORE_MANIFESTS)
+@pytest.mark.parametrize("name", CORE_MANIFESTS + list(VARIANT_MANIFESTS))
 def test_core_manifest_kubernetes_validate_strict(name, version):
     import kubernetes_validate
 
@@ -264,8 +267,13 @@ def test_servicemonitor_crd():
             assert _duration_s(ep["scrapeTimeout"]) <= _duration_s(ep["interval"])
 
 
-def test_manifests_reference_each_other():
-    deployment, service, configmap = _one("deployment.yaml"), _one("service.yaml"), _one("configmap.yaml")
+def _tensor_parallel_size(args: list[str]) -> int:
+    return int(args[args.index("--tensor-parallel-size") + 1]) if "--tensor-parallel-size" in args else 1
+
+
+@pytest.mark.parametrize("name", sorted(DEPLOYMENTS))
+def test_manifests_reference_each_other(name):
+    deployment, service, configmap = _one(name), _one("service.yaml"), _one("configmap.yaml")
     monitor = _one("servicemonitor.yaml")
     pod = deployment["spec"]["template"]
     (container,) = pod["spec"]["containers"]
@@ -295,7 +303,10 @@ def test_manifests_reference_each_other():
     env = {e["name"]: e for e in container["env"]}
     assert env["VLLM_PLUGINS"]["value"] == "mikv"
     assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["optional"] is True
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    # one GPU per tensor-parallel rank, requested and limited alike
+    gpus = _tensor_parallel_size(container["args"])
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == container["resources"]["requests"]["nvidia.com/gpu"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == gpus
     volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
     mounts = {m["name"]: m for m in container["volumeMounts"]}
     assert volumes["shm"]["emptyDir"]["medium"] == "Memory" and mounts["shm"]["mountPath"] == "/dev/shm"
@@ -307,6 +318,42 @@ def test_manifests_reference_each_other():
     assert container["image"].split(":")[0].endswith("mikv-vllm")
 
 
+def _gib(quantity: str) -> float:
+    units = {"Gi": 1, "Mi": 1 / 1024, "Ti": 1024}
+    m = re.fullmatch(r"(\d+)(Gi|Mi|Ti)", quantity)
+    assert m, quantity
+    return int(m.group(1)) * units[m.group(2)]
+
+
+def test_tp_deployment_differs_from_the_base_only_where_documented():
+    import copy
+
+    base, tp = _one("deployment.yaml"), _one("deployment-tp.yaml")
+    (b,) = base["spec"]["template"]["spec"]["containers"]
+    (t,) = tp["spec"]["template"]["spec"]["containers"]
+    n = _tensor_parallel_size(t["args"])
+    assert n > 1
+    # args: another model, then --tensor-parallel-size N, then the base's flags unchanged
+    assert t["args"][1:3] == ["--tensor-parallel-size", str(n)] and t["args"][3:] == b["args"][1:]
+    # resources grow with the GPUs; /dev/shm at least as much per GPU as the base gives its one
+    for kind in ("requests", "limits"):
+        assert t["resources"][kind]["nvidia.com/gpu"] == n * b["resources"][kind]["nvidia.com/gpu"]
+        assert _gib(t["resources"][kind]["memory"]) >= _gib(b["resources"][kind]["memory"])
+    volumes = [{v["name"]: v for v in d["spec"]["template"]["spec"]["volumes"]} for d in (base, tp)]
+    assert _gib(volumes[1]["shm"]["emptyDir"]["sizeLimit"]) >= n * _gib(volumes[0]["shm"]["emptyDir"]["sizeLimit"])
+
+    def rest(doc):
+        doc = copy.deepcopy(doc)
+        pod = doc["spec"]["template"]["spec"]
+        for c in pod["containers"]:
+            del c["args"], c["resources"]
+        for v in pod["volumes"]:
+            v.get("emptyDir", {}).pop("sizeLimit", None)
+        return doc
+
+    assert rest(tp) == rest(base)  # name, labels, probes, env, mounts, ConfigMap: as deployment.yaml
+
+
 def test_kustomization():
     kustomization = _one("kustomization.yaml")
     assert kustomization["apiVersion"] == "kustomize.config.k8s.io/v1beta1"
@@ -315,9 +362,9 @@ def test_kustomization():
     assert kustomization["resources"] == CORE_MANIFESTS
 
 
-def _configmap_file(tmp_path: Path) -> tuple[Path, list[str]]:
+def _configmap_file(tmp_path: Path, name: str = "deployment.yaml") -> tuple[Path, list[str]]:
     """The Deployment's command with --config pointing at the ConfigMap's file, written locally."""
-    (container,) = _one("deployment.yaml")["spec"]["template"]["spec"]["containers"]
+    (container,) = _one(name)["spec"]["template"]["spec"]["containers"]
     data = _one("configmap.yaml")["data"]
     argv = container["command"] + container["args"]
     idx = argv.index("--config") + 1
@@ -327,10 +374,13 @@ def _configmap_file(tmp_path: Path) -> tuple[Path, list[str]]:
     return local, argv
 
 
-def test_deployment_command_parses_with_vllm_serve(tmp_path):
-    local, argv = _configmap_file(tmp_path)
-    assert argv[:3] == ["vllm", "serve", CUDA_DEFAULT_MODEL]
+@pytest.mark.parametrize("name", sorted(DEPLOYMENTS))
+def test_deployment_command_parses_with_vllm_serve(tmp_path, name):
+    local, argv = _configmap_file(tmp_path, name)
+    assert argv[:3] == ["vllm", "serve", DEPLOYMENTS[name]]
     engine_args = serve_engine_args(argv)
+    assert engine_args.tensor_parallel_size == _tensor_parallel_size(argv)
+    assert engine_args.pipeline_parallel_size == 1 and engine_args.distributed_executor_backend is None
     assert engine_args.additional_config == expected_additional("mikv", "mikv")
     assert argv[argv.index("--host") + 1] == "0.0.0.0" and argv[argv.index("--port") + 1] == "8000"
     # the ConfigMap selects what configs/mikv.yaml selects
@@ -340,6 +390,49 @@ def test_deployment_command_parses_with_vllm_serve(tmp_path):
     assert engine_args.max_model_len == config["max-model-len"]
     assert engine_args.gpu_memory_utilization == config["gpu-memory-utilization"]
     assert not [k for k, v in config.items() if v is False]  # dropped by vLLM's loader, see test_configs
+
+
+# ------------------------------------------------ docs: several GPUs and nodes
+def _doc_commands(section: str) -> list[list[str]]:
+    """``docker run`` / ``vllm serve`` command lines in the bash blocks of a docs/deploy.md section."""
+    import shlex
+
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    start = text.index(f"## {section}\n")
+    end = text.find("\n## ", start + 1)
+    body = text[start:end if end > 0 else None]
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", body, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("#")[0].strip()
+            if line.startswith(("docker run", "vllm serve")):
+                commands.append(shlex.split(line))
+    return commands
+
+
+def test_docs_parallel_commands_parse_with_vllm_serve():
+    commands = _doc_commands("Several GPUs and nodes")
+    docker = [c for c in commands if c[0] == "docker"]
+    nodes = [c for c in commands if c[0] == "vllm"]
+    assert len(docker) == 2 and len(nodes) == 2
+    for argv in docker:
+        (image,) = [a for a in argv if a.startswith("mikv-vllm:0.1.0-")]
+        run_args = argv[argv.index(image) + 1:]
+        engine_args = serve_engine_args(image_command(DOCKERFILES[image.rsplit("-", 1)[1]], run_args))
+        assert engine_args.tensor_parallel_size > 1
+        assert engine_args.additional_config == expected_additional("mikv", "mikv")
+        if image.endswith("-cpu"):  # one thread-binding list per rank
+            (bind,) = [a for a in argv if a.startswith("VLLM_CPU_OMP_THREADS_BIND=")]
+            assert len(bind.split("=", 1)[1].split("|")) == engine_args.tensor_parallel_size
+    parsed = [serve_engine_args(argv) for argv in nodes]
+    # the same model, parallel layout and MiKV config on every node; ranks 0..n-1, the others headless
+    assert len({argv[2] for argv in nodes}) == 1
+    for engine_args in parsed:
+        assert engine_args.additional_config == expected_additional("mikv", "mikv")
+        assert (engine_args.tensor_parallel_size, engine_args.pipeline_parallel_size) == (8, 2)
+        assert (engine_args.nnodes, engine_args.master_addr) == (len(nodes), parsed[0].master_addr)
+    assert [e.node_rank for e in parsed] == list(range(len(nodes)))
+    assert ["--headless" in argv for argv in nodes] == [False] + [True] * (len(nodes) - 1)
 
 
 # ---------------------------------------------------------------- Dockerfiles

@@ -99,6 +99,45 @@ def test_aggregate_sums_heads_and_keeps_shared_fields():
     assert out["capacity_tokens"] == 1440 and out["capacity_ratio"] == 4.0
 
 
+def _worker(tp_rank, tp_size=1, pp_rank=0, pp_size=1, replicas=1, heads=1, **counters):
+    base = {"enabled": True, "policy": "mikv", "preset": "mikv", "num_layers": 10, "num_kv_heads": heads,
+            "sampled_layers": 1, "tokens_stored": 50, "steps": 7, "promoted": 20, "demoted": 5,
+            "hi_tokens": 10, "seen_tokens": 100, "num_blocks": 64, "capacity_tokens": 1024}
+    return {**base, "rank": pp_rank * tp_size + tp_rank, "tp_rank": tp_rank, "tp_size": tp_size,
+            "pp_rank": pp_rank, "pp_size": pp_size, "kv_head_replicas": replicas, **counters}
+
+
+def test_aggregate_tensor_parallel_sums_heads_not_layers():
+    from mikv_vllm.vllm_glue.endpoints import aggregate
+
+    out = aggregate([_worker(r, tp_size=3, hi_tokens=10 + r) for r in range(3)])
+    assert (out["num_workers"], out["tensor_parallel_size"], out["kv_head_replicas"]) == (3, 3, 1)
+    assert (out["num_kv_heads"], out["num_layers"], out["sampled_layers"]) == (3, 10, 1)
+    assert (out["promoted"], out["demoted"], out["hi_tokens"], out["seen_tokens"]) == (60, 15, 33, 300)
+    assert out["tokens_stored"] == 50 and out["hi_occupancy"] == pytest.approx(33 / 300)
+
+
+def test_aggregate_pipeline_stages_add_layers():
+    from mikv_vllm.vllm_glue.endpoints import aggregate
+
+    workers = [_worker(t, tp_size=2, pp_rank=p, pp_size=2, heads=2) for p in range(2) for t in range(2)]
+    out = aggregate(workers)
+    assert out["pipeline_parallel_size"] == 2 and out["num_workers"] == 4
+    # 4 KV heads (2 per TP rank), 20 layers (10 per stage), one sampled layer per stage
+    assert (out["num_kv_heads"], out["num_layers"], out["sampled_layers"]) == (4, 20, 2)
+    assert out["seen_tokens"] == 400
+
+
+def test_aggregate_replicated_kv_heads_count_once():
+    from mikv_vllm.vllm_glue.endpoints import aggregate
+
+    # 3 KV heads on TP = 6: ranks (0, 1) hold head 0, (2, 3) head 1, (4, 5) head 2
+    workers = [_worker(r, tp_size=6, replicas=2, hi_tokens=10 + r // 2 + 100 * (r % 2)) for r in range(6)]
+    out = aggregate(workers)
+    assert out["num_kv_heads"] == 3 and out["kv_head_replicas"] == 2 and out["num_workers"] == 6
+    assert (out["hi_tokens"], out["seen_tokens"]) == (33, 300)   # the copies on ranks 0, 2, 4
+
+
 def test_metrics_reregistration_reuses_collectors():
     from prometheus_client import CollectorRegistry, generate_latest
 

@@ -34,10 +34,11 @@ DEFAULT_INTERVAL = 5.0
 RPC_TIMEOUT = 30.0
 STATE_KEY = "mikv_stats"
 
-# Fields summed over workers (each worker holds its own KV heads / layers).
-_SUMMED = ("promoted", "demoted", "hi_tokens", "seen_tokens", "sampled_layers")
+# Hi-tier pair counters: summed over the workers that hold distinct KV heads (one copy of each
+# replicated head), over every pipeline stage.
+_PAIRS = ("promoted", "demoted", "hi_tokens", "seen_tokens")
 # Fields identical on every worker (same tokens, same config): taken from the first.
-_SHARED = ("policy", "preset", "config", "num_layers", "head_dim", "block_size", "hi_slots_per_block",
+_SHARED = ("policy", "preset", "config", "head_dim", "block_size", "hi_slots_per_block",
            "bytes_per_token_per_head", "dense_bytes_per_token_per_head", "capacity_ratio",
            "bits_per_element", "breakdown")
 # Token counters: every worker sees every token; max guards against a lagging worker.
@@ -56,7 +57,14 @@ def poll_interval() -> float:
 
 # ------------------------------------------------------------------ aggregate
 def aggregate(workers: list[Any]) -> dict[str, Any]:
-    """The /mikv/stats body from the per-worker dicts of ``collective_rpc("mikv_stats")``."""
+    """The /mikv/stats body from the per-worker dicts of ``collective_rpc("mikv_stats")``.
+
+    Workers are placed by ``tp_rank`` / ``pp_rank`` / ``kv_head_replicas`` (defaults:
+    list position, stage 0, 1). Tensor-parallel ranks hold different KV heads of the
+    same layers: heads and pair counters add up, layer counts do not. Pipeline stages
+    hold different layers: layer counts add up. A replicated KV head counts once
+    (the copy on the lowest TP rank).
+    """
     workers = [w for w in workers if isinstance(w, dict)]
     live = [w for w in workers if w.get("enabled")]
     if not live:
@@ -68,9 +76,20 @@ def aggregate(workers: list[Any]) -> dict[str, Any]:
             out[key] = first[key]
     for key in _TOKENS:
         out[key] = max(int(w.get(key, 0)) for w in live)
-    for key in _SUMMED:
-        out[key] = sum(int(w.get(key, 0)) for w in live)
-    out["num_kv_heads"] = sum(int(w.get("num_kv_heads", 0)) for w in live)
+    stages: dict[int, list[dict]] = {}
+    for w in live:
+        stages.setdefault(int(w.get("pp_rank", 0)), []).append(w)
+    replicas = max(int(w.get("kv_head_replicas", 1)) for w in live)
+    primary = [w for i, w in enumerate(live) if int(w.get("tp_rank", i)) % replicas == 0]
+    for key in _PAIRS:
+        out[key] = sum(int(w.get(key, 0)) for w in primary)
+    first_stage = {id(w) for w in stages[min(stages)]}
+    out["num_kv_heads"] = sum(int(w.get("num_kv_heads", 0)) for w in primary if id(w) in first_stage)
+    out["num_layers"] = sum(max(int(w.get("num_layers", 0)) for w in ws) for ws in stages.values())
+    out["sampled_layers"] = sum(max(int(w.get("sampled_layers", 0)) for w in ws) for ws in stages.values())
+    out["tensor_parallel_size"] = max(int(w.get("tp_size", 1)) for w in live)
+    out["pipeline_parallel_size"] = max(int(w.get("pp_size", 1)) for w in live)
+    out["kv_head_replicas"] = replicas
     out["hi_occupancy"] = out["hi_tokens"] / out["seen_tokens"] if out["seen_tokens"] else 0.0
     if all("capacity_tokens" in w for w in live):
         out["num_blocks"] = min(int(w["num_blocks"]) for w in live)

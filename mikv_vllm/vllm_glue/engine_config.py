@@ -3,7 +3,9 @@
 Wraps ``EngineArgs.create_engine_config`` (CLI and offline ``LLM`` paths): when
 ``additional_config`` names a ``kv_cache_policy``, it validates the MiKV config,
 selects the CUSTOM (MiKV) attention backend, turns prefix caching off, adds the
-stats worker extension, and rejects what MiKV cannot support with one clear error.
+stats worker extension, and rejects what MiKV cannot support with one clear error:
+at config time (model features, TP sizes that cannot split the KV heads) and once the
+workers report their KV cache specs (a worker, e.g. on another node, without the MiKV layout).
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ def check_model(vllm_config, config: MiKVConfig) -> None:
         raise MiKVUnsupportedError("MiKV does not support sliding-window attention layers")
     if getattr(model, "is_encoder_decoder", False):
         raise MiKVUnsupportedError("MiKV does not support encoder-decoder models")
+    check_tensor_parallel(model.model_arch_config.total_num_attention_heads, model.get_total_num_kv_heads(),
+                          vllm_config.parallel_config.tensor_parallel_size)
     head_dim = model.get_head_size()
     config.validate(head_dim)
     hf_text = model.hf_text_config
@@ -76,12 +80,73 @@ def check_model(vllm_config, config: MiKVConfig) -> None:
         raise MiKVUnsupportedError(f"MiKV needs head_dim divisible by 8, got {head_dim}")
 
 
+def check_tensor_parallel(num_heads: int, num_kv_heads: int, tp_size: int) -> None:
+    """Each MiKV page belongs to one KV head on one rank, so TP must split the KV heads
+    evenly (TP divides them) or replicate them evenly (TP a multiple of them).
+
+    vLLM itself checks only the query heads and, for KV heads, fails later inside
+    each worker with a bare ``AssertionError``; this says it up front, with the sizes that work.
+    """
+    if tp_size <= 1:
+        return
+    if (num_kv_heads % tp_size if tp_size <= num_kv_heads else tp_size % num_kv_heads) == 0:
+        return
+    valid = [t for t in range(1, num_heads + 1)
+             if num_heads % t == 0 and (num_kv_heads % t == 0 or t % num_kv_heads == 0)]
+    raise MiKVUnsupportedError(
+        f"--tensor-parallel-size {tp_size} cannot split the model's {num_kv_heads} KV heads: the MiKV "
+        f"cache is kept per KV head on the rank that owns it, so the TP size must divide the KV heads "
+        f"or be a multiple of them (and divide the {num_heads} attention heads); "
+        f"valid sizes for this model: {valid}")
+
+
+def check_worker_specs(config: MiKVConfig, worker_specs: list[dict]) -> None:
+    """Every worker's attention layers must carry this config's MiKV pages.
+
+    A worker that does not was built from other flags: ``vllm serve --headless`` (the
+    other nodes of a multi-node deployment) builds its config from its own command
+    line. vLLM only compares specs of the same layer (tensor parallelism); pipeline
+    stages on a node started without the MiKV flags would serve a stock cache.
+    """
+    from vllm.v1.kv_cache_interface import AttentionSpec
+
+    from ..core.layout import RegionLayout
+
+    bad: dict[int, str] = {}
+    for rank, specs in enumerate(worker_specs):
+        for name, spec in specs.items():
+            if not isinstance(spec, AttentionSpec):
+                continue
+            want = RegionLayout.build(config, spec.block_size, spec.head_size).content_bytes
+            if spec.state_content_bytes != want:
+                bad[rank] = f"{name}: {spec.state_content_bytes} B/token/head, MiKV {config.name} needs {want}"
+                break
+    if bad:
+        detail = "; ".join(f"worker {rank} {msg}" for rank, msg in bad.items())
+        raise MiKVUnsupportedError(
+            f"kv_cache_policy={config.policy} is active but {len(bad)} of {len(worker_specs)} workers hold "
+            f"another KV cache layout ({detail}). Start every node with the same --kv-cache-policy / "
+            f"--mikv-* flags (vllm serve --headless builds its config from its own command line).")
+
+
 def install() -> None:
     global _installed
     if _installed:
         return
     _installed = True
     from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.executor.abstract import Executor
+
+    original_specs = Executor.get_kv_cache_specs
+
+    def get_kv_cache_specs(self):
+        worker_specs = original_specs(self)
+        config = MiKVConfig.from_additional_config(self.vllm_config.additional_config)
+        if config is not None:
+            check_worker_specs(config, worker_specs)
+        return worker_specs
+
+    Executor.get_kv_cache_specs = get_kv_cache_specs
 
     original = EngineArgs.create_engine_config
 

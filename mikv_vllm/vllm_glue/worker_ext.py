@@ -78,4 +78,25 @@ class MiKVWorkerExtension:
         dtype_size = torch.empty((), dtype=self.model_config.dtype).element_size()
         out = collect_stats(ctx, dtype_size)
         out["rank"] = getattr(self, "rank", 0)
+        out.update(parallel_info(self.parallel_config, self.model_config))
         return out
+
+
+def parallel_info(parallel_config, model_config) -> dict[str, int]:
+    """Where this worker sits: TP/PP rank and size, and how many TP ranks hold copies of its KV heads.
+
+    vLLM shards KV heads over TP ranks and, when TP exceeds the model's KV heads,
+    gives each head to ``tp_size // total_kv_heads`` consecutive ranks (replicas).
+    """
+    from vllm.distributed import parallel_state as ps
+
+    tp_size = int(parallel_config.tensor_parallel_size)
+    pp_size = int(parallel_config.pipeline_parallel_size)
+    total_kv = int(model_config.get_total_num_kv_heads())
+    return {
+        "tp_rank": ps.get_tp_group().rank_in_group if tp_size > 1 else 0,
+        "tp_size": tp_size,
+        "pp_rank": ps.get_pp_group().rank_in_group if pp_size > 1 else 0,
+        "pp_size": pp_size,
+        "kv_head_replicas": max(1, tp_size // total_kv),
+    }
