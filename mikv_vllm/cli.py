@@ -31,14 +31,11 @@ import sys
 from typing import Callable, Sequence
 
 from . import __version__
+from .errors import CLIError
 
 __all__ = ["CLIError", "Subcommand", "SUBCOMMANDS", "register", "build_parser", "main", "run_vllm_cli"]
 
 EXIT_USAGE = 2
-
-
-class CLIError(Exception):
-    """A user-facing error: printed as ``error: <message>``, exit status 2."""
 
 
 @dataclasses.dataclass(frozen=True)
