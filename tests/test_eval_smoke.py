@@ -214,3 +214,29 @@ def test_budget_comparison_best_per_family_with_no_more_bytes():
     assert e140["mikv_ge_h2o"] == {"retrieval": True, "ppl": True}
     table = budget_table(list(entries.values()))
     assert "retrieval **no**, PPL yes" in table and table.count("\n") == 3
+
+
+def test_pick_and_tuner_share_one_rule():
+    """The default pick and the tuner judge a row by the same rule, trial counts included."""
+    from mikv_vllm.eval.configs import mikv_config
+    from mikv_vllm.eval.report import best_under_budget, pick_default, summarize
+
+    short = _fake_result("int3-short", "mikv", mikv_config(3, 0.05).to_dict(), 9, 201.0)
+    short["probes"]["passkey"] = short["probes"]["passkey"][:9]  # 9/9 correct, but one trial fewer
+    results = [_fake_result("stock", "stock", None, 10, 200.0), short,
+               _fake_result("int4", "mikv", mikv_config(4, 0.2).to_dict(), 10, 200.0)]
+    s = summarize(results)
+    picked = {r["label"]: r["passes"] for r in pick_default(s)["candidates"]}
+    tuned = {r["label"]: r["passes"] for r in best_under_budget(s, 1.0)["ranked"]}
+    assert picked == tuned == {"int3-short": False, "int4": True}
+
+
+def test_tuned_yaml_loads_as_the_same_config(tmp_path):
+    from mikv_vllm.config import MiKVConfig
+    from mikv_vllm.eval.configs import mikv_config
+    from mikv_vllm.eval.report import to_yaml
+
+    config = mikv_config(3, 0.1)
+    path = tmp_path / "tuned.yaml"
+    path.write_text(to_yaml(config.to_dict(), name="tuned-30"))
+    assert MiKVConfig.from_yaml(path) == config.replace(name="tuned-30")

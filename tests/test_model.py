@@ -184,7 +184,7 @@ def test_corrupt_gguf_leaves_nothing(tmp_path, keep):
 def test_not_a_gguf_file(tmp_path):
     bad = tmp_path / "x.gguf"
     bad.write_bytes(b"PK\x03\x04 definitely a zip")
-    with pytest.raises(MiKVModelError, match=r"bad magic"):
+    with pytest.raises(MiKVModelError, match=r"corrupt GGUF file .*magic invalid"):
         prepare_model(cache_dir=tmp_path / "cache", progress=False, gguf_path=bad)
 
 
@@ -236,3 +236,23 @@ def test_stale_temp_dirs_are_cleaned(tmp_path, monkeypatch):
         prepare_model(cache_dir=tmp_path, progress=False)
     assert not stale.exists()
     assert not _leftovers(tmp_path)
+
+
+def test_waits_for_a_concurrent_preparation(tmp_path, monkeypatch, model_dir):
+    """A second preparation blocks on the lock and then takes the first one's result without converting."""
+    import threading
+
+    from filelock import FileLock
+
+    calls = []
+    monkeypatch.setattr(m, "_convert", lambda *a: calls.append(a))
+    result = {}
+    with FileLock(tmp_path / f".{SPEC.name}.lock"):  # "another process" is converting
+        waiter = threading.Thread(target=lambda: result.update(path=prepare_model(cache_dir=tmp_path, progress=False)))
+        waiter.start()
+        waiter.join(timeout=3)
+        assert waiter.is_alive() and not result, "prepare_model did not wait for the lock"
+        (tmp_path / SPEC.name).mkdir()
+        (tmp_path / SPEC.name / MARKER_NAME).write_text((model_dir / MARKER_NAME).read_text())
+    waiter.join(timeout=60)
+    assert result["path"] == tmp_path / SPEC.name and not calls

@@ -138,23 +138,30 @@ def test_aggregate_replicated_kv_heads_count_once():
     assert (out["hi_tokens"], out["seen_tokens"]) == (33, 300)   # the copies on ranks 0, 2, 4
 
 
-def test_metrics_reregistration_reuses_collectors():
+def test_collector_exports_the_last_stats():
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from mikv_vllm.vllm_glue.endpoints import MiKVEndpointPlugin, MiKVMetrics
+    from mikv_vllm.vllm_glue import endpoints
 
-    registry = CollectorRegistry()
-    first = MiKVMetrics(registry)
-    second = MiKVMetrics(registry)  # a second plugin instance in the same process
-    assert second.tokens_stored is first.tokens_stored and second.policy_info is first.policy_info
+    registry = CollectorRegistry(auto_describe=True)
+    collector = endpoints.MiKVCollector()
+    registry.register(collector)
+    with pytest.raises(ValueError, match="Duplicated timeseries"):  # describe() names every series
+        registry.register(endpoints.MiKVCollector())
+    assert "mikv_" not in generate_latest(registry).decode()  # nothing before the first poll
     stats = {"enabled": True, "policy": "mikv", "preset": "mikv", "config": {"lo_bits": 2, "hi_ratio": 0.2},
              "tokens_stored": 5, "promoted": 2, "demoted": 1, "hi_occupancy": 0.2, "capacity_ratio": 4.5}
-    first.update(stats)
-    second.update({**stats, "tokens_stored": 9})  # counters follow the worker totals, not the sum of polls
+    collector.update(stats)
+    collector.update({**stats, "tokens_stored": 9, "config": {"lo_bits": 3, "hi_ratio": 0.1}})
+    collector.update({"enabled": False})  # a poll without MiKV keeps the last values
     text = generate_latest(registry).decode()
-    assert "mikv_tokens_stored_total 9.0" in text
-    assert 'mikv_policy_info{hi_ratio="0.2",lo_bits="2",policy="mikv",preset="mikv"} 1.0' in text
-    plugin = MiKVEndpointPlugin()
+    assert "mikv_tokens_stored_total 9.0" in text and "mikv_tokens_promoted_total 2.0" in text
+    assert "# TYPE mikv_tokens_stored_total counter" in text and "# TYPE mikv_capacity_ratio gauge" in text
+    assert "mikv_capacity_tokens" not in text  # absent from the stats: not exported
+    assert text.count("mikv_policy_info{") == 1
+    assert 'mikv_policy_info{hi_ratio="0.1",lo_bits="3",policy="mikv",preset="mikv"} 1.0' in text
+    assert endpoints.metrics() is endpoints.metrics()  # registered once per process
+    plugin = endpoints.MiKVEndpointPlugin()
     assert plugin.name == "mikv" and plugin.required_tasks == ("generate",)
 
 
@@ -162,8 +169,7 @@ class _FakeEngine:
     """Just enough EngineClient for the plugin: vllm_config.additional_config + collective_rpc."""
 
     def __init__(self, additional_config, fail=False):
-        self.vllm_config = types.SimpleNamespace(additional_config=additional_config,
-                                                 parallel_config=types.SimpleNamespace(_api_process_rank=0))
+        self.vllm_config = types.SimpleNamespace(additional_config=additional_config)
         self.fail = fail
         self.calls = 0
 

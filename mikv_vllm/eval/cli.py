@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..errors import CLIError
+
 SUITES = ("sweep", "frontier", "ablations", "full", "smoke")
 DEFAULT_OUT = "results/quality"
 
@@ -100,8 +102,6 @@ def _model(args) -> str:
     if args.model:
         path = Path(args.model).expanduser()
         if not (path / "config.json").exists():
-            from ..cli import CLIError
-
             raise CLIError(f"--model {args.model}: no config.json there (a Hugging Face model directory is needed)")
         return str(path.resolve())
     from ..model import prepare_model
@@ -248,7 +248,6 @@ def tune_candidates(budget: float, head_dim: int, block_size: int):
 
 
 def run_tune(args: argparse.Namespace) -> int:
-    from ..cli import CLIError
     from . import configs as C
     from .report import best_under_budget, markdown_table, to_yaml, write_report
     from .runner import run_configs

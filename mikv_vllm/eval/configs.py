@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
@@ -179,10 +178,6 @@ def closest_config(base: MiKVConfig, target_fraction: float, head_dim: int, bloc
     return best[1], best[2] / dense_bytes_per_token(head_dim, 2)
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.0f}"
-
-
 def _r_label(r: float) -> str:
     return f"{r:.3f}".rstrip("0").rstrip(".")
 
@@ -298,11 +293,6 @@ def ablation_configs(base_name: str = "mikv-paper") -> list[EvalConfig]:
     return out
 
 
-def preset_configs(names: Sequence[str], groups: Sequence[str] = ("presets",)) -> list[EvalConfig]:
-    return [EvalConfig.stock(groups) if n == STOCK else EvalConfig.from_mikv(preset(n), groups=groups)
-            for n in names]
-
-
 def equal_bytes_h2o(config: MiKVConfig, head_dim: int, block_size: int) -> MiKVConfig:
     """The H2O config whose real bytes are closest to (ties: above) ``config``'s."""
     frac = bytes_of(config, head_dim, block_size) / dense_bytes_per_token(head_dim, 2)
@@ -319,6 +309,3 @@ def dedupe(configs: Iterable[EvalConfig]) -> list[EvalConfig]:
         seen[k] = seen[k].merged(c) if k in seen else c
     return list(seen.values())
 
-
-def ratio_is_slot_exact(r: float, block_size: int) -> bool:
-    return math.isclose(r * block_size, round(r * block_size), abs_tol=1e-6)

@@ -15,6 +15,8 @@ import statistics
 from pathlib import Path
 from typing import Any, Sequence
 
+import yaml
+
 from .configs import EvalConfig, cache_cost
 
 OUT_OF_REACH = 0.9          # full-cache passkey accuracy below this: the length is out of the model's reach
@@ -112,6 +114,15 @@ def _ppl(res: dict | None) -> float | None:
 
 
 # ------------------------------------------------------------------ default pick
+def passes_rule(row: dict, stock: dict | None) -> bool:
+    """The default-pick rule: passkey correct within ``PASSKEY_SLACK_TRIALS`` of the full cache over
+    the same number of trials (in-reach lengths), and PPL ratio <= ``PPL_RATIO_MAX``."""
+    return bool(stock is not None
+                and row["passkey_trials"] == stock["passkey_trials"]
+                and row["passkey_correct"] >= stock["passkey_correct"] - PASSKEY_SLACK_TRIALS
+                and row["ppl_ratio"] is not None and row["ppl_ratio"] <= PPL_RATIO_MAX)
+
+
 def pick_default(summary: dict, families: Sequence[str] | None = None,
                  max_fraction: float | None = None) -> dict[str, Any]:
     """The fewest-bytes mikv-policy config whose passkey accuracy is within one trial of
@@ -133,10 +144,7 @@ def pick_default(summary: dict, families: Sequence[str] | None = None,
             continue
         if max_fraction is not None and r["fraction_of_fp16"] > max_fraction + 1e-9:
             continue
-        passes = (r["passkey_trials"] == stock["passkey_trials"]
-                  and r["passkey_correct"] >= stock["passkey_correct"] - PASSKEY_SLACK_TRIALS
-                  and r["ppl_ratio"] is not None and r["ppl_ratio"] <= PPL_RATIO_MAX)
-        ok.append({**r, "passes": passes})
+        ok.append({**r, "passes": passes_rule(r, stock)})
     passing = sorted((r for r in ok if r["passes"]), key=lambda r: (r["bytes_per_token_per_head"],
                                                                      r["ppl_ratio"]))
     return {"chosen": passing[0] if passing else None, "candidates": ok, "rule": rule}
@@ -151,17 +159,13 @@ def best_under_budget(summary: dict, budget_fraction: float) -> dict[str, Any]:
             and r["fraction_of_fp16"] <= budget_fraction + 1e-9]
     stock = next((r for r in summary["rows"] if r["policy"] == "stock"), None)
 
-    def passes(r):
-        return bool(stock and r["passkey_correct"] >= stock["passkey_correct"] - PASSKEY_SLACK_TRIALS
-                    and r["ppl_ratio"] is not None and r["ppl_ratio"] <= PPL_RATIO_MAX)
-
     def key(r):
         retrieval = r["passkey_correct"] + sum(v["correct"] for v in r["needle"].values())
-        return (not passes(r), -retrieval, r["ppl_ratio"] if r["ppl_ratio"] is not None else 1e9,
+        return (not passes_rule(r, stock), -retrieval, r["ppl_ratio"] if r["ppl_ratio"] is not None else 1e9,
                 r["bytes_per_token_per_head"])
 
     ranked = sorted(rows, key=key)
-    return {"best": ranked[0] if ranked else None, "ranked": [{**r, "passes": passes(r)} for r in ranked]}
+    return {"best": ranked[0] if ranked else None, "ranked": [{**r, "passes": passes_rule(r, stock)} for r in ranked]}
 
 
 def budget_comparison(summary: dict) -> list[dict[str, Any]]:
@@ -325,23 +329,10 @@ def render_markdown(summary: dict, meta: dict, pick: dict | None) -> str:
 
 def to_yaml(config: dict, name: str | None = None) -> str:
     """A preset YAML (``mikv: {...}``) loadable with ``--mikv-config FILE``."""
-    values = dict(config)
+    values = {k: round(v, 6) if isinstance(v, float) else v for k, v in config.items()}
     if name:
         values["name"] = name
-    lines = ["mikv:"]
-    for k, v in values.items():
-        if v is None:
-            s = "null"
-        elif isinstance(v, bool):
-            s = "true" if v else "false"
-        elif isinstance(v, float):
-            s = repr(round(v, 6))
-        elif isinstance(v, int):
-            s = str(v)
-        else:
-            s = json.dumps(str(v))
-        lines.append(f"  {k}: {s}")
-    return "\n".join(lines) + "\n"
+    return yaml.safe_dump({"mikv": values}, sort_keys=False)
 
 
 FAMILY_STYLE = {

@@ -1,14 +1,14 @@
-"""One engine, all probes: ``python -m mikv_vllm.eval.worker SPEC.json RESULT.json``.
+"""One config, all probes: ``python -m mikv_vllm.eval.worker SPEC.json RESULT.json``.
 
-The runner starts this module in a fresh process per config (a process can
-host one vLLM engine; a fresh process also frees everything the engine held).
-The engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so
-the worker can switch the scheduler between the two prefill regimes of the
-workload without a second engine start:
+The runner starts this module in a fresh process per config (a fresh process
+also frees everything the engines held). The workload needs two prefill
+regimes, each set with vLLM's own engine arguments, so the worker runs two
+engines of the same config one after the other (engine core in-process,
+``VLLM_ENABLE_V1_MULTIPROCESSING=0``):
 
 * retrieval / agreement: chunked prefill off and a token budget of at least
   the longest prompt -> every prompt is prefilled in one piece;
-* perplexity: chunked prefill on with a budget of ``ppl_chunk`` tokens, one
+* perplexity: chunked prefill on with a budget of ``ppl_chunk`` tokens and one
   request at a time -> chunks of exactly ``ppl_chunk`` tokens.
 
 Requests are submitted in waves that fit the engine's KV capacity, so no
@@ -42,18 +42,36 @@ def _engine_env(threads: int | None) -> None:
         os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
-def _scheduler(llm):
-    core = getattr(llm.llm_engine.engine_core, "engine_core", None)
-    sched = getattr(core, "scheduler", None)
-    if sched is None or not hasattr(sched, "max_num_scheduled_tokens"):
-        raise RuntimeError("cannot reach the vLLM scheduler in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0 "
-                           "ignored?); the quality benchmark needs it to control prefill chunking")
-    return sched
+def _engine(spec: dict[str, Any], cfg, workload, ppl: bool):
+    """The engine of one prefill regime (see the module docstring); only vLLM's own engine arguments."""
+    from vllm import LLM
+
+    max_model_len = int(spec.get("max_model_len", 4096))
+    if ppl:
+        regime = dict(enable_chunked_prefill=True, max_num_batched_tokens=workload.ppl_chunk, max_num_seqs=1)
+    else:
+        regime = dict(enable_chunked_prefill=False,
+                      max_num_batched_tokens=max(max_model_len, workload.max_prompt_tokens))
+    kwargs: dict[str, Any] = dict(
+        model=spec["model"], dtype=spec.get("dtype", "float32"), enforce_eager=True, max_model_len=max_model_len,
+        kv_cache_memory_bytes=int(spec.get("kv_cache_memory_bytes", 1 << 30)), seed=int(spec.get("seed", 0)),
+        disable_log_stats=True, **regime)
+    additional = cfg.additional_config()
+    if additional is not None:
+        kwargs["additional_config"] = additional
+    return LLM(**kwargs)
 
 
-def _set_regime(sched, budget: int, chunked: bool) -> None:
-    sched.max_num_scheduled_tokens = int(budget)
-    sched.scheduler_config.enable_chunked_prefill = bool(chunked)
+def _close(llm) -> None:
+    """Free an engine before the next one starts in this process (vLLM's documented teardown)."""
+    import gc
+
+    from vllm.distributed import cleanup_dist_env_and_memory
+
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+    cleanup_dist_env_and_memory()
 
 
 def engine_info(llm, kv_cache_memory_bytes: int) -> dict[str, Any]:
@@ -118,28 +136,16 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     cfg = EvalConfig.from_dict(spec["config"])
     workload = Workload.from_dict(spec["workload"])
     kv_bytes = int(spec.get("kv_cache_memory_bytes", 1 << 30))
-    max_model_len = int(spec.get("max_model_len", 4096))
     t0 = time.time()
     _emit(event="starting", label=cfg.label)
 
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
-    kwargs: dict[str, Any] = dict(
-        model=spec["model"], dtype=spec.get("dtype", "float32"), enforce_eager=True,
-        max_model_len=max_model_len, kv_cache_memory_bytes=kv_bytes,
-        max_num_batched_tokens=max(max_model_len, workload.max_prompt_tokens),
-        enable_chunked_prefill=True, seed=int(spec.get("seed", 0)), disable_log_stats=True,
-    )
-    additional = cfg.additional_config()
-    if additional is not None:
-        kwargs["additional_config"] = additional
-    llm = LLM(**kwargs)
+    llm = _engine(spec, cfg, workload, ppl=False)
     t_start = time.time() - t0
     info = engine_info(llm, kv_bytes)
     _emit(event="started", seconds=t_start, capacity_tokens=info["capacity_tokens"])
-    sched = _scheduler(llm)
-    tokenizer = llm.get_tokenizer()
-    reqs = build_requests(workload, tokenizer)
+    reqs = build_requests(workload, llm.get_tokenizer())
     total_cost = sum(r.cost for r in reqs)
     done_cost = 0.0
     records: dict[str, list[dict[str, Any]]] = {}
@@ -160,15 +166,18 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     budget_blocks = int(info["num_gpu_blocks"] * 0.9)
     # 1) retrieval + agreement: whole-prompt (full precision) prefill
     t = time.time()
-    _set_regime(sched, kwargs["max_num_batched_tokens"], chunked=False)
     _run_requests(llm, [r for r in reqs if r.probe != "ppl"], params, on_done, budget_blocks, info["block_size"])
     timings["retrieval_agreement"] = time.time() - t
-    # 2) perplexity: chunked prefill, one request at a time
-    t = time.time()
-    _set_regime(sched, workload.ppl_chunk, chunked=True)
-    for r in [r for r in reqs if r.probe == "ppl"]:
-        _run_requests(llm, [r], params, on_done, budget_blocks, info["block_size"])
-    timings["ppl"] = time.time() - t
+    # 2) perplexity: chunked prefill, one request at a time, on an engine built for it
+    ppl_reqs = [r for r in reqs if r.probe == "ppl"]
+    if ppl_reqs:
+        t = time.time()
+        _close(llm)
+        llm = _engine(spec, cfg, workload, ppl=True)
+        timings["ppl_engine_start"] = time.time() - t
+        for r in ppl_reqs:
+            _run_requests(llm, [r], params, on_done, budget_blocks, info["block_size"])
+        timings["ppl"] = time.time() - t
     timings["total"] = time.time() - t0
     for recs in records.values():
         recs.sort(key=lambda x: x["id"])

@@ -8,11 +8,12 @@ calls it through ``engine_client.collective_rpc("mikv_stats")``.
 * ``GET /mikv/stats``: one RPC per request; ``{"enabled": false}`` (200) when no
   MiKV policy is active. Schema: docs/metrics.md.
 * Prometheus: ``init_state`` starts an asyncio task that polls the same RPC
-  every ``MIKV_STATS_INTERVAL`` seconds (default 5) and updates ``mikv_*``
-  collectors in ``prometheus_client``'s default registry, the one vLLM's
-  ``/metrics`` serves with a single API server. With several API servers
-  (``PROMETHEUS_MULTIPROC_DIR``) only API server rank 0 polls, so counters are
-  not multiplied; gauges use ``multiprocess_mode="mostrecent"``.
+  every ``MIKV_STATS_INTERVAL`` seconds (default 5); :class:`MiKVCollector`, a
+  custom collector in ``prometheus_client``'s default registry (the one vLLM's
+  ``/metrics`` serves with a single API server), exports the last result as the
+  ``mikv_*`` series. With several API servers (``PROMETHEUS_MULTIPROC_DIR``)
+  prometheus_client serves no custom collectors: there is then no poller and a
+  warning says so; ``/mikv/stats`` works in every API server.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 logger = logging.getLogger("vllm.mikv")  # child of vLLM's configured logger
 
@@ -117,122 +120,84 @@ def policy_active(engine_client: Any) -> bool:
 
 
 # ----------------------------------------------------------------- prometheus
-class MiKVMetrics:
-    """The ``mikv_*`` collectors (created once per process, reused on re-creation)."""
+# (series, type, /mikv/stats field, help); a counter's sample is named <series>_total
+SERIES = (
+    ("mikv_hi_occupancy_ratio", "gauge", "hi_occupancy", "Hi-tier (token, KV head) pairs / all (token, KV head) "
+     "pairs of the requests in the last engine step (sampled layers)"),
+    ("mikv_hi_tokens", "gauge", "hi_tokens", "Hi-tier (token, KV head) pairs of the last step's requests "
+     "(sampled layers)"),
+    ("mikv_seen_tokens", "gauge", "seen_tokens", "(token, KV head) pairs of the last step's requests "
+     "(sampled layers)"),
+    ("mikv_tokens_stored", "counter", "tokens_stored", "Tokens written to the MiKV cache"),
+    ("mikv_prefill_tokens", "counter", "prefill_tokens", "Tokens written in multi-token (prefill) chunks"),
+    ("mikv_decode_tokens", "counter", "decode_tokens", "Tokens written in single-token (decode) steps"),
+    ("mikv_tokens_demoted", "counter", "demoted", "(token, KV head) pairs that left the hi tier (sampled layers)"),
+    ("mikv_tokens_promoted", "counter", "promoted", "(token, KV head) pairs that entered the hi tier "
+     "(sampled layers)"),
+    ("mikv_bits_per_element", "gauge", "bits_per_element", "Cache bits per K/V element "
+     "(all MiKV bytes / (2 * head_dim))"),
+    ("mikv_bytes_per_token_per_head", "gauge", "bytes_per_token_per_head",
+     "Cache bytes per token per KV head per layer"),
+    ("mikv_capacity_ratio", "gauge", "capacity_ratio",
+     "Dense (model dtype) bytes / MiKV bytes per token: cache capacity gain"),
+    ("mikv_capacity_tokens", "gauge", "capacity_tokens", "Tokens the allocated KV cache can hold"),
+    ("mikv_sampled_layers", "gauge", "sampled_layers", "Attention layers the hi-tier counters are measured on"),
+)
+INFO_LABELS = ("policy", "preset", "lo_bits", "hi_ratio")
 
-    def __init__(self, registry=None):
-        import prometheus_client as pc
 
-        self._pc = pc
-        self.registry = registry if registry is not None else pc.REGISTRY
-        gauge = self._gauge
-        counter = self._counter
-        self.hi_occupancy = gauge(
-            "mikv_hi_occupancy_ratio",
-            "Hi-tier (token, KV head) pairs / all (token, KV head) pairs of the requests in the last "
-            "engine step (sampled layers)")
-        self.hi_tokens = gauge("mikv_hi_tokens", "Hi-tier (token, KV head) pairs of the last step's requests "
-                               "(sampled layers)")
-        self.seen_tokens = gauge("mikv_seen_tokens", "(token, KV head) pairs of the last step's requests "
-                                 "(sampled layers)")
-        self.tokens_stored = counter("mikv_tokens_stored", "Tokens written to the MiKV cache")
-        self.prefill_tokens = counter("mikv_prefill_tokens", "Tokens written in multi-token (prefill) chunks")
-        self.decode_tokens = counter("mikv_decode_tokens", "Tokens written in single-token (decode) steps")
-        self.demoted = counter("mikv_tokens_demoted", "(token, KV head) pairs that left the hi tier "
-                               "(sampled layers)")
-        self.promoted = counter("mikv_tokens_promoted", "(token, KV head) pairs that entered the hi tier "
-                                "(sampled layers)")
-        self.bits = gauge("mikv_bits_per_element", "Cache bits per K/V element (all MiKV bytes / (2 * head_dim))")
-        self.bytes_per_token = gauge("mikv_bytes_per_token_per_head",
-                                     "Cache bytes per token per KV head per layer")
-        self.capacity_ratio = gauge("mikv_capacity_ratio",
-                                    "Dense (model dtype) bytes / MiKV bytes per token: cache capacity gain")
-        self.capacity_tokens = gauge("mikv_capacity_tokens", "Tokens the allocated KV cache can hold")
-        self.sampled_layers = gauge("mikv_sampled_layers", "Attention layers the hi-tier counters are measured on")
-        self.policy_info = gauge("mikv_policy_info", "Active MiKV policy (value 1)",
-                                 ("policy", "preset", "lo_bits", "hi_ratio"))
-        self._counter_values: dict[str, float] = {}
-        self._info_labels: tuple[str, ...] | None = None
+class MiKVCollector(Collector):
+    """prometheus_client custom collector: the ``mikv_*`` series from the last polled ``/mikv/stats``.
 
-    # collectors are looked up by name first: the plugin may be built more than once per process
-    def _existing(self, name: str):
-        names = getattr(self.registry, "_names_to_collectors", {})
-        return names.get(name)
+    The counters are the workers' totals since engine start, reported as they are. Nothing is
+    exported before the first poll with a MiKV policy active.
+    """
 
-    def _gauge(self, name: str, doc: str, labels: tuple[str, ...] = ()):
-        found = self._existing(name)
-        if found is not None:
-            return found
-        return self._pc.Gauge(name, doc, labels, registry=self.registry, multiprocess_mode="mostrecent")
-
-    def _counter(self, name: str, doc: str):
-        found = self._existing(name) or self._existing(name + "_total")
-        if found is not None:
-            return found
-        return self._pc.Counter(name, doc, registry=self.registry)
-
-    def _advance(self, key: str, counter, value: Any) -> None:
-        """Counters mirror worker totals: add the growth since the last poll."""
-        value = float(value or 0)
-        last = self._counter_values.get(key)
-        if last is None:  # first poll: take the counter to the worker total
-            last = _counter_value(counter)
-        if value > last:
-            counter.inc(value - last)
-        self._counter_values[key] = max(value, last)
+    def __init__(self) -> None:
+        self.stats: dict[str, Any] | None = None
 
     def update(self, stats: dict[str, Any]) -> None:
-        if not stats.get("enabled"):
-            return
-        for key, counter in (("tokens_stored", self.tokens_stored), ("prefill_tokens", self.prefill_tokens),
-                             ("decode_tokens", self.decode_tokens), ("demoted", self.demoted),
-                             ("promoted", self.promoted)):
-            self._advance(key, counter, stats.get(key))
-        self.hi_occupancy.set(float(stats.get("hi_occupancy", 0.0)))
-        self.hi_tokens.set(float(stats.get("hi_tokens", 0)))
-        self.seen_tokens.set(float(stats.get("seen_tokens", 0)))
-        self.sampled_layers.set(float(stats.get("sampled_layers", 0)))
-        for key, gauge in (("bits_per_element", self.bits), ("bytes_per_token_per_head", self.bytes_per_token),
-                           ("capacity_ratio", self.capacity_ratio), ("capacity_tokens", self.capacity_tokens)):
-            if key in stats:
-                gauge.set(float(stats[key]))
-        config = stats.get("config") or {}
-        labels = (str(stats.get("policy", "")), str(stats.get("preset", "")),
-                  str(config.get("lo_bits", "")), str(config.get("hi_ratio", "")))
-        if labels != self._info_labels:
-            if self._info_labels is not None:
-                with contextlib.suppress(KeyError):
-                    self.policy_info.remove(*self._info_labels)
-            self.policy_info.labels(*labels).set(1)
-            self._info_labels = labels
+        if stats.get("enabled"):
+            self.stats = stats
+
+    def _families(self, stats: dict[str, Any] | None):
+        for name, kind, key, doc in SERIES:
+            family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+            if stats is None:
+                yield family(name, doc)
+            elif key in stats:
+                yield family(name, doc, value=float(stats[key]))
+        info = GaugeMetricFamily("mikv_policy_info", "Active MiKV policy (value 1)", labels=INFO_LABELS)
+        if stats is not None:
+            config = stats.get("config") or {}
+            info.add_metric([str(stats.get("policy", "")), str(stats.get("preset", "")),
+                             str(config.get("lo_bits", "")), str(config.get("hi_ratio", ""))], 1)
+        yield info
+
+    def describe(self):
+        return list(self._families(None))
+
+    def collect(self):
+        stats = self.stats
+        return self._families(stats) if stats is not None else iter(())
 
 
-def _counter_value(counter) -> float:
-    try:
-        return float(counter._value.get())
-    except Exception:
-        return 0.0
+_COLLECTOR: MiKVCollector | None = None
 
 
-_METRICS: MiKVMetrics | None = None
+def metrics() -> MiKVCollector:
+    """The process's collector, registered once in prometheus_client's default registry."""
+    global _COLLECTOR
+    if _COLLECTOR is None:
+        from prometheus_client import REGISTRY
+
+        collector = MiKVCollector()
+        REGISTRY.register(collector)
+        _COLLECTOR = collector
+    return _COLLECTOR
 
 
-def metrics() -> MiKVMetrics:
-    global _METRICS
-    if _METRICS is None:
-        _METRICS = MiKVMetrics()
-    return _METRICS
-
-
-def _polls_prometheus(engine_client: Any) -> bool:
-    """With several API servers (multiprocess metrics) only rank 0 updates the mikv_* series."""
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR") is None:
-        return True
-    parallel = getattr(getattr(engine_client, "vllm_config", None), "parallel_config", None)
-    return getattr(parallel, "_api_process_rank", 0) <= 0
-
-
-async def poll_loop(engine_client: Any, interval: float, sink: MiKVMetrics, state: Any = None) -> None:
+async def poll_loop(engine_client: Any, interval: float, sink: MiKVCollector, state: Any = None) -> None:
     """Refresh ``sink`` from the workers every ``interval`` s until cancelled; never raises."""
     failures = 0
     last_log = 0.0
@@ -314,7 +279,12 @@ class MiKVEndpointPlugin:
         if isinstance(old, _PluginState):
             await old.stop()
         setattr(state, STATE_KEY, plugin_state)
-        if not enabled or not _polls_prometheus(engine_client):
+        if not enabled:
+            return
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR") is not None:
+            logger.warning("MiKV: several API servers (PROMETHEUS_MULTIPROC_DIR): prometheus_client's multiprocess "
+                           "mode serves no custom collectors, so /metrics has no mikv_* series; "
+                           "GET /mikv/stats has the same numbers")
             return
         interval = poll_interval()
         try:
