@@ -29,7 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TESTS = ["tests/core", "tests/kernels"]
+# semantics tests first (pytest -x stops at the first failure; later paths are deduplicated)
+TESTS = ["tests/core/test_importance.py", "tests/core/test_selection.py", "tests/core/test_reference.py",
+         "tests/core/test_decode_batch.py", "tests/core/test_quant.py", "tests/kernels", "tests/core"]
 
 REF = "mikv_vllm/core/reference.py"
 IMP = "mikv_vllm/core/importance.py"

@@ -40,3 +40,21 @@ def capacity_tokens(llm) -> int:
     """KV cache capacity in tokens as computed by the engine core."""
     cfg = llm.llm_engine.vllm_config.cache_config
     return int(cfg.num_gpu_blocks) * int(cfg.block_size)
+
+
+def prose_nll(llm, length: int = 1024, skip: int = 16) -> float:
+    """Mean NLL of one fixed ``length``-token prose window (the eval corpus), positions >= ``skip``.
+
+    Prefill chunking is the engine's: build it with ``max_num_batched_tokens=skip`` and chunked
+    prefill on so that every token after the first chunk attends to the compressed cache.
+    """
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from .data import TokenStream
+
+    ids = TokenStream(llm.get_tokenizer()).windows("ppl", length, 1)[0]
+    out = llm.generate([TokensPrompt(prompt_token_ids=ids)],
+                       SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0), use_tqdm=False)[0]
+    nll = [-lp[tok].logprob for tok, lp in zip(ids[skip:], out.prompt_logprobs[skip:])]
+    return sum(nll) / len(nll)
