@@ -16,6 +16,14 @@
 #include <limits>
 #include <vector>
 
+#if defined(__F16C__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VBMI__)
+#define MIKV_AVX512_UNPACK 1
+#endif
+
 namespace {
 
 // Page layout (byte offsets inside one (block, KV head) region), see core/layout.py.
@@ -40,7 +48,22 @@ Layout parse_layout(const std::vector<int64_t>& m) {
   return l;
 }
 
-inline float half_to_float(uint16_t h) { return static_cast<float>(c10::Half(h, c10::Half::from_bits())); }
+inline float half_to_float(uint16_t h) {
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#else
+  return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+#endif
+}
+
+inline void halves_to_floats(const uint16_t* __restrict h, int64_t n, float* __restrict out) {
+  int64_t i = 0;
+#if defined(__F16C__)
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i))));
+#endif
+  for (; i < n; ++i) out[i] = half_to_float(h[i]);
+}
 
 inline uint16_t float_to_half_bits(float x) { return c10::Half(x).x; }  // round to nearest even
 
@@ -84,9 +107,47 @@ const float* code_table(int bits) {
   return bits == 2 ? t2.t.data() : bits == 3 ? t3.t.data() : t4.t.data();
 }
 
+#ifdef MIKV_AVX512_UNPACK
+// 32 codes of BITS (2, 3, 4) bits per step: 16-bit word w = bytes (w*BITS)/8 and the next one (vpermb),
+// shifted right by (w*BITS)%8 and masked.
+template <int BITS>
+struct Unpack512 {
+  __m512i idx, shift, mask;
+  Unpack512() {
+    alignas(64) uint8_t ib[64];
+    alignas(64) uint16_t sb[32];
+    for (int w = 0; w < 32; ++w) {
+      ib[2 * w] = static_cast<uint8_t>((w * BITS) >> 3);
+      ib[2 * w + 1] = static_cast<uint8_t>(((w * BITS) >> 3) + 1);
+      sb[w] = static_cast<uint16_t>((w * BITS) & 7);
+    }
+    idx = _mm512_load_si512(ib);
+    shift = _mm512_load_si512(sb);
+    mask = _mm512_set1_epi16((1 << BITS) - 1);
+  }
+};
+
+template <int BITS>
+inline void unpack512(const uint8_t* __restrict p, int64_t D, float* __restrict out) {
+  static const Unpack512<BITS> u;
+  const __mmask64 m = (1ULL << (4 * BITS)) - 1;    // 32 codes = 4 * BITS bytes
+  for (int64_t c0 = 0; c0 < D; c0 += 32) {
+    __m512i bytes = _mm512_maskz_loadu_epi8(m, p + c0 * BITS / 8);
+    __m512i w = _mm512_and_si512(_mm512_srlv_epi16(_mm512_permutexvar_epi8(u.idx, bytes), u.shift), u.mask);
+    _mm512_storeu_ps(out + c0, _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(w))));
+    _mm512_storeu_ps(out + c0 + 16, _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(w, 1))));
+  }
+}
+#endif
+
 // codes of one token as floats (exact small integers): out[D]
 template <int BITS>
 inline void unpack(const uint8_t* __restrict p, int64_t D, float* __restrict out) {
+#ifdef MIKV_AVX512_UNPACK
+  if constexpr (BITS != 8) {
+    if (D % 32 == 0) return unpack512<BITS>(p, D, out);
+  }
+#endif
   if constexpr (BITS == 8) {
     for (int64_t d = 0; d < D; ++d) out[d] = static_cast<float>(p[d]);
   } else {
@@ -128,12 +189,44 @@ inline float dot(const float* __restrict a, const float* __restrict b, int64_t D
   return s;
 }
 
+// out[g] = a[g, :] . x for g < G (a row-major [G, D]); lane-parallel, x read once per lane block.
+inline void dots(const float* __restrict a, int64_t G, const float* __restrict x, int64_t D, float* __restrict out,
+                 int64_t out_stride) {
+  constexpr int L = 16;
+#ifdef __AVX512F__
+  if (G <= 8 && D % L == 0) {
+    __m512 acc[8];
+    for (int64_t g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += L) {
+      const __m512 xv = _mm512_loadu_ps(x + d);
+      for (int64_t g = 0; g < G; ++g) acc[g] = _mm512_fmadd_ps(_mm512_loadu_ps(a + g * D + d), xv, acc[g]);
+    }
+    for (int64_t g = 0; g < G; ++g) out[g * out_stride] = _mm512_reduce_add_ps(acc[g]);
+    return;
+  }
+#endif
+  if (G <= 8 && D % L == 0) {
+    float acc[8][L];
+    for (int64_t g = 0; g < G; ++g)
+      for (int l = 0; l < L; ++l) acc[g][l] = 0.f;
+    for (int64_t d = 0; d < D; d += L)
+      for (int64_t g = 0; g < G; ++g)
+        for (int l = 0; l < L; ++l) acc[g][l] += a[g * D + d + l] * x[d + l];
+    for (int64_t g = 0; g < G; ++g) {
+      float s = 0.f;
+      for (int l = 0; l < L; ++l) s += acc[g][l];
+      out[g * out_stride] = s;
+    }
+    return;
+  }
+  for (int64_t g = 0; g < G; ++g) out[g * out_stride] = dot(a + g * D, x, D);
+}
+
 inline void load_hi(const uint8_t* base, int64_t dtype, int64_t D, float* __restrict out) {
   if (dtype == 2) {
     std::memcpy(out, base, D * sizeof(float));
   } else if (dtype == 0) {
-    const uint16_t* h = reinterpret_cast<const uint16_t*>(base);
-    for (int64_t d = 0; d < D; ++d) out[d] = half_to_float(h[d]);
+    halves_to_floats(reinterpret_cast<const uint16_t*>(base), D, out);
   } else {
     const uint16_t* h = reinterpret_cast<const uint16_t*>(base);
     for (int64_t d = 0; d < D; ++d) out[d] = static_cast<float>(c10::BFloat16(h[d], c10::BFloat16::from_bits()));
@@ -280,11 +373,11 @@ void decode_task(const Layout& L, uint8_t* regions, int64_t H, const int32_t* ro
       const int32_t slot = R ? hmap[t] : -1;
       if (slot >= 0) {
         load_hi(hi_ptr(slot, L.k_hi), L.hi_dtype, D, xk);
-        for (int64_t g = 0; g < G; ++g) lg[g * S + t] = dot(qs + g * D, xk, D);
+        dots(qs, G, xk, D, lg + t, S);
       } else if (BITS) {
         dequant<BITS>(reg + L.k_lo + o * P, reinterpret_cast<const uint16_t*>(reg + L.k_sz) + o * NG * 2, D, L.group,
                       xk);
-        for (int64_t g = 0; g < G; ++g) lg[g * S + t] = dot(ql + g * D, xk, D);
+        dots(ql, G, xk, D, lg + t, S);
       } else {
         for (int64_t g = 0; g < G; ++g) lg[g * S + t] = NEG_INF;
       }
