@@ -222,6 +222,57 @@ inline void dots(const float* __restrict a, int64_t G, const float* __restrict x
   for (int64_t g = 0; g < G; ++g) out[g * out_stride] = dot(a + g * D, x, D);
 }
 
+// exp(x) for softmax arguments x <= 0 (Cephes expf polynomial, rel. error ~2e-7); x < -87 -> 0
+// (exp(-inf) = 0 exactly). Branch-free, so loops over it vectorise.
+inline float exp_nonpos(float x) {
+  const float xc = std::max(x, -87.f);
+  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
+  float r = xc - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.f;
+  const int32_t e = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &e, sizeof(scale));
+  return x < -87.f ? 0.f : y * scale;
+}
+
+// In place: l[0..S) -> softmax(l) (max, exp, 1/sum), lane-parallel reductions.
+inline void softmax_row(float* __restrict l, int64_t S) {
+  constexpr int L = 16;
+  float mx[L], sm[L];
+  for (int i = 0; i < L; ++i) {
+    mx[i] = -std::numeric_limits<float>::infinity();
+    sm[i] = 0.f;
+  }
+  int64_t t = 0;
+  for (; t + L <= S; t += L)
+    for (int i = 0; i < L; ++i) mx[i] = l[t + i] > mx[i] ? l[t + i] : mx[i];
+  float m = -std::numeric_limits<float>::infinity();
+  for (; t < S; ++t) m = std::max(m, l[t]);
+  for (int i = 0; i < L; ++i) m = std::max(m, mx[i]);
+  t = 0;
+  for (; t + L <= S; t += L)
+    for (int i = 0; i < L; ++i) {
+      const float e = exp_nonpos(l[t + i] - m);
+      l[t + i] = e;
+      sm[i] += e;
+    }
+  float sum = 0.f;
+  for (; t < S; ++t) {
+    l[t] = exp_nonpos(l[t] - m);
+    sum += l[t];
+  }
+  for (int i = 0; i < L; ++i) sum += sm[i];
+  const float inv = 1.f / sum;
+  for (t = 0; t < S; ++t) l[t] *= inv;
+}
+
 inline void load_hi(const uint8_t* base, int64_t dtype, int64_t D, float* __restrict out) {
   if (dtype == 2) {
     std::memcpy(out, base, D * sizeof(float));
@@ -386,18 +437,7 @@ void decode_task(const Layout& L, uint8_t* regions, int64_t H, const int32_t* ro
   for (int64_t g = 0; g < G; ++g) lg[g * S + pos] = dot(qs + g * D, kn, D);
 
   // 5. softmax per query head
-  for (int64_t g = 0; g < G; ++g) {
-    float* l = lg + g * S;
-    float m = NEG_INF;
-    for (int64_t t = 0; t < S; ++t) m = std::max(m, l[t]);
-    float sum = 0.f;
-    for (int64_t t = 0; t < S; ++t) {
-      l[t] = std::exp(l[t] - m);
-      sum += l[t];
-    }
-    const float inv = 1.f / sum;
-    for (int64_t t = 0; t < S; ++t) l[t] *= inv;
-  }
+  for (int64_t g = 0; g < G; ++g) softmax_row(lg + g * S, S);
 
   // 6. P @ V (V dequantized on the fly) and score mass (sum over the group's query heads)
   for (int64_t g = 0; g < G; ++g)
