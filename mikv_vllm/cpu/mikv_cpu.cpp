@@ -190,9 +190,12 @@ inline float dot(const float* __restrict a, const float* __restrict b, int64_t D
 }
 
 // out[g] = a[g, :] . x for g < G (a row-major [G, D]); lane-parallel, x read once per lane block.
-inline void dots(const float* __restrict a, int64_t G, const float* __restrict x, int64_t D, float* __restrict out,
+// GT > 0: G is the compile-time constant GT.
+template <int GT>
+inline void dots(const float* __restrict a, int64_t G_rt, const float* __restrict x, int64_t D, float* __restrict out,
                  int64_t out_stride) {
   constexpr int L = 16;
+  const int64_t G = GT > 0 ? GT : G_rt;
 #ifdef __AVX512F__
   if (G <= 8 && D % L == 0) {
     __m512 acc[8];
@@ -333,11 +336,15 @@ void quantize_token(const float* x_in, int64_t D, int64_t bits, int64_t group, u
   }
 }
 
-template <int BITS>
+// GT / DT: compile-time query-group size and head_dim (0 = runtime), so the common shapes keep
+// their accumulators in registers.
+template <int BITS, int GT, int DT>
 void decode_task(const Layout& L, uint8_t* regions, int64_t H, const int32_t* row, int64_t pos, const float* q,
-                 const float* kn, const float* vn, float scale, int64_t G, bool do_store, float* out,
+                 const float* kn, const float* vn, float scale, int64_t G_rt, bool do_store, float* out,
                  std::vector<float>& buf, std::vector<int32_t>& hmap, std::vector<uint8_t>& scratch, int64_t h) {
-  const int64_t N = L.N, D = L.D, R = L.R, P = L.packed(), NG = L.groups();
+  constexpr bool FIXED = GT > 0 && DT > 0;
+  const int64_t G = FIXED ? GT : G_rt, D = FIXED ? DT : L.D;
+  const int64_t N = L.N, R = L.R, P = L.packed(), NG = L.groups();
   auto region = [&](int64_t j) { return regions + (static_cast<int64_t>(row[j]) * H + h) * L.region_bytes; };
 
   // 1. balancer (computed and stored at position 0, loaded otherwise)
@@ -424,11 +431,11 @@ void decode_task(const Layout& L, uint8_t* regions, int64_t H, const int32_t* ro
       const int32_t slot = R ? hmap[t] : -1;
       if (slot >= 0) {
         load_hi(hi_ptr(slot, L.k_hi), L.hi_dtype, D, xk);
-        dots(qs, G, xk, D, lg + t, S);
+        dots<GT>(qs, G, xk, D, lg + t, S);
       } else if (BITS) {
         dequant<BITS>(reg + L.k_lo + o * P, reinterpret_cast<const uint16_t*>(reg + L.k_sz) + o * NG * 2, D, L.group,
                       xk);
-        dots(ql, G, xk, D, lg + t, S);
+        dots<GT>(ql, G, xk, D, lg + t, S);
       } else {
         for (int64_t g = 0; g < G; ++g) lg[g * S + t] = NEG_INF;
       }
@@ -440,8 +447,10 @@ void decode_task(const Layout& L, uint8_t* regions, int64_t H, const int32_t* ro
   for (int64_t g = 0; g < G; ++g) softmax_row(lg + g * S, S);
 
   // 6. P @ V (V dequantized on the fly) and score mass (sum over the group's query heads)
+  float oacc_fixed[FIXED ? GT * DT : 1];
+  float* oacc = FIXED ? oacc_fixed : out;   // local (register) accumulators for the fixed shapes
   for (int64_t g = 0; g < G; ++g)
-    for (int64_t d = 0; d < D; ++d) out[g * D + d] = 0.f;
+    for (int64_t d = 0; d < D; ++d) oacc[g * D + d] = 0.f;
   const float top = L.score_dtype == 0 ? std::numeric_limits<float>::max() : 65504.f;
   auto add_score = [&](uint8_t* reg, int64_t o, float mass) {
     if (L.score_dtype == 0) {
@@ -477,12 +486,28 @@ void decode_task(const Layout& L, uint8_t* regions, int64_t H, const int32_t* ro
       for (int64_t g = 0; g < G; ++g) {
         const float p = lg[g * S + t];
         mass += p;
-        float* og = out + g * D;
+        float* og = oacc + g * D;
         for (int64_t d = 0; d < D; ++d) og[d] += p * vrow[d];
       }
       if (R) add_score(reg, o, mass);
     }
   }
+  if (FIXED) std::memcpy(out, oacc, sizeof(float) * G * D);
+}
+
+template <int BITS>
+void decode_dispatch(const Layout& L, uint8_t* regions, int64_t H, const int32_t* row, int64_t pos, const float* q,
+                     const float* kn, const float* vn, float scale, int64_t G, bool do_store, float* out,
+                     std::vector<float>& buf, std::vector<int32_t>& hmap, std::vector<uint8_t>& scratch, int64_t h) {
+#define MIKV_TASK(GT, DT) \
+  decode_task<BITS, GT, DT>(L, regions, H, row, pos, q, kn, vn, scale, G, do_store, out, buf, hmap, scratch, h)
+  if (L.D == 64 && G == 1) MIKV_TASK(1, 64);
+  else if (L.D == 64 && G == 3) MIKV_TASK(3, 64);
+  else if (L.D == 64 && G == 4) MIKV_TASK(4, 64);
+  else if (L.D == 128 && G == 1) MIKV_TASK(1, 128);
+  else if (L.D == 128 && G == 2) MIKV_TASK(2, 128);
+  else MIKV_TASK(0, 0);
+#undef MIKV_TASK
 }
 
 // One decode step for B requests (one token each at position pos[b]); returns out [B, Hq, D] fp32.
@@ -530,11 +555,11 @@ torch::Tensor decode_step(torch::Tensor regions, std::vector<int64_t> meta, torc
       float* ob = op + (b * Hq + h * G) * D;
       const int32_t* row = bt + b * M;
       switch (L.bits) {
-        case 0: decode_task<0>(L, rg, H, row, pp[b], qb, kb, vb, sc, G, do_store, ob, buf, hmap, scratch, h); break;
-        case 2: decode_task<2>(L, rg, H, row, pp[b], qb, kb, vb, sc, G, do_store, ob, buf, hmap, scratch, h); break;
-        case 3: decode_task<3>(L, rg, H, row, pp[b], qb, kb, vb, sc, G, do_store, ob, buf, hmap, scratch, h); break;
-        case 4: decode_task<4>(L, rg, H, row, pp[b], qb, kb, vb, sc, G, do_store, ob, buf, hmap, scratch, h); break;
-        default: decode_task<8>(L, rg, H, row, pp[b], qb, kb, vb, sc, G, do_store, ob, buf, hmap, scratch, h); break;
+        case 0: decode_dispatch<0>(L, rg, H, row, pp[b], qb, kb, vb, sc, G, do_store, ob, buf, hmap, scratch, h); break;
+        case 2: decode_dispatch<2>(L, rg, H, row, pp[b], qb, kb, vb, sc, G, do_store, ob, buf, hmap, scratch, h); break;
+        case 3: decode_dispatch<3>(L, rg, H, row, pp[b], qb, kb, vb, sc, G, do_store, ob, buf, hmap, scratch, h); break;
+        case 4: decode_dispatch<4>(L, rg, H, row, pp[b], qb, kb, vb, sc, G, do_store, ob, buf, hmap, scratch, h); break;
+        default: decode_dispatch<8>(L, rg, H, row, pp[b], qb, kb, vb, sc, G, do_store, ob, buf, hmap, scratch, h); break;
       }
     }
   });
