@@ -1,7 +1,9 @@
 """Build (once per machine) and load the C++ CPU op ``mikv_cpu.cpp`` with torch's extension tools.
 
-The extension is compiled at first use with the host compiler (``-O3 -march=native -fopenmp``, 512-bit vectors preferred)
-into ``$MIKV_VLLM_CACHE/torch_extensions`` (default ``~/.cache/mikv-vllm``); the build name
+The extension is compiled at first use with the host compiler (``-O3 -march=native -fopenmp``,
+512-bit vectors preferred) into ``$MIKV_CPU_BUILD_DIR`` (default
+``~/.cache/mikv-vllm/torch_extensions``: the user's cache, writable also where the model cache
+``$MIKV_VLLM_CACHE`` is read-only, as in the container image); the build name
 carries a hash of the source, the flags, torch's version and the CPU's feature flags, so an
 edited source or another CPU gets its own build. A failed build raises :class:`CpuOpBuildError`
 with the compiler output: there is no silent fallback.
@@ -39,10 +41,13 @@ def _cpu_flags() -> str:
     return platform.processor() or platform.machine()
 
 
-def build_dir() -> Path:
-    from ..model import default_cache_dir
+BUILD_DIR_ENV = "MIKV_CPU_BUILD_DIR"
 
-    return Path(default_cache_dir()) / "torch_extensions"
+
+def build_dir() -> Path:
+    """``$MIKV_CPU_BUILD_DIR`` or ``~/.cache/mikv-vllm/torch_extensions``."""
+    env = os.environ.get(BUILD_DIR_ENV)
+    return Path(env) if env else Path.home() / ".cache" / "mikv-vllm" / "torch_extensions"
 
 
 def build_name() -> str:

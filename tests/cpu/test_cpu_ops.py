@@ -117,3 +117,16 @@ def test_bad_block_table_raises():
     bad[0, 0] = regions.shape[0]
     with pytest.raises(RuntimeError, match="out of range"):
         decode_step(regions, lay, bad, torch.tensor(PROMPTS), q, k, v, 0.1)
+
+
+def test_build_failure_raises_with_compiler_error(tmp_path, monkeypatch):
+    from mikv_vllm.cpu import CpuOpBuildError, build
+
+    bad = tmp_path / "broken.cpp"
+    bad.write_text("this is not C++;\n")
+    monkeypatch.setattr(build, "SOURCE", bad)
+    monkeypatch.setattr(build, "_MODULE", None)
+    monkeypatch.setenv(build.BUILD_DIR_ENV, str(tmp_path / "ext"))
+    with pytest.raises(CpuOpBuildError, match="MIKV_CPU_OPS=reference") as info:
+        build.load()
+    assert "broken.cpp" in str(info.value) and "error" in str(info.value)    # the compiler's message
