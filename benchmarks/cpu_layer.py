@@ -9,9 +9,11 @@ shape (9 query / 3 KV heads, head_dim 64, block 128). Timed per step (median of 
 * fast    fused + hi-set upkeep (``reference.maintain_hi_decode``): the whole MiKV layer step
 * ref     the torch reference ``reference.forward_decode``
 
-Prints ms per layer-step and stock/MiKV ratios (>1 means MiKV is faster). Not a test.
+Prints ms per layer-step and stock/MiKV ratios (>1 means MiKV is faster). Not a test. On a
+shared machine use ``--threads 1``: OpenMP regions of both sides stall when other processes hold
+the cores, and the medians stop meaning anything.
 
-    python benchmarks/cpu_layer.py [--preset mikv] [--context 512 2048] [--batch 1 8 32] [--steps 30]
+    python benchmarks/cpu_layer.py [--preset mikv] [--context 512 2048] [--batch 1 8 32] [--steps 30] [--threads 1]
 """
 
 from __future__ import annotations
