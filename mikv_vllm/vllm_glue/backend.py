@@ -4,8 +4,10 @@ One file, vLLM-style: Backend (capabilities and page size), MetadataBuilder
 (per-step request rows on the host) and Impl (store + two-tier attention +
 score accumulation + hi-slot maintenance, one impl per layer). The page of
 every (block, KV head) is a :class:`~mikv_vllm.core.layout.RegionLayout`; the
-computation is :mod:`mikv_vllm.core.reference` (torch) or the Triton kernels
-on CUDA.
+computation is the fused C++ step of :mod:`mikv_vllm.cpu` on CPU, the Triton kernels
+on CUDA, or :mod:`mikv_vllm.core.reference` (torch, ``MIKV_CPU_OPS=reference``). The
+builder indexes the step's rows once (:class:`DecodeRows`, prefill chunks); every layer
+reuses them.
 """
 
 from __future__ import annotations
@@ -106,16 +108,37 @@ class MiKVAttentionBackend(AttentionBackend):
 
 
 @dataclass
+class DecodeRows:
+    """The step's one-token rows (decode, and first tokens at context 0), indexed once per step in
+    the metadata builder and shared by every layer: ``tokens`` their query rows (int64), ``pos``
+    their context lengths = new-token positions (int64, CPU), ``block_table`` their block-table
+    rows (int32, contiguous, the columns holding positions ``[0, pos]``), ``leading`` whether the
+    rows are exactly query rows ``0..B-1`` (no gather / scatter needed)."""
+
+    tokens: torch.Tensor
+    pos: torch.Tensor
+    block_table: torch.Tensor
+    leading: bool
+
+    @property
+    def size(self) -> int:
+        return self.pos.shape[0]
+
+
+@dataclass
 class MiKVMetadata:
     """Host-side rows of one step: request i owns query rows
     ``query_start_loc[i]:query_start_loc[i+1]`` and has ``seq_lens[i]`` tokens
-    (context + new)."""
+    (context + new). ``decode``: the one-token rows, batched; ``chunks``: the multi-token rows as
+    ``(request, start, end, ctx)``."""
 
     num_actual_tokens: int
     query_start_loc: list[int]
     seq_lens: list[int]
     block_table: torch.Tensor
     slot_mapping: torch.Tensor
+    decode: DecodeRows | None = None
+    chunks: list[tuple[int, int, int, int]] = dataclasses.field(default_factory=list)
 
 
 class MiKVMetadataBuilder(AttentionMetadataBuilder[MiKVMetadata]):
@@ -128,17 +151,36 @@ class MiKVMetadataBuilder(AttentionMetadataBuilder[MiKVMetadata]):
             raise RuntimeError("MiKV needs prefix caching off (blocks must belong to one request)")
         if vllm_config.speculative_config is not None:
             raise RuntimeError("MiKV does not support speculative decoding")
+        self.block_size = kv_cache_spec.block_size
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> MiKVMetadata:
         m = common_attn_metadata
         n = m.num_reqs
+        qsl = m.query_start_loc_cpu[: n + 1].to(torch.int64)
+        seq = m.seq_lens[:n].to("cpu", torch.int64)          # the step's one host sync (none on CPU)
+        qlen = qsl[1:] - qsl[:-1]
+        ctx = seq - qlen
+        one = torch.nonzero(qlen == 1).flatten()
+        decode = None
+        if one.numel():
+            pos = ctx[one].contiguous()
+            tokens = qsl[one]
+            max_blocks = int(pos.max()) // self.block_size + 1    # blocks holding positions [0, pos]
+            table = m.block_table_tensor[one.to(m.block_table_tensor.device), :max_blocks]
+            leading = bool(tokens[-1] == tokens.numel() - 1)       # rows 0..B-1 (qsl is increasing)
+            decode = DecodeRows(tokens.to(m.query_start_loc.device), pos,
+                                table.to(torch.int32).contiguous(), leading)
+        multi = torch.nonzero(qlen > 1).flatten().tolist()
+        chunks = [(i, int(qsl[i]), int(qsl[i + 1]), int(ctx[i])) for i in multi]
         return MiKVMetadata(
             num_actual_tokens=m.num_actual_tokens,
-            query_start_loc=m.query_start_loc_cpu[: n + 1].tolist(),
-            seq_lens=m.seq_lens[:n].cpu().tolist(),
+            query_start_loc=qsl.tolist(),
+            seq_lens=seq.tolist(),
             block_table=m.block_table_tensor[:n],
             slot_mapping=m.slot_mapping,
+            decode=decode,
+            chunks=chunks,
         )
 
 
@@ -180,7 +222,7 @@ class MiKVAttentionImpl(AttentionImpl[MiKVMetadata]):
         if self.layout is None:
             from ..kernels import get_ops
 
-            self.ops = get_ops(kv_cache.device)  # Triton on CUDA, core.reference (torch) elsewhere
+            self.ops = get_ops(kv_cache.device)  # Triton on CUDA, the fused C++ op on CPU (or the reference)
             block_size = kv_cache.shape[2]
             layout = RegionLayout.build(self.config, block_size, self.head_size)
             as_regions(kv_cache, layout)  # self-check: page bytes match the layout
@@ -204,31 +246,26 @@ class MiKVAttentionImpl(AttentionImpl[MiKVMetadata]):
         k_all = key[:n_tok].view(n_tok, self.num_kv_heads, self.head_size)
         v_all = value[:n_tok].view(n_tok, self.num_kv_heads, self.head_size)
         out = output[:n_tok].view(n_tok, self.num_heads, self.head_size)
-        qsl, seq_lens = attn_metadata.query_start_loc, attn_metadata.seq_lens
         n = layout.block_size
         probe = self.stats.begin_step(layer, regions, layout, attn_metadata)  # stats (see stats.py)
-        decode_rows, decode_ctx = [], []
-        for i, seq_len in enumerate(seq_lens):
-            start, end = qsl[i], qsl[i + 1]
-            if end <= start:
-                continue
-            ctx = seq_len - (end - start)
-            if end - start == 1 and ctx > 0:   # decode: one batched step for all of them, below
-                decode_rows.append(i)
-                decode_ctx.append(ctx)
-                continue
-            row = attn_metadata.block_table[i, : (seq_len + n - 1) // n]
+        for i, start, end, ctx in attn_metadata.chunks:   # multi-token chunks (prefill), one request each
+            row = attn_metadata.block_table[i, : (ctx + end - start + n - 1) // n]
             result = self.ops.forward_request(
                 regions, layout, self.config, row, ctx,
                 q_all[start:end], k_all[start:end], v_all[start:end], self.scale)
             out[start:end] = result.to(out.dtype)
-        if decode_rows:
-            rows = torch.tensor(decode_rows, device=attn_metadata.block_table.device)
-            tok = torch.tensor([qsl[i] for i in decode_rows], device=query.device)
-            max_blocks = (max(decode_ctx) + n) // n   # blocks holding positions [0, ctx] of the longest
-            result = self.ops.forward_decode(
-                regions, layout, self.config, attn_metadata.block_table[rows, :max_blocks], decode_ctx,
-                q_all[tok], k_all[tok], v_all[tok], self.scale)
-            out[tok] = result.to(out.dtype)
+        dec = attn_metadata.decode
+        if dec is not None:   # every one-token row (decode and context 0) in one batched step
+            if dec.leading:
+                b = dec.size
+                q, k, v = q_all[:b], k_all[:b], v_all[:b]
+            else:
+                q, k, v = q_all[dec.tokens], k_all[dec.tokens], v_all[dec.tokens]
+            result = self.ops.forward_decode(regions, layout, self.config, dec.block_table, dec.pos,
+                                             q, k, v, self.scale)
+            if dec.leading:
+                out[: dec.size] = result.to(out.dtype)
+            else:
+                out[dec.tokens] = result.to(out.dtype)
         self.stats.end_step(probe, regions, layout, attn_metadata)  # stats (see stats.py)
         return output

@@ -106,9 +106,17 @@ def test_forward_request_prefill_and_decode():
         assert_pages_match(expected, regions, layout)
 
 
-def test_switch_on_cpu():
+def test_switch_on_cpu(monkeypatch):
+    from mikv_vllm.cpu import CpuOps
+
     assert not use_triton("cpu") and not use_triton(torch.device("cpu"))
+    monkeypatch.delenv("MIKV_CPU_OPS", raising=False)
+    assert get_ops("cpu") is CpuOps
+    monkeypatch.setenv("MIKV_CPU_OPS", "reference")
     assert get_ops("cpu") is ref
+    monkeypatch.setenv("MIKV_CPU_OPS", "fast")
+    with pytest.raises(ValueError, match="MIKV_CPU_OPS"):
+        get_ops("cpu")
 
 
 def test_triton_ops_contract():

@@ -1,0 +1,148 @@
+"""One decode step of one attention layer on CPU: stock vLLM CPU attention vs MiKV, side by side.
+
+Per (context, batch): B requests of ``context`` cached tokens each, fp32, the embedded model's
+shape (9 query / 3 KV heads, head_dim 64, block 128). Timed per step (median of ``--steps``):
+
+* stock   vLLM's own CPU ops: ``cpu_attn_reshape_and_cache`` + ``cpu_attention_with_kv_cache``
+          (scheduler metadata built once per step outside the timing, as vLLM's builder does)
+* fused   MiKV C++ step (``mikv_vllm.cpu.decode_step``: balancer, store, attention, scores)
+* fast    fused + hi-set upkeep (``reference.maintain_hi_decode``): the whole MiKV layer step
+* ref     the torch reference ``reference.forward_decode``
+
+Prints ms per layer-step and stock/MiKV ratios (>1 means MiKV is faster). Not a test. On a
+shared machine use ``--threads 1``: OpenMP regions of both sides stall when other processes hold
+the cores, and the medians stop meaning anything.
+
+    python benchmarks/cpu_layer.py [--preset mikv] [--context 512 2048] [--batch 1 8 32] [--steps 30] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from mikv_vllm.config import MiKVConfig
+from mikv_vllm.core import reference as ref
+from mikv_vllm.core.layout import RegionLayout
+from mikv_vllm.cpu import decode_step
+
+N, D, H, HQ = 128, 64, 3, 9
+SCALE = D ** -0.5
+
+
+def _interleaved_ms(fns: dict, steps: int, warmup: int = 2) -> dict[str, float]:
+    """Median ms per call of each fn(step), the fns run round-robin (shared-machine noise hits all alike)."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for s in range(warmup + steps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn(s)
+            if s >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+
+
+def stock_step_fn(context: int, batch: int, steps: int):
+    from vllm import _custom_ops as ops
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    per_req = (context + steps + 8) // N + 1
+    nblocks = batch * per_req
+    gen = torch.Generator().manual_seed(0)
+    cache = torch.randn(nblocks, H, N, 2 * D, generator=gen)
+    kv = cache.view(nblocks, H, N * 2, D)
+    key_cache, value_cache = kv.chunk(2, dim=2)
+    table = torch.arange(nblocks, dtype=torch.int32).reshape(batch, per_req)
+    isa = _get_attn_isa(torch.float32, N, D, "auto")
+    q = torch.randn(batch, HQ, D, generator=gen)
+    k, v = torch.randn(batch, H, D, generator=gen), torch.randn(batch, H, D, generator=gen)
+    out = torch.empty(batch, HQ, D)
+    qsl = torch.arange(batch + 1, dtype=torch.int32)
+    metas = {}
+
+    def step(s: int) -> None:
+        pos = context + s
+        if s not in metas:   # per step, shared by all layers: outside the per-layer timing
+            seq = torch.full((batch,), pos + 1, dtype=torch.int32)
+            slots = (table[:, pos // N].long() * N + pos % N)
+            sched = ops.cpu_attn_get_scheduler_metadata(batch, HQ, H, D, seq, torch.float32, qsl, True, -1, isa,
+                                                        True)
+            metas[s] = (seq, slots, sched)
+        seq, slots, sched = metas[s]
+        ops.cpu_attn_reshape_and_cache(k, v, key_cache, value_cache, slots, isa)
+        ops.cpu_attention_with_kv_cache(q, key_cache, value_cache, out, qsl, seq, SCALE, True, None, -1, table,
+                                        0.0, sched, None)
+
+    for s in range(steps + 2):   # build the metadata up front
+        step(s)
+    return step
+
+
+def mikv_state(config: MiKVConfig, context: int, batch: int, steps: int):
+    """Pages of B requests holding a prefilled context (one prefill, copied to every request)."""
+    layout = RegionLayout.build(config, N, D)
+    per_req = (context + steps + 8) // N + 1
+    regions = torch.zeros(batch * per_req, H, layout.region_bytes, dtype=torch.uint8)
+    table = torch.arange(batch * per_req, dtype=torch.int32).reshape(batch, per_req)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(context, h, D, generator=gen) for h in (HQ, H, H))
+    ref.forward_request(regions, layout, config, table[0], 0, q, k, v, SCALE)
+    for i in range(1, batch):
+        regions[table[i]] = regions[table[0]]
+    # tags hold positions, not blocks: copies stay valid for every request
+    return layout, regions, table
+
+
+def run(config: MiKVConfig, context: int, batch: int, steps: int, with_ref: bool = True) -> dict[str, float]:
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(batch, h, D, generator=gen) for h in (HQ, H, H))
+    fns = {"stock": stock_step_fn(context, batch, steps)}
+    layout, base, table = mikv_state(config, context, batch, steps)
+    for name in ("fused", "fast", "ref") if with_ref else ("fused", "fast"):
+        regions = base.clone()
+
+        def step(s, regions=regions, name=name):
+            pos = torch.full((batch,), context + s, dtype=torch.int64)
+            if name == "ref":
+                ref.forward_decode(regions, layout, config, table, pos.tolist(), q, k, v, SCALE)
+                return
+            decode_step(regions, layout, table, pos, q, k, v, SCALE)
+            if name == "fast":
+                ref.maintain_hi_decode(regions, layout, config, table, pos, k, v)
+
+        fns[name] = step
+    return _interleaved_ms(fns, steps)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="mikv")
+    p.add_argument("--context", type=int, nargs="+", default=[512, 2048])
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--no-ref", action="store_true", help="skip the torch reference (slow at large batches)")
+    args = p.parse_args(argv)
+    config = MiKVConfig.parse(args.preset)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"preset {args.preset}, fp32, {HQ} q / {H} kv heads, head_dim {D}, block {N}, torch threads "
+          f"{torch.get_num_threads()}; ms per layer-step (median of {args.steps}); ratio = stock ms / MiKV ms\n")
+    print("| context | batch | stock | MiKV fused | MiKV fast (+hi upkeep) | reference | stock/fused | "
+          "stock/fast | stock/ref |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for c in args.context:
+        for b in args.batch:
+            r = run(config, c, b, args.steps, with_ref=not args.no_ref)
+            refs = f"{r['ref']:.2f}" if "ref" in r else "-"
+            ref_ratio = f"{r['stock'] / r['ref']:.2f}x" if "ref" in r else "-"
+            print(f"| {c} | {b} | {r['stock']:.3f} | {r['fused']:.3f} | {r['fast']:.3f} | {refs} | "
+                  f"{r['stock'] / r['fused']:.2f}x | {r['stock'] / r['fast']:.2f}x | {ref_ratio} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
