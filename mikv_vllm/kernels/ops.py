@@ -67,9 +67,11 @@ def forward_decode(regions: torch.Tensor, layout: RegionLayout, config: MiKVConf
     if len(groups) == 1:
         return _decode_group(regions, layout, config, block_tables, ctx_lens, q, k, v, scale)
     out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    n = layout.block_size
     for g in groups:
         idx = torch.tensor(g, device=q.device)
-        out[idx] = _decode_group(regions, layout, config, block_tables[idx.to(block_tables.device)],
+        cols = max(ctx_lens[i] for i in g) // n + 1          # the group's blocks only (no padding copy)
+        out[idx] = _decode_group(regions, layout, config, block_tables[:, :cols][idx.to(block_tables.device)],
                                  [ctx_lens[i] for i in g], q[idx], k[idx], v[idx], scale)
     return out
 
@@ -141,8 +143,9 @@ def chunked_attention(regions: torch.Tensor, layout: RegionLayout, block_row: to
                       balancer: torch.Tensor | None = None, vote_from: int | None = None,
                       workspace: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``reference.gather_context`` + ``reference.attention`` for one request's chunk, in a bounded
-    workspace: the cached context in key chunks of whole blocks (online softmax, fp32), the chunk's
-    raw K/V causally, query rows in blocks (:func:`workspace.plan_prefill`). With ``vote_from``,
+    workspace: the cached context in key chunks of whole blocks, then the chunk's raw K/V (causal)
+    in chunks of the same width, online softmax in fp32, query rows in blocks
+    (:func:`workspace.plan_prefill`). With ``vote_from``,
     a second pass recomputes the probabilities of rows ``>= vote_from`` for the score mass
     ``[H, ctx + T]``. Returns (out ``[T, Hq, D]`` fp32, mass or None)."""
     t, hq, d = q.shape
@@ -153,31 +156,36 @@ def chunked_attention(regions: torch.Tensor, layout: RegionLayout, block_row: to
     rows, chunk = plan_prefill(Dims(hq, h, layout), t, ctx_len, budget)
     blocks = block_row.to(dev).long()[: -(-ctx_len // n)]
     hi = _hi_entries(regions, layout, blocks, ctx_len) if layout.hi_slots and ctx_len else ((torch.empty(0),) * 4)
-    kn, vn = k_new.to(dev).float().transpose(0, 1), v_new.to(dev).float().transpose(0, 1)   # [H, T, D]
-    qh = (q.to(dev).float() * scale).reshape(t, h, g, d).permute(1, 2, 0, 3)           # [H, g, T, D]
     out = torch.empty(t, hq, d, device=dev)
     m_all = torch.empty(h, g, t, device=dev)
     l_all = torch.empty(h, g, t, device=dev)
 
-    def key_chunks():
-        """(keys, values, mask builder) per chunk: the context by ``chunk``, then the raw chunk."""
-        for c0 in range(0, ctx_len, chunk):
-            c1 = min(ctx_len, c0 + chunk)
-            kc, vc, ok = _context_chunk(regions, layout, blocks, c0, c1, balancer, hi)
-            yield c0, kc, vc, (lambda i0, i1, ok=ok: ok[:, None, None, :])
-        causal = torch.arange(t, device=dev)
+    def queries(i0, i1):
+        return (q[i0:i1].to(dev).float() * scale).reshape(i1 - i0, h, g, d).permute(1, 2, 0, 3)   # [H, g, rows, D]
 
-        def new_mask(i0, i1):
-            return (causal[None, :] <= torch.arange(i0, i1, device=dev)[:, None])[None, None]
-        yield ctx_len, kn, vn, new_mask
+    def key_chunks(i1):
+        """(first position, keys, values, mask(i0, i1)) per chunk: the cached context by
+        ``chunk``, then the chunk's own raw K/V up to row ``i1`` (causal)."""
+        for c0 in range(0, ctx_len, chunk):
+            kc, vc, ok = _context_chunk(regions, layout, blocks, c0, min(ctx_len, c0 + chunk), balancer, hi)
+            yield c0, kc, vc, (lambda i0, i1, ok=ok: ok[:, None, None, :])
+        for j0 in range(0, i1, chunk):
+            j1 = min(i1, j0 + chunk)
+            kc = k_new[j0:j1].to(dev).float().transpose(0, 1)                          # [H, C, D]
+            vc = v_new[j0:j1].to(dev).float().transpose(0, 1)
+
+            def causal(i0, i1, j0=j0, j1=j1):
+                return (torch.arange(j0, j1, device=dev)[None, :]
+                        <= torch.arange(i0, i1, device=dev)[:, None])[None, None]
+            yield ctx_len + j0, kc, vc, causal
 
     for i0 in range(0, t, rows):
         i1 = min(t, i0 + rows)
-        qb = qh[:, :, i0:i1]
+        qb = queries(i0, i1)
         m = torch.full((h, g, i1 - i0), -float("inf"), device=dev)
         ssum = torch.zeros(h, g, i1 - i0, device=dev)
         acc = torch.zeros(h, g, i1 - i0, d, device=dev)
-        for _, kc, vc, mask in key_chunks():
+        for _, kc, vc, mask in key_chunks(i1):
             logits = torch.einsum("hgtd,hsd->hgts", qb, kc).masked_fill_(~mask(i0, i1), -float("inf"))
             m_new = torch.maximum(m, logits.amax(dim=-1))
             m_safe = torch.where(m_new == -float("inf"), 0.0, m_new)
@@ -189,14 +197,14 @@ def chunked_attention(regions: torch.Tensor, layout: RegionLayout, block_row: to
             del logits, p
         out[i0:i1] = (acc / ssum[..., None]).permute(2, 0, 1, 3).reshape(i1 - i0, hq, d)
         m_all[:, :, i0:i1], l_all[:, :, i0:i1] = m, ssum
-        del acc
+        del acc, qb
     if vote_from is None:
         return out, None
     mass = torch.zeros(h, ctx_len + t, device=dev)
     for i0 in range(max(0, vote_from), t, rows):
         i1 = min(t, i0 + rows)
-        qb, m, inv = qh[:, :, i0:i1], m_all[:, :, i0:i1, None], 1.0 / l_all[:, :, i0:i1, None]
-        for c0, kc, _, mask in key_chunks():
+        qb, m, inv = queries(i0, i1), m_all[:, :, i0:i1, None], 1.0 / l_all[:, :, i0:i1, None]
+        for c0, kc, _, mask in key_chunks(i1):
             logits = torch.einsum("hgtd,hsd->hgts", qb, kc).masked_fill_(~mask(i0, i1), -float("inf"))
             mass[:, c0: c0 + kc.shape[1]] += (torch.exp(logits - m) * inv).sum(dim=(1, 2))
             del logits

@@ -1,6 +1,6 @@
 """The stated workspace of the Triton path: one byte budget for every temporary of one op call.
 
-``MIKV_VLLM_WORKSPACE_MB`` (default 256) bounds the temporaries of one
+``MIKV_VLLM_WORKSPACE_MB`` (default 512) bounds the temporaries of one
 ``forward_decode`` / ``forward_request`` call of :mod:`.ops`, whatever the batch holds:
 
 * decode: requests are grouped by context length (:func:`plan_decode_groups`) so that each
@@ -28,7 +28,7 @@ import torch
 from ..core.layout import RegionLayout
 
 WORKSPACE_ENV = "MIKV_VLLM_WORKSPACE_MB"
-DEFAULT_WORKSPACE_MB = 256
+DEFAULT_WORKSPACE_MB = 512
 MAX_SPLITS = 64
 
 # Upper bounds (bytes) of the temporaries per unit, read off the code and checked against
@@ -125,7 +125,7 @@ def prefill_tile_bytes(dims: Dims, rows: int, chunk: int) -> int:
     hq, h, d = dims.hq, dims.h, dims.d
     kv = 2 * h * chunk * d * 4 * 3                    # K/V fp32 + dequantize intermediates
     logits = hq * rows * chunk * 4 * 3                # logits, probabilities, mask
-    state = hq * rows * (d + 2) * 4 * 2               # running (max, sum, acc) and its update
+    state = hq * rows * (d + 2) * 4 * 3               # queries, running (max, sum, acc) and update
     return kv + logits + state
 
 
@@ -134,11 +134,11 @@ def prefill_fixed_bytes(dims: Dims, t: int, ctx: int) -> int:
     row statistics, score mass and the hi-slot selection over the request."""
     hq, h, d = dims.hq, dims.h, dims.d
     length = ctx + t
-    out = 2 * t * hq * d * 4
-    stats = 2 * t * hq * 4 * 2
+    out = t * hq * d * 4
+    stats = 2 * t * hq * 4
     mass = h * length * 4 if dims.layout.hi_slots else 0
     sel = _per_request_bytes(dims, length) + h * t * SLOT_BYTES
-    return out + stats + mass + sel + t * h * d * 4 * 2
+    return out + stats + mass + sel
 
 
 def plan_prefill(dims: Dims, t: int, ctx: int, budget: int) -> tuple[int, int]:

@@ -2,17 +2,29 @@
 
 Every aten op output whose storage is new is counted until the last tensor that views that
 storage is garbage collected; inputs that existed before (the pages, q/k/v) are not counted.
-Allocations made inside one C++ kernel and freed before it returns (e.g. sort scratch) and the
-Triton interpreter's numpy copies are invisible: this measures the temporaries the code holds.
+Allocations made inside one C++ kernel and freed before it returns (e.g. sort scratch) are
+invisible, and the Triton interpreter's host copies of kernel arguments (made under
+``triton/runtime/interpreter.py``; a GPU launch makes none) are skipped: this measures the
+temporaries the code itself holds.
 """
 
 from __future__ import annotations
 
+import sys
 import weakref
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+
+
+def _in_interpreter() -> bool:
+    f = sys._getframe(2)
+    while f is not None:
+        if f.f_code.co_filename.endswith(("triton/runtime/interpreter.py", "triton\\runtime\\interpreter.py")):
+            return True
+        f = f.f_back
+    return False
 
 
 class PeakTracker(TorchDispatchMode):
@@ -51,8 +63,8 @@ class PeakTracker(TorchDispatchMode):
                 continue
             if key in self._refs:
                 self._refs[key][1] += 1
-            elif key in known:
-                continue                      # a view / in-place result of a pre-existing tensor
+            elif key in known or _in_interpreter():
+                continue                      # a view of a pre-existing tensor / interpreter copy
             else:
                 self._refs[key] = [st.nbytes(), 1]
                 self.live += st.nbytes()
