@@ -13,10 +13,10 @@ module, both with the reference op signatures (``write_tokens``, ``gather_contex
 from __future__ import annotations
 
 from ._common import HAVE_TRITON, OPS_ENV, ops_choice, supported, use_triton
-from .workspace import WORKSPACE_ENV, required_workspace, reserve_workspace, workspace_bytes
+from .workspace import WORKSPACE_ENV, check_workspace, required_workspace, reserve_workspace, workspace_bytes
 
 __all__ = ["HAVE_TRITON", "OPS_ENV", "WORKSPACE_ENV", "ops_choice", "supported", "use_triton", "get_ops",
-           "required_workspace", "reserve_workspace", "workspace_bytes"]
+           "check_workspace", "required_workspace", "reserve_workspace", "workspace_bytes"]
 
 if HAVE_TRITON:
     from .decode import decode_attention, hi_slot_map

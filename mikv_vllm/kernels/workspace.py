@@ -171,6 +171,17 @@ def required_workspace(dims: Dims, max_model_len: int, max_tokens: int) -> int:
     return max(decode, prefill)
 
 
+def check_workspace(dims: Dims, max_model_len: int, max_tokens: int, budget: int | None = None) -> int:
+    """Raise :class:`WorkspaceTooSmall` at start-up when ``budget`` (default :func:`workspace_bytes`)
+    is below :func:`required_workspace` for this deployment; returns the budget."""
+    budget = workspace_bytes() if budget is None else int(budget)
+    need = required_workspace(dims, max_model_len, max_tokens)
+    if need > budget:
+        raise WorkspaceTooSmall(f"max_model_len {max_model_len} with {max_tokens}-token steps needs a "
+                                f"{-(-need // (1 << 20))} MiB workspace, {WORKSPACE_ENV} gives {budget >> 20} MiB")
+    return budget
+
+
 def reserve_workspace(device: torch.device | str, nbytes: int | None = None) -> int:
     """Allocate and free ``nbytes`` (default :func:`workspace_bytes`) on ``device``: called from the
     attention forward of vLLM's profiling run (attention is otherwise skipped there), it makes the

@@ -208,3 +208,12 @@ def test_required_workspace_fits_the_default_for_common_models():
         assert ws.required_workspace(dims, 1 << 20, 8192) > default
         with pytest.raises(ws.WorkspaceTooSmall, match=ws.WORKSPACE_ENV):
             ws.plan_decode_groups(dims, [1 << 21], default, CPU, lambda n, c: 64)
+        assert ws.check_workspace(dims, 131072, 8192, default) == default
+        with pytest.raises(ws.WorkspaceTooSmall, match=r"needs a \d+ MiB workspace"):
+            ws.check_workspace(dims, 1 << 20, 8192, default)
+
+
+def test_reserve_workspace_allocates_the_budget():
+    with PeakTracker() as tracker:
+        assert ws.reserve_workspace("cpu", 3 << 20) == 3 << 20
+    assert tracker.peak == 3 << 20 and tracker.live == 0
