@@ -175,7 +175,7 @@ def workspace_check(dev, dims, n) -> list[str]:
     def splits_for(nr, c):
         return plan_splits(nr, hkv, c, default_block_n(dev, d, c), dev)[1]
 
-    groups = ws.plan_decode_groups(dims_, ctxs, budget, dev, splits_for)
+    groups = ws.plan_decode_groups(dims_, ctxs, budget, splits_for)
     if cuda:
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()

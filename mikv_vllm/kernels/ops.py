@@ -63,7 +63,7 @@ def forward_decode(regions: torch.Tensor, layout: RegionLayout, config: MiKVConf
         return plan_splits(n_req, dims.h, max_ctx, default_block_n(dev, layout.head_dim, max_ctx), dev)[1]
 
     budget = workspace_bytes() if workspace is None else int(workspace)
-    groups = plan_decode_groups(dims, ctx_lens, budget, dev, splits_for)
+    groups = plan_decode_groups(dims, ctx_lens, budget, splits_for)
     if len(groups) == 1:
         return _decode_group(regions, layout, config, block_tables, ctx_lens, q, k, v, scale)
     out = torch.empty(q.shape, dtype=torch.float32, device=q.device)

@@ -98,8 +98,7 @@ def decode_output_bytes(dims: Dims, batch: int) -> int:
     return batch * (dims.hq * dims.d * 4 + 64)
 
 
-def plan_decode_groups(dims: Dims, ctx_lens: list[int], budget: int, device: torch.device,
-                       splits_for=None) -> list[list[int]]:
+def plan_decode_groups(dims: Dims, ctx_lens: list[int], budget: int, splits_for) -> list[list[int]]:
     """Request indices grouped by ascending context, each group's :func:`decode_group_bytes`
     within ``budget`` minus the call's outputs; raises :class:`WorkspaceTooSmall` when one request
     alone does not fit. ``splits_for(n_req, max_ctx)`` gives the split count of a launch."""

@@ -89,13 +89,13 @@ def test_groups_split_by_length():
         return 1
 
     ctxs = [131072] + [1000] * 256
-    groups = ws.plan_decode_groups(dims, ctxs, 256 << 20, CPU, splits_for)
+    groups = ws.plan_decode_groups(dims, ctxs, 256 << 20, splits_for)
     assert [0] in groups and sorted(i for g in groups for i in g) == list(range(257))
     assert all(ws.decode_group_bytes(dims, len(g), max(ctxs[i] for i in g), 1) + ws.decode_output_bytes(dims, 257)
                <= 256 << 20 for g in groups)
-    assert len(ws.plan_decode_groups(dims, [1000] * 64, 256 << 20, CPU, splits_for)) == 1
+    assert len(ws.plan_decode_groups(dims, [1000] * 64, 256 << 20, splits_for)) == 1
     with pytest.raises(ws.WorkspaceTooSmall, match="MIKV_VLLM_WORKSPACE_MB"):
-        ws.plan_decode_groups(dims, ctxs, 8 << 20, CPU, splits_for)
+        ws.plan_decode_groups(dims, ctxs, 8 << 20, splits_for)
 
 
 # (lo bits, hi ratio, q heads, kv heads, head_dim, block size, contexts)
@@ -207,7 +207,7 @@ def test_required_workspace_fits_the_default_for_common_models():
         assert rows >= 256 and chunk >= 256
         assert ws.required_workspace(dims, 1 << 20, 8192) > default
         with pytest.raises(ws.WorkspaceTooSmall, match=ws.WORKSPACE_ENV):
-            ws.plan_decode_groups(dims, [1 << 21], default, CPU, lambda n, c: 64)
+            ws.plan_decode_groups(dims, [1 << 21], default, lambda n, c: 64)
         assert ws.check_workspace(dims, 131072, 8192, default) == default
         with pytest.raises(ws.WorkspaceTooSmall, match=r"needs a \d+ MiB workspace"):
             ws.check_workspace(dims, 1 << 20, 8192, default)
