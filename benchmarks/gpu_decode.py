@@ -266,7 +266,7 @@ def main(argv=None) -> int:
             torch.cuda.synchronize()
 
     hq, hkv, d, n = args.q_heads, args.kv_heads, args.head_dim, args.block_size
-    lines = [f"# MiKV decode benchmark", "",
+    lines = ["# MiKV decode benchmark", "",
              f"device: {name}; torch {torch.__version__}, triton {triton.__version__}; peak {peak or '?'} GB/s; "
              f"{hq} q heads / {hkv} kv heads, head_dim {d}, block {n}", ""]
 
