@@ -5,7 +5,8 @@ Usage: python benchmarks/gpu_decode.py [--out FILE] [--contexts 4096 16384 32768
 
 1. numerics on the device (small case): store bytes vs core.reference (bit-exact expected),
    decode_attention vs reference gather_context + attention for fp32/fp16/bf16 queries,
-   two full forward_decode steps vs reference.forward_request (pages + outputs);
+   two full forward_decode steps vs reference.forward_request (pages + outputs); the workspace
+   bound (one long request among short ones, peak allocated memory vs the workspace);
 2. a short launch-parameter sweep (BLOCK_N, num_warps) of the split kernel;
 3. the timing table: per (preset, context, batch) the MiKV decode attention (hi map + split +
    merge + fused score accumulation, hi maintenance excluded and timed separately) vs SDPA
@@ -39,6 +40,7 @@ from mikv_vllm.kernels import decode_attention, forward_decode, store_tokens  # 
 PRESETS = {
     "int2-r0.2": dict(policy="mikv", lo_bits=2, hi_ratio=0.2, balancer=True),
     "int3-r0.05": dict(policy="mikv", lo_bits=3, hi_ratio=0.05, balancer=True),
+    "int3-r0.1": dict(policy="mikv", lo_bits=3, hi_ratio=0.1, balancer=True),   # the default preset
 }
 PEAK_GBPS = {"H200": 4800, "H100": 3350, "H800": 3350, "A100": 2039, "L40S": 864, "A10": 600}
 
@@ -93,8 +95,8 @@ def numerics(dev, dims) -> list[str]:
         # decode attention for three query dtypes
         bals = torch.stack([ref.load_balancer(regions, layout, tables[i]) if c else torch.ones(hkv, d, device=dev)
                             for i, c in enumerate(ctxs)])
-        # the interpreter's bf16 tl.dot is broken: bf16 only on the device
-        dtypes = (torch.float32, torch.float16) + ((torch.bfloat16,) if dev.type == "cuda" else ())
+        # bf16 queries take the tf32 path (fp32 operands): the interpreter runs it in fp32
+        dtypes = (torch.float32, torch.float16, torch.bfloat16)
         for dt in dtypes:
             qd = q.to(dt)
             exp_o, exp_m = [], []
@@ -151,6 +153,48 @@ def synthetic(config, dev, ctx, batch, hkv, d, n, seed=0):
     if layout.has_balancer:
         views.balancer.fill_(1.0)
     return layout, regions, tables
+
+
+def workspace_check(dev, dims, n) -> list[str]:
+    """One long request among many short ones through ``ops.forward_decode`` with a small
+    workspace: the planned groups, the estimates and (CUDA) the measured peak of allocated memory."""
+    from mikv_vllm.kernels import workspace as ws
+    from mikv_vllm.kernels.decode import default_block_n, plan_splits
+    from mikv_vllm.kernels.ops import forward_decode as triton_decode
+
+    hq, hkv, d = dims
+    cfg = MiKVConfig(name="int3-r0.1", **PRESETS["int3-r0.1"])
+    cuda = dev.type == "cuda"
+    long_ctx, short, nshort, budget = (32768, 1024, 64, 64 << 20) if cuda else (300, 20, 8, 64 << 10)
+    ctxs = [long_ctx] + [short] * nshort
+    layout, regions, tables = synthetic(cfg, dev, long_ctx, len(ctxs), hkv, d, n)
+    q = torch.randn(len(ctxs), hq, d, device=dev, dtype=torch.bfloat16 if cuda else torch.float32)
+    k, v = torch.randn(len(ctxs), hkv, d, device=dev), torch.randn(len(ctxs), hkv, d, device=dev)
+    dims_ = ws.Dims(hq, hkv, layout)
+
+    def splits_for(nr, c):
+        return plan_splits(nr, hkv, c, default_block_n(dev, d, c), dev)[1]
+
+    groups = ws.plan_decode_groups(dims_, ctxs, budget, splits_for)
+    if cuda:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    out = triton_decode(regions, layout, cfg, tables, ctxs, q, k, v, 1.0 / math.sqrt(d), workspace=budget)
+    peak = "n/a (CPU: tests/kernels/test_workspace.py measures it)"
+    ok = bool(torch.isfinite(out).all())
+    if cuda:
+        torch.cuda.synchronize()
+        used = torch.cuda.max_memory_allocated() - base
+        peak = f"{used / 2**20:.1f} MiB"
+        ok = ok and used <= budget
+    one_launch = ws.decode_group_bytes(dims_, len(ctxs), long_ctx, splits_for(len(ctxs), long_ctx))
+    return ["| check | value |", "|---|---|",
+            f"| batch | 1 x {long_ctx} + {nshort} x {short} tokens, workspace {budget / 2**20:g} MiB |",
+            f"| groups (sizes) | {[len(g) for g in groups]} |",
+            f"| one padded launch would need (estimate) | {one_launch / 2**20:.0f} MiB |",
+            f"| measured peak of temporaries | {peak} |",
+            f"| within workspace, outputs finite | {ok} |"]
 
 
 def bench(fn, flush, iters, dev) -> float:
@@ -222,7 +266,7 @@ def main(argv=None) -> int:
             torch.cuda.synchronize()
 
     hq, hkv, d, n = args.q_heads, args.kv_heads, args.head_dim, args.block_size
-    lines = [f"# MiKV decode benchmark", "",
+    lines = ["# MiKV decode benchmark", "",
              f"device: {name}; torch {torch.__version__}, triton {triton.__version__}; peak {peak or '?'} GB/s; "
              f"{hq} q heads / {hkv} kv heads, head_dim {d}, block {n}", ""]
 
@@ -250,6 +294,17 @@ def main(argv=None) -> int:
             emit(f"numerics FAILED:\n```\n{traceback.format_exc()}```")
         emit()
         log(f"numerics done at {time.time() - t0:.0f}s")
+
+    if not args.skip_numerics:
+        try:
+            emit("## Workspace bound (ops.forward_decode, one long request among short ones)")
+            emit()
+            for row in workspace_check(dev, (hq, hkv, d) if not args.dry_run else (4, 2, 64), n):
+                emit(row)
+        except Exception:
+            emit(f"workspace check FAILED:\n```\n{traceback.format_exc()}```")
+        emit()
+        log(f"workspace check done at {time.time() - t0:.0f}s")
 
     flush = torch.empty(256 << 20 if dev.type == "cuda" else 1, dtype=torch.uint8, device=dev)
     scale = 1.0 / math.sqrt(d)

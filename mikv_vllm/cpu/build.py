@@ -76,5 +76,5 @@ def load():
             except Exception as exc:
                 raise CpuOpBuildError(
                     f"building the MiKV C++ CPU op from {SOURCE} in {directory} failed (needs a C++17 compiler "
-                    f"and ninja; set MIKV_CPU_OPS=reference to run the torch reference instead): {exc}") from exc
+                    f"and ninja; set MIKV_VLLM_OPS=torch to run the torch reference instead): {exc}") from exc
     return _MODULE

@@ -1,22 +1,29 @@
 """Triton kernels for the MiKV page (no vllm import): drop-in for ``core.reference``.
 
-``use_triton(device)`` is the one switch (CUDA + triton importable); ``get_ops(device)``
-returns :class:`TritonOps`, on CPU ``mikv_vllm.cpu.CpuOps`` (fused C++ decode step), or the
-reference module, all with the reference op
-signatures (``write_tokens``, ``gather_context``, ``attention``, ``accumulate_scores``,
-``maintain_hi``, ``forward_request``). Batched extras on TritonOps: ``store_tokens``,
-``decode_attention``, ``forward_decode``. Same page layout either way.
+``get_ops(device)`` picks the op set by ``MIKV_VLLM_OPS`` (:func:`._common.ops_choice`):
+
+* ``auto`` (default): :class:`TritonOps` on CUDA when triton imports; on CPU
+  ``mikv_vllm.cpu.CpuOps`` (the fused C++ decode step, built at first use; a build failure raises);
+* ``torch``: ``core.reference`` everywhere;
+* ``triton``: the Triton kernels on any device (on CPU under ``TRITON_INTERPRET=1``);
+* ``cpu``: ``CpuOps`` (CPU devices only).
+
+All op sets have the reference op signatures (``write_tokens``, ``gather_context``,
+``attention``, ``accumulate_scores``, ``maintain_hi``, ``forward_request``,
+``forward_decode``). Batched extras on TritonOps: ``store_tokens``, ``decode_attention``,
+``chunked_attention``. Same page layout either way; Triton temporaries stay within the
+workspace of :mod:`.workspace` (``MIKV_VLLM_WORKSPACE_MB``).
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from ._common import HAVE_TRITON, supported, use_triton
+from ._common import HAVE_TRITON, OPS_ENV, ops_choice, supported, use_triton
+from .workspace import WORKSPACE_ENV, check_workspace, required_workspace, reserve_workspace, workspace_bytes
 
-__all__ = ["HAVE_TRITON", "supported", "use_triton", "get_ops", "cpu_ops_mode"]
+__all__ = ["HAVE_TRITON", "OPS_ENV", "WORKSPACE_ENV", "ops_choice", "supported", "use_triton", "get_ops",
+           "check_workspace", "required_workspace", "reserve_workspace", "workspace_bytes"]
 
 if HAVE_TRITON:
     from .decode import decode_attention, hi_slot_map
@@ -27,24 +34,15 @@ if HAVE_TRITON:
                 "store_tokens", "write_tokens"]
 
 
-CPU_OPS_ENV = "MIKV_CPU_OPS"
-CPU_OPS_MODES = ("fused", "reference")
-
-
-def cpu_ops_mode() -> str:
-    """``$MIKV_CPU_OPS``: ``fused`` (default, the C++ op of ``mikv_vllm.cpu``) or ``reference`` (torch)."""
-    mode = os.environ.get(CPU_OPS_ENV, "fused").strip().lower() or "fused"
-    if mode not in CPU_OPS_MODES:
-        raise ValueError(f"{CPU_OPS_ENV} must be one of {CPU_OPS_MODES}, got {mode!r}")
-    return mode
-
-
 def get_ops(device):
-    """TritonOps when :func:`use_triton` says so; on CPU ``mikv_vllm.cpu.CpuOps`` (its C++ op is built
-    here, a build failure raises) unless ``MIKV_CPU_OPS=reference``; else ``core.reference``."""
+    """The op set for ``device`` chosen by ``MIKV_VLLM_OPS`` (see the module docstring)."""
     if use_triton(device):
         return TritonOps
-    if device is not None and torch.device(device).type == "cpu" and cpu_ops_mode() == "fused":
+    choice = ops_choice()
+    on_cpu = device is not None and torch.device(device).type == "cpu"
+    if choice == "cpu" and not on_cpu:
+        raise RuntimeError(f"{OPS_ENV}=cpu selects the fused C++ CPU op, but the device is {device}")
+    if on_cpu and choice in ("auto", "cpu"):
         from ..cpu import CpuOps, load
 
         load()

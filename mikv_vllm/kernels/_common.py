@@ -16,11 +16,45 @@ except Exception:  # pragma: no cover - exercised on installs without triton
     HAVE_TRITON = False
 
 
-def use_triton(device: torch.device | str | None) -> bool:
-    """The one switch: True on CUDA devices when triton imports (``MIKV_TRITON=0`` forces False)."""
-    if not HAVE_TRITON or device is None or os.environ.get("MIKV_TRITON", "1") == "0":
+OPS_ENV = "MIKV_VLLM_OPS"
+OPS_CHOICES = ("auto", "torch", "triton", "cpu")
+
+
+def ops_choice() -> str:
+    """``MIKV_VLLM_OPS``: ``auto`` (default; Triton on CUDA, the fused C++ op on CPU), ``torch``
+    (core.reference everywhere), ``triton`` (the Triton ops on any device; on CPU only under
+    ``TRITON_INTERPRET=1``) or ``cpu`` (the fused C++ op). Unknown values raise."""
+    value = os.environ.get(OPS_ENV, "auto").strip().lower() or "auto"
+    if value not in OPS_CHOICES:
+        raise ValueError(f"{OPS_ENV}={value!r}: must be one of {OPS_CHOICES}")
+    return value
+
+
+def interpreting() -> bool:
+    """True when the kernels were decorated under ``TRITON_INTERPRET=1`` (they run on CPU tensors)."""
+    if not HAVE_TRITON:
         return False
-    return torch.device(device).type == "cuda" and torch.cuda.is_available()
+    from . import decode
+
+    return type(decode._split_kernel).__name__ == "InterpretedFunction"
+
+
+def use_triton(device: torch.device | str | None) -> bool:
+    """The one switch, by :func:`ops_choice`: ``auto`` = CUDA device and triton importable;
+    ``torch`` = never; ``triton`` = always, else a clear error (no triton, or a CPU device
+    without the interpreter)."""
+    choice = ops_choice()
+    if choice in ("torch", "cpu") or device is None:
+        return False
+    dev = torch.device(device)
+    if choice == "auto":
+        return HAVE_TRITON and dev.type == "cuda" and torch.cuda.is_available()
+    if not HAVE_TRITON:
+        raise RuntimeError(f"{OPS_ENV}=triton but triton does not import in this environment")
+    if dev.type != "cuda" and not interpreting():
+        raise RuntimeError(f"{OPS_ENV}=triton on a {dev.type} device needs TRITON_INTERPRET=1 set before "
+                           "triton is imported (the interpreter runs the kernels on CPU tensors)")
+    return True
 
 
 def supported(layout) -> bool:

@@ -22,14 +22,13 @@ Pipeline (``decode_attention``), per layer and step:
 
 from __future__ import annotations
 
-
 import torch
 
 from ..core.layout import RegionLayout
 from ._common import next_pow2, sm_count, tl, triton
+from .workspace import MAX_SPLITS
 
 LOG2E = 1.4426950408889634
-MAX_SPLITS = 64
 
 
 @triton.jit
@@ -63,8 +62,8 @@ def _split_kernel(q_ptr, sqb, sqh, bt_ptr, sbtb, ctx_ptr, map_ptr, smb, smh, bin
                   pm_ptr, pl_ptr, psb, psh, pacc_ptr, pab, pah, pas, qk_scale, tps,
                   N: tl.constexpr, R: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                   BITS: tl.constexpr, GS: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BAL: tl.constexpr,
-                  NEED_LOGITS: tl.constexpr, DOT_F32: tl.constexpr):
-    b = tl.program_id(0)
+                  NEED_LOGITS: tl.constexpr, DOT: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)          # int64 offsets: b * stride overflows int32 at long contexts
     h = tl.program_id(1)
     s = tl.program_id(2)
     ctx = tl.load(ctx_ptr + b)
@@ -75,7 +74,7 @@ def _split_kernel(q_ptr, sqb, sqh, bt_ptr, sbtb, ctx_ptr, map_ptr, smb, smh, bin
     d = tl.arange(0, D)
     hq = h * G + g
     q = tl.load(q_ptr + b * sqb + hq[:, None] * sqh + d[None, :], mask=gm[:, None], other=0.0)
-    if DOT_F32:
+    if DOT != 1:   # fp32 ("ieee") or bf16 queries (tf32: fp32 range, 10-bit mantissa >= bf16's 7)
         q = q.to(tl.float32)
     if HAS_BAL:
         binv = tl.load(binv_ptr + b * sbib + h * sbih + d)
@@ -109,12 +108,14 @@ def _split_kernel(q_ptr, sqb, sqh, bt_ptr, sbtb, ctx_ptr, map_ptr, smb, smh, bin
             hoff = (slot // R).to(tl.int64) * hi_sb + h * hi_sh + (slot % R) * hi_sr
             kx = tl.where(hm, tl.load(khi + hoff[:, None] + d[None, :], mask=hm, other=0.0).to(tl.float32), kx)
             vx = tl.where(hm, tl.load(vhi + hoff[:, None] + d[None, :], mask=hm, other=0.0).to(tl.float32), vx)
-        if DOT_F32:
+        if DOT == 0:
             qk = tl.dot(q, tl.trans(kx), input_precision="ieee")
-        else:
-            if q.dtype == tl.float16:
-                kx = tl.minimum(tl.maximum(kx, -65504.0), 65504.0)
-            qk = tl.dot(q, tl.trans(kx.to(q.dtype)))
+        elif DOT == 2:
+            qk = tl.dot(q, tl.trans(kx), input_precision="tf32")
+        else:  # fp16 tensor cores: clamp so that balanced / bf16-hi keys and values stay finite
+            kx = tl.minimum(tl.maximum(kx, -65504.0), 65504.0)
+            vx = tl.minimum(tl.maximum(vx, -65504.0), 65504.0)
+            qk = tl.dot(q, tl.trans(kx.to(tl.float16)))
         qk = tl.where(ok[None, :], qk * qk_scale, -float("inf"))                 # [GP, BLOCK_N], base 2
         if NEED_LOGITS:
             tl.store(lg_ptr + b * slgb + hq[:, None] * slgh + pos[None, :], qk, mask=gm[:, None] & pm[None, :])
@@ -123,10 +124,12 @@ def _split_kernel(q_ptr, sqb, sqh, bt_ptr, sbtb, ctx_ptr, map_ptr, smb, smh, bin
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(qk - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        if DOT_F32:
+        if DOT == 0:
             pv = tl.dot(p, vx, input_precision="ieee")
+        elif DOT == 2:
+            pv = tl.dot(p, vx, input_precision="tf32")
         else:
-            pv = tl.dot(p.to(q.dtype), vx.to(q.dtype))
+            pv = tl.dot(p.to(tl.float16), vx.to(tl.float16))
         acc = acc * alpha[:, None] + pv
         m_i = m_new
     pbase = b * psb + hq * psh + s
@@ -140,7 +143,7 @@ def _merge_kernel(q_ptr, sqb, sqh, kn_ptr, sknb, sknh, vn_ptr, svnb, svnh, ctx_p
                   pm_ptr, pl_ptr, psb, psh, pacc_ptr, pab, pah, pas, out_ptr, sob, soh,
                   mx_ptr, sm_ptr, lg_ptr, slgb, slgh, qk_scale, tps,
                   G: tl.constexpr, D: tl.constexpr, SP: tl.constexpr, NEED_LOGITS: tl.constexpr):
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)
     hq = tl.program_id(1)
     h = hq // G
     ctx = tl.load(ctx_ptr + b)
@@ -172,7 +175,7 @@ def _mass_kernel(lg_ptr, slgb, slgh, mx_ptr, sm_ptr, hq_total, ctx_ptr, mass_ptr
                  bt_ptr, sbtb, score_ptr, sc_sb, sc_sh, top,
                  N: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, BLOCK: tl.constexpr,
                  WRITE_MASS: tl.constexpr, ACCUM: tl.constexpr):
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     pos = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
     pm = pos <= tl.load(ctx_ptr + b)
@@ -218,6 +221,14 @@ def hi_slot_map(regions: torch.Tensor, layout: RegionLayout, block_tables: torch
     return out[:, :, :max_ctx]
 
 
+def default_block_n(device: torch.device, head_dim: int, max_ctx: int) -> int:
+    """Tokens per split-kernel tile: 64 / 32 on CUDA; on the interpreter (CPU), whose cost grows
+    with the op count rather than the tile size, wider tiles for long contexts."""
+    if torch.device(device).type == "cuda":
+        return 64 if head_dim <= 64 else 32
+    return min(256, max(16, next_pow2(max_ctx // 64)))
+
+
 def plan_splits(batch: int, heads: int, max_ctx: int, block_n: int, device: torch.device,
                 tokens_per_split: int | None = None) -> tuple[int, int]:
     """(tokens per split, number of splits): ~4 programs per SM, at most MAX_SPLITS splits."""
@@ -258,7 +269,7 @@ def decode_attention(regions: torch.Tensor, layout: RegionLayout, block_tables: 
     accumulate = accumulate and r > 0
     logits = need_mass or accumulate
     if block_n is None:
-        block_n = 16 if dev.type != "cuda" else (64 if d <= 64 else 32)
+        block_n = default_block_n(dev, d, max_ctx)
     tps, splits = plan_splits(bsz, h, max_ctx, block_n, dev, tokens_per_split)
     views = layout.views(regions)
     bt = block_tables.to(dev, torch.int32)
@@ -266,8 +277,8 @@ def decode_attention(regions: torch.Tensor, layout: RegionLayout, block_tables: 
     bt = bt if bt.shape[1] else torch.zeros(bsz, 1, dtype=torch.int32, device=dev)
     q = q if q.stride(-1) == 1 else q.contiguous()
     k_new, v_new = (x if x.stride(-1) == 1 else x.contiguous() for x in (k_new, v_new))
-    dot_f32 = q.dtype not in (torch.float16, torch.bfloat16)
-    if dot_f32 and q.dtype != torch.float32:
+    dot = {torch.float16: 1, torch.bfloat16: 2}.get(q.dtype, 0)   # see _split_kernel
+    if dot == 0 and q.dtype != torch.float32:
         q = q.float()
     if r and hi_map is None:
         hi_map = hi_slot_map(regions, layout, bt, ctx_t, max_ctx)
@@ -292,7 +303,7 @@ def decode_attention(regions: torch.Tensor, layout: RegionLayout, block_tables: 
             hi_k, hi_v, *hi_k.stride()[:3], lg, lg.stride(0), lg.stride(1),
             pmax, psum, pmax.stride(0), pmax.stride(1), pacc, pacc.stride(0), pacc.stride(1), pacc.stride(2),
             qk_scale, tps, N=layout.block_size, R=r, G=grp, GP=gp, D=d, BITS=layout.bits, GS=layout.group,
-            BLOCK_N=block_n, HAS_BAL=binv is not None, NEED_LOGITS=logits, DOT_F32=dot_f32, num_warps=nw)
+            BLOCK_N=block_n, HAS_BAL=binv is not None, NEED_LOGITS=logits, DOT=dot, num_warps=nw)
     out = torch.empty(bsz, hq, d, device=dev, dtype=torch.float32)
     mx = torch.empty(bsz, hq, device=dev, dtype=torch.float32)
     sm = torch.empty_like(mx)
@@ -308,7 +319,7 @@ def decode_attention(regions: torch.Tensor, layout: RegionLayout, block_tables: 
         score = views.score
         top = float(torch.finfo(layout.score_dtype).max)
         ms = mass if mass is not None else out
-        blk = 128 if dev.type == "cuda" else 32
+        blk = 128 if dev.type == "cuda" else min(4096, max(32, next_pow2(lcap // 8)))
         _mass_kernel[(bsz, h, -(-lcap // blk))](
             lg, lg.stride(0), lg.stride(1), mx, sm, hq, ctx_t, ms, ms.stride(0), ms.stride(1),
             bt, bt.stride(0), score, score.stride(0), score.stride(1), top,

@@ -5,7 +5,7 @@ One file, vLLM-style: Backend (capabilities and page size), MetadataBuilder
 score accumulation + hi-slot maintenance, one impl per layer). The page of
 every (block, KV head) is a :class:`~mikv_vllm.core.layout.RegionLayout`; the
 computation is the fused C++ step of :mod:`mikv_vllm.cpu` on CPU, the Triton kernels
-on CUDA, or :mod:`mikv_vllm.core.reference` (torch, ``MIKV_CPU_OPS=reference``). The
+on CUDA, or :mod:`mikv_vllm.core.reference` (torch, ``MIKV_VLLM_OPS=torch``). The
 builder indexes the step's rows once (:class:`DecodeRows`, prefill chunks); every layer
 reuses them.
 """
@@ -22,6 +22,7 @@ import torch
 from vllm.config import get_current_vllm_config, get_current_vllm_config_or_none
 from vllm.v1.attention.backend import (
     AttentionBackend,
+    AttentionCGSupport,
     AttentionImpl,
     AttentionMetadataBuilder,
     AttentionType,
@@ -32,6 +33,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
 from ..config import MiKVConfig
 from ..core.layout import RegionLayout, as_regions
+from ..kernels import reserve_workspace, use_triton
 from .stats import LayerStats
 
 logger = logging.getLogger("vllm.mikv")  # child of vLLM's configured logger
@@ -142,6 +144,11 @@ class MiKVMetadata:
 
 
 class MiKVMetadataBuilder(AttentionMetadataBuilder[MiKVMetadata]):
+    # CUDA graphs: declared NEVER (vLLM then runs attention eagerly between captured pieces).
+    # The step plans on the host (ctx lists, decode groups) and syncs in hi-set upkeep, so a
+    # captured replay would be wrong; docs/gpu.md lists what UNIFORM_SINGLE_TOKEN_DECODE needs.
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         config = MiKVConfig.from_additional_config(vllm_config.additional_config)
@@ -237,7 +244,9 @@ class MiKVAttentionImpl(AttentionImpl[MiKVMetadata]):
                 output_scale=None, output_block_scale=None) -> torch.Tensor:
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("MiKV attention does not support fused output quantization")
-        if attn_metadata is None:  # profiling run
+        if attn_metadata is None:  # profiling run: attention is skipped, reserve the Triton workspace
+            if use_triton(query.device):
+                reserve_workspace(query.device)
             return output
         layout = self._layout_for(kv_cache)
         regions = as_regions(kv_cache, layout)

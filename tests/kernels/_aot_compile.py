@@ -56,11 +56,11 @@ from mikv_vllm.config import MiKVConfig  # noqa: E402
 from mikv_vllm.core.layout import RegionLayout  # noqa: E402
 from mikv_vllm.kernels import decode_attention, store_tokens  # noqa: E402
 
-# (lo bits, hi ratio, head_dim, GQA group, query dtype, score dtype)
-CASES = [(2, 0.2, 128, 4, torch.float16, "float32"), (0, 0.2, 64, 8, torch.float32, "float32"),
-         (3, 0.05, 128, 4, torch.bfloat16, "float32")]
-for bits, r, d, g, qdt, sdt in CASES[: int(os.environ.get("AOT_CASES", len(CASES)))]:
-    cfg = MiKVConfig(policy="mikv" if bits else "h2o", lo_bits=bits, hi_ratio=r, balancer=bits > 0, score_dtype=sdt)
+# (lo bits, hi ratio, head_dim, GQA group, query dtype, hi dtype): fp16 / tf32 (bf16) / ieee dots
+CASES = [(2, 0.2, 128, 4, torch.float16, "float16"), (0, 0.2, 64, 8, torch.float32, "float32"),
+         (3, 0.1, 128, 4, torch.bfloat16, "float16"), (3, 0.1, 128, 8, torch.bfloat16, "bfloat16")]
+for bits, r, d, g, qdt, hdt in CASES[: int(os.environ.get("AOT_CASES", len(CASES)))]:
+    cfg = MiKVConfig(policy="mikv" if bits else "h2o", lo_bits=bits, hi_ratio=r, balancer=bits > 0, hi_dtype=hdt)
     lay = RegionLayout.build(cfg, 16, d)
     regions = torch.zeros(8, 2, lay.region_bytes, dtype=torch.uint8)
     tables = torch.arange(8, dtype=torch.int32).view(2, 4)

@@ -56,10 +56,11 @@ def test_hi_slot_map_matches_tags():
             assert got == want and (len(want) > 0 or c < 8)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_decode_attention_low_precision_queries(dtype):
-    """fp16 queries take the tensor-core dot path (fp32 accumulation). bf16 is checked on the GPU
-    (benchmarks/gpu_decode.py): the interpreter's bf16 tl.dot is broken (triton 3.9)."""
+    """fp16 queries take the fp16 tensor-core dot path, bf16 queries the tf32 path (fp32
+    operands: the interpreter computes it in fp32; the GPU rounds operands to 10 mantissa bits,
+    benchmarks/gpu_first_contact.sh checks it there); both accumulate in fp32."""
     config = make_config(2, 0.2, True)
     layout, regions, tables, q, k, v = build_batch(config, 16, 64, 2, 4, [40, 7], seed=5)
     bal = stored_balancers(regions, layout, tables, [40, 7])
@@ -68,6 +69,24 @@ def test_decode_attention_low_precision_queries(dtype):
     tol = 2e-2 if dtype == torch.float16 else 6e-2
     torch.testing.assert_close(out, exp_out, rtol=tol, atol=tol)
     torch.testing.assert_close(mass[0, :, :41], exp_mass[0], rtol=tol, atol=tol / 4)
+
+
+@pytest.mark.parametrize("dtype,q_mul,s_mul", [(torch.float16, 50.0, 1e-3), (torch.bfloat16, 1e5, 1e-8)])
+def test_decode_attention_extreme_values_stay_finite(dtype, q_mul, s_mul):
+    """Hi copies at the fp16 limit (what core.quant.to_hi clamps a bf16 model's K/V to) and
+    queries beyond the fp16 range (bf16): outputs finite and equal to the fp32 reference."""
+    config = make_config(2, 0.25, True)
+    layout, regions, tables, q, k, v = build_batch(config, 16, 64, 2, 2, [40, 9], seed=6)
+    views = layout.views(regions)
+    gen = torch.Generator().manual_seed(0)
+    for hi in (views.k_hi, views.v_hi):
+        hi.copy_(torch.where(torch.rand(hi.shape, generator=gen) < 0.5, 65504.0, -65504.0).half())
+    q = (q * q_mul).to(dtype)
+    bal = stored_balancers(regions, layout, tables, [40, 9])
+    out, _ = decode_attention(regions, layout, tables, torch.tensor([40, 9]), q, k, v, SCALE * s_mul, bal)
+    exp_out, _ = reference_decode(regions, layout, tables, [40, 9], q.float() * s_mul, k, v, bal)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, exp_out, rtol=2e-2, atol=65504 * 1e-3)
 
 
 @pytest.mark.parametrize("bits,hi_ratio,group,head_dim,balancer,block_size", [CASES[0], CASES[4], CASES[1]])
@@ -108,15 +127,34 @@ def test_forward_request_prefill_and_decode():
 
 def test_switch_on_cpu(monkeypatch):
     from mikv_vllm.cpu import CpuOps
+    from mikv_vllm.kernels import TritonOps
 
+    monkeypatch.delenv("MIKV_VLLM_OPS", raising=False)
     assert not use_triton("cpu") and not use_triton(torch.device("cpu"))
-    monkeypatch.delenv("MIKV_CPU_OPS", raising=False)
+    assert get_ops("cpu") is CpuOps                     # auto: the fused C++ op on CPU
+    monkeypatch.setenv("MIKV_VLLM_OPS", "cpu")
     assert get_ops("cpu") is CpuOps
-    monkeypatch.setenv("MIKV_CPU_OPS", "reference")
-    assert get_ops("cpu") is ref
-    monkeypatch.setenv("MIKV_CPU_OPS", "fast")
-    with pytest.raises(ValueError, match="MIKV_CPU_OPS"):
+    with pytest.raises(RuntimeError, match="MIKV_VLLM_OPS=cpu"):
+        get_ops("cuda")
+    monkeypatch.setenv("MIKV_VLLM_OPS", "torch")
+    assert get_ops("cpu") is ref and get_ops("cuda") is ref
+    monkeypatch.setenv("MIKV_VLLM_OPS", "triton")      # kernels are interpreted in this process
+    assert get_ops("cpu") is TritonOps
+    monkeypatch.setenv("MIKV_VLLM_OPS", "Fast")
+    with pytest.raises(ValueError, match="MIKV_VLLM_OPS='fast': must be one of"):
         get_ops("cpu")
+
+
+def test_switch_triton_on_cpu_needs_the_interpreter():
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["MIKV_VLLM_OPS"] = "triton"
+    proc = subprocess.run([sys.executable, "-c", "from mikv_vllm.kernels import get_ops; get_ops('cpu')"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "needs TRITON_INTERPRET=1" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_triton_ops_contract():
