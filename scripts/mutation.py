@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # semantics tests first (pytest -x stops at the first failure; later paths are deduplicated)
 TESTS = ["tests/core/test_importance.py", "tests/core/test_selection.py", "tests/core/test_reference.py",
-         "tests/core/test_decode_batch.py", "tests/core/test_quant.py", "tests/kernels", "tests/core"]
+         "tests/core/test_decode_batch.py", "tests/core/test_quant.py", "tests/cpu", "tests/kernels", "tests/core"]
 
 REF = "mikv_vllm/core/reference.py"
 IMP = "mikv_vllm/core/importance.py"
@@ -39,6 +39,7 @@ QNT = "mikv_vllm/core/quant.py"
 BAL = "mikv_vllm/core/balancer.py"
 KST = "mikv_vllm/kernels/store.py"
 KDE = "mikv_vllm/kernels/decode.py"
+CPP = "mikv_vllm/cpu/mikv_cpu.cpp"
 
 
 @dataclass(frozen=True)
@@ -52,10 +53,13 @@ MUTATIONS = [
     Mutation("score-reset-removed", "a reused block keeps the previous request's scores",
              ((REF, "        views.score[blk, :, off] = 0\n", ""),
               (KST, "        tl.store(score_ptr + blk * sc_sb + h * sc_sh + off, tl.zeros((), score_ptr.dtype.element_ty))\n",
-               "        pass\n"))),
+               "        pass\n"),
+              (CPP, "      if (L.score_dtype == 0) reinterpret_cast<float*>(reg + L.score)[off] = 0.f;\n"
+                    "      else reinterpret_cast<uint16_t*>(reg + L.score)[off] = 0;\n", ""))),
     Mutation("tag-reset-removed", "a reused block keeps the previous request's hi tags",
              ((REF, "        views.tag[blk[off == 0]] = 0\n", ""),
-              (KST, "mask=(ri < R) & (ri + off == ri))", "mask=(ri < R) & (ri + off == ri) & (ri < 0))"))),
+              (KST, "mask=(ri < R) & (ri + off == ri))", "mask=(ri < R) & (ri + off == ri) & (ri < 0))"),
+              (CPP, "      if (off == 0) std::memset(reg + L.tag, 0, R * sizeof(int32_t));\n", ""))),
     Mutation("score-off-by-one", "hi maintenance reads each candidate's score one position off",
              ((REF, "scores = all_scores.gather(1, positions.clamp(min=0))",
                "scores = all_scores.gather(1, (positions + 1).clamp(min=0, max=all_scores.shape[1] - 1))"),
@@ -75,7 +79,8 @@ MUTATIONS = [
     Mutation("scores-not-accumulated", "attention mass never reaches the page scores",
              ((REF, "    cur[:, :length] += mass.float()\n", ""),
               (REF, "    cur[:, :, :s] += torch.where(live, mass[:, :, :s].float(), 0.0)\n", ""),
-              (KDE, "tl.store(ptr, tl.minimum(cur + mass, top)", "tl.store(ptr, tl.minimum(cur + 0.0 * mass, top)"))),
+              (KDE, "tl.store(ptr, tl.minimum(cur + mass, top)", "tl.store(ptr, tl.minimum(cur + 0.0 * mass, top)"),
+              (CPP, "      if (R) add_score(reg, o, mass);", "      if (R) add_score(reg, o, 0.f);"))),
     Mutation("demotion-skipped", "tokens that lose the selection keep their hi tag",
              ((REF, "new_tags = torch.where(keep[:, :num_slots], tags, torch.zeros_like(tags))", "new_tags = tags.clone()"),
               (REF, "new_tags = torch.where(keep[..., :num_slots], tags, torch.zeros_like(tags))", "new_tags = tags.clone()"))),
@@ -85,25 +90,29 @@ MUTATIONS = [
               (REF, "bb, hh, ss = torch.nonzero(slot_own & (tags > 0) & (tags <= pos[:, None, None]), as_tuple=True)",
                "bb, hh, ss = torch.nonzero(slot_own & (tags < 0), as_tuple=True)"),
               (KDE, "            is_hi = slot >= 0\n            lo_m = pm & (slot < 0)",
-               "            is_hi = slot < -1\n            lo_m = pm"))),
+               "            is_hi = slot < -1\n            lo_m = pm"),
+              (CPP, "        if (t > 0 && t <= pos) hmap[t - 1] = static_cast<int32_t>(j * R + r);", "        (void)t;"))),
     Mutation("hi-cast-unclamped", "hi copies cast to the hi dtype without clamping (inf in fp16)",
              ((QNT, "    return x.float().clamp(-top, top).to(dtype)", "    return x.to(dtype)"),)),
     Mutation("balancer-not-undone", "dequantized keys are not divided by the balancer",
              ((BAL, "    return k_hat.float() * (1.0 / b.float())", "    return k_hat.float()"),
-              (KDE, "                kx = kx * binv[None, :]\n", "                kx = kx\n"))),
+              (KDE, "                kx = kx * binv[None, :]\n", "                kx = kx\n"),
+              (CPP, "      ql[g * D + d] = qs[g * D + d] / bal[d];", "      ql[g * D + d] = qs[g * D + d];"))),
     Mutation("balancer-wrong-gqa-group", "query heads grouped to the wrong KV head",
              ((BAL, "q.float().abs().reshape(t, hkv, hq // hkv, d).amax(dim=(0, 2))",
                "q.float().abs().reshape(t, hq // hkv, hkv, d).amax(dim=(0, 1))"),)),
     Mutation("quant-truncates", "codes truncated instead of rounded to nearest",
              ((QNT, "codes = torch.floor(t + 0.5).clamp_(0, qmax)", "codes = torch.floor(t).clamp_(0, qmax)"),
-              (KST, "tl.floor(t + 0.5)", "tl.floor(t)"))),
+              (KST, "tl.floor(t + 0.5)", "tl.floor(t)"),
+              (CPP, "      float c = std::floor(t + 0.5f);", "      float c = std::floor(t);"))),
     Mutation("window-scorer-votes-all", "the window scorer counts every query row",
              ((REF, "        return max(0, num_rows - config.obs_window)\n", "        return 0\n"),)),
     Mutation("evicted-tokens-attended", "h2o: tokens outside the hi set still get attention weight",
              ((REF, "        logits = torch.einsum(\"hgtd,hsd->hgts\", qh[:, :, i0:i1], keys[:, :e])\n",
                "        logits = torch.einsum(\"hgtd,hsd->hgts\", qh[:, :, i0:i1], keys[:, :e])\n        key_ok = torch.ones_like(key_ok)\n"),
               (REF, "        if not all_valid:   # evicted tokens", "        if False:   # evicted tokens"),
-              (KDE, "            ok = is_hi\n", "            ok = pm\n"))),
+              (KDE, "            ok = is_hi\n", "            ok = pm\n"),
+              (CPP, "        for (int64_t g = 0; g < G; ++g) lg[g * S + t] = NEG_INF;", "        for (int64_t g = 0; g < G; ++g) lg[g * S + t] = 0.f;"))),
 ]
 
 
