@@ -40,3 +40,27 @@ def test_decode_only_step_is_leading():
 def test_prefill_only_step_has_no_decode_rows():
     meta, _ = _build([4, 2], [0, 8])
     assert meta.decode is None and meta.chunks == [(0, 0, 4, 0), (1, 4, 6, 8)]
+
+
+def test_capture_shaped_batch_takes_the_batched_path():
+    """vLLM's CUDA-graph capture / first-token batches: 512 one-token rows at context 0."""
+    import math
+
+    from mikv_vllm.config import preset
+    from mikv_vllm.core.layout import RegionLayout
+    from mikv_vllm.kernels import get_ops
+
+    meta, _ = _build([1] * 512, [0] * 512, block_size=128, cols=1)
+    assert meta.chunks == [] and meta.decode.leading and meta.decode.pos.tolist() == [0] * 512
+    ops = get_ops("cpu")
+    cfg = preset("mikv")
+    lay = RegionLayout.build(cfg, 128, 64)
+    regions = torch.zeros(512, 3, lay.region_bytes, dtype=torch.uint8)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(512, h, 64, generator=gen) for h in (9, 3, 3))
+    table = torch.arange(512, dtype=torch.int32)[:, None]     # _build's table has 1 column per request here
+    out = ops.forward_decode(regions, lay, cfg, table, meta.decode.pos, q, k, v, 1 / math.sqrt(64))
+    # a first token attends only to itself, and each request got its own balancer and sink
+    assert torch.allclose(out, v.repeat_interleave(3, dim=1), atol=1e-6)
+    views = lay.views(regions)
+    assert (views.tag[:, :, 0] == 1).all() and (views.balancer != 0).any(dim=-1).all()

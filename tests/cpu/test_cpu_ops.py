@@ -19,8 +19,7 @@ PROMPTS = [37, 0, 16, 5, 1, 70]      # multi-block, first token (context 0), blo
 CONFIGS = {
     "mikv": (preset("mikv"), 3, 64),
     "mikv-paper-gqa1": (preset("mikv-paper"), 1, 32),
-    "int4-fp32-hi-fp16-score": (MiKVConfig(policy="mikv", lo_bits=4, hi_ratio=0.25, hi_dtype="float32",
-                                           score_dtype="float16"), 2, 64),
+    "int4-fp32-hi": (MiKVConfig(policy="mikv", lo_bits=4, hi_ratio=0.25, hi_dtype="float32"), 2, 64),
     "int8-bf16-hi-nobal-g8": (MiKVConfig(policy="mikv", lo_bits=8, hi_ratio=0.2, hi_dtype="bfloat16",
                                          balancer=False, group_size=8), 3, 32),
     "int3-group16-all-hi": (MiKVConfig(policy="mikv", lo_bits=3, hi_ratio=1.0, group_size=16), 4, 64),
@@ -92,7 +91,7 @@ def test_decode_step_matches_reference(name):
     assert torch.equal(mine[unused], regions[unused])
 
 
-@pytest.mark.parametrize("name", ["mikv", "int4-fp32-hi-fp16-score", "h2o", "int3-group16-all-hi"])
+@pytest.mark.parametrize("name", ["mikv", "int4-fp32-hi", "h2o", "int3-group16-all-hi"])
 def test_forward_decode_steps_match_reference(name):
     cfg, group, d = CONFIGS[name]
     lay, regions, table, qkv, unused = _setup(cfg, group, d, seed=1)
