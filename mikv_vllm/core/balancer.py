@@ -20,16 +20,17 @@ B_MIN, B_MAX = 2.0 ** -14, 2.0 ** 14
 
 
 def compute_balancer(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Balancer ``b[Hkv, D]`` (fp32) from queries ``[T, Hq, D]`` and keys ``[T, Hkv, D]``.
+    """Balancer ``b[..., Hkv, D]`` (fp32) from queries ``[..., T, Hq, D]`` and keys ``[..., T, Hkv, D]``.
 
-    Channels where max|q| or max|k| is 0 or non-finite get b = 1.
+    The max runs over the T tokens (leading dims are independent requests, e.g. ``[B, 1, Hq, D]``
+    for B one-token rows). Channels where max|q| or max|k| is 0 or non-finite get b = 1.
     """
-    t, hq, d = q.shape
-    hkv = k.shape[1]
-    if hq % hkv or k.shape[0] != t or k.shape[2] != d:
+    *lead, t, hq, d = q.shape
+    hkv = k.shape[-2]
+    if hq % hkv or tuple(k.shape[:-2]) != (*lead, t) or k.shape[-1] != d:
         raise ValueError(f"incompatible q {tuple(q.shape)} and k {tuple(k.shape)}")
-    qmax = q.float().abs().reshape(t, hkv, hq // hkv, d).amax(dim=(0, 2))   # [Hkv, D]
-    kmax = k.float().abs().amax(dim=0)                                     # [Hkv, D]
+    qmax = q.float().abs().reshape(*lead, t, hkv, hq // hkv, d).amax(dim=(-4, -2))   # [..., Hkv, D]
+    kmax = k.float().abs().amax(dim=-3)                                            # [..., Hkv, D]
     ok = (qmax > 0) & (kmax > 0) & torch.isfinite(qmax) & torch.isfinite(kmax)
     ratio = torch.where(ok, qmax / torch.where(ok, kmax, torch.ones_like(kmax)), torch.ones_like(qmax))
     b = torch.sqrt(ratio)

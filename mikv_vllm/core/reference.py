@@ -437,13 +437,18 @@ def maintain_hi_decode(regions: torch.Tensor, layout: RegionLayout, config: MiKV
 
 def decode_balancer(regions: torch.Tensor, layout: RegionLayout, block_tables: torch.Tensor,
                     pos: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
-    """Balancer ``[B, H, D]`` of each request (computed and stored for a request at position 0)."""
+    """Balancer ``[B, H, D]`` of each request: computed from its own token and stored for a request at
+    position 0 (vLLM's first tokens, CUDA-graph capture batches), loaded otherwise. Vectorised, no
+    host sync: every row computes a candidate, rows at position 0 keep and store it."""
     if not layout.has_balancer:
         return None
-    if bool((pos == 0).any()):
-        return torch.stack([request_balancer(regions, layout, block_tables[i], int(pos[i]), q[i:i + 1], k[i:i + 1])
-                            for i in range(pos.shape[0])])
-    return from_storage(layout.views(regions).balancer[block_tables[:, 0].long()])
+    store = layout.views(regions).balancer
+    first = block_tables[:, 0].to(regions.device).long()
+    fresh = (pos.to(regions.device) == 0)[:, None, None]
+    new = to_storage(compute_balancer(q[:, None], k[:, None])).to(regions.device)   # [B, H, D] fp16
+    stored = torch.where(fresh, new, store[first])
+    store[first] = stored
+    return from_storage(stored)
 
 
 # Padded context tokens (requests x longest context) per vectorised decode call: larger batches
