@@ -37,9 +37,12 @@ PASSKEY_TOKENS = 1000
 PASSKEY_TRIALS = 10
 LOSSLESS = {"preset": "mikv", "hi_ratio": 1.0, "hi_dtype": "float32"}
 # aggregated fields that must not depend on how the model is sharded
-SHARD_INVARIANT = ("num_kv_heads", "num_layers", "sampled_layers", "steps", "tokens_stored", "prefill_tokens",
-                   "decode_tokens", "promoted", "demoted", "hi_tokens", "seen_tokens")
-PAIRS = ("promoted", "demoted", "hi_tokens", "seen_tokens")
+SHARD_INVARIANT = ("num_kv_heads", "num_layers", "sampled_layers", "tokens_stored", "prefill_tokens",
+                   "decode_tokens", "promoted", "demoted")
+# cumulative (token, KV head) counters: each rank holds a third. hi_tokens / seen_tokens describe
+# the last step only, and which requests that step held depends on scheduling (the multiprocess
+# executor schedules asynchronously), so they are compared within the TP run only.
+PAIRS = ("promoted", "demoted")
 # the shared fixture starts 3 engines (~3.5 min on 2 idle cores, 8 min on a loaded box); its
 # time is charged to the first test, so the engine tests get more than the suite's 900 s
 ENGINE_TIMEOUT_S = 1800
@@ -111,14 +114,15 @@ def test_tp3_stats_report_every_rank_and_sum(results):
         assert w["num_kv_heads"] * TP == tp1["num_kv_heads"] == 3
         assert w["num_layers"] == tp1["num_layers"] and w["sampled_layers"] == tp1["sampled_layers"] == 1
         assert w["tokens_stored"] == tp1["tokens_stored"] > 0
-        # r = 1: every pair is hi; each rank holds a third of the TP=1 pairs
-        assert w["hi_tokens"] == w["seen_tokens"] > 0
+        # r = 1: every pair of the last step is hi, and all ranks saw the same step
+        assert w["hi_tokens"] == w["seen_tokens"] == workers[0]["seen_tokens"] > 0
         for key in PAIRS:
             assert w[key] * TP == tp1[key], (key, w[key], tp1[key])
     one, three = results["tp1_stats"], results["tp3_stats"]
     assert three["num_workers"] == TP and three["tensor_parallel_size"] == TP and len(three["workers"]) == TP
     for key in SHARD_INVARIANT:
         assert three[key] == one[key], (key, three[key], one[key])
+    assert three["hi_tokens"] == three["seen_tokens"] == TP * workers[0]["seen_tokens"]
     assert three["hi_occupancy"] == one["hi_occupancy"] == 1.0
     assert three["bytes_per_token_per_head"] == one["bytes_per_token_per_head"]
 
