@@ -64,3 +64,14 @@ def test_capture_shaped_batch_takes_the_batched_path():
     assert torch.allclose(out, v.repeat_interleave(3, dim=1), atol=1e-6)
     views = lay.views(regions)
     assert (views.tag[:, :, 0] == 1).all() and (views.balancer != 0).any(dim=-1).all()
+
+
+def test_engines_built_one_after_another_see_their_own_config():
+    """customize_spec's config: the latest engine built in the process, not a process-wide conflict."""
+    from mikv_vllm.config import preset
+    from mikv_vllm.vllm_glue import backend
+
+    backend._publish(preset("mikv"))
+    assert backend.active_config().name == "mikv"
+    backend._publish(preset("mikv-int4"))          # a second engine with another preset
+    assert backend.active_config().name == "mikv-int4"

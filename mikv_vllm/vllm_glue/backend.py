@@ -38,21 +38,22 @@ from .stats import LayerStats
 
 logger = logging.getLogger("vllm.mikv")  # child of vLLM's configured logger
 
-# customize_spec() runs without a config context (vLLM calls it through the
-# worker wrapper); the impls, built earlier during model construction, publish
-# the engine's MiKV config here.
-_ACTIVE: dict[str, MiKVConfig] = {}
-_ACTIVE_LOCK = threading.Lock()
+# customize_spec() may run without a config context (vLLM calls it through the worker wrapper
+# once the model is built). The impls of the model just built record their engine's config here;
+# the latest engine built in this process wins, so engines built one after another in one process
+# (offline use, the eval harness) each see their own preset.
+_LAST_BUILT: dict[str, MiKVConfig] = {}
+_LAST_BUILT_LOCK = threading.Lock()
 
 
 def active_config() -> MiKVConfig:
-    """The MiKV config of this process's engine (raises if none is set)."""
-    with _ACTIVE_LOCK:
-        config = _ACTIVE.get("config")
+    """The MiKV config of the engine being set up: the current vLLM config context's, else the
+    one recorded by the most recently built MiKV impls of this process (raises if neither)."""
+    vllm_config = get_current_vllm_config_or_none()
+    config = MiKVConfig.from_additional_config(vllm_config.additional_config) if vllm_config else None
     if config is None:
-        vllm_config = get_current_vllm_config_or_none()
-        if vllm_config is not None:
-            config = MiKVConfig.from_additional_config(vllm_config.additional_config)
+        with _LAST_BUILT_LOCK:
+            config = _LAST_BUILT.get("config")
     if config is None:
         raise RuntimeError(
             "MiKV attention backend selected but no kv_cache_policy is set in additional_config; "
@@ -61,10 +62,8 @@ def active_config() -> MiKVConfig:
 
 
 def _publish(config: MiKVConfig) -> None:
-    with _ACTIVE_LOCK:
-        if _ACTIVE.get("config") not in (None, config):
-            raise RuntimeError(f"conflicting MiKV configs in one process: {_ACTIVE['config']} vs {config}")
-        _ACTIVE["config"] = config
+    with _LAST_BUILT_LOCK:
+        _LAST_BUILT["config"] = config
 
 
 class MiKVAttentionBackend(AttentionBackend):
