@@ -128,6 +128,30 @@ def store_at(regions: torch.Tensor, layout: RegionLayout, blk: torch.Tensor, off
 
 
 # ------------------------------------------------------------------- gather
+def lo_context(regions: torch.Tensor, layout: RegionLayout, blocks: torch.Tensor, length: int,
+               balancer: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Lo copies of the first ``length`` positions held by ``blocks`` (1-D block ids, in order):
+    K (divided by ``balancer [H, D]``), V ``[H, length, D]`` fp32 and ``valid [H, length]``.
+
+    Whole blocks are dequantized at once (cheaper than per-token indexing), then trimmed. With
+    lo_bits 0 every position is invalid with K = V = 0 (evicted unless a hi copy is laid over it).
+    """
+    h, d, dev = regions.shape[1], layout.head_dim, regions.device
+    if not layout.bits:
+        zeros = torch.zeros(h, length, d, device=dev)
+        return zeros, zeros.clone(), torch.zeros(h, length, dtype=torch.bool, device=dev)
+    views = layout.views(regions)
+
+    def lo(packed: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
+        x = dequantize(packed[blocks], sz[blocks], layout.bits, layout.group, d)   # [nb, H, N, D]
+        return x.transpose(0, 1).reshape(h, -1, d)[:, :length]
+
+    k, v = lo(views.k_lo, views.k_sz), lo(views.v_lo, views.v_sz)
+    if balancer is not None:
+        k = unbalance_keys(k, balancer[:, None, :])
+    return k.contiguous(), v.contiguous(), torch.ones(h, length, dtype=torch.bool, device=dev)
+
+
 def gather_context(regions: torch.Tensor, layout: RegionLayout, block_row: torch.Tensor, ctx_len: int,
                    balancer: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """K, V ``[H, L, D]`` fp32 and ``valid [H, L]`` for positions ``[0, ctx_len)``.
@@ -138,26 +162,10 @@ def gather_context(regions: torch.Tensor, layout: RegionLayout, block_row: torch
     """
     views = layout.views(regions)
     ctx_len = int(ctx_len)
-    h, d, n = regions.shape[1], layout.head_dim, layout.block_size
+    h, n = regions.shape[1], layout.block_size
     dev = regions.device
     row = block_row.to(dev).long()
-    if layout.bits:
-        # Whole blocks at once (cheaper than per-token indexing), then trim to ctx_len.
-        blocks = row[:_num_blocks(ctx_len, n)]
-
-        def lo(packed: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
-            x = dequantize(packed[blocks], sz[blocks], layout.bits, layout.group, d)   # [nb, H, N, D]
-            return x.transpose(0, 1).reshape(h, -1, d)[:, :ctx_len]
-
-        k, v = lo(views.k_lo, views.k_sz), lo(views.v_lo, views.v_sz)
-        if balancer is not None:
-            k = unbalance_keys(k, balancer[:, None, :])
-        k, v = k.contiguous(), v.contiguous()
-        valid = torch.ones(h, ctx_len, dtype=torch.bool, device=dev)
-    else:
-        k = torch.zeros(h, ctx_len, d, device=dev)
-        v = torch.zeros(h, ctx_len, d, device=dev)
-        valid = torch.zeros(h, ctx_len, dtype=torch.bool, device=dev)
+    k, v, valid = lo_context(regions, layout, row[:_num_blocks(ctx_len, n)], ctx_len, balancer)
     if layout.hi_slots and ctx_len:
         blocks = row[:_num_blocks(ctx_len, n)]
         tags = views.tag[blocks].transpose(0, 1).reshape(h, -1)                      # [H, S]

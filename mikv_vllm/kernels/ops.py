@@ -18,8 +18,6 @@ import torch
 from ..config import MiKVConfig
 from ..core import reference as ref
 from ..core.layout import RegionLayout
-from ..core.balancer import unbalance_keys
-from ..core.quant import dequantize
 from ._common import supported
 from .decode import decode_attention, default_block_n, plan_splits
 from .store import store_tokens, write_tokens
@@ -109,23 +107,8 @@ def _context_chunk(regions: torch.Tensor, layout: RegionLayout, blocks: torch.Te
                    balancer: torch.Tensor | None, hi: tuple[torch.Tensor, ...]):
     """``reference.gather_context`` restricted to positions ``[c0, c1)`` (``c0`` a multiple of the
     block size): K, V ``[H, C, D]`` fp32 and valid ``[H, C]``."""
-    views, n, d, h = layout.views(regions), layout.block_size, layout.head_dim, regions.shape[1]
-    dev, c = regions.device, c1 - c0
-    if layout.bits:
-        sel = blocks[c0 // n: -(-c1 // n)]
-
-        def lo(packed: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
-            x = dequantize(packed[sel], sz[sel], layout.bits, layout.group, d)       # [nb, H, N, D]
-            return x.transpose(0, 1).reshape(h, -1, d)[:, :c]
-
-        k, v = lo(views.k_lo, views.k_sz), lo(views.v_lo, views.v_sz)
-        if balancer is not None:
-            k = unbalance_keys(k, balancer[:, None, :])
-        valid = torch.ones(h, c, dtype=torch.bool, device=dev)
-    else:
-        k = torch.zeros(h, c, d, device=dev)
-        v = torch.zeros(h, c, d, device=dev)
-        valid = torch.zeros(h, c, dtype=torch.bool, device=dev)
+    views, n = layout.views(regions), layout.block_size
+    k, v, valid = ref.lo_context(regions, layout, blocks[c0 // n: -(-c1 // n)], c1 - c0, balancer)
     hh, pos, blk, rr = hi
     if hh.numel():
         lo_i, hi_i = (int(x) for x in torch.searchsorted(pos, torch.tensor([c0, c1], device=pos.device)))
