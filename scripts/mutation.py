@@ -39,7 +39,8 @@ QNT = "mikv_vllm/core/quant.py"
 BAL = "mikv_vllm/core/balancer.py"
 KST = "mikv_vllm/kernels/store.py"
 KDE = "mikv_vllm/kernels/decode.py"
-CPP = "mikv_vllm/cpu/mikv_cpu.cpp"
+CPP = "mikv_vllm/cpu/mikv_decode.cpp"
+CPH = "mikv_vllm/cpu/mikv_common.h"
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,7 @@ MUTATIONS = [
     Mutation("quant-truncates", "codes truncated instead of rounded to nearest",
              ((QNT, "codes = torch.floor(t + 0.5).clamp_(0, qmax)", "codes = torch.floor(t).clamp_(0, qmax)"),
               (KST, "tl.floor(t + 0.5)", "tl.floor(t)"),
-              (CPP, "      float c = std::floor(t + 0.5f);", "      float c = std::floor(t);"))),
+              (CPH, "      float c = std::floor(t + 0.5f);", "      float c = std::floor(t);"))),
     Mutation("window-scorer-votes-all", "the window scorer counts every query row",
              ((REF, "        return max(0, num_rows - config.obs_window)\n", "        return 0\n"),)),
     Mutation("evicted-tokens-attended", "h2o: tokens outside the hi set still get attention weight",

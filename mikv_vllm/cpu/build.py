@@ -1,4 +1,5 @@
-"""Build (once per machine) and load the C++ CPU op ``mikv_cpu.cpp`` with torch's extension tools.
+"""Build (once per machine) and load the C++ CPU ops (``mikv_cpu.cpp`` bindings, ``mikv_decode.cpp``,
+shared ``mikv_common.h``) with torch's extension tools.
 
 The extension is compiled at first use with the host compiler (``-O3 -march=native -fopenmp``,
 512-bit vectors preferred) into ``$MIKV_CPU_BUILD_DIR`` (default
@@ -19,7 +20,9 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("mikv_cpu.cpp")
+_HERE = Path(__file__).parent
+SOURCES = [_HERE / "mikv_cpu.cpp", _HERE / "mikv_decode.cpp"]   # compiled and linked together
+HEADERS = [_HERE / "mikv_common.h"]                              # hashed into the build name
 CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-DNDEBUG"]
 LDFLAGS = ["-fopenmp"]
 
@@ -52,7 +55,7 @@ def build_dir() -> Path:
 
 def build_name() -> str:
     h = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(CFLAGS + LDFLAGS).encode(), torch.__version__.encode(),
+    for part in (*(p.read_bytes() for p in SOURCES + HEADERS), " ".join(CFLAGS + LDFLAGS).encode(), torch.__version__.encode(),
                  _cpu_flags().encode(), platform.machine().encode()):
         h.update(part)
     return f"mikv_cpu_{h.hexdigest()[:12]}"
@@ -71,10 +74,10 @@ def load():
             directory = build_dir() / name
             directory.mkdir(parents=True, exist_ok=True)
             try:
-                _MODULE = _load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
+                _MODULE = _load(name=name, sources=[str(p) for p in SOURCES], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
                                 build_directory=str(directory), verbose=os.environ.get("MIKV_CPU_BUILD_VERBOSE") == "1")
             except Exception as exc:
                 raise CpuOpBuildError(
-                    f"building the MiKV C++ CPU op from {SOURCE} in {directory} failed (needs a C++17 compiler "
+                    f"building the MiKV C++ CPU op from {', '.join(p.name for p in SOURCES)} in {directory} failed (needs a C++17 compiler "
                     f"and ninja; set MIKV_VLLM_OPS=torch to run the torch reference instead): {exc}") from exc
     return _MODULE

@@ -20,7 +20,7 @@ _SCORE = {torch.float32: 0, torch.float16: 1}
 
 
 def layout_meta(layout: RegionLayout) -> list[int]:
-    """The layout as the flat int list the C++ op takes (order of ``Layout`` in mikv_cpu.cpp)."""
+    """The layout as the flat int list the C++ op takes (order of ``Layout`` in mikv_common.h)."""
     return [layout.block_size, layout.head_dim, layout.bits, layout.group, layout.hi_slots, layout.region_bytes,
             layout.k_lo, layout.v_lo, layout.k_sz, layout.v_sz, layout.score, layout.tag, layout.k_hi,
             layout.v_hi, layout.balancer, _HI[layout.hi_dtype], _SCORE[layout.score_dtype],

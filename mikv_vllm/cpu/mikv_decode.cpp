@@ -1,0 +1,245 @@
+// Fused MiKV decode step on CPU: store + two-tier attention + score accumulation, reading the
+// packed page bytes directly. Semantics: mikv_vllm.core.reference (decode_balancer + store_at +
+// gather_decode + attention_decode + accumulate_scores_decode); hi-set upkeep stays in torch.
+//
+// One task per (request b, KV head h), run with at::parallel_for (OpenMP). Every task touches only
+// the regions (blk, h) of its own request's blocks, so tasks never write the same bytes.
+#include "mikv_common.h"
+
+namespace {
+
+// GT / DT: compile-time query-group size and head_dim (0 = runtime), so the common shapes keep
+// their accumulators in registers.
+template <int BITS, int GT, int DT>
+void decode_task(const Layout& L, uint8_t* regions, int64_t H, const int32_t* row, int64_t pos, const float* q,
+                 const float* kn, const float* vn, float scale, int64_t G_rt, bool do_store, float* out,
+                 std::vector<float>& buf, std::vector<int32_t>& hmap, std::vector<uint8_t>& scratch, int64_t h) {
+  constexpr bool FIXED = GT > 0 && DT > 0;
+  const int64_t G = FIXED ? GT : G_rt, D = FIXED ? DT : L.D;
+  const int64_t N = L.N, R = L.R, P = L.packed(), NG = L.groups();
+  auto region = [&](int64_t j) { return regions + (static_cast<int64_t>(row[j]) * H + h) * L.region_bytes; };
+
+  // 1. balancer (computed and stored at position 0, loaded otherwise)
+  buf.resize(static_cast<size_t>(D) * (2 * G + 4) + static_cast<size_t>(G) * (pos + 1));
+  float* bal = buf.data();                 // [D]
+  float* xk = bal + D;                     // [D] scratch token
+  float* qs = xk + D;                      // [G, D] q * scale (hi + new token)
+  float* ql = qs + G * D;                  // [G, D] q * scale / b (lo tokens)
+  float* accv = ql + G * D;                // [D] P @ V scratch row
+  float* vx = accv + D;                    // [D]
+  float* lg = vx + D;                      // [G, pos + 1] logits -> probabilities
+  for (int64_t d = 0; d < D; ++d) bal[d] = 1.f;
+  if (L.has_bal) {
+    uint16_t* bs = reinterpret_cast<uint16_t*>(region(0) + L.balancer);
+    if (pos == 0 && do_store) {
+      for (int64_t d = 0; d < D; ++d) {
+        float qm = 0.f;
+        bool qnan = false;
+        for (int64_t g = 0; g < G; ++g) {
+          float a = std::fabs(q[g * D + d]);
+          if (std::isnan(a)) qnan = true;
+          qm = std::max(qm, a);
+        }
+        if (qnan) qm = std::numeric_limits<float>::quiet_NaN();
+        const float km = std::fabs(kn[d]);
+        const bool ok = qm > 0.f && km > 0.f && std::isfinite(qm) && std::isfinite(km);
+        float b = std::sqrt(ok ? qm / km : 1.f);
+        if (!(std::isfinite(b) && b > 0.f)) b = 1.f;
+        b = std::min(std::max(b, 6.103515625e-05f), 16384.f);   // to_storage: clamp [2^-14, 2^14]
+        bs[d] = float_to_half_bits(b);
+      }
+    }
+    for (int64_t d = 0; d < D; ++d) bal[d] = half_to_float(bs[d]);
+  }
+
+  // 2. store the new token at pos: lo copies, score 0, tags of a fresh block cleared
+  if (do_store) {
+    uint8_t* reg = region(pos / N);
+    const int64_t off = pos % N;
+    if (R) {
+      if (off == 0) std::memset(reg + L.tag, 0, R * sizeof(int32_t));
+      if (L.score_dtype == 0) reinterpret_cast<float*>(reg + L.score)[off] = 0.f;
+      else reinterpret_cast<uint16_t*>(reg + L.score)[off] = 0;
+    }
+    if (L.bits) {
+      for (int64_t d = 0; d < D; ++d) xk[d] = kn[d] * bal[d];
+      quantize_token(xk, D, L.bits, L.group, reg + L.k_lo + off * P,
+                     reinterpret_cast<uint16_t*>(reg + L.k_sz) + off * NG * 2, scratch.data());
+      quantize_token(vn, D, L.bits, L.group, reg + L.v_lo + off * P,
+                     reinterpret_cast<uint16_t*>(reg + L.v_sz) + off * NG * 2, scratch.data());
+    }
+  }
+
+  // 3. hi slot map of the context: position -> j * R + r (tags in (0, pos] of the first ceil(pos/N) blocks)
+  const int64_t nb_ctx = (pos + N - 1) / N;
+  if (R) {
+    hmap.assign(static_cast<size_t>(pos), -1);
+    for (int64_t j = 0; j < nb_ctx; ++j) {
+      const int32_t* tags = reinterpret_cast<const int32_t*>(region(j) + L.tag);
+      for (int64_t r = 0; r < R; ++r) {
+        const int32_t t = tags[r];
+        if (t > 0 && t <= pos) hmap[t - 1] = static_cast<int32_t>(j * R + r);
+      }
+    }
+  }
+  const int64_t hi_es = L.hi_dtype == 2 ? 4 : 2;
+  auto hi_ptr = [&](int64_t slot, int64_t off_base) {
+    return region(slot / R) + off_base + (slot % R) * D * hi_es;
+  };
+
+  // 4. logits: hi copy where tagged, else lo codes (q pre-divided by b); evicted tokens -inf
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t d = 0; d < D; ++d) {
+      qs[g * D + d] = q[g * D + d] * scale;
+      ql[g * D + d] = qs[g * D + d] / bal[d];
+    }
+  const int64_t S = pos + 1;
+  const float NEG_INF = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < nb_ctx; ++j) {
+    const uint8_t* reg = region(j);
+    const int64_t n_here = std::min(N, pos - j * N);
+    for (int64_t o = 0; o < n_here; ++o) {
+      const int64_t t = j * N + o;
+      const int32_t slot = R ? hmap[t] : -1;
+      if (slot >= 0) {
+        load_hi(hi_ptr(slot, L.k_hi), L.hi_dtype, D, xk);
+        dots<GT>(qs, G, xk, D, lg + t, S);
+      } else if (BITS) {
+        dequant<BITS>(reg + L.k_lo + o * P, reinterpret_cast<const uint16_t*>(reg + L.k_sz) + o * NG * 2, D, L.group,
+                      xk);
+        dots<GT>(ql, G, xk, D, lg + t, S);
+      } else {
+        for (int64_t g = 0; g < G; ++g) lg[g * S + t] = NEG_INF;
+      }
+    }
+  }
+  for (int64_t g = 0; g < G; ++g) lg[g * S + pos] = dot(qs + g * D, kn, D);
+
+  // 5. softmax per query head
+  for (int64_t g = 0; g < G; ++g) softmax_row(lg + g * S, S);
+
+  // 6. P @ V (V dequantized on the fly) and score mass (sum over the group's query heads)
+  float oacc_fixed[FIXED ? GT * DT : 1];
+  float* oacc = FIXED ? oacc_fixed : out;   // local (register) accumulators for the fixed shapes
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t d = 0; d < D; ++d) oacc[g * D + d] = 0.f;
+  const float top = L.score_dtype == 0 ? std::numeric_limits<float>::max() : 65504.f;
+  auto add_score = [&](uint8_t* reg, int64_t o, float mass) {
+    if (L.score_dtype == 0) {
+      float* sc = reinterpret_cast<float*>(reg + L.score) + o;
+      *sc = std::min(*sc + mass, top);
+    } else {
+      uint16_t* sc = reinterpret_cast<uint16_t*>(reg + L.score) + o;
+      *sc = float_to_half_bits(std::min(half_to_float(*sc) + mass, top));
+    }
+  };
+  for (int64_t j = 0; j * N < S; ++j) {
+    uint8_t* reg = region(j);
+    const int64_t n_here = std::min(N, S - j * N);
+    for (int64_t o = 0; o < n_here; ++o) {
+      const int64_t t = j * N + o;
+      const float* vrow;
+      if (t == pos) {
+        vrow = vn;
+      } else {
+        const int32_t slot = R ? hmap[t] : -1;
+        if (slot >= 0) {
+          load_hi(hi_ptr(slot, L.v_hi), L.hi_dtype, D, vx);
+        } else if (BITS) {
+          dequant<BITS>(reg + L.v_lo + o * P, reinterpret_cast<const uint16_t*>(reg + L.v_sz) + o * NG * 2, D,
+                        L.group, vx);
+        } else {
+          if (R) add_score(reg, o, 0.f);
+          continue;   // evicted: weight exactly 0
+        }
+        vrow = vx;
+      }
+      float mass = 0.f;
+      for (int64_t g = 0; g < G; ++g) {
+        const float p = lg[g * S + t];
+        mass += p;
+        float* og = oacc + g * D;
+        for (int64_t d = 0; d < D; ++d) og[d] += p * vrow[d];
+      }
+      if (R) add_score(reg, o, mass);
+    }
+  }
+  if (FIXED) std::memcpy(out, oacc, sizeof(float) * G * D);
+}
+
+template <int BITS>
+void decode_dispatch(const Layout& L, uint8_t* regions, int64_t H, const int32_t* row, int64_t pos, const float* q,
+                     const float* kn, const float* vn, float scale, int64_t G, bool do_store, float* out,
+                     std::vector<float>& buf, std::vector<int32_t>& hmap, std::vector<uint8_t>& scratch, int64_t h) {
+#define MIKV_TASK(GT, DT) \
+  decode_task<BITS, GT, DT>(L, regions, H, row, pos, q, kn, vn, scale, G, do_store, out, buf, hmap, scratch, h)
+  if (L.D == 64 && G == 1) MIKV_TASK(1, 64);
+  else if (L.D == 64 && G == 3) MIKV_TASK(3, 64);
+  else if (L.D == 64 && G == 4) MIKV_TASK(4, 64);
+  else if (L.D == 128 && G == 1) MIKV_TASK(1, 128);
+  else if (L.D == 128 && G == 2) MIKV_TASK(2, 128);
+  else MIKV_TASK(0, 0);
+#undef MIKV_TASK
+}
+
+}  // namespace
+
+namespace mikv {
+
+// One decode step for B requests (one token each at position pos[b]); returns out [B, Hq, D] fp32.
+torch::Tensor decode_step(torch::Tensor regions, std::vector<int64_t> meta, torch::Tensor block_tables,
+                          torch::Tensor pos, torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale,
+                          bool do_store) {
+  const Layout L = parse_layout(meta);
+  TORCH_CHECK(regions.device().is_cpu() && regions.scalar_type() == torch::kUInt8 && regions.dim() == 3 &&
+                  regions.is_contiguous() && regions.size(2) == L.region_bytes,
+              "mikv_cpu: regions must be contiguous uint8 [blocks, H, ", L.region_bytes, "] on CPU");
+  TORCH_CHECK(block_tables.scalar_type() == torch::kInt32 && block_tables.dim() == 2 && block_tables.is_contiguous(),
+              "mikv_cpu: block_tables must be contiguous int32 [B, M]");
+  TORCH_CHECK(pos.scalar_type() == torch::kInt64 && pos.dim() == 1 && pos.is_contiguous(), "mikv_cpu: pos int64 [B]");
+  for (const auto* t : {&q, &k, &v})
+    TORCH_CHECK(t->scalar_type() == torch::kFloat32 && t->dim() == 3 && t->is_contiguous() && t->size(2) == L.D,
+                "mikv_cpu: q/k/v must be contiguous fp32 [B, heads, ", L.D, "]");
+  const int64_t B = q.size(0), Hq = q.size(1), H = regions.size(1), D = L.D;
+  TORCH_CHECK(k.size(0) == B && v.size(0) == B && pos.size(0) == B && block_tables.size(0) == B &&
+                  k.size(1) == H && v.size(1) == H && Hq % H == 0,
+              "mikv_cpu: inconsistent shapes");
+  const int64_t G = Hq / H, M = block_tables.size(1), NBLK = regions.size(0);
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  const int32_t* bt = block_tables.data_ptr<int32_t>();
+  for (int64_t b = 0; b < B; ++b) {   // bounds: a bad table must raise, not corrupt memory
+    TORCH_CHECK(pp[b] >= 0 && pp[b] / L.N < M, "mikv_cpu: position ", pp[b], " outside the block table");
+    for (int64_t j = 0; j <= pp[b] / L.N; ++j)
+      TORCH_CHECK(bt[b * M + j] >= 0 && bt[b * M + j] < NBLK, "mikv_cpu: block id ", bt[b * M + j], " out of range");
+  }
+  auto out = torch::empty({B, Hq, D}, q.options());
+  uint8_t* rg = regions.data_ptr<uint8_t>();
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf;
+    std::vector<int32_t> hmap;
+    std::vector<uint8_t> scratch(D);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / H, h = i % H;
+      const float* qb = qp + (b * Hq + h * G) * D;
+      const float* kb = kp + (b * H + h) * D;
+      const float* vb = vp + (b * H + h) * D;
+      float* ob = op + (b * Hq + h * G) * D;
+      const int32_t* row = bt + b * M;
+      switch (L.bits) {
+        case 0: decode_dispatch<0>(L, rg, H, row, pp[b], qb, kb, vb, sc, G, do_store, ob, buf, hmap, scratch, h); break;
+        case 2: decode_dispatch<2>(L, rg, H, row, pp[b], qb, kb, vb, sc, G, do_store, ob, buf, hmap, scratch, h); break;
+        case 3: decode_dispatch<3>(L, rg, H, row, pp[b], qb, kb, vb, sc, G, do_store, ob, buf, hmap, scratch, h); break;
+        case 4: decode_dispatch<4>(L, rg, H, row, pp[b], qb, kb, vb, sc, G, do_store, ob, buf, hmap, scratch, h); break;
+        default: decode_dispatch<8>(L, rg, H, row, pp[b], qb, kb, vb, sc, G, do_store, ob, buf, hmap, scratch, h); break;
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace mikv
