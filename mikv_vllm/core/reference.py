@@ -82,12 +82,17 @@ def load_balancer(regions: torch.Tensor, layout: RegionLayout, block_row: torch.
 
 def request_balancer(regions: torch.Tensor, layout: RegionLayout, block_row: torch.Tensor, ctx_len: int,
                      q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
-    """A request's balancer for a chunk at ``ctx_len``: computed from the chunk and stored when
-    ``ctx_len == 0``, loaded otherwise; None when the layout has none."""
+    """A request's balancer for a chunk at ``ctx_len``: computed and stored when ``ctx_len == 0``,
+    loaded otherwise; None when the layout has none.
+
+    It is computed from the chunk's tokens that fall in the first block (the first
+    ``min(T, block_size)``), so the first block's bytes depend on that block's tokens only
+    (a shareable prefix block, docs/design.md)."""
     if not layout.has_balancer:
         return None
     if int(ctx_len) == 0:
-        return store_balancer(regions, layout, block_row, compute_balancer(q, k))
+        n = layout.block_size
+        return store_balancer(regions, layout, block_row, compute_balancer(q[:n], k[:n]))
     return load_balancer(regions, layout, block_row)
 
 

@@ -65,7 +65,9 @@ def test_balancer_round_trip_through_the_page():
     row = torch.tensor([3, 1, 2])
     forward_request(regions, lay, cfg, row, 0, q[:30], k[:30], v[:30], 0.2)
     stored = load_balancer(regions, lay, row)
-    assert torch.equal(stored, from_storage(to_storage(compute_balancer(q[:30], k[:30]))))
+    # from the chunk's tokens in the first block only (block size 16), not the whole 30-token chunk
+    assert torch.equal(stored, from_storage(to_storage(compute_balancer(q[:16], k[:16]))))
+    assert not torch.equal(stored, from_storage(to_storage(compute_balancer(q[:30], k[:30]))))
     forward_request(regions, lay, cfg, row, 30, q[30:], k[30:], v[30:], 0.2)
     assert torch.equal(load_balancer(regions, lay, row), stored)        # frozen after the first chunk
     kc, _, _ = gather_context(regions, lay, row, 40, stored)
