@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 LO_BITS = (0, 2, 3, 4, 8)
-HI_DTYPES = ("float16", "bfloat16", "float32")
+HI_DTYPES = ("float16", "bfloat16", "float32", "float8_e4m3fn")
 SCORERS = ("accumulated", "window")
 # fp16 scores were dropped: an fp16 running sum stops growing once a score is large (its ulp
 # exceeds the per-step attention mass), which silently freezes the ranking of old tokens.
@@ -37,7 +37,8 @@ class MiKVConfig:
     lo_bits        bits of the low-precision copy every token gets (0 = no copy:
                    tokens outside the hi set are evicted, i.e. H2O).
     group_size     quantization group along head_dim; None = head_dim / 2.
-    hi_dtype       storage dtype of the high-precision tier.
+    hi_dtype       storage dtype of the high-precision tier; ``float8_e4m3fn`` halves a hi
+                   slot (values clamped to +-448, round to nearest even, no scale).
     hi_ratio       r: share of a request's tokens also kept at high precision.
     recent_window  newest tokens kept in the hi tier; None = half the budget.
     sink_tokens    first tokens kept in the hi tier from the first step (attention sinks);
@@ -47,6 +48,8 @@ class MiKVConfig:
                    prefill chunk vote; decode rows always vote).
     balancer       per-channel key balancer b = sqrt(max|q| / max|k|).
     score_dtype    dtype of the per-token accumulated score (float32 only).
+    rotation       rotate q, k, v of every KV head by a fixed randomised Hadamard matrix before
+                   the cache (outputs rotated back; core.rotation); needs a power-of-two head_dim.
     """
 
     name: str = "custom"
@@ -61,6 +64,7 @@ class MiKVConfig:
     obs_window: int = 32
     balancer: bool = True
     score_dtype: str = "float32"
+    rotation: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -96,6 +100,7 @@ class MiKVConfig:
         if self.obs_window <= 0:
             raise MiKVConfigError("obs_window", f"must be positive, got {self.obs_window}")
         _check_type("balancer", self.balancer, bool)
+        _check_type("rotation", self.rotation, bool)
         if self.score_dtype == "float16":
             raise MiKVConfigError("score_dtype", "float16 is no longer supported (an fp16 running sum stops "
                                   "accumulating once scores are large); use float32")
@@ -113,6 +118,8 @@ class MiKVConfig:
             g = self.group_for(head_dim)
             if head_dim % g:
                 raise MiKVConfigError("group_size", f"{g} does not divide head_dim {head_dim}")
+            if self.rotation and (head_dim <= 0 or head_dim & (head_dim - 1)):
+                raise MiKVConfigError("rotation", f"the Hadamard rotation needs a power-of-two head_dim, got {head_dim}")
         return self
 
     # ----------------------------------------------------------------- derived

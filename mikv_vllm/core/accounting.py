@@ -12,18 +12,17 @@
 from __future__ import annotations
 
 from ..config import PRESETS, MiKVConfig, preset
-from .layout import RegionLayout, dense_bytes_per_token, paper_cache_fraction
+from .layout import HI_BITS, RegionLayout, dense_bytes_per_token, paper_cache_fraction
 
 HEAD_DIMS = (64, 128)
 BLOCK_SIZES = (16, 128)
-_HI_BITS = {"float16": 16, "bfloat16": 16, "float32": 32}
 
 
 def paper_fraction_with_lo_copy(config: MiKVConfig, head_dim: int) -> float:
     """``(r*bpe(hi) + bpe(lo)) / 16``: paper accounting plus the lo copy of hi tokens."""
     g = config.group_for(head_dim)
     lo = config.lo_bits + 32 / g if config.lo_bits else 0.0
-    return (config.hi_ratio * _HI_BITS[config.hi_dtype] + lo) / 16
+    return (config.hi_ratio * HI_BITS[config.hi_dtype] + lo) / 16
 
 
 def bytes_row(config: MiKVConfig, head_dim: int, block_size: int) -> dict:

@@ -32,7 +32,9 @@ import torch
 from ..config import MiKVConfig
 
 ALIGN = 16
-HI_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+HI_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+                   "float8_e4m3fn": torch.float8_e4m3fn}
+HI_BITS = {name: torch.finfo(dt).bits for name, dt in HI_TORCH_DTYPES.items()}
 SCORE_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
@@ -203,7 +205,7 @@ def paper_cache_fraction(config: MiKVConfig, head_dim: int) -> float:
     """
     g = config.group_for(head_dim)
     r = config.hi_ratio
-    hi = {"float16": 16, "bfloat16": 16, "float32": 32}[config.hi_dtype]
+    hi = HI_BITS[config.hi_dtype]
     lo = config.lo_bits + 32 / g if config.lo_bits else 0.0
     return (r * hi + (1 - r) * lo) / 16
 

@@ -5,6 +5,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Float8_e4m3fn.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
@@ -29,11 +30,12 @@ namespace {
 struct Layout {
   int64_t N, D, bits, group, R, region_bytes;
   int64_t k_lo, v_lo, k_sz, v_sz, score, tag, k_hi, v_hi, balancer;
-  int64_t hi_dtype;     // 0 fp16, 1 bf16, 2 fp32
+  int64_t hi_dtype;     // 0 fp16, 1 bf16, 2 fp32, 3 fp8 e4m3fn
   int64_t score_dtype;  // 0 fp32, 1 fp16
   int64_t has_bal;
   int64_t packed() const { return D * bits / 8; }
   int64_t groups() const { return bits ? D / group : 0; }
+  int64_t hi_elem() const { return hi_dtype == 2 ? 4 : hi_dtype == 3 ? 1 : 2; }  // bytes of one hi element
 };
 
 constexpr int kMetaLen = 18;
@@ -44,6 +46,7 @@ Layout parse_layout(const std::vector<int64_t>& m) {
            m[15], m[16], m[17]};
   TORCH_CHECK(l.bits == 0 || l.bits == 2 || l.bits == 3 || l.bits == 4 || l.bits == 8, "mikv_cpu: bits ", l.bits);
   TORCH_CHECK(l.bits == 0 || (l.D % 8 == 0 && l.D % l.group == 0), "mikv_cpu: D ", l.D, " group ", l.group);
+  TORCH_CHECK(l.hi_dtype >= 0 && l.hi_dtype <= 3, "mikv_cpu: hi dtype code ", l.hi_dtype);
   return l;
 }
 
@@ -275,23 +278,39 @@ inline void softmax_row(float* __restrict l, int64_t S) {
   for (t = 0; t < S; ++t) l[t] *= inv;
 }
 
+// fp8 e4m3fn -> fp32 for all 256 bit patterns (exact; 0x7f / 0xff are NaN).
+struct Fp8Table {
+  float t[256];
+  Fp8Table() {
+    for (int b = 0; b < 256; ++b) t[b] = static_cast<float>(c10::Float8_e4m3fn(static_cast<uint8_t>(b), c10::Float8_e4m3fn::from_bits()));
+  }
+};
+
+constexpr float kFp8Max = 448.f;  // largest finite e4m3fn value (torch.finfo(torch.float8_e4m3fn).max)
+
 inline void load_hi(const uint8_t* base, int64_t dtype, int64_t D, float* __restrict out) {
   if (dtype == 2) {
     std::memcpy(out, base, D * sizeof(float));
   } else if (dtype == 0) {
     halves_to_floats(reinterpret_cast<const uint16_t*>(base), D, out);
+  } else if (dtype == 3) {
+    static const Fp8Table tab;
+    for (int64_t d = 0; d < D; ++d) out[d] = tab.t[base[d]];
   } else {
     const uint16_t* h = reinterpret_cast<const uint16_t*>(base);
     for (int64_t d = 0; d < D; ++d) out[d] = static_cast<float>(c10::BFloat16(h[d], c10::BFloat16::from_bits()));
   }
 }
 
+// As core.quant.to_hi: fp8 values are clamped to +-448 (NaN stays NaN), then rounded to nearest even.
 inline void store_hi(uint8_t* base, int64_t dtype, int64_t D, const float* x) {
   if (dtype == 2) {
     std::memcpy(base, x, D * sizeof(float));
   } else if (dtype == 0) {
     uint16_t* h = reinterpret_cast<uint16_t*>(base);
     for (int64_t d = 0; d < D; ++d) h[d] = float_to_half_bits(x[d]);
+  } else if (dtype == 3) {
+    for (int64_t d = 0; d < D; ++d) base[d] = c10::Float8_e4m3fn(std::min(std::max(x[d], -kFp8Max), kFp8Max)).x;
   } else {
     uint16_t* h = reinterpret_cast<uint16_t*>(base);
     for (int64_t d = 0; d < D; ++d) h[d] = c10::BFloat16(x[d]).x;

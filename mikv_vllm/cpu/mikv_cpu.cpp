@@ -9,8 +9,25 @@ torch::Tensor decode_step(torch::Tensor regions, std::vector<int64_t> meta, torc
                           bool do_store);
 }  // namespace mikv
 
+namespace {
+// Hi-tier conversions of mikv_common.h (store_hi then load_hi), exposed for tests: x float32 [M, D].
+std::vector<torch::Tensor> hi_roundtrip(torch::Tensor x, int64_t dtype) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "hi_roundtrip: x float32 [M, D]");
+  TORCH_CHECK(dtype >= 0 && dtype <= 3, "hi_roundtrip: dtype code ", dtype);
+  const int64_t M = x.size(0), D = x.size(1), es = dtype == 2 ? 4 : dtype == 3 ? 1 : 2;
+  auto raw = torch::empty({M, D * es}, x.options().dtype(torch::kUInt8));
+  auto back = torch::empty_like(x);
+  for (int64_t i = 0; i < M; ++i) {
+    store_hi(raw.data_ptr<uint8_t>() + i * D * es, dtype, D, x.data_ptr<float>() + i * D);
+    load_hi(raw.data_ptr<uint8_t>() + i * D * es, dtype, D, back.data_ptr<float>() + i * D);
+  }
+  return {raw, back};
+}
+}  // namespace
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_step", &mikv::decode_step,
         "MiKV decode step (store + attention + score accumulation) for B requests, one token each");
+  m.def("hi_roundtrip", &hi_roundtrip, "store_hi + load_hi of x [M, D] float32 (tests): (raw bytes, values)");
   m.attr("META_LEN") = kMetaLen;
 }

@@ -82,7 +82,7 @@ void decode_task(const Layout& L, uint8_t* regions, int64_t H, const int32_t* ro
       }
     }
   }
-  const int64_t hi_es = L.hi_dtype == 2 ? 4 : 2;
+  const int64_t hi_es = L.hi_elem();
   auto hi_ptr = [&](int64_t slot, int64_t off_base) {
     return region(slot / R) + off_base + (slot % R) * D * hi_es;
   };

@@ -15,7 +15,7 @@ from ..core import reference as ref
 from ..core.layout import RegionLayout
 from .build import load
 
-_HI = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
+_HI = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float8_e4m3fn: 3}
 _SCORE = {torch.float32: 0, torch.float16: 1}
 
 

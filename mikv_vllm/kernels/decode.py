@@ -243,6 +243,16 @@ def plan_splits(batch: int, heads: int, max_ctx: int, block_n: int, device: torc
     return tps, splits
 
 
+def check_hi_dtype(layout: RegionLayout, device: torch.device) -> None:
+    """fp8 hi copies are read as ``tl.float8e4nv``: CUDA needs compute capability 8.9+ (the
+    interpreter handles them on CPU). Raises with the alternatives instead of a compiler error."""
+    if layout.hi_dtype == torch.float8_e4m3fn and device.type == "cuda":
+        cap = torch.cuda.get_device_capability(device)
+        if cap < (8, 9):
+            raise RuntimeError(f"hi_dtype float8_e4m3fn on the Triton path needs a GPU of compute capability "
+                               f">= 8.9 (this one: {cap[0]}.{cap[1]}); use hi_dtype float16 or MIKV_VLLM_OPS=torch")
+
+
 def decode_attention(regions: torch.Tensor, layout: RegionLayout, block_tables: torch.Tensor,
                      ctx_lens: torch.Tensor, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                      scale: float, balancer: torch.Tensor | None = None, *, max_ctx: int | None = None,
@@ -265,6 +275,8 @@ def decode_attention(regions: torch.Tensor, layout: RegionLayout, block_tables: 
     if max_ctx is None:
         max_ctx = int(ctx_t.max().item()) if bsz else 0
     grp, r = hq // h, layout.hi_slots
+    if r:
+        check_hi_dtype(layout, dev)
     need_mass = need_mass and r > 0
     accumulate = accumulate and r > 0
     logits = need_mass or accumulate

@@ -28,6 +28,8 @@ FIELD_FLAGS: dict[str, dict[str, Any]] = {
     "obs_window": dict(type=int, help="Observation-window rows for scorer 'window'."),
     "balancer": dict(action=argparse.BooleanOptionalAction, help="Per-channel key outlier balancer."),
     "score_dtype": dict(type=str, help=f"Accumulated score dtype, one of {SCORE_DTYPES}."),
+    "rotation": dict(action=argparse.BooleanOptionalAction,
+                     help="Randomised Hadamard rotation of q/k/v per KV head (power-of-two head_dim)."),
 }
 
 _installed = False

@@ -234,7 +234,7 @@ def test_attention_chunks_query_rows(monkeypatch):
     assert torch.allclose(o1, o2, atol=1e-6) and torch.allclose(m1, m2, atol=1e-6)
 
 
-@pytest.mark.parametrize("hi_dtype", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("hi_dtype", ["float16", "bfloat16", "float32", "float8_e4m3fn"])
 def test_hi_dtypes_at_block_128(hi_dtype):
     """Every hi dtype halves the INT4 decode error of the same page without a hi tier (block 128)."""
     shape = dict(length=130, decode=20, n=128, d=64, hq=4, hkv=2, seed=2)
@@ -243,7 +243,7 @@ def test_hi_dtypes_at_block_128(hi_dtype):
     assert mikv < 0.6 * no_hi, (mikv, no_hi)         # measured 0.070 vs 0.131
 
 
-@pytest.mark.parametrize("hi_dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("hi_dtype", ["float16", "bfloat16", "float8_e4m3fn"])
 def test_hi_copies_are_clamped_to_the_hi_dtype(hi_dtype):
     """A bf16/fp32 model's K/V beyond fp16's range: the hi copy saturates, nothing turns inf/NaN."""
     cfg = MiKVConfig(policy="mikv", lo_bits=4, hi_ratio=1.0, hi_dtype=hi_dtype)
@@ -261,6 +261,8 @@ def test_hi_copies_are_clamped_to_the_hi_dtype(hi_dtype):
     assert [kc[0, 3, 5], vc[1, 7, 2], vc[0, 8, 0]] == expect
     if hi_dtype == "float16":
         assert expect == [65504.0, -65504.0, 65504.0]
+    if hi_dtype == "float8_e4m3fn":
+        assert expect == [448.0, -448.0, 448.0]
 
 
 @pytest.mark.parametrize("name", ["mikv", "mikv-paper", "h2o", "rtn"])

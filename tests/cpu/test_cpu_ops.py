@@ -8,7 +8,7 @@ import torch
 from mikv_vllm.config import MiKVConfig, preset
 from mikv_vllm.core import reference as ref
 from mikv_vllm.core.layout import RegionLayout
-from mikv_vllm.cpu import CpuOps, decode_step
+from mikv_vllm.cpu import CpuOps, decode_step, load
 
 from core._helpers import make_regions, structured_qkv
 
@@ -25,6 +25,10 @@ CONFIGS = {
     "int3-group16-all-hi": (MiKVConfig(policy="mikv", lo_bits=3, hi_ratio=1.0, group_size=16), 4, 64),
     "h2o": (preset("h2o"), 3, 64),
     "rtn": (preset("rtn"), 3, 64),
+    "int3-fp8-hi-g64": (MiKVConfig(policy="mikv", lo_bits=3, hi_ratio=0.3, group_size=64,
+                                   hi_dtype="float8_e4m3fn"), 3, 64),
+    "rtn-int4-g64": (preset("rtn-int4").replace(group_size=64), 2, 64),
+    "h2o-fp8-hi": (preset("h2o").replace(hi_dtype="float8_e4m3fn"), 2, 64),
 }
 HKV = 2
 
@@ -91,7 +95,7 @@ def test_decode_step_matches_reference(name):
     assert torch.equal(mine[unused], regions[unused])
 
 
-@pytest.mark.parametrize("name", ["mikv", "int4-fp32-hi", "h2o", "int3-group16-all-hi"])
+@pytest.mark.parametrize("name", ["mikv", "int4-fp32-hi", "h2o", "int3-group16-all-hi", "int3-fp8-hi-g64"])
 def test_forward_decode_steps_match_reference(name):
     cfg, group, d = CONFIGS[name]
     lay, regions, table, qkv, unused = _setup(cfg, group, d, seed=1)
@@ -129,3 +133,24 @@ def test_build_failure_raises_with_compiler_error(tmp_path, monkeypatch):
     with pytest.raises(CpuOpBuildError, match="MIKV_VLLM_OPS=torch") as info:
         build.load()
     assert "broken.cpp" in str(info.value) and "error" in str(info.value)    # the compiler's message
+
+
+def test_hi_roundtrip_fp8_matches_torch():
+    """C++ store_hi/load_hi for fp8 e4m3fn = core.quant.to_hi (clamp to +-448, round to nearest even)
+    bit for bit: every fp8 value, midpoints between neighbours (ties), beyond-range values, NaN."""
+    from mikv_vllm.core.quant import to_hi
+
+    every = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    finite = every[torch.isfinite(every)].unique()
+    mids = (finite[1:] + finite[:-1]) / 2
+    x = torch.cat([finite, mids, torch.tensor([448.5, 470.0, 480.0, 1e6, -1e6, float("inf"), -float("inf"),
+                                               float("nan"), 1e-9, -1e-9]),
+                   torch.randn(2000, generator=torch.Generator().manual_seed(0)) * 50])
+    x = x[: x.numel() // 8 * 8].reshape(-1, 8)
+    raw, back = load().hi_roundtrip(x.contiguous(), 3)
+    want = to_hi(x, torch.float8_e4m3fn)
+    assert torch.equal(raw, want.view(torch.uint8))
+    torch.testing.assert_close(back, want.float(), rtol=0, atol=0, equal_nan=True)
+    for code, dt in ((0, torch.float16), (1, torch.bfloat16)):   # the other hi dtypes keep their conversions
+        y = torch.randn(4, 8)
+        torch.testing.assert_close(load().hi_roundtrip(y, code)[1], y.to(dt).float(), rtol=0, atol=0)

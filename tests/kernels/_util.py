@@ -11,14 +11,14 @@ from mikv_vllm.core.layout import RegionLayout
 SCALE = 0.125
 
 
-def make_config(bits: int, hi_ratio: float, balancer: bool) -> MiKVConfig:
-    """mikv / rtn / h2o config for (bits, r)."""
+def make_config(bits: int, hi_ratio: float, balancer: bool, **extra) -> MiKVConfig:
+    """mikv / rtn / h2o config for (bits, r); ``extra``: other fields (group_size, hi_dtype, ...)."""
     if bits and hi_ratio:
-        return MiKVConfig(policy="mikv", lo_bits=bits, hi_ratio=hi_ratio, balancer=balancer)
+        return MiKVConfig(policy="mikv", lo_bits=bits, hi_ratio=hi_ratio, balancer=balancer, **extra)
     if bits:
         return MiKVConfig(policy="rtn", lo_bits=bits, hi_ratio=0.0, sink_tokens=0, recent_window=0,
-                          balancer=balancer)
-    return MiKVConfig(policy="h2o", lo_bits=0, hi_ratio=hi_ratio, balancer=False)
+                          balancer=balancer, **extra)
+    return MiKVConfig(policy="h2o", lo_bits=0, hi_ratio=hi_ratio, balancer=False, **extra)
 
 
 def qkv(n: int, hq: int, h: int, d: int, gen: torch.Generator):

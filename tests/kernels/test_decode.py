@@ -22,9 +22,32 @@ CASES = [
 CTXS = [37, 0, 16, 5]   # ragged: multi-split, first token, new token at a block's offset 0, short
 
 
+# page formats: (lo bits, hi ratio, GQA group, head_dim, extra config fields)
+FORMAT_CASES = [
+    (3, 0.2, 3, 64, dict(group_size=64, hi_dtype="float8_e4m3fn")),
+    (2, 0.1, 2, 128, dict(group_size=128, hi_dtype="float8_e4m3fn")),
+    (4, 0.0, 2, 64, dict(group_size=64)),
+    (0, 0.25, 3, 64, dict(hi_dtype="float8_e4m3fn")),
+]
+
+
 @pytest.mark.parametrize("bits,hi_ratio,group,head_dim,balancer,block_size", CASES)
 def test_decode_attention_matches_reference(bits, hi_ratio, group, head_dim, balancer, block_size):
-    config = make_config(bits, hi_ratio, balancer)
+    _check_decode_attention(make_config(bits, hi_ratio, balancer), bits, group, head_dim, block_size)
+
+
+@pytest.mark.parametrize("bits,hi_ratio,group,head_dim,extra", FORMAT_CASES)
+def test_decode_attention_page_formats(bits, hi_ratio, group, head_dim, extra):
+    """One quant group per head vector and fp8 hi copies (tl.float8e4nv under the interpreter)."""
+    _check_decode_attention(make_config(bits, hi_ratio, bits > 0, **extra), bits, group, head_dim, 16)
+
+
+@pytest.mark.parametrize("bits,hi_ratio,group,head_dim,extra", FORMAT_CASES[:2])
+def test_forward_decode_steps_page_formats(bits, hi_ratio, group, head_dim, extra):
+    _check_forward_decode_steps(make_config(bits, hi_ratio, True, **extra), group, head_dim, 16)
+
+
+def _check_decode_attention(config, bits, group, head_dim, block_size):
     layout, regions, tables, q, k, v = build_batch(config, block_size, head_dim, 2, group, CTXS, seed=bits)
     bal = stored_balancers(regions, layout, tables, CTXS)
     exp_out, exp_mass = reference_decode(regions, layout, tables, CTXS, q, k, v, bal)
@@ -92,7 +115,10 @@ def test_decode_attention_extreme_values_stay_finite(dtype, q_mul, s_mul):
 @pytest.mark.parametrize("bits,hi_ratio,group,head_dim,balancer,block_size", [CASES[0], CASES[4], CASES[1]])
 def test_forward_decode_steps_match_reference(bits, hi_ratio, group, head_dim, balancer, block_size):
     """Two full decode steps (store, attention, fused scores, hi maintenance) on a batch."""
-    config = make_config(bits, hi_ratio, balancer)
+    _check_forward_decode_steps(make_config(bits, hi_ratio, balancer), group, head_dim, block_size)
+
+
+def _check_forward_decode_steps(config, group, head_dim, block_size):
     ctxs = [21, 0, 15]
     layout, regions, tables, q, k, v = build_batch(config, block_size, head_dim, 2, group, ctxs, seed=11)
     expected = regions.clone()

@@ -15,11 +15,13 @@ def _pages(layout, blocks=5, heads=2, seed=0):
     return torch.randint(0, 256, (blocks, heads, layout.region_bytes), dtype=torch.uint8, generator=gen)
 
 
-@pytest.mark.parametrize("bits,hi_ratio,head_dim,balancer", [
-    (2, 0.2, 64, True), (3, 0.05, 128, True), (4, 0.0, 64, False), (8, 0.25, 64, False), (0, 0.25, 64, False),
+@pytest.mark.parametrize("bits,hi_ratio,head_dim,balancer,extra", [
+    (2, 0.2, 64, True, {}), (3, 0.05, 128, True, {}), (4, 0.0, 64, False, {}), (8, 0.25, 64, False, {}),
+    (0, 0.25, 64, False, {}), (3, 0.1, 64, True, dict(group_size=64, hi_dtype="float8_e4m3fn")),
+    (4, 0.0, 128, False, dict(group_size=128)),
 ])
-def test_write_tokens_bit_exact(bits, hi_ratio, head_dim, balancer):
-    layout = RegionLayout.build(make_config(bits, hi_ratio, balancer), 8, head_dim)
+def test_write_tokens_bit_exact(bits, hi_ratio, head_dim, balancer, extra):
+    layout = RegionLayout.build(make_config(bits, hi_ratio, balancer, **extra), 8, head_dim)
     gen = torch.Generator().manual_seed(bits)
     pages = _pages(layout)
     row = torch.tensor([3, 0, 4])
