@@ -5,6 +5,7 @@ quant       per-token asymmetric RTN, bit packing
 balancer    key channel balancer
 importance  hi-set selection (sinks, recent, heavy hitters)
 reference   page ops: write, gather, attend, score, maintain, forward_request
+rotation    randomised Hadamard rotation of q/k/v (MiKVConfig.rotation)
 accounting  bytes/token tables
 """
 
@@ -16,6 +17,7 @@ from .layout import (RegionLayout, RegionViews, as_regions, dense_bytes_per_toke
                      paper_cache_fraction)
 from .quant import (dequantize, dequantize_codes, fake_quantize, pack_codes, quantize, quantize_codes,
                     unpack_codes)
+from .rotation import Rotation, hadamard, rotation_for, rotation_matrix
 from .reference import (accumulate_scores, attention, first_voting_row, forward_request, gather_context,
                         load_balancer, maintain_hi, store_balancer, token_slots, write_tokens)
 
@@ -27,5 +29,6 @@ __all__ = [
     "hi_budget", "priority_tiers", "select_hi",
     "token_slots", "write_tokens", "gather_context", "attention", "first_voting_row", "accumulate_scores",
     "maintain_hi", "store_balancer", "load_balancer", "forward_request",
+    "Rotation", "hadamard", "rotation_for", "rotation_matrix",
     "bytes_row", "bytes_table", "paper_fraction_with_lo_copy", "to_markdown",
 ]

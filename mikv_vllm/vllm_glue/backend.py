@@ -33,6 +33,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
 from ..config import MiKVConfig
 from ..core.layout import RegionLayout, as_regions
+from ..core.rotation import rotation_for
 from ..kernels import reserve_workspace, use_triton
 from .stats import LayerStats
 
@@ -220,6 +221,7 @@ class MiKVAttentionImpl(AttentionImpl[MiKVMetadata]):
         self.head_size = head_size
         self.scale = float(scale)
         self.kv_cache_dtype = kv_cache_dtype
+        self.rotation = rotation_for(head_size) if config.rotation else None  # core.rotation
         self.layout: RegionLayout | None = None
         self.ops = None  # chosen with the layout, on the first forward
         self.stats = LayerStats()
@@ -254,6 +256,8 @@ class MiKVAttentionImpl(AttentionImpl[MiKVMetadata]):
         k_all = key[:n_tok].view(n_tok, self.num_kv_heads, self.head_size)
         v_all = value[:n_tok].view(n_tok, self.num_kv_heads, self.head_size)
         out = output[:n_tok].view(n_tok, self.num_heads, self.head_size)
+        if self.rotation is not None:   # the page and the ops see rotated heads; q.k is unchanged
+            q_all, k_all, v_all = (self.rotation.rotate(x) for x in (q_all, k_all, v_all))
         n = layout.block_size
         probe = self.stats.begin_step(layer, regions, layout, attn_metadata)  # stats (see stats.py)
         for i, start, end, ctx in attn_metadata.chunks:   # multi-token chunks (prefill), one request each
@@ -275,5 +279,7 @@ class MiKVAttentionImpl(AttentionImpl[MiKVMetadata]):
                 out[: dec.size] = result.to(out.dtype)
             else:
                 out[dec.tokens] = result.to(out.dtype)
+        if self.rotation is not None:   # outputs back from the rotated value space
+            out.copy_(self.rotation.unrotate(out))
         self.stats.end_step(probe, regions, layout, attn_metadata)  # stats (see stats.py)
         return output
