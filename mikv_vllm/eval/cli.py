@@ -17,13 +17,18 @@ from pathlib import Path
 
 from ..errors import CLIError
 
-SUITES = ("sweep", "frontier", "ablations", "full", "smoke")
+SUITES = ("sweep", "frontier", "ablations", "full", "smoke", "screen")
 DEFAULT_OUT = "results/quality"
 
 # --quick: small and fast (minutes), for checking a setup, not for conclusions.
 QUICK_WORKLOAD = dict(passkey_lengths=(512,), passkey_trials=8, needle_length=512, needle_depths=(0.25, 0.75),
                       needle_trials=2, ppl_windows=1, ppl_length=512, ppl_chunk=128, agree_prompts=2,
                       agree_prompt_len=128, agree_tokens=32)
+# --suite screen (page-format screening grid, ~66 engines): the PPL probe and short passkeys only.
+SCREEN_WORKLOAD = dict(passkey_lengths=(1024,), passkey_trials=8, needle_depths=(), needle_trials=0,
+                       ppl_windows=1, ppl_length=1024, ppl_chunk=16, agree_prompts=0)
+SCREEN_QUICK_WORKLOAD = dict(passkey_lengths=(512,), passkey_trials=4, needle_depths=(), needle_trials=0,
+                             ppl_windows=1, ppl_length=512, ppl_chunk=16, agree_prompts=0)
 TUNE_WORKLOAD = dict(passkey_lengths=(512, 1024), passkey_trials=8, needle_length=1024, needle_depths=(),
                      needle_trials=0, ppl_windows=1, ppl_length=1024, ppl_chunk=16, agree_prompts=0)
 TUNE_QUICK_WORKLOAD = dict(passkey_lengths=(512,), passkey_trials=6, needle_depths=(), needle_trials=0,
@@ -69,7 +74,9 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--suite", choices=SUITES, default=None,
                    help="sweep: policies x ~20/25/33/50%% cache (default); frontier: lo bits x r + H2O; "
                         "ablations: knobs of mikv-paper; full: all three; smoke: mikv-paper vs equal-bytes h2o "
-                        "vs rtn (default with --quick)")
+                        "vs rtn (default with --quick); screen: page formats (lo bits x r x group x hi dtype x "
+                        "rotation, rtn, h2o) on a reduced workload (PPL probe + 1024-token passkeys; --quick: "
+                        "smaller), the workload flags override it")
     p.add_argument("--configs", default=None,
                    help="instead of a suite: comma-separated presets (or 'stock'); stock is always added")
     p.add_argument("--targets", type=_floats, default=None, help="sweep targets (fractions of a 16-bit cache)")
@@ -142,6 +149,8 @@ def suite_configs(suite: str, head_dim: int, block_size: int, targets=None):
     stock = C.EvalConfig.stock(("reference",))
     if suite == "smoke":
         return C.dedupe([stock, *smoke_configs(head_dim, block_size)])
+    if suite == "screen":
+        return C.dedupe([stock, *C.screen_configs(head_dim, block_size)])
     sweep = C.sweep_configs(head_dim, block_size, targets or C.DEFAULT_TARGETS, prefer=C.frontier_configs())
     if suite == "sweep":
         return C.dedupe([stock, *sweep])
@@ -196,7 +205,8 @@ def run_eval(args: argparse.Namespace) -> int:
         suite = "custom"
     else:
         cfgs = suite_configs(suite, head_dim, block_size, args.targets)
-    workload = _workload(args)
+    workload = _workload(args, (SCREEN_QUICK_WORKLOAD if args.quick else SCREEN_WORKLOAD)
+                         if suite == "screen" else None)
     out = Path(args.out or f"{DEFAULT_OUT}-{suite}{'-quick' if args.quick else ''}")
     settings = _settings(args, model)
     print(f"[eval] {len(cfgs)} engines ({suite}), {workload.num_requests()} requests each -> {out}", file=sys.stderr)

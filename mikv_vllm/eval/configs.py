@@ -14,6 +14,9 @@ sweep, the frontier and the ablations runs once):
   ``mikv``/``h2o``, lo bits for ``rtn``); cells a policy cannot reach are skipped.
 * :func:`frontier_configs` - lo bits x r grid plus H2O ratios.
 * :func:`ablation_configs` - one-knob changes of ``mikv-paper``.
+* :func:`screen_configs` - page formats (issue 14): lo bits x r x quant group x hi dtype x
+  rotation, RTN with the same group / rotation options, H2O ratios (a screening grid, run with a
+  reduced workload).
 
 Framework-free (no vllm import).
 """
@@ -33,6 +36,12 @@ DEFAULT_TARGETS = (0.20, 0.25, 0.33, 0.50)
 FRONTIER_LO_BITS = (2, 3, 4)
 FRONTIER_RATIOS = (0.0, 0.05, 0.1, 0.2)
 FRONTIER_H2O_RATIOS = (0.2, 0.3, 0.4)
+SCREEN_LO_BITS = (2, 3, 4)
+SCREEN_RATIOS = (0.0, 0.05, 0.1)          # r = 0: the paper's RTN (no balancer, no hi tier)
+SCREEN_GROUPS = (32, 64)
+SCREEN_HI_DTYPES = ("float16", "float8_e4m3fn")
+SCREEN_ROTATION = (False, True)
+SCREEN_H2O_RATIOS = (0.2, 0.3, 0.4)
 # A sweep cell is dropped when the closest reachable size is further than this
 # (relative) from the target: e.g. mikv cannot go below its rtn floor.
 TARGET_TOLERANCE = 0.15
@@ -193,14 +202,16 @@ def mikv_config(lo_bits: int, hi_ratio: float, name: str | None = None, **extra:
     return MiKVConfig(**base)
 
 
-def rtn_config(lo_bits: int, name: str | None = None) -> MiKVConfig:
+def rtn_config(lo_bits: int, name: str | None = None, **extra: Any) -> MiKVConfig:
     base = preset("rtn").to_dict()
+    base.update(extra)
     base.update(lo_bits=lo_bits, name=name or ("rtn" if lo_bits == 2 else f"rtn-int{lo_bits}"))
     return MiKVConfig(**base)
 
 
-def h2o_config(hi_ratio: float, name: str | None = None) -> MiKVConfig:
+def h2o_config(hi_ratio: float, name: str | None = None, **extra: Any) -> MiKVConfig:
     base = preset("h2o").to_dict()
+    base.update(extra)
     base.update(hi_ratio=hi_ratio, name=name or f"h2o-r{_r_label(hi_ratio)}")
     return MiKVConfig(**base)
 
@@ -263,6 +274,50 @@ def frontier_configs(lo_bits: Sequence[int] = FRONTIER_LO_BITS, ratios: Sequence
     cfgs += [h2o_config(r) for r in h2o_ratios]
     cfgs.sort(key=lambda c: c.lo_bits + 16 * c.hi_ratio)     # stable: ties keep grid order
     return [EvalConfig.from_mikv(c, groups=("frontier",)) for c in cfgs]
+
+
+def format_label(config: MiKVConfig, head_dim: int) -> str:
+    """``g<group>``, ``fp8`` (hi copies, when a hi tier exists) and ``rot`` parts of a screening label."""
+    parts = [f"g{config.group_for(head_dim)}"] if config.lo_bits else []
+    if config.hi_ratio and config.hi_dtype != "float16":
+        parts.append({"float8_e4m3fn": "fp8"}.get(config.hi_dtype, config.hi_dtype))
+    if config.rotation:
+        parts.append("rot")
+    return "-".join(parts)
+
+
+def screen_configs(head_dim: int, block_size: int, lo_bits: Sequence[int] = SCREEN_LO_BITS,
+                   ratios: Sequence[float] = SCREEN_RATIOS, groups: Sequence[int] = SCREEN_GROUPS,
+                   hi_dtypes: Sequence[str] = SCREEN_HI_DTYPES, rotation: Sequence[bool] = SCREEN_ROTATION,
+                   h2o_ratios: Sequence[float] = SCREEN_H2O_RATIOS) -> list[EvalConfig]:
+    """Page-format screening grid: mikv lo bits x r x group x hi dtype x rotation; r = 0 rows are
+    the paper's RTN with each group / rotation (hi dtype moot); H2O with each hi dtype. Groups
+    that do not divide ``head_dim`` and rotation at a non-power-of-two ``head_dim`` are skipped.
+    Ordered by real bytes per token (cheapest first); the family is the format (plot line)."""
+    cfgs: list[tuple[MiKVConfig, str]] = []
+    for b in lo_bits:
+        for r in ratios:
+            for g in groups:
+                for rot in rotation:
+                    for dt in (hi_dtypes if r else hi_dtypes[:1]):
+                        extra = dict(group_size=g, rotation=rot)
+                        if r == 0:
+                            c = rtn_config(b, name=f"rtn-int{b}", **extra)
+                        else:
+                            c = mikv_config(b, r, hi_dtype=dt, **extra)
+                        cfgs.append((c, "rtn" if r == 0 else f"mikv INT{b}"))
+    cfgs += [(h2o_config(r, hi_dtype=dt), "h2o") for r in h2o_ratios for dt in hi_dtypes]
+    out = []
+    for c, fam in cfgs:
+        try:
+            c.validate(head_dim)
+        except ValueError:
+            continue
+        fmt = format_label(c, head_dim)
+        c = c.replace(name=f"{c.name}-{fmt}" if fmt else c.name)
+        out.append(EvalConfig.from_mikv(c, family=f"{fam} {fmt}".strip(), groups=("screen",)))
+    out.sort(key=lambda e: bytes_of(e.config(), head_dim, block_size))
+    return dedupe(out)
 
 
 def ablation_configs(base_name: str = "mikv-paper") -> list[EvalConfig]:

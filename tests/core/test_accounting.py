@@ -61,3 +61,20 @@ def test_markdown_and_script(capsys, monkeypatch):
     assert out.count("\n| ") == len(PRESETS) * 4 + 1
     for name in PRESETS:
         assert f"| {name} |" in out
+
+
+def test_page_format_rows_hand_computed():
+    """One group per head vector and fp8 hi copies at D = 64, N = 128 (issue 14's candidate)."""
+    cand = MiKVConfig(policy="mikv", lo_bits=3, hi_ratio=0.05, group_size=64, hi_dtype="float8_e4m3fn",
+                      rotation=True)
+    row = bytes_row(cand, 64, 128)
+    # lo: 2 x (24 B codes + 1 group x 4 B s/z) = 56; hi: 7 slots x 2 x 64 B (fp8) / 128 = 7;
+    # score 4 + tags 7 x 4 / 128 + balancer 128 / 128 = 5.21875; C rounded up to a multiple of 4: 72
+    assert (row["bytes_per_token"], row["lo_kv"], row["hi_kv"], row["hi_slots"]) == (72, 56, 7, 7)
+    assert row["bookkeeping"] == pytest.approx(72 - 63)
+    fp16 = bytes_row(cand.replace(hi_dtype="float16"), 64, 128)
+    assert fp16["hi_kv"] == 2 * row["hi_kv"] and fp16["bytes_per_token"] == 76
+    assert row["paper_fraction"] == pytest.approx((0.05 * 8 + 0.95 * (3 + 0.5)) / 16)
+    assert row["paper_with_lo_copy"] == pytest.approx((0.05 * 8 + 3.5) / 16)
+    g64 = bytes_row(preset("rtn-int4").replace(group_size=64), 64, 128)
+    assert (g64["bytes_per_token"], g64["lo_kv"]) == (72, 72)              # rtn-int4 g32: 80
