@@ -117,6 +117,24 @@ def test_cli_flags_after_config_override_it():
     assert engine_args.additional_config["mikv"]["hi_ratio"] == 0.1
 
 
+def test_page_format_flags_and_yaml_keys(tmp_path):
+    """--mikv-rotation / --mikv-hi-dtype float8_e4m3fn / --mikv-group-size, and the same keys in a
+    --config file, reach additional_config (issue 14's page formats)."""
+    from mikv_vllm.config import MiKVConfig
+
+    engine_args = serve_engine_args(["serve", MODEL, "--kv-cache-policy", "mikv", "--mikv-config", "mikv-int3-r05",
+                                     "--mikv-rotation", "--mikv-hi-dtype", "float8_e4m3fn", "--mikv-group-size", "64"])
+    got = MiKVConfig.from_additional_config(engine_args.additional_config)
+    assert (got.rotation, got.hi_dtype, got.group_size, got.lo_bits, got.hi_ratio) == \
+        (True, "float8_e4m3fn", 64, 3, 0.05)
+    path = tmp_path / "fmt.yaml"
+    path.write_text("kv-cache-policy: rtn\nmikv-config: {preset: rtn-int4, group_size: 64, rotation: true}\n")
+    got = MiKVConfig.from_additional_config(serve_engine_args(["serve", MODEL, "--config", str(path)]).additional_config)
+    assert (got.rotation, got.group_size, got.lo_bits) == (True, 64, 4)
+    off = serve_engine_args(["serve", MODEL, "--config", str(path), "--no-mikv-rotation"]).additional_config
+    assert off["mikv"]["rotation"] is False
+
+
 @pytest.mark.parametrize("stem", sorted(EXPECTED))
 def test_no_false_booleans(stem):
     # Under `vllm serve`, vLLM's --config loader turns `key: false` into
@@ -165,6 +183,8 @@ BAD = [
     ("kv-cache-policy: rtn\nmikv-config: rtn-int4\nmikv-hi-ratio: 0.2\n", "hi_ratio"),
     ("kv-cache-policy: mikv\nmikv-lo-bitz: 3\n", "--mikv-lo-bitz"),
     ("kv-cache-polcy: mikv\n", "--kv-cache-polcy"),
+    ("kv-cache-policy: mikv\nmikv-config: {rotation: 1}\n", "rotation"),
+    ("kv-cache-policy: mikv\nmikv-hi-dtype: float8\n", "hi_dtype"),
 ]
 
 
