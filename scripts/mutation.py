@@ -41,6 +41,7 @@ KST = "mikv_vllm/kernels/store.py"
 KDE = "mikv_vllm/kernels/decode.py"
 CPP = "mikv_vllm/cpu/mikv_decode.cpp"
 CPH = "mikv_vllm/cpu/mikv_common.h"
+ROT = "mikv_vllm/core/rotation.py"
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,10 @@ MUTATIONS = [
               (REF, "        if not all_valid:   # evicted tokens", "        if False:   # evicted tokens"),
               (KDE, "            ok = is_hi\n", "            ok = pm\n"),
               (CPP, "        for (int64_t g = 0; g < G; ++g) lg[g * S + t] = NEG_INF;", "        for (int64_t g = 0; g < G; ++g) lg[g * S + t] = 0.f;"))),
+    Mutation("fp8-hi-misread", "the C++ op reads fp8 hi copies with the lowest mantissa bit dropped",
+             ((CPH, "out[d] = tab.t[base[d]];", "out[d] = tab.t[base[d] & 0xfe];"),)),
+    Mutation("rotation-not-orthogonal", "the Hadamard rotation is scaled by 1/D instead of 1/sqrt(D)",
+             ((ROT, "    return signs[:, None] * hadamard(d) / math.sqrt(d)", "    return signs[:, None] * hadamard(d) / d"),)),
 ]
 
 
