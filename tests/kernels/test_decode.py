@@ -206,3 +206,20 @@ def test_unsupported_layout_falls_back_to_reference():
         want = ref.forward_request(expected, layout, config, tables[0], start, q[sl], k[sl], v[sl], SCALE)
         got = forward_request(regions, layout, config, tables[0], start, q[sl], k[sl], v[sl], SCALE)
         assert torch.equal(got, want) and torch.equal(regions, expected)
+
+
+def test_fp8_hi_needs_compute_capability_8_9_on_cuda(monkeypatch):
+    """fp8 hi copies on a pre-Ada GPU: a clear error naming the alternatives, not a compiler error."""
+    from mikv_vllm.core.layout import RegionLayout
+    from mikv_vllm.kernels.decode import check_hi_dtype
+
+    fp8 = RegionLayout.build(make_config(3, 0.1, True, hi_dtype="float8_e4m3fn"), 16, 64)
+    fp16 = RegionLayout.build(make_config(3, 0.1, True), 16, 64)
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    with pytest.raises(RuntimeError, match="compute capability >= 8.9.*float16"):
+        check_hi_dtype(fp8, cuda)
+    check_hi_dtype(fp16, cuda)                       # other hi dtypes: any GPU
+    check_hi_dtype(fp8, torch.device("cpu"))         # the interpreter reads fp8
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    check_hi_dtype(fp8, cuda)
