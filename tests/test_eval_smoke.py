@@ -269,3 +269,13 @@ def test_screen_grid_covers_every_page_format_axis():
     assert odd and not any(c.mikv["rotation"] or c.mikv["group_size"] == 64 for c in odd)
     w = Workload(**SCREEN_WORKLOAD)
     assert w.ppl_chunk == 16 and w.needle_trials == 0 and w.agree_prompts == 0
+
+
+def test_results_stored_before_a_new_config_field_stay_cached():
+    from mikv_vllm.config import preset
+    from mikv_vllm.eval.configs import EvalConfig
+
+    now = EvalConfig.from_mikv(preset("mikv"))
+    old = EvalConfig.from_dict({**now.to_dict(), "mikv": {k: v for k, v in now.mikv.items() if k != "rotation"}})
+    assert "rotation" not in old.mikv and old.key() == now.key()
+    assert EvalConfig.from_mikv(preset("mikv").replace(rotation=True)).key() != now.key()

@@ -96,10 +96,11 @@ class EvalConfig:
         return {"kv_cache_policy": self.policy, "mikv": dict(self.mikv)}
 
     def key(self) -> str:
-        """Identity of the engine (label and bookkeeping fields excluded)."""
+        """Identity of the engine (label and bookkeeping fields excluded). Fields a stored result
+        predates take their defaults (a cached run without ``rotation`` is a rotation-off run)."""
         if self.is_stock:
             return STOCK
-        values = {k: v for k, v in self.mikv.items() if k != "name"}
+        values = {k: v for k, v in MiKVConfig(**self.mikv).to_dict().items() if k != "name"}
         return json.dumps(values, sort_keys=True)
 
     def slug(self) -> str:
