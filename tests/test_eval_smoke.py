@@ -253,16 +253,19 @@ def test_screen_grid_covers_every_page_format_axis():
     cfgs = suite_configs("screen", 64, 128)
     assert cfgs[0].policy == "stock" and len({c.key() for c in cfgs}) == len(cfgs)
     got = {(c.policy, c.mikv["lo_bits"], c.mikv["hi_ratio"], c.mikv["group_size"], c.mikv["hi_dtype"],
-            c.mikv["rotation"]) for c in cfgs[1:]}
-    mikv = {("mikv", b, r, g, dt, rot) for b, r, g, dt, rot in itertools.product(
-        (2, 3, 4), (0.05, 0.1), (32, 64), ("float16", "float8_e4m3fn"), (False, True))}
-    rtn = {("rtn", b, 0.0, g, "float16", rot) for b, g, rot in itertools.product((2, 3, 4), (32, 64), (False, True))}
-    h2o = {("h2o", 0, r, None, dt, False) for r in (0.2, 0.3, 0.4) for dt in ("float16", "float8_e4m3fn")}
+            c.mikv["rotation"], c.mikv["balancer"]) for c in cfgs[1:]}
+    mikv = {("mikv", b, r, g, dt, rot, bal) for b, r, g, dt, rot, bal in itertools.product(
+        (2, 3, 4), (0.05, 0.1), (32, 64), ("float16", "float8_e4m3fn"), (False, True), (True, False))
+        if bal or rot}                                                     # balancer off only when rotated
+    rtn = {("rtn", b, 0.0, g, "float16", rot, False)
+           for b, g, rot in itertools.product((2, 3, 4), (32, 64), (False, True))}
+    h2o = {("h2o", 0, r, None, dt, False, False) for r in (0.2, 0.3, 0.4) for dt in ("float16", "float8_e4m3fn")}
     assert got == mikv | rtn | h2o
     sizes = [RegionLayout.build(c.config(), 128, 64).content_bytes for c in cfgs[1:]]
     assert sizes == sorted(sizes)                                          # cheapest first
     by_label = {c.label: c for c in cfgs}
     assert by_label["mikv-int3-r0.05-g64-fp8-rot"].family == "mikv INT3 g64-fp8-rot"
+    assert by_label["mikv-int3-r0.05-g64-fp8-rot-nobal"].mikv["balancer"] is False
     assert by_label["rtn-int4-g64-rot"].mikv["balancer"] is False          # the paper's RTN
     # head_dim 96: no Hadamard rotation (not a power of two), no group 64 (does not divide 96)
     odd = C.screen_configs(96, 128)
