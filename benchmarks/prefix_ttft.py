@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -37,7 +38,7 @@ def start_server(model: str, policy: str | None, port: int, log) -> subprocess.P
            "--enable-prompt-tokens-details"]     # no prefix-caching flag: vLLM's default (on)
     if policy:
         cmd += ["--kv-cache-policy", policy]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1",
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1",
                                                                  "TRANSFORMERS_OFFLINE": "1"})
     deadline = time.time() + 900
     while time.time() < deadline:
@@ -68,7 +69,7 @@ def timed(client, model: str, prompt: str) -> tuple[float, str, int]:
             ttft = time.perf_counter() - t0
         if chunk.choices:
             text += chunk.choices[0].text
-        if chunk.usage is not None and chunk.usage.prompt_tokens_details is not None:
+        if chunk.usage is not None and chunk.usage.prompt_tokens_details is not None:   # last chunk
             cached = int(chunk.usage.prompt_tokens_details.cached_tokens or 0)
     return ttft, text, cached
 
@@ -86,10 +87,11 @@ def run_policy(model: str, policy: str | None, args) -> dict:
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="EMPTY", timeout=600, max_retries=0)
         timed(client, model, "Warm-up. " * 20)                       # first-request costs off the clock
-        rounds = []
+        rounds, nonce = [], random.Random().randrange(10**9)
         for i in range(args.rounds):
             trial = make_trial(tok, args.doc_tokens, 0.4, random.Random(1000 + i))
-            doc = trial.prompt[: trial.prompt.rindex("\n\nWhat is the pass key?")]
+            # a unique first line: no block of this document is cached before its cold request
+            doc = f"Document {nonce}-{i}.\n" + trial.prompt[: trial.prompt.rindex("\n\nWhat is the pass key?")]
             before = prefix_hits(port)
             cold = timed(client, model, doc + QUESTIONS[0])
             hit = timed(client, model, doc + QUESTIONS[1])
@@ -100,11 +102,11 @@ def run_policy(model: str, policy: str | None, args) -> dict:
             print(json.dumps({"policy": policy or "stock", **rounds[-1]}), flush=True)
         return {"policy": policy or "stock", "rounds": rounds, "hits_total": prefix_hits(port), "log": log.name}
     finally:
-        proc.terminate()
+        os.killpg(proc.pid, signal.SIGTERM)     # the server and its engine process
         try:
             proc.wait(60)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def main() -> None:

@@ -9,8 +9,9 @@
   last-bit differences of batch-size-dependent CPU GEMMs (harmless for stock
   vLLM) into occasional different codes, so a few greedy continuations may
   diverge; that test asserts completion and reports the agreement.
-* Prefix caching is on by default: the one-at-a-time reruns hit the cache, and a preempted request
-  is re-admitted with a hit on its own earlier blocks (read as shared, docs/design.md). The
+* Prefix caching is on by default: prompts share filler prefixes, so requests hit blocks that
+  concurrent requests fill (in the same step too) and a preempted request is re-admitted with a hit
+  on its blocks (read as shared, docs/design.md). The
   lossless test runs with prefix caching on and off (--no-enable-prefix-caching); with it on, a
   cache hit gives exactly the cold run's greedy output.
 * A bad --mikv-config exits non-zero with a message naming the field.
@@ -42,7 +43,9 @@ def _prompts() -> list[str]:
     prompts = []
     for i in range(NUM_REQUESTS):
         reps = rng.choice([1, 3, 8, 16, 24])
-        prompts.append(f"Story {i}. " + FILLER * reps + f"Question {i}: what did the fisherman say next?")
+        # prompts with the same or more filler share their first blocks: with prefix caching on,
+        # concurrent requests hit blocks other requests are still filling or decoding after
+        prompts.append(FILLER * reps + f"Story {i}. Question {i}: what did the fisherman say next?")
     return prompts
 
 
