@@ -126,8 +126,10 @@ def test_admitted_rows_must_match_the_batch():
         _build_shared([1, 1], [40, 20], [32], table)
 
 
-def test_prefix_caching_decision():
+def test_prefix_caching_decision(monkeypatch):
     import pytest
+
+    monkeypatch.delenv("MIKV_VLLM_OPS", raising=False)
 
     from mikv_vllm.config import preset
     from mikv_vllm.vllm_glue.engine_config import MiKVUnsupportedError, prefix_caching
@@ -139,3 +141,13 @@ def test_prefix_caching_decision():
     assert prefix_caching(preset("mikv"), None, on_cuda=True) is False          # Triton path: not implemented
     with pytest.raises(MiKVUnsupportedError, match="evicted"):
         prefix_caching(preset("h2o"), True, on_cuda=False)
+
+
+def test_prefix_caching_off_for_the_triton_ops(monkeypatch):
+    from mikv_vllm.config import preset
+    from mikv_vllm.vllm_glue.engine_config import prefix_caching
+
+    monkeypatch.setenv("MIKV_VLLM_OPS", "triton")
+    assert prefix_caching(preset("mikv"), None, on_cuda=False) is False
+    monkeypatch.setenv("MIKV_VLLM_OPS", "torch")                                # the reference on CUDA
+    assert prefix_caching(preset("mikv"), None, on_cuda=True) is True

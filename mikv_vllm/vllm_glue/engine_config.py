@@ -62,7 +62,7 @@ def prefix_caching(config: MiKVConfig, requested: bool | None, on_cuda: bool | N
     there raises.
 
     Not shareable: lo_bits 0 (eviction: a reader would see only the prefix's sinks) and the Triton
-    (CUDA) path, which has no shared-row support.
+    ops (CUDA by default, or ``MIKV_VLLM_OPS=triton``), which have no shared-row support.
     """
     if requested is False:
         return False
@@ -70,11 +70,14 @@ def prefix_caching(config: MiKVConfig, requested: bool | None, on_cuda: bool | N
         from vllm.platforms import current_platform
 
         on_cuda = current_platform.is_cuda_alike()
+    from ..kernels import ops_choice
+
+    choice = ops_choice()
     reason = None
     if config.lo_bits == 0:
         reason = f"policy {config.policy} keeps no lo copies (evicted tokens cannot be shared)"
-    elif on_cuda:
-        reason = "the Triton (CUDA) ops do not implement shared prefix blocks yet"
+    elif choice == "triton" or (choice == "auto" and on_cuda):
+        reason = "the Triton ops do not implement shared prefix blocks yet"
     if reason is None:
         logger.info("MiKV: prefix caching on (shared blocks are read-only: lo copies + sink hi copies)")
         return True
