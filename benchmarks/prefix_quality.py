@@ -6,9 +6,10 @@ Per config one offline engine (chunked prefill, ``--chunk`` tokens per step):
 * passkey: per trial a ~``--passkey-tokens`` document with a pass key; request 1 = document +
   question 1 (fills the cache), request 2 = document + question 2 (a hit when caching is on).
   Scored: request 2's answers.
-* ppl: one ``--ppl-tokens`` prose window; request 1 = its first ``--prefix`` tokens, request 2 =
-  the whole window; mean NLL of request 2's tokens after the prefix (they attend to it; the first
-  one is left out: with a hit its logprob would come from a cached position).
+* ppl: one ``--ppl-tokens`` prose window; request 1 = its first ``--prefix`` tokens (fills the
+  cache), then per scored position p > prefix (``--ppl-points`` of them, evenly spaced) a request
+  ``ids[:p]`` whose forced next token's raw logprob is read (vLLM returns no prompt logprobs for
+  cached positions); with caching on, every such request reads its cached blocks as a reader.
 
     python benchmarks/prefix_quality.py [--configs stock:on,mikv:on,mikv:off]
 """
@@ -46,18 +47,23 @@ def run(model: str, policy: str | None, caching: bool, args) -> dict:
             out = llm.generate([doc + QUESTION_2], greedy, use_tqdm=False)[0]
             correct += is_correct(trial, out.outputs[0].text)
             cached = out.num_cached_tokens or 0
+        print(json.dumps({"policy": policy or "stock", "prefix_caching": caching,
+                          "passkey": f"{correct}/{args.trials}"}), flush=True)
+        # perplexity at sampled positions p > prefix: request ids[:p], the true next token forced
+        # (allowed_token_ids) and its raw logprob read (vLLM cannot return prompt logprobs of a hit)
         ids = TokenStream(tok).windows("ppl", args.ppl_tokens, 1)[0]
         llm.generate([TokensPrompt(prompt_token_ids=ids[: args.prefix])], SamplingParams(max_tokens=1),
                      use_tqdm=False)
-        out = llm.generate([TokensPrompt(prompt_token_ids=ids)],
-                           SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0,
-                                          skip_reading_prefix_cache=False), use_tqdm=False)[0]
-        # tokens after the first uncached one (its logprob comes from the last cached position)
-        tail = out.prompt_logprobs[-(len(ids) - args.prefix - 1):]
-        assert all(lp is not None for lp in tail), "prompt logprobs missing after the prefix"
-        nll = [-lp[t].logprob for t, lp in zip(ids[args.prefix + 1:], tail)]
+        stride = max(1, (len(ids) - args.prefix - 1) // args.ppl_points)
+        nll, cached_ppl = [], 0
+        for p in range(args.prefix + 1, len(ids), stride):
+            out = llm.generate([TokensPrompt(prompt_token_ids=ids[:p])],
+                               SamplingParams(max_tokens=1, temperature=0.0, logprobs=0, allowed_token_ids=[ids[p]]),
+                               use_tqdm=False)[0]
+            nll.append(-out.outputs[0].logprobs[0][ids[p]].logprob)
+            cached_ppl = max(cached_ppl, out.num_cached_tokens or 0)
         return {"policy": policy or "stock", "prefix_caching": caching, "passkey": f"{correct}/{args.trials}",
-                "passkey_cached_tokens_last": cached, "ppl_cached_tokens": out.num_cached_tokens or 0,
+                "passkey_cached_tokens_last": cached, "ppl_cached_tokens": cached_ppl, "ppl_points": len(nll),
                 "ppl": math.exp(sum(nll) / len(nll)), "seconds": round(time.time() - t0, 1)}
 
 
@@ -69,6 +75,7 @@ def main() -> None:
     ap.add_argument("--passkey-tokens", type=int, default=1000)
     ap.add_argument("--ppl-tokens", type=int, default=1024)
     ap.add_argument("--prefix", type=int, default=512)
+    ap.add_argument("--ppl-points", type=int, default=24, help="scored positions after the prefix")
     ap.add_argument("--chunk", type=int, default=128)
     args = ap.parse_args()
     model = args.model
@@ -82,7 +89,7 @@ def main() -> None:
         rows.append(run(model, None if name == "stock" else name, mode == "on", args))
         print(json.dumps(rows[-1]), flush=True)
     print(f"\n| policy | prefix caching | passkey (key in the shared ~{args.passkey_tokens}-token prefix) "
-          f"| PPL after a shared {args.prefix}-token prefix | cached tokens (ppl request) |")
+          f"| PPL after a shared {args.prefix}-token prefix ({args.ppl_points} positions) | max cached tokens (ppl) |")
     print("|---|---|---:|---:|---:|")
     for r in rows:
         print(f"| {r['policy']} | {'on (hit)' if r['prefix_caching'] else 'off'} | {r['passkey']} "
