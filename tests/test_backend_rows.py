@@ -75,3 +75,79 @@ def test_engines_built_one_after_another_see_their_own_config():
     assert backend.active_config().name == "mikv"
     backend._publish(preset("mikv-int4"))          # a second engine with another preset
     assert backend.active_config().name == "mikv-int4"
+
+
+def _build_shared(qlens, ctxs, admitted, table, block_size=16):
+    from mikv_vllm.vllm_glue import sharing
+
+    builder = MiKVMetadataBuilder.__new__(MiKVMetadataBuilder)
+    builder.block_size, builder.prefix_caching = block_size, True
+    qsl = torch.tensor([0] + list(torch.tensor(qlens).cumsum(0)), dtype=torch.int32)
+    seq = torch.tensor(ctxs) + torch.tensor(qlens)
+    m = SimpleNamespace(num_reqs=len(qlens), query_start_loc=qsl, query_start_loc_cpu=qsl, seq_lens=seq.int(),
+                        block_table_tensor=table, slot_mapping=torch.zeros(int(qsl[-1]), dtype=torch.int64),
+                        num_actual_tokens=int(qsl[-1]))
+    sharing._state.rows = admitted
+    try:
+        return builder.build(0, m)
+    finally:
+        sharing._state.rows = None
+
+
+def test_rows_get_their_first_owned_block_from_admission():
+    # 0: decode of a request admitted with a 2-block hit; 1: plain decode; 2: chunk after a 1-block hit
+    table = torch.arange(36, dtype=torch.int32).reshape(3, 12)
+    meta = _build_shared([1, 1, 4], [40, 20, 16], [32, 0, 16], table)
+    assert meta.own_from == [2, 0, 1] and meta.serial is None
+    assert meta.decode.own_from.tolist() == [2, 0] and meta.chunks == [(2, 2, 6, 16)]
+    plain = _build_shared([1, 1], [40, 20], [0, 0], table[:2])
+    assert plain.own_from is None and plain.decode.own_from is None
+    dummy = _build_shared([1, 1], [40, 20], None, table[:2])   # dummy / profiling run
+    assert dummy.own_from is None
+
+
+def test_reader_of_blocks_written_this_step_runs_after_the_writer():
+    # row 1 (a hit on row 0's first 2 blocks, scheduled in the same step) comes first in the batch
+    table = torch.tensor([[5, 6, 7, 0], [5, 6, 9, 0], [1, 2, 3, 4]], dtype=torch.int32)
+    meta = _build_shared([8, 40, 1], [32, 0, 50], [32, 0, 0], torch.stack([table[1], table[0], table[2]]))
+    assert meta.decode is None and meta.chunks == []
+    order = [i for i, *_ in meta.serial]
+    assert order.index(1) < order.index(0) and sorted(order) == [0, 1, 2]
+    # the same rows a step later (the writer done): the normal batched path
+    later = _build_shared([1, 1, 1], [40, 41, 51], [32, 0, 0], torch.stack([table[1], table[0], table[2]]))
+    assert later.serial is None and later.decode.own_from.tolist() == [2, 0, 0]
+
+
+def test_admitted_rows_must_match_the_batch():
+    import pytest
+
+    table = torch.arange(24, dtype=torch.int32).reshape(2, 12)
+    with pytest.raises(RuntimeError, match="admitted rows"):
+        _build_shared([1, 1], [40, 20], [32], table)
+
+
+def test_prefix_caching_decision(monkeypatch):
+    import pytest
+
+    monkeypatch.delenv("MIKV_VLLM_OPS", raising=False)
+
+    from mikv_vllm.config import preset
+    from mikv_vllm.vllm_glue.engine_config import MiKVUnsupportedError, prefix_caching
+
+    assert prefix_caching(preset("mikv"), None, on_cuda=False) is True          # on by default, as stock
+    assert prefix_caching(preset("mikv"), True, on_cuda=False) is True
+    assert prefix_caching(preset("mikv"), False, on_cuda=False) is False        # --no-enable-prefix-caching
+    assert prefix_caching(preset("h2o"), None, on_cuda=False) is False          # eviction: nothing to share
+    assert prefix_caching(preset("mikv"), None, on_cuda=True) is False          # Triton path: not implemented
+    with pytest.raises(MiKVUnsupportedError, match="evicted"):
+        prefix_caching(preset("h2o"), True, on_cuda=False)
+
+
+def test_prefix_caching_off_for_the_triton_ops(monkeypatch):
+    from mikv_vllm.config import preset
+    from mikv_vllm.vllm_glue.engine_config import prefix_caching
+
+    monkeypatch.setenv("MIKV_VLLM_OPS", "triton")
+    assert prefix_caching(preset("mikv"), None, on_cuda=False) is False
+    monkeypatch.setenv("MIKV_VLLM_OPS", "torch")                                # the reference on CUDA
+    assert prefix_caching(preset("mikv"), None, on_cuda=True) is True

@@ -24,19 +24,27 @@ docs/design.md:
 Steps 4-5 are skipped when the layout has no hi slots (rtn). All maths is fp32;
 returned outputs are fp32 (callers cast).
 
+Shared prefix blocks (prefix caching, docs/design.md "Shared blocks"): ``own_from`` is the index
+of a request's first *owned* block; blocks ``block_row[:own_from]`` were filled by another request
+(or by this one before a preemption) and are read-only. Their lo copies are read; of their hi
+copies only those no later step can change (tags ``<= shared_hi_limit``: sinks, or every prefix
+token when the config never demotes). Scores, tags and hi slots are read and written only in owned
+blocks. ``own_from = 0`` (the default) is the request that owns its whole row.
+
 Kernel contract (mikv_vllm.kernels must match these signatures/semantics):
 
 * ``write_tokens(regions, layout, block_row, start, k, v, balancer=None)``
-* ``gather_context(regions, layout, block_row, ctx_len, balancer=None) -> (k [H,L,D], v [H,L,D], valid [H,L])``
+* ``gather_context(regions, layout, block_row, ctx_len, balancer=None, own_from=0, shared_hi=0) -> (k [H,L,D], v [H,L,D], valid [H,L])``
 * ``attention(q, k_ctx, v_ctx, valid_ctx, k_new, v_new, scale, vote_from=None) -> (out [T,Hq,D], mass [H,L] | None)``
-* ``accumulate_scores(regions, layout, block_row, mass)``
-* ``maintain_hi(regions, layout, config, block_row, ctx_len, k_new, v_new)``
-* ``forward_request(regions, layout, config, block_row, ctx_len, q, k, v, scale) -> out [T,Hq,D]``
-* ``forward_decode(regions, layout, config, block_tables, ctx_lens, q, k, v, scale) -> out [B,Hq,D]``
+* ``accumulate_scores(regions, layout, block_row, mass, own_from=0)``
+* ``maintain_hi(regions, layout, config, block_row, ctx_len, k_new, v_new, own_from=0)``
+* ``forward_request(regions, layout, config, block_row, ctx_len, q, k, v, scale, own_from=0) -> out [T,Hq,D]``
+* ``forward_decode(regions, layout, config, block_tables, ctx_lens, q, k, v, scale, own_from=None) -> out [B,Hq,D]``
   (one decode token for each of B requests; the per-request step, batched)
 * helpers: ``store_balancer(regions, layout, block_row, b) -> stored b fp32``,
   ``load_balancer(regions, layout, block_row) -> b [H,D] | None``,
-  ``first_voting_row(config, T) -> int``, ``token_slots(block_row, start, end, N) -> (blocks, offsets)``
+  ``first_voting_row(config, T) -> int``, ``token_slots(block_row, start, end, N) -> (blocks, offsets)``,
+  ``shared_hi_limit(config, layout, own_from) -> int``
 """
 
 from __future__ import annotations
@@ -63,6 +71,21 @@ def token_slots(block_row: torch.Tensor, start: int, end: int, block_size: int) 
     """(physical block, offset) of positions ``[start, end)`` (int64, on block_row's device)."""
     pos = torch.arange(start, end, device=block_row.device)
     return block_row.long()[pos // block_size], pos % block_size
+
+
+def never_demotes(config: MiKVConfig, layout: RegionLayout) -> bool:
+    """Every token is hi for the request's life (r = 1: budget L, one slot per position)."""
+    return layout.hi_slots >= layout.block_size and config.hi_ratio >= 1
+
+
+def shared_hi_limit(config: MiKVConfig, layout: RegionLayout, own_from: int) -> int:
+    """Largest tag (position + 1) a reader may use from the hi slots of its shared blocks
+    ``[0, own_from)``: hi copies that no later step of the writer can change. Sinks are never
+    demoted (importance.hi_budget); with :func:`never_demotes` no hi copy ever is."""
+    shared = int(own_from) * layout.block_size
+    if not layout.hi_slots or not shared:
+        return 0
+    return shared if never_demotes(config, layout) else min(config.sink_tokens, shared)
 
 
 # ----------------------------------------------------------------- balancer
@@ -158,12 +181,14 @@ def lo_context(regions: torch.Tensor, layout: RegionLayout, blocks: torch.Tensor
 
 
 def gather_context(regions: torch.Tensor, layout: RegionLayout, block_row: torch.Tensor, ctx_len: int,
-                   balancer: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   balancer: torch.Tensor | None = None, own_from: int = 0,
+                   shared_hi: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """K, V ``[H, L, D]`` fp32 and ``valid [H, L]`` for positions ``[0, ctx_len)``.
 
     Tagged tokens read their hi copy; the others the dequantized lo copy (K
     divided by ``balancer``). ``valid`` is False only for untagged tokens when
-    lo_bits is 0 (evicted; their K/V are 0).
+    lo_bits is 0 (evicted; their K/V are 0). Slots of the shared blocks ``[0, own_from)``
+    count only with tags ``<= shared_hi`` (:func:`shared_hi_limit`).
     """
     views = layout.views(regions)
     ctx_len = int(ctx_len)
@@ -174,7 +199,9 @@ def gather_context(regions: torch.Tensor, layout: RegionLayout, block_row: torch
     if layout.hi_slots and ctx_len:
         blocks = row[:_num_blocks(ctx_len, n)]
         tags = views.tag[blocks].transpose(0, 1).reshape(h, -1)                      # [H, S]
-        hh, slot = torch.nonzero((tags > 0) & (tags <= ctx_len), as_tuple=True)
+        limit = torch.full((tags.shape[1],), ctx_len, device=dev)
+        limit[: int(own_from) * layout.hi_slots] = min(int(shared_hi), ctx_len)    # shared blocks
+        hh, slot = torch.nonzero((tags > 0) & (tags <= limit), as_tuple=True)
         pos = tags[hh, slot].long() - 1
         r = layout.hi_slots
         k[hh, pos] = views.k_hi[blocks[slot // r], hh, slot % r].float()
@@ -231,28 +258,33 @@ def attention(q: torch.Tensor, k_ctx: torch.Tensor, v_ctx: torch.Tensor, valid_c
 
 # ------------------------------------------------------------------- scores
 def accumulate_scores(regions: torch.Tensor, layout: RegionLayout, block_row: torch.Tensor,
-                      mass: torch.Tensor) -> None:
-    """Add ``mass [H, L]`` to the scores of positions ``[0, L)`` (saturating in the score dtype)."""
+                      mass: torch.Tensor, own_from: int = 0) -> None:
+    """Add ``mass [H, L]`` to the scores of positions ``[0, L)`` (saturating in the score dtype);
+    only the owned blocks ``[own_from, ...)`` are written."""
     if not layout.hi_slots:
         return
     views = layout.views(regions)
     h, length, n = mass.shape[0], mass.shape[1], layout.block_size
-    blocks = block_row.to(regions.device).long()[:_num_blocks(length, n)]
+    first = int(own_from) * n
+    if length <= first:
+        return
+    blocks = block_row.to(regions.device).long()[int(own_from):_num_blocks(length, n)]
     cur = views.score[blocks].transpose(0, 1).reshape(h, -1).float()                 # [H, nb*N]
-    cur[:, :length] += mass.float()
+    cur[:, :length - first] += mass[:, first:].float()
     top = torch.finfo(layout.score_dtype).max
     views.score[blocks] = cur.clamp(max=top).to(layout.score_dtype).reshape(h, -1, n).transpose(0, 1)
 
 
 # --------------------------------------------------------------- hi slots
 def maintain_hi(regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig, block_row: torch.Tensor,
-                ctx_len: int, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
+                ctx_len: int, k_new: torch.Tensor, v_new: torch.Tensor, own_from: int = 0) -> None:
     """Re-select the hi set after writing ``k_new, v_new [T, H, D]`` at ``[ctx_len, L)``.
 
     Candidates: tokens tagged now + the new tokens. Losers among the tagged are
     demoted (tag cleared); selected new tokens get a free slot (lowest free slot
     index across the request's blocks, in position order) holding their raw K/V
-    in the hi dtype.
+    in the hi dtype. Only the slots of the owned blocks ``[own_from, ...)`` count (the budget's
+    ``num_slots`` too); shared blocks are not touched.
     """
     r, t, ctx_len = layout.hi_slots, k_new.shape[0], int(ctx_len)
     if not r or t == 0:
@@ -260,7 +292,8 @@ def maintain_hi(regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig,
     views = layout.views(regions)
     dev, n = regions.device, layout.block_size
     seq_len = ctx_len + t
-    blocks = block_row.to(dev).long()[:_num_blocks(seq_len, n)]
+    first = int(own_from) * n                        # first owned position (ctx_len >= first)
+    blocks = block_row.to(dev).long()[int(own_from):_num_blocks(seq_len, n)]
     h = regions.shape[1]
     tags = views.tag[blocks].transpose(0, 1).reshape(h, -1)                          # [H, S]
     num_slots = tags.shape[1]
@@ -269,7 +302,7 @@ def maintain_hi(regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig,
     new_pos = torch.arange(ctx_len, seq_len, device=dev).expand(h, t)
     positions = torch.cat([old_pos, new_pos], dim=1)                                 # [H, S+T]
     all_scores = views.score[blocks].transpose(0, 1).reshape(h, -1).float()         # [H, nb*N]
-    scores = all_scores.gather(1, positions.clamp(min=0))
+    scores = all_scores.gather(1, (positions - first).clamp(min=0))
     keep = select_hi(positions, scores, seq_len, config, num_slots)
     new_tags = torch.where(keep[:, :num_slots], tags, torch.zeros_like(tags))
     chosen = keep[:, num_slots:]                                                     # [H, T]
@@ -287,37 +320,58 @@ def maintain_hi(regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig,
 
 # ----------------------------------------------------------------- composed
 def forward_request(regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig, block_row: torch.Tensor,
-                    ctx_len: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+                    ctx_len: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                    own_from: int = 0) -> torch.Tensor:
     """One chunk of one request: q ``[T, Hq, D]``, k/v ``[T, H, D]`` -> output ``[T, Hq, D]`` fp32.
 
-    Mutates ``regions`` (store, scores, hi slots, balancer header). Call with
-    growing ``ctx_len`` for chunked prefill and decode (T = 1).
+    Mutates ``regions`` (store, scores, hi slots, balancer header) in the owned blocks
+    ``block_row[own_from:]`` only. Call with growing ``ctx_len`` for chunked prefill and decode (T = 1).
     """
-    ctx_len = int(ctx_len)
+    ctx_len, own_from = int(ctx_len), check_own_from(layout, ctx_len, own_from)
     b = request_balancer(regions, layout, block_row, ctx_len, q, k)
     write_tokens(regions, layout, block_row, ctx_len, k, v, b)
-    k_ctx, v_ctx, valid = gather_context(regions, layout, block_row, ctx_len, b)
+    k_ctx, v_ctx, valid = gather_context(regions, layout, block_row, ctx_len, b, own_from,
+                                         shared_hi_limit(config, layout, own_from))
     vote_from = first_voting_row(config, q.shape[0]) if layout.hi_slots else None
     out, mass = attention(q, k_ctx, v_ctx, valid, k, v, scale, vote_from)
     if mass is not None:
-        accumulate_scores(regions, layout, block_row, mass)
-        maintain_hi(regions, layout, config, block_row, ctx_len, k, v)
+        accumulate_scores(regions, layout, block_row, mass, own_from)
+        maintain_hi(regions, layout, config, block_row, ctx_len, k, v, own_from)
     return out
+
+
+def check_own_from(layout: RegionLayout, ctx_len: int, own_from: int) -> int:
+    """``own_from`` as int; the new tokens must lie in owned blocks (``own_from * N <= ctx_len``)."""
+    own_from = int(own_from)
+    if own_from < 0 or own_from * layout.block_size > int(ctx_len):
+        raise ValueError(f"own_from {own_from} (block size {layout.block_size}) must be in "
+                         f"[0, ctx_len // block_size] for ctx_len {ctx_len}: a request writes only owned blocks")
+    return own_from
 
 
 # ------------------------------------------------------------ batched decode
 # One decode step (T = 1) of B requests at once: the per-request ops above, vectorised over
 # requests. ``block_tables [B, M]`` holds each request's block row (columns past a request's
 # last block are never read or written, whatever they hold); ``pos [B]`` is each request's
-# context length = the position of its new token.
+# context length = the position of its new token; ``own_from [B]`` (int64, default all 0) each
+# request's first owned block column (columns before it are shared, read-only) and ``shared_hi [B]``
+# its :func:`shared_hi_limit`.
 
 def _blocks_for(block_tables: torch.Tensor, lengths: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block columns covering the longest of ``lengths`` -> (blocks ``[B, nb]``, own ``[B, nb]`` bool)."""
+    """Block columns covering the longest of ``lengths`` -> (blocks ``[B, nb]``, own ``[B, nb]`` bool:
+    the columns holding the request's positions; see :func:`_owned` for write access)."""
     nbs = (lengths + n - 1) // n
     nb = int(nbs.max()) if lengths.numel() else 0
     own = torch.arange(nb, device=block_tables.device)[None, :] < nbs[:, None]
     blocks = block_tables[:, :nb].long()
     return torch.where(own, blocks, blocks[:, :1]), own   # padding columns read the first block
+
+
+def _owned(own: torch.Tensor, own_from: torch.Tensor | None) -> torch.Tensor:
+    """``own [B, nb]`` restricted to the owned columns ``>= own_from[b]`` (shared ones are read-only)."""
+    if own_from is None:
+        return own
+    return own & (torch.arange(own.shape[1], device=own.device)[None, :] >= own_from.to(own.device)[:, None])
 
 
 def _per_head(x: torch.Tensor) -> torch.Tensor:
@@ -327,11 +381,13 @@ def _per_head(x: torch.Tensor) -> torch.Tensor:
 
 
 def gather_decode(regions: torch.Tensor, layout: RegionLayout, block_tables: torch.Tensor, pos: torch.Tensor,
-                  balancer: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  balancer: torch.Tensor | None = None, own_from: torch.Tensor | None = None,
+                  shared_hi: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`gather_context` for B requests: K, V ``[B, H, Lmax, D]`` fp32, valid ``[B, H, Lmax]``.
 
     Request b reads positions ``[0, pos[b])``; the rest of its row is invalid with K = V = 0.
-    ``balancer`` ``[B, H, D]``.
+    ``balancer`` ``[B, H, D]``; hi slots of shared columns (``< own_from[b]``) count only with
+    tags ``<= shared_hi[b]``.
     """
     views = layout.views(regions)
     bsz, h, d, n = pos.shape[0], regions.shape[1], layout.head_dim, layout.block_size
@@ -357,7 +413,12 @@ def gather_decode(regions: torch.Tensor, layout: RegionLayout, block_tables: tor
     if r and lmax:
         tags = _per_head(views.tag[blocks])                                              # [B, H, nb*R]
         slot_own = own.repeat_interleave(r, dim=1)[:, None]                               # [B, 1, nb*R]
-        bb, hh, ss = torch.nonzero(slot_own & (tags > 0) & (tags <= pos[:, None, None]), as_tuple=True)
+        limit = pos[:, None].expand(bsz, own.shape[1])
+        if own_from is not None:   # shared columns: only the hi copies no writer can change
+            shared = ~_owned(own, own_from)
+            limit = torch.where(shared, torch.minimum(limit, shared_hi.to(pos.device)[:, None]), limit)
+        limit = limit.repeat_interleave(r, dim=1)[:, None]                                # [B, 1, nb*R]
+        bb, hh, ss = torch.nonzero(slot_own & (tags > 0) & (tags <= limit), as_tuple=True)
         p = tags[bb, hh, ss].long() - 1
         k[bb, hh, p] = views.k_hi[blocks[bb, ss // r], hh, ss % r].float()
         v[bb, hh, p] = views.v_hi[blocks[bb, ss // r], hh, ss % r].float()
@@ -400,8 +461,9 @@ def attention_decode(q: torch.Tensor, k_ctx: torch.Tensor, v_ctx: torch.Tensor, 
 
 
 def accumulate_scores_decode(regions: torch.Tensor, layout: RegionLayout, block_tables: torch.Tensor,
-                             pos: torch.Tensor, mass: torch.Tensor) -> None:
-    """:func:`accumulate_scores` for B requests: add ``mass [B, H, S]`` to positions ``[0, pos[b]]``."""
+                             pos: torch.Tensor, mass: torch.Tensor, own_from: torch.Tensor | None = None) -> None:
+    """:func:`accumulate_scores` for B requests: add ``mass [B, H, S]`` to positions ``[0, pos[b]]``
+    (written in the owned columns only)."""
     if not layout.hi_slots:
         return
     views = layout.views(regions)
@@ -413,13 +475,15 @@ def accumulate_scores_decode(regions: torch.Tensor, layout: RegionLayout, block_
     cur[:, :, :s] += torch.where(live, mass[:, :, :s].float(), 0.0)
     top = torch.finfo(layout.score_dtype).max
     new = cur.clamp(max=top).to(layout.score_dtype).reshape(bsz, h, -1, n).transpose(1, 2)   # [B, nb, H, N]
+    own = _owned(own, own_from)
     views.score[blocks[own]] = new[own]
 
 
 def maintain_hi_decode(regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig,
                        block_tables: torch.Tensor, pos: torch.Tensor, k_new: torch.Tensor,
-                       v_new: torch.Tensor) -> None:
-    """:func:`maintain_hi` for B requests that each just wrote one token (``k_new, v_new [B, H, D]``)."""
+                       v_new: torch.Tensor, own_from: torch.Tensor | None = None) -> None:
+    """:func:`maintain_hi` for B requests that each just wrote one token (``k_new, v_new [B, H, D]``);
+    only the slots of the owned columns count and are written."""
     r = layout.hi_slots
     if not r or pos.numel() == 0:
         return
@@ -427,6 +491,7 @@ def maintain_hi_decode(regions: torch.Tensor, layout: RegionLayout, config: MiKV
     bsz, h, n = pos.shape[0], regions.shape[1], layout.block_size
     seq = pos + 1
     blocks, own = _blocks_for(block_tables, seq, n)
+    own = _owned(own, own_from)
     tags = _per_head(views.tag[blocks])                                                   # [B, H, S]
     num_slots = tags.shape[2]
     slot_own = own.repeat_interleave(r, dim=1)[:, None].expand(bsz, h, num_slots)
@@ -484,29 +549,43 @@ def decode_groups(ctx_lens: list[int], limit: int | None = None) -> list[list[in
 
 def forward_decode(regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig, block_tables: torch.Tensor,
                    ctx_lens: list[int], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   scale: float) -> torch.Tensor:
+                   scale: float, own_from=None) -> torch.Tensor:
     """One decode step for B requests: q ``[B, Hq, D]``, k/v ``[B, H, D]`` at positions ``ctx_lens``.
 
     Same page effects and outputs (up to fp32 rounding) as
-    ``forward_request(..., block_tables[i], ctx_lens[i], q[i:i+1], k[i:i+1], v[i:i+1], scale)``
-    for every i; requests own disjoint blocks. Batch invariant: a request's output and page
+    ``forward_request(..., block_tables[i], ctx_lens[i], q[i:i+1], k[i:i+1], v[i:i+1], scale, own_from[i])``
+    for every i; requests own disjoint blocks (shared ones are only read). Batch invariant: a request's output and page
     bytes do not depend on the other requests. Returns ``[B, Hq, D]`` fp32.
     """
     ctx_lens = [int(c) for c in ctx_lens]
+    owns = decode_own_from(layout, ctx_lens, own_from)
     groups = decode_groups(ctx_lens)
     if len(groups) <= 1:
-        return _forward_decode(regions, layout, config, block_tables, ctx_lens, q, k, v, scale)
+        return _forward_decode(regions, layout, config, block_tables, ctx_lens, q, k, v, scale, owns)
     out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     for g in groups:
         idx = torch.tensor(g, device=q.device)
         out[idx] = _forward_decode(regions, layout, config, block_tables[idx.to(block_tables.device)],
-                                   [ctx_lens[i] for i in g], q[idx], k[idx], v[idx], scale)
+                                   [ctx_lens[i] for i in g], q[idx], k[idx], v[idx], scale,
+                                   None if owns is None else [owns[i] for i in g])
     return out
+
+
+def decode_own_from(layout: RegionLayout, ctx_lens: list[int], own_from) -> list[int] | None:
+    """``own_from`` (None, or one int per request) checked against ``ctx_lens``; None when all 0."""
+    if own_from is None:
+        return None
+    owns = [int(o) for o in (own_from.tolist() if isinstance(own_from, torch.Tensor) else own_from)]
+    if len(owns) != len(ctx_lens):
+        raise ValueError(f"own_from has {len(owns)} entries for {len(ctx_lens)} requests")
+    for c, o in zip(ctx_lens, owns):
+        check_own_from(layout, c, o)
+    return owns if any(owns) else None
 
 
 def _forward_decode(regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig, block_tables: torch.Tensor,
                     ctx_lens: list[int], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    scale: float) -> torch.Tensor:
+                    scale: float, owns: list[int] | None = None) -> torch.Tensor:
     dev = regions.device
     bt = block_tables.to(dev)
     pos = torch.as_tensor([int(c) for c in ctx_lens], device=dev, dtype=torch.int64)
@@ -515,9 +594,13 @@ def _forward_decode(regions: torch.Tensor, layout: RegionLayout, config: MiKVCon
     b = decode_balancer(regions, layout, bt, pos, q, k)
     blk = bt.long().gather(1, (pos // layout.block_size)[:, None])[:, 0]
     store_at(regions, layout, blk, pos % layout.block_size, k, v, b)
-    k_ctx, v_ctx, valid = gather_decode(regions, layout, bt, pos, b)
+    own_from = shared_hi = None
+    if owns is not None:
+        own_from = torch.as_tensor(owns, device=dev, dtype=torch.int64)
+        shared_hi = torch.as_tensor([shared_hi_limit(config, layout, o) for o in owns], device=dev, dtype=torch.int64)
+    k_ctx, v_ctx, valid = gather_decode(regions, layout, bt, pos, b, own_from, shared_hi)
     out, mass = attention_decode(q, k_ctx, v_ctx, valid, pos, k, v, scale)
     if layout.hi_slots:
-        accumulate_scores_decode(regions, layout, bt, pos, mass)
-        maintain_hi_decode(regions, layout, config, bt, pos, k, v)
+        accumulate_scores_decode(regions, layout, bt, pos, mass, own_from)
+        maintain_hi_decode(regions, layout, config, bt, pos, k, v, own_from)
     return out

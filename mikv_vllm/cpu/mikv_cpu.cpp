@@ -6,7 +6,7 @@
 namespace mikv {
 torch::Tensor decode_step(torch::Tensor regions, std::vector<int64_t> meta, torch::Tensor block_tables,
                           torch::Tensor pos, torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale,
-                          bool do_store);
+                          bool do_store, torch::Tensor own_from, torch::Tensor shared_hi);
 }  // namespace mikv
 
 namespace {

@@ -4,6 +4,9 @@
 //
 // One task per (request b, KV head h), run with at::parallel_for (OpenMP). Every task touches only
 // the regions (blk, h) of its own request's blocks, so tasks never write the same bytes.
+// Shared prefix blocks (prefix caching): columns j < own_from[b] are read-only for request b: their
+// hi slots count only with tags <= shared_hi[b] (reference.shared_hi_limit), their scores are not
+// written (reference: own_from / shared_hi of gather_decode and accumulate_scores_decode).
 #include "mikv_common.h"
 
 namespace {
@@ -13,7 +16,8 @@ namespace {
 template <int BITS, int GT, int DT>
 void decode_task(const Layout& L, uint8_t* regions, int64_t H, const int32_t* row, int64_t pos, const float* q,
                  const float* kn, const float* vn, float scale, int64_t G_rt, bool do_store, float* out,
-                 std::vector<float>& buf, std::vector<int32_t>& hmap, std::vector<uint8_t>& scratch, int64_t h) {
+                 std::vector<float>& buf, std::vector<int32_t>& hmap, std::vector<uint8_t>& scratch, int64_t h,
+                 int64_t own_from, int64_t shared_hi) {
   constexpr bool FIXED = GT > 0 && DT > 0;
   const int64_t G = FIXED ? GT : G_rt, D = FIXED ? DT : L.D;
   const int64_t N = L.N, R = L.R, P = L.packed(), NG = L.groups();
@@ -76,9 +80,10 @@ void decode_task(const Layout& L, uint8_t* regions, int64_t H, const int32_t* ro
     hmap.assign(static_cast<size_t>(pos), -1);
     for (int64_t j = 0; j < nb_ctx; ++j) {
       const int32_t* tags = reinterpret_cast<const int32_t*>(region(j) + L.tag);
+      const int64_t lim = j < own_from ? std::min(shared_hi, pos) : pos;   // shared: stable hi copies only
       for (int64_t r = 0; r < R; ++r) {
         const int32_t t = tags[r];
-        if (t > 0 && t <= pos) hmap[t - 1] = static_cast<int32_t>(j * R + r);
+        if (t > 0 && t <= lim) hmap[t - 1] = static_cast<int32_t>(j * R + r);
       }
     }
   }
@@ -135,6 +140,7 @@ void decode_task(const Layout& L, uint8_t* regions, int64_t H, const int32_t* ro
   };
   for (int64_t j = 0; j * N < S; ++j) {
     uint8_t* reg = region(j);
+    const bool owned = R && j >= own_from;   // scores are written in owned blocks only
     const int64_t n_here = std::min(N, S - j * N);
     for (int64_t o = 0; o < n_here; ++o) {
       const int64_t t = j * N + o;
@@ -149,7 +155,7 @@ void decode_task(const Layout& L, uint8_t* regions, int64_t H, const int32_t* ro
           dequant<BITS>(reg + L.v_lo + o * P, reinterpret_cast<const uint16_t*>(reg + L.v_sz) + o * NG * 2, D,
                         L.group, vx);
         } else {
-          if (R) add_score(reg, o, 0.f);
+          if (owned) add_score(reg, o, 0.f);
           continue;   // evicted: weight exactly 0
         }
         vrow = vx;
@@ -161,7 +167,7 @@ void decode_task(const Layout& L, uint8_t* regions, int64_t H, const int32_t* ro
         float* og = oacc + g * D;
         for (int64_t d = 0; d < D; ++d) og[d] += p * vrow[d];
       }
-      if (R) add_score(reg, o, mass);
+      if (owned) add_score(reg, o, mass);
     }
   }
   if (FIXED) std::memcpy(out, oacc, sizeof(float) * G * D);
@@ -170,9 +176,11 @@ void decode_task(const Layout& L, uint8_t* regions, int64_t H, const int32_t* ro
 template <int BITS>
 void decode_dispatch(const Layout& L, uint8_t* regions, int64_t H, const int32_t* row, int64_t pos, const float* q,
                      const float* kn, const float* vn, float scale, int64_t G, bool do_store, float* out,
-                     std::vector<float>& buf, std::vector<int32_t>& hmap, std::vector<uint8_t>& scratch, int64_t h) {
-#define MIKV_TASK(GT, DT) \
-  decode_task<BITS, GT, DT>(L, regions, H, row, pos, q, kn, vn, scale, G, do_store, out, buf, hmap, scratch, h)
+                     std::vector<float>& buf, std::vector<int32_t>& hmap, std::vector<uint8_t>& scratch, int64_t h,
+                     int64_t own_from, int64_t shared_hi) {
+#define MIKV_TASK(GT, DT)                                                                                     \
+  decode_task<BITS, GT, DT>(L, regions, H, row, pos, q, kn, vn, scale, G, do_store, out, buf, hmap, scratch, h, \
+                            own_from, shared_hi)
   if (L.D == 64 && G == 1) MIKV_TASK(1, 64);
   else if (L.D == 64 && G == 3) MIKV_TASK(3, 64);
   else if (L.D == 64 && G == 4) MIKV_TASK(4, 64);
@@ -189,7 +197,7 @@ namespace mikv {
 // One decode step for B requests (one token each at position pos[b]); returns out [B, Hq, D] fp32.
 torch::Tensor decode_step(torch::Tensor regions, std::vector<int64_t> meta, torch::Tensor block_tables,
                           torch::Tensor pos, torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale,
-                          bool do_store) {
+                          bool do_store, torch::Tensor own_from, torch::Tensor shared_hi) {
   const Layout L = parse_layout(meta);
   TORCH_CHECK(regions.device().is_cpu() && regions.scalar_type() == torch::kUInt8 && regions.dim() == 3 &&
                   regions.is_contiguous() && regions.size(2) == L.region_bytes,
@@ -205,10 +213,16 @@ torch::Tensor decode_step(torch::Tensor regions, std::vector<int64_t> meta, torc
                   k.size(1) == H && v.size(1) == H && Hq % H == 0,
               "mikv_cpu: inconsistent shapes");
   const int64_t G = Hq / H, M = block_tables.size(1), NBLK = regions.size(0);
+  for (const auto* t : {&own_from, &shared_hi})
+    TORCH_CHECK(t->scalar_type() == torch::kInt64 && t->dim() == 1 && t->is_contiguous() && t->size(0) == B,
+                "mikv_cpu: own_from / shared_hi must be contiguous int64 [B]");
   const int64_t* pp = pos.data_ptr<int64_t>();
+  const int64_t* ofp = own_from.data_ptr<int64_t>();
+  const int64_t* shp = shared_hi.data_ptr<int64_t>();
   const int32_t* bt = block_tables.data_ptr<int32_t>();
   for (int64_t b = 0; b < B; ++b) {   // bounds: a bad table must raise, not corrupt memory
     TORCH_CHECK(pp[b] >= 0 && pp[b] / L.N < M, "mikv_cpu: position ", pp[b], " outside the block table");
+    TORCH_CHECK(ofp[b] >= 0 && ofp[b] * L.N <= pp[b], "mikv_cpu: own_from ", ofp[b], " past position ", pp[b]);
     for (int64_t j = 0; j <= pp[b] / L.N; ++j)
       TORCH_CHECK(bt[b * M + j] >= 0 && bt[b * M + j] < NBLK, "mikv_cpu: block id ", bt[b * M + j], " out of range");
   }
@@ -230,12 +244,13 @@ torch::Tensor decode_step(torch::Tensor regions, std::vector<int64_t> meta, torc
       const float* vb = vp + (b * H + h) * D;
       float* ob = op + (b * Hq + h * G) * D;
       const int32_t* row = bt + b * M;
+      const int64_t of = ofp[b], sh = shp[b];   // shared prefix: first owned column, stable hi tag limit
       switch (L.bits) {
-        case 0: decode_dispatch<0>(L, rg, H, row, pp[b], qb, kb, vb, sc, G, do_store, ob, buf, hmap, scratch, h); break;
-        case 2: decode_dispatch<2>(L, rg, H, row, pp[b], qb, kb, vb, sc, G, do_store, ob, buf, hmap, scratch, h); break;
-        case 3: decode_dispatch<3>(L, rg, H, row, pp[b], qb, kb, vb, sc, G, do_store, ob, buf, hmap, scratch, h); break;
-        case 4: decode_dispatch<4>(L, rg, H, row, pp[b], qb, kb, vb, sc, G, do_store, ob, buf, hmap, scratch, h); break;
-        default: decode_dispatch<8>(L, rg, H, row, pp[b], qb, kb, vb, sc, G, do_store, ob, buf, hmap, scratch, h); break;
+        case 0: decode_dispatch<0>(L, rg, H, row, pp[b], qb, kb, vb, sc, G, do_store, ob, buf, hmap, scratch, h, of, sh); break;
+        case 2: decode_dispatch<2>(L, rg, H, row, pp[b], qb, kb, vb, sc, G, do_store, ob, buf, hmap, scratch, h, of, sh); break;
+        case 3: decode_dispatch<3>(L, rg, H, row, pp[b], qb, kb, vb, sc, G, do_store, ob, buf, hmap, scratch, h, of, sh); break;
+        case 4: decode_dispatch<4>(L, rg, H, row, pp[b], qb, kb, vb, sc, G, do_store, ob, buf, hmap, scratch, h, of, sh); break;
+        default: decode_dispatch<8>(L, rg, H, row, pp[b], qb, kb, vb, sc, G, do_store, ob, buf, hmap, scratch, h, of, sh); break;
       }
     }
   });

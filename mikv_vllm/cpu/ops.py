@@ -32,35 +32,48 @@ def _f32(x: torch.Tensor) -> torch.Tensor:
 
 
 def decode_step(regions: torch.Tensor, layout: RegionLayout, block_tables: torch.Tensor, pos: torch.Tensor,
-                q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+                q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                own_from: torch.Tensor | None = None, shared_hi: torch.Tensor | None = None) -> torch.Tensor:
     """Balancer + store + attention + score accumulation for B requests (C++ op).
 
     ``block_tables`` int32 ``[B, M]`` (contiguous), ``pos`` int64 ``[B]`` (each request's context
-    length = its new token's position); q ``[B, Hq, D]``, k/v ``[B, H, D]``. Page effects and output
+    length = its new token's position); q ``[B, Hq, D]``, k/v ``[B, H, D]``; ``own_from`` /
+    ``shared_hi`` int64 ``[B]`` (default 0: every block owned). Page effects and output
     equal ``reference.decode_balancer`` + ``store_at`` + ``gather_decode`` + ``attention_decode`` +
     ``accumulate_scores_decode`` (to fp32 rounding). Returns ``[B, Hq, D]`` fp32.
     """
+    zeros = torch.zeros_like(pos)
+    own_from = zeros if own_from is None else own_from.to(torch.int64).contiguous()
+    shared_hi = zeros if shared_hi is None else shared_hi.to(torch.int64).contiguous()
     return load().decode_step(regions, layout_meta(layout), block_tables, pos, _f32(q), _f32(k), _f32(v),
-                              float(scale), True)
+                              float(scale), True, own_from, shared_hi)
 
 
 def forward_decode(regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig, block_tables: torch.Tensor,
-                   ctx_lens, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+                   ctx_lens, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                   own_from=None) -> torch.Tensor:
     """Same signature and page effects as ``reference.forward_decode`` (contexts may be 0)."""
     pos = torch.as_tensor(ctx_lens, dtype=torch.int64).reshape(-1).contiguous()
     bt = block_tables.to(torch.int32).contiguous()
-    out = decode_step(regions, layout, bt, pos, q, k, v, scale)
+    owns = ref.decode_own_from(layout, pos.tolist(), own_from)
+    of = sh = None
+    if owns is not None:
+        of = torch.tensor(owns, dtype=torch.int64)
+        sh = torch.tensor([ref.shared_hi_limit(config, layout, o) for o in owns], dtype=torch.int64)
+    out = decode_step(regions, layout, bt, pos, q, k, v, scale, of, sh)
     if layout.hi_slots:
-        ref.maintain_hi_decode(regions, layout, config, bt, pos, k, v)
+        ref.maintain_hi_decode(regions, layout, config, bt, pos, k, v, of)
     return out
 
 
 def forward_request(regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig, block_row: torch.Tensor,
-                    ctx_len: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+                    ctx_len: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                    own_from: int = 0) -> torch.Tensor:
     """Same signature and page effects as ``reference.forward_request``; T = 1 runs the fused step."""
     if q.shape[0] == 1:
-        return forward_decode(regions, layout, config, block_row.reshape(1, -1), [int(ctx_len)], q, k, v, scale)
-    return ref.forward_request(regions, layout, config, block_row, ctx_len, q, k, v, scale)
+        return forward_decode(regions, layout, config, block_row.reshape(1, -1), [int(ctx_len)], q, k, v, scale,
+                              [int(own_from)])
+    return ref.forward_request(regions, layout, config, block_row, ctx_len, q, k, v, scale, own_from)
 
 
 class CpuOps:

@@ -9,6 +9,9 @@ workspace (:mod:`.workspace`).
   attended in key chunks of whole blocks with an online softmax, query rows in blocks, a second
   pass for the score mass; nothing is dequantized beyond one key chunk.
 * layouts outside :func:`_common.supported` fall back to the reference entirely.
+* shared prefix blocks (``own_from > 0``, prefix caching) are not implemented in the Triton path:
+  such rows raise NotImplementedError (the engine keeps prefix caching off on CUDA,
+  vllm_glue/engine_config.py).
 """
 
 from __future__ import annotations
@@ -24,9 +27,16 @@ from .store import store_tokens, write_tokens
 from .workspace import Dims, plan_decode_groups, plan_prefill, workspace_bytes
 
 
+SHARED_UNSUPPORTED = ("MiKV Triton ops: rows reading shared prefix blocks (own_from > 0) are not implemented; "
+                      "serve with --no-enable-prefix-caching on CUDA (docs/usage.md)")
+
+
 def forward_request(regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig, block_row: torch.Tensor,
-                    ctx_len: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+                    ctx_len: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                    own_from: int = 0) -> torch.Tensor:
     """Same signature and page effects as ``reference.forward_request``; output ``[T, Hq, D]`` fp32."""
+    if int(own_from):
+        raise NotImplementedError(SHARED_UNSUPPORTED)
     if not supported(layout):
         return ref.forward_request(regions, layout, config, block_row, ctx_len, q, k, v, scale)
     ctx_len = int(ctx_len)
@@ -44,13 +54,15 @@ def forward_request(regions: torch.Tensor, layout: RegionLayout, config: MiKVCon
 
 def forward_decode(regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig, block_tables: torch.Tensor,
                    ctx_lens: list[int], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   scale: float, *, workspace: int | None = None) -> torch.Tensor:
+                   scale: float, own_from=None, *, workspace: int | None = None) -> torch.Tensor:
     """One decode step for B requests: q ``[B, Hq, D]``, k/v ``[B, H, D]`` at positions ``ctx_lens``.
 
     Equivalent to ``reference.forward_request(..., ctx_lens[i], q[i:i+1], ...)`` for every i
     (requests own disjoint blocks). Temporaries stay within ``workspace`` bytes (default
     :func:`workspace.workspace_bytes`). Returns ``[B, Hq, D]`` fp32.
     """
+    if own_from is not None and any(int(o) for o in own_from):
+        raise NotImplementedError(SHARED_UNSUPPORTED)
     if not supported(layout):
         return ref.forward_decode(regions, layout, config, block_tables, ctx_lens, q, k, v, scale)
     ctx_lens = [int(c) for c in ctx_lens]

@@ -7,7 +7,8 @@ every (block, KV head) is a :class:`~mikv_vllm.core.layout.RegionLayout`; the
 computation is the fused C++ step of :mod:`mikv_vllm.cpu` on CPU, the Triton kernels
 on CUDA, or :mod:`mikv_vllm.core.reference` (torch, ``MIKV_VLLM_OPS=torch``). The
 builder indexes the step's rows once (:class:`DecodeRows`, prefill chunks); every layer
-reuses them.
+reuses them. With prefix caching, each row's first owned block (``own_from``, from
+:mod:`.sharing`) goes to the ops: blocks before it are shared and only read.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from ..config import MiKVConfig
 from ..core.layout import RegionLayout, as_regions
 from ..core.rotation import rotation_for
 from ..kernels import reserve_workspace, use_triton
+from . import sharing
 from .stats import LayerStats
 
 logger = logging.getLogger("vllm.mikv")  # child of vLLM's configured logger
@@ -115,12 +117,14 @@ class DecodeRows:
     the metadata builder and shared by every layer: ``tokens`` their query rows (int64), ``pos``
     their context lengths = new-token positions (int64, CPU), ``block_table`` their block-table
     rows (int32, contiguous, the columns holding positions ``[0, pos]``), ``leading`` whether the
-    rows are exactly query rows ``0..B-1`` (no gather / scatter needed)."""
+    rows are exactly query rows ``0..B-1`` (no gather / scatter needed), ``own_from`` their first
+    owned block (int64; None when every row owns all its blocks)."""
 
     tokens: torch.Tensor
     pos: torch.Tensor
     block_table: torch.Tensor
     leading: bool
+    own_from: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -132,7 +136,10 @@ class MiKVMetadata:
     """Host-side rows of one step: request i owns query rows
     ``query_start_loc[i]:query_start_loc[i+1]`` and has ``seq_lens[i]`` tokens
     (context + new). ``decode``: the one-token rows, batched; ``chunks``: the multi-token rows as
-    ``(request, start, end, ctx)``."""
+    ``(request, start, end, ctx)``; ``own_from``: per request its first owned block (None: all 0).
+    ``serial``: set instead of ``decode`` / ``chunks`` in a step where a row reads shared blocks
+    that another row writes in the same step (a hit on blocks scheduled in this step): every row as
+    ``(request, start, end, ctx)``, writers before their readers, run one at a time."""
 
     num_actual_tokens: int
     query_start_loc: list[int]
@@ -141,6 +148,8 @@ class MiKVMetadata:
     slot_mapping: torch.Tensor
     decode: DecodeRows | None = None
     chunks: list[tuple[int, int, int, int]] = dataclasses.field(default_factory=list)
+    own_from: list[int] | None = None
+    serial: list[tuple[int, int, int, int]] | None = None
 
 
 class MiKVMetadataBuilder(AttentionMetadataBuilder[MiKVMetadata]):
@@ -154,11 +163,12 @@ class MiKVMetadataBuilder(AttentionMetadataBuilder[MiKVMetadata]):
         config = MiKVConfig.from_additional_config(vllm_config.additional_config)
         if config is None:
             raise RuntimeError("MiKV backend built without kv_cache_policy in additional_config")
-        if vllm_config.cache_config.enable_prefix_caching:
-            raise RuntimeError("MiKV needs prefix caching off (blocks must belong to one request)")
         if vllm_config.speculative_config is not None:
             raise RuntimeError("MiKV does not support speculative decoding")
         self.block_size = kv_cache_spec.block_size
+        self.prefix_caching = bool(vllm_config.cache_config.enable_prefix_caching)
+        if self.prefix_caching:
+            sharing.install()   # records each request's shared prefix at admission (worker side)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> MiKVMetadata:
@@ -180,7 +190,7 @@ class MiKVMetadataBuilder(AttentionMetadataBuilder[MiKVMetadata]):
                                 table.to(torch.int32).contiguous(), leading)
         multi = torch.nonzero(qlen > 1).flatten().tolist()
         chunks = [(i, int(qsl[i]), int(qsl[i + 1]), int(ctx[i])) for i in multi]
-        return MiKVMetadata(
+        meta = MiKVMetadata(
             num_actual_tokens=m.num_actual_tokens,
             query_start_loc=qsl.tolist(),
             seq_lens=seq.tolist(),
@@ -189,6 +199,58 @@ class MiKVMetadataBuilder(AttentionMetadataBuilder[MiKVMetadata]):
             decode=decode,
             chunks=chunks,
         )
+        if getattr(self, "prefix_caching", False):
+            self._add_ownership(meta, sharing.step_rows(), ctx, seq, one, m.block_table_tensor)
+        return meta
+
+    def _add_ownership(self, meta: MiKVMetadata, admitted: list[int] | None, ctx: torch.Tensor,
+                       seq: torch.Tensor, one: torch.Tensor, table: torch.Tensor) -> None:
+        """Set ``own_from`` from the tokens each row was admitted with (:mod:`.sharing`) and, in a
+        step where a row's shared blocks are written by another row, the ``serial`` order."""
+        n = ctx.shape[0]
+        if admitted is None:          # dummy / profiling run: nothing is shared
+            return
+        if len(admitted) != n:
+            raise RuntimeError(f"MiKV prefix caching: {len(admitted)} admitted rows recorded for {n} request rows")
+        own = [a // self.block_size for a in admitted]
+        if not any(own):
+            return
+        meta.own_from = own
+        if meta.decode is not None:
+            meta.decode.own_from = torch.tensor([own[i] for i in one.tolist()], dtype=torch.int64)
+        order = writers_first(own, ctx.tolist(), seq.tolist(), table[:n].cpu(), self.block_size)
+        if order is not None:
+            qsl = meta.query_start_loc
+            meta.serial = [(i, qsl[i], qsl[i + 1], int(ctx[i])) for i in order]
+            meta.decode, meta.chunks = None, []
+
+
+def writers_first(own_from: list[int], ctx: list[int], seq: list[int], table: torch.Tensor,
+                  block_size: int) -> list[int] | None:
+    """Row order in which every row runs after the rows that write its shared blocks this step, or
+    None when no row's shared blocks are written (the normal case: chunks, then the decode batch).
+
+    Row j's shared blocks are ``table[j, :own_from[j]]``; row i writes ``table[i, ctx[i] // N:
+    ceil(seq[i] / N)]``. A hit on blocks that are still being filled happens only in the step that
+    fills them (vLLM caches a block when it schedules the tokens that fill it); the writer was
+    scheduled before the reader, so the order always exists (Kahn's algorithm).
+    """
+    n = len(own_from)
+    readers = [j for j in range(n) if own_from[j]]
+    written = [set(table[i, ctx[i] // block_size:(seq[i] + block_size - 1) // block_size].tolist())
+               for i in range(n)]
+    deps = {j: {i for i in range(n) if i != j and written[i] & set(table[j, :own_from[j]].tolist())}
+            for j in readers}
+    if not any(deps.values()):
+        return None
+    order, done = [], set()
+    while len(order) < n:
+        ready = [i for i in range(n) if i not in done and deps.get(i, set()) <= done]
+        if not ready:
+            raise RuntimeError(f"MiKV prefix caching: rows read each other's new blocks ({deps})")
+        order += ready
+        done.update(ready)
+    return order
 
 
 class MiKVAttentionImpl(AttentionImpl[MiKVMetadata]):
@@ -260,11 +322,14 @@ class MiKVAttentionImpl(AttentionImpl[MiKVMetadata]):
             q_all, k_all, v_all = (self.rotation.rotate(x) for x in (q_all, k_all, v_all))
         n = layout.block_size
         probe = self.stats.begin_step(layer, regions, layout, attn_metadata)  # stats (see stats.py)
-        for i, start, end, ctx in attn_metadata.chunks:   # multi-token chunks (prefill), one request each
+        own = attn_metadata.own_from
+        serial = attn_metadata.serial or []    # shared blocks written this step: writers first
+        for i, start, end, ctx in attn_metadata.chunks + serial:   # one request each
             row = attn_metadata.block_table[i, : (ctx + end - start + n - 1) // n]
+            kwargs = {"own_from": own[i]} if own and own[i] else {}
             result = self.ops.forward_request(
                 regions, layout, self.config, row, ctx,
-                q_all[start:end], k_all[start:end], v_all[start:end], self.scale)
+                q_all[start:end], k_all[start:end], v_all[start:end], self.scale, **kwargs)
             out[start:end] = result.to(out.dtype)
         dec = attn_metadata.decode
         if dec is not None:   # every one-token row (decode and context 0) in one batched step
@@ -273,8 +338,9 @@ class MiKVAttentionImpl(AttentionImpl[MiKVMetadata]):
                 q, k, v = q_all[:b], k_all[:b], v_all[:b]
             else:
                 q, k, v = q_all[dec.tokens], k_all[dec.tokens], v_all[dec.tokens]
+            kwargs = {"own_from": dec.own_from} if dec.own_from is not None else {}
             result = self.ops.forward_decode(regions, layout, self.config, dec.block_table, dec.pos,
-                                             q, k, v, self.scale)
+                                             q, k, v, self.scale, **kwargs)
             if dec.leading:
                 out[: dec.size] = result.to(out.dtype)
             else:

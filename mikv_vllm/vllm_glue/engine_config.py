@@ -2,7 +2,7 @@
 
 Wraps ``EngineArgs.create_engine_config`` (CLI and offline ``LLM`` paths): when
 ``additional_config`` names a ``kv_cache_policy``, it validates the MiKV config,
-selects the CUSTOM (MiKV) attention backend, turns prefix caching off, adds the
+selects the CUSTOM (MiKV) attention backend, decides prefix caching (:func:`prefix_caching`), adds the
 stats worker extension, and rejects what MiKV cannot support with one clear error:
 at config time (model features, TP sizes that cannot split the KV heads) and once the
 workers report their KV cache specs (a worker, e.g. on another node, without the MiKV layout).
@@ -40,9 +40,7 @@ def prepare_engine_args(engine_args) -> MiKVConfig | None:
             f"--kv-cache-policy {config.policy} uses the MiKV attention backend; "
             f"--attention-backend {backend_name} conflicts with it")
     engine_args.attention_backend = "CUSTOM"
-    if engine_args.enable_prefix_caching is not False:
-        logger.info("MiKV: prefix caching turned off (hi-precision state is per request)")
-    engine_args.enable_prefix_caching = False
+    engine_args.enable_prefix_caching = prefix_caching(config, engine_args.enable_prefix_caching)
     if engine_args.speculative_config:
         raise MiKVUnsupportedError("--kv-cache-policy does not support speculative decoding")
     if engine_args.kv_cache_dtype not in ("auto", None):
@@ -55,6 +53,38 @@ def prepare_engine_args(engine_args) -> MiKVConfig | None:
     elif ext != WORKER_EXTENSION:
         logger.warning("MiKV: custom worker extension %s set; /mikv/stats needs %s", ext, WORKER_EXTENSION)
     return config
+
+
+def prefix_caching(config: MiKVConfig, requested: bool | None, on_cuda: bool | None = None) -> bool:
+    """Whether the engine caches prefixes under this policy: as stock vLLM (on unless
+    ``--no-enable-prefix-caching``) where a shared block can be read (docs/design.md, "Shared
+    blocks"); off, with a log line, where it cannot; an explicit ``--enable-prefix-caching``
+    there raises.
+
+    Not shareable: lo_bits 0 (eviction: a reader would see only the prefix's sinks) and the Triton
+    ops (CUDA by default, or ``MIKV_VLLM_OPS=triton``), which have no shared-row support.
+    """
+    if requested is False:
+        return False
+    if on_cuda is None:
+        from vllm.platforms import current_platform
+
+        on_cuda = current_platform.is_cuda_alike()
+    from ..kernels import ops_choice
+
+    choice = ops_choice()
+    reason = None
+    if config.lo_bits == 0:
+        reason = f"policy {config.policy} keeps no lo copies (evicted tokens cannot be shared)"
+    elif choice == "triton" or (choice == "auto" and on_cuda):
+        reason = "the Triton ops do not implement shared prefix blocks yet"
+    if reason is None:
+        logger.info("MiKV: prefix caching on (shared blocks are read-only: lo copies + sink hi copies)")
+        return True
+    if requested:
+        raise MiKVUnsupportedError(f"--enable-prefix-caching with --kv-cache-policy {config.policy}: {reason}")
+    logger.info("MiKV: prefix caching turned off: %s", reason)
+    return False
 
 
 def check_model(vllm_config, config: MiKVConfig) -> None:

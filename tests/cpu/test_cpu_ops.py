@@ -112,6 +112,33 @@ def test_forward_decode_steps_match_reference(name):
     assert torch.equal(mine[unused], regions[unused])
 
 
+@pytest.mark.parametrize("name", ["mikv", "int4-fp32-hi", "int3-group16-all-hi"])
+def test_shared_rows_match_reference(name):
+    """Rows reading shared prefix blocks (own_from > 0): request 0 reads request 5's first two
+    blocks (as after a prefix-cache hit) while request 5 keeps writing them."""
+    cfg, group, d = CONFIGS[name]
+    lay, regions, table, qkv, unused = _setup(cfg, group, d, seed=2)
+    table[0, :2] = table[5, :2]
+    own_from = [2, 0, 0, 0, 0, 0]
+    scale = 1 / math.sqrt(d)
+    mine, oracle = regions.clone(), regions.clone()
+    for step in range(STEPS):
+        pos = [p + step for p in PROMPTS]
+        q, k, v = _step(qkv, pos)
+        want = ref.forward_decode(oracle, lay, cfg, table, pos, q, k, v, scale, own_from)
+        got = CpuOps.forward_decode(mine, lay, cfg, table, pos, q, k, v, scale, own_from)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert torch.equal(lay.views(mine).tag, lay.views(oracle).tag), step
+        _assert_pages(lay, mine, oracle)
+    plain, shared = regions.clone(), regions.clone()   # the check can fail: without own_from, row 0 adds
+    CpuOps.forward_decode(plain, lay, cfg, table, PROMPTS, *_step(qkv, PROMPTS), scale)   # its scores there
+    CpuOps.forward_decode(shared, lay, cfg, table, PROMPTS, *_step(qkv, PROMPTS), scale, own_from)
+    assert not torch.equal(plain[table[5, :2].long()], shared[table[5, :2].long()])
+    with pytest.raises(RuntimeError, match="own_from"):
+        decode_step(regions, lay, table, torch.tensor(PROMPTS), *_step(qkv, PROMPTS), scale,
+                    torch.tensor([3, 0, 0, 0, 0, 0]), torch.zeros(6, dtype=torch.int64))
+
+
 def test_bad_block_table_raises():
     cfg, group, d = CONFIGS["mikv"]
     lay, regions, table, qkv, _ = _setup(cfg, group, d)
