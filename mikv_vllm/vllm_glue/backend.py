@@ -34,7 +34,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 from ..config import MiKVConfig
 from ..core.layout import RegionLayout, as_regions
 from ..kernels import reserve_workspace, use_triton
-from .stats import LayerStats
+from .stats import LayerStats, step_token_counts
 
 logger = logging.getLogger("vllm.mikv")  # child of vLLM's configured logger
 
@@ -140,6 +140,7 @@ class MiKVMetadata:
     slot_mapping: torch.Tensor
     decode: DecodeRows | None = None
     chunks: list[tuple[int, int, int, int]] = dataclasses.field(default_factory=list)
+    token_counts: tuple[int, int, int] = (0, 0, 0)   # (stored, prefill, decode) tokens, stats.step_token_counts
 
 
 class MiKVMetadataBuilder(AttentionMetadataBuilder[MiKVMetadata]):
@@ -187,6 +188,7 @@ class MiKVMetadataBuilder(AttentionMetadataBuilder[MiKVMetadata]):
             slot_mapping=m.slot_mapping,
             decode=decode,
             chunks=chunks,
+            token_counts=step_token_counts(qlen),
         )
 
 
