@@ -147,9 +147,11 @@ def apply(mutation: Mutation, root: Path, files: list[str] | None = None) -> lis
 
 
 def run_tests(root: Path, timeout: int, tests: list[str] | None = None) -> tuple[bool, str, float]:
+    # the C++ op builds inside the scratch copy: builds of other paths with the same source hash
+    # would otherwise share (and rebuild, concurrently) one directory of the user's cache
     env = dict(os.environ, PYTHONPATH=str(root), TRITON_INTERPRET="1", HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1", PYTHONDONTWRITEBYTECODE="1")
-    tests = [t for t in (tests or TESTS) if (root / t).exists()]   # an older checkout may lack some files
+               TRANSFORMERS_OFFLINE="1", PYTHONDONTWRITEBYTECODE="1", MIKV_CPU_BUILD_DIR=str(root / ".cpu_build"))
+    tests = [t for t in (tests or TESTS) if (root / t.split("::")[0]).exists()]   # an older checkout may lack some files
     cmd = [sys.executable, "-m", "pytest", *tests, "-x", "-q", "-p", "no:cacheprovider", "-m", "not engine",
            "--timeout", str(timeout)]
     t0 = time.monotonic()
@@ -176,8 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=int, default=900, help="pytest-timeout per test (s)")
     ap.add_argument("--files", nargs="*", help="apply only the edits to these repo-relative files (one "
                     "implementation mutated alone, the others stay correct); mutations without such edits are n/a")
-    ap.add_argument("--tests", nargs="*", help="test paths to run instead of the default list (e.g. tests/cpu "
-                    "with --files naming the C++ sources)")
+    ap.add_argument("--tests", nargs="*", help="test paths or node ids to run instead of the default list "
+                    "(e.g. tests/cpu with --files naming the C++ sources)")
     args = ap.parse_args(argv)
     chosen = [m for m in MUTATIONS if not args.only or m.name in args.only]
     if args.only and len(chosen) != len(set(args.only)):
