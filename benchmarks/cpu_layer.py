@@ -5,8 +5,10 @@ shape (9 query / 3 KV heads, head_dim 64, block 128). Timed per step (median of 
 
 * stock   vLLM's own CPU ops: ``cpu_attn_reshape_and_cache`` + ``cpu_attention_with_kv_cache``
           (scheduler metadata built once per step outside the timing, as vLLM's builder does)
-* fused   MiKV C++ step (``mikv_vllm.cpu.decode_step``: balancer, store, attention, scores)
-* fast    fused + hi-set upkeep (``reference.maintain_hi_decode``): the whole MiKV layer step
+* fused   MiKV C++ step without the hi-set upkeep (``mikv_vllm.cpu.decode_step``: balancer, store,
+          attention, scores)
+* fast    the whole MiKV layer step: the C++ step with its incremental hi-set upkeep
+          (``decode_step(..., config)``, what ``CpuOps.forward_decode`` runs)
 * ref     the torch reference ``reference.forward_decode``
 
 Prints ms per layer-step and stock/MiKV ratios (>1 means MiKV is faster). Not a test. On a
@@ -109,9 +111,7 @@ def run(config: MiKVConfig, context: int, batch: int, steps: int, with_ref: bool
             if name == "ref":
                 ref.forward_decode(regions, layout, config, table, pos.tolist(), q, k, v, SCALE)
                 return
-            decode_step(regions, layout, table, pos, q, k, v, SCALE)
-            if name == "fast":
-                ref.maintain_hi_decode(regions, layout, config, table, pos, k, v)
+            decode_step(regions, layout, table, pos, q, k, v, SCALE, config if name == "fast" else None)
 
         fns[name] = step
     return _interleaved_ms(fns, steps)

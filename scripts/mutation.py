@@ -11,6 +11,7 @@ touched) with ``pytest -x`` over the fast suites (``tests/core``, ``tests/kernel
     python scripts/mutation.py --list
     python scripts/mutation.py --only sinks-not-pinned score-reset-removed
     python scripts/mutation.py --root OTHER_CHECKOUT   # e.g. an older commit, for a before/after
+    python scripts/mutation.py --files mikv_vllm/cpu/mikv_decode.cpp   # one implementation's edits alone
 
 Not part of CI (about 1-3 min per mutation on 2 cores). ``scripts/mutation.sh`` wraps it.
 """
@@ -66,18 +67,25 @@ MUTATIONS = [
              ((REF, "scores = all_scores.gather(1, (positions - first).clamp(min=0))",
                "scores = all_scores.gather(1, (positions - first + 1).clamp(min=0, max=all_scores.shape[1] - 1))"),
               (REF, "scores = all_scores.gather(2, positions.clamp(min=0))",
-               "scores = all_scores.gather(2, (positions + 1).clamp(min=0, max=all_scores.shape[2] - 1))"))),
+               "scores = all_scores.gather(2, (positions + 1).clamp(min=0, max=all_scores.shape[2] - 1))"),
+              (CPP, "static_cast<double>(p) : score_at(p);", "static_cast<double>(p) : score_at(std::min(p + 1, nb * N - 1));"))),
     Mutation("sinks-not-pinned", "no sink floor: short prompts get no sink at high precision",
              ((IMP, "budget = torch.maximum(by_ratio, sinks) if config.hi_ratio > 0 else by_ratio",
-               "budget = by_ratio"),)),
+               "budget = by_ratio"),
+              (CPP, "const int64_t budget = sel.ratio > 0 ? std::max(by_ratio, sinks) : by_ratio;",
+               "const int64_t budget = by_ratio;"))),
     Mutation("sinks-lose-priority", "sinks rank below the recent window",
              ((IMP, "SINK, RECENT, HEAVY, NOT_A_CANDIDATE = 2, 1, 0, -1",
-               "SINK, RECENT, HEAVY, NOT_A_CANDIDATE = 0, 2, 1, -1"),)),
+               "SINK, RECENT, HEAVY, NOT_A_CANDIDATE = 0, 2, 1, -1"),
+              (CPP, "constexpr int32_t kSink = 2, kRecent = 1, kHeavy = 0;",
+               "constexpr int32_t kSink = 0, kRecent = 2, kHeavy = 1;"))),
     Mutation("recent-window-off", "the default recent window is empty",
-             ((IMP, "    return budget // 2\n", "    return budget * 0\n"),)),
+             ((IMP, "    return budget // 2\n", "    return budget * 0\n"),
+              (CPP, "sel.window >= 0 ? sel.window : budget / 2;", "sel.window >= 0 ? sel.window : budget * 0;"))),
     Mutation("heavy-hitters-inverted", "heavy hitters ranked by lowest accumulated score",
              ((IMP, "torch.where(tier == RECENT, pos.double(), score))",
-               "torch.where(tier == RECENT, pos.double(), -score))"),)),
+               "torch.where(tier == RECENT, pos.double(), -score))"),
+              (CPP, "static_cast<double>(p) : score_at(p);", "static_cast<double>(p) : -score_at(p);"))),
     Mutation("scores-not-accumulated", "attention mass never reaches the page scores",
              ((REF, "    cur[:, :length - first] += mass[:, first:].float()\n", ""),
               (REF, "    cur[:, :, :s] += torch.where(live, mass[:, :, :s].float(), 0.0)\n", ""),
@@ -85,7 +93,8 @@ MUTATIONS = [
               (CPP, "      if (owned) add_score(reg, o, mass);", "      if (owned) add_score(reg, o, 0.f);"))),
     Mutation("demotion-skipped", "tokens that lose the selection keep their hi tag",
              ((REF, "new_tags = torch.where(keep[:, :num_slots], tags, torch.zeros_like(tags))", "new_tags = tags.clone()"),
-              (REF, "new_tags = torch.where(keep[..., :num_slots], tags, torch.zeros_like(tags))", "new_tags = tags.clone()"))),
+              (REF, "new_tags = torch.where(keep[..., :num_slots], tags, torch.zeros_like(tags))", "new_tags = tags.clone()"),
+              (CPP, "    else reinterpret_cast<int32_t*>(region(c.idx / R) + L.tag)[c.idx % R] = 0;\n", ""))),
     Mutation("hi-copy-ignored", "attention reads the lo copy of hi tokens",
              ((REF, "hh, slot = torch.nonzero((tags > 0) & (tags <= limit), as_tuple=True)",
                "hh, slot = torch.nonzero((tags < 0), as_tuple=True)"),
@@ -106,7 +115,8 @@ MUTATIONS = [
               (REF, "    own = _owned(own, own_from)\n    views.score[blocks[own]] = new[own]", "    views.score[blocks[own]] = new[own]"),
               (CPP, "const bool owned = R && j >= own_from;", "const bool owned = R;"))),
     Mutation("hi-cast-unclamped", "hi copies cast to the hi dtype without clamping (inf in fp16)",
-             ((QNT, "    return x.float().clamp(-top, top).to(dtype)", "    return x.to(dtype)"),)),
+             ((QNT, "    return x.float().clamp(-top, top).to(dtype)", "    return x.to(dtype)"),
+              (CPP, "scratch[d] = std::min(std::max(x[d], -top), top);", "scratch[d] = x[d];"))),
     Mutation("balancer-not-undone", "dequantized keys are not divided by the balancer",
              ((BAL, "    return k_hat.float() * (1.0 / b.float())", "    return k_hat.float()"),
               (KDE, "                kx = kx * binv[None, :]\n", "                kx = kx\n"),
@@ -133,10 +143,16 @@ MUTATIONS = [
 ]
 
 
-def apply(mutation: Mutation, root: Path) -> list[str]:
-    """Apply every edit of ``mutation`` under ``root``; return the edits that found no match."""
+def edits_in(mutation: Mutation, files: list[str] | None) -> tuple[tuple[str, str, str], ...]:
+    """The mutation's edits, restricted to ``files`` (repo-relative paths) when given."""
+    return tuple(e for e in mutation.edits if not files or e[0] in files)
+
+
+def apply(mutation: Mutation, root: Path, files: list[str] | None = None) -> list[str]:
+    """Apply every edit of ``mutation`` (in ``files``, when given) under ``root``; return the edits
+    that found no match."""
     missing = []
-    for rel, old, new in mutation.edits:
+    for rel, old, new in edits_in(mutation, files):
         path = root / rel
         text = path.read_text() if path.exists() else ""
         if old not in text:
@@ -146,10 +162,12 @@ def apply(mutation: Mutation, root: Path) -> list[str]:
     return missing
 
 
-def run_tests(root: Path, timeout: int) -> tuple[bool, str, float]:
+def run_tests(root: Path, timeout: int, tests: list[str] | None = None) -> tuple[bool, str, float]:
+    # the C++ op builds inside the scratch copy: builds of other paths with the same source hash
+    # would otherwise share (and rebuild, concurrently) one directory of the user's cache
     env = dict(os.environ, PYTHONPATH=str(root), TRITON_INTERPRET="1", HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1", PYTHONDONTWRITEBYTECODE="1")
-    tests = [t for t in TESTS if (root / t).exists()]   # an older checkout may lack some files
+               TRANSFORMERS_OFFLINE="1", PYTHONDONTWRITEBYTECODE="1", MIKV_CPU_BUILD_DIR=str(root / ".cpu_build"))
+    tests = [t for t in (tests or TESTS) if (root / t.split("::")[0]).exists()]   # an older checkout may lack some files
     cmd = [sys.executable, "-m", "pytest", *tests, "-x", "-q", "-p", "no:cacheprovider", "-m", "not engine",
            "--timeout", str(timeout)]
     t0 = time.monotonic()
@@ -174,6 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--list", action="store_true", help="list the mutations and exit")
     ap.add_argument("--root", type=Path, default=ROOT, help="checkout to mutate (default: this one)")
     ap.add_argument("--timeout", type=int, default=900, help="pytest-timeout per test (s)")
+    ap.add_argument("--files", nargs="*", help="apply only the edits to these repo-relative files (one "
+                    "implementation mutated alone, the others stay correct); mutations without such edits are n/a")
+    ap.add_argument("--tests", nargs="*", help="test paths or node ids to run instead of the default list "
+                    "(e.g. tests/cpu with --files naming the C++ sources)")
     args = ap.parse_args(argv)
     chosen = [m for m in MUTATIONS if not args.only or m.name in args.only]
     if args.only and len(chosen) != len(set(args.only)):
@@ -186,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     root = args.root.resolve()
     base = scratch_copy(root)
     try:
-        ok, detail, secs = run_tests(base, args.timeout)
+        ok, detail, secs = run_tests(base, args.timeout, args.tests)
         print(f"baseline (no mutation): {'pass' if ok else 'FAIL'} in {secs:.0f} s", flush=True)
         if not ok:
             print(f"error: the unmutated tests fail ({detail}); fix them first", file=sys.stderr)
@@ -195,11 +217,14 @@ def main(argv: list[str] | None = None) -> int:
         for m in chosen:
             work = scratch_copy(root)
             try:
-                missing = apply(m, work)
-                if len(missing) == len(m.edits):
+                edits = edits_in(m, args.files)
+                missing = apply(m, work, args.files)
+                if not edits:
+                    status, detail, secs = "n/a", "no edit in " + " ".join(args.files), 0.0
+                elif len(missing) == len(edits):
                     status, detail, secs = "n/a", "code to mutate not found: " + "; ".join(missing), 0.0
                 else:
-                    survived, detail, secs = run_tests(work, args.timeout)
+                    survived, detail, secs = run_tests(work, args.timeout, args.tests)
                     status = "SURVIVED" if survived else "killed"
                     if missing:
                         detail += f"  (partial: {len(missing)} edit(s) found nothing)"

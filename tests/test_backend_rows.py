@@ -29,17 +29,18 @@ def test_mixed_step_rows():
     assert torch.equal(dec.block_table, table[[1, 2], :9])
     assert meta.chunks == [(0, 0, 5, 0), (3, 7, 10, 16)]
     assert meta.seq_lens == [5, 131, 1, 19] and meta.query_start_loc == [0, 5, 6, 7, 10]
+    assert meta.token_counts == (10, 8, 2)      # stored, prefill (chunks), decode (one-token rows)
 
 
 def test_decode_only_step_is_leading():
     meta, table = _build([1, 1, 1], [3, 40, 17])
     assert meta.decode.leading and meta.decode.tokens.tolist() == [0, 1, 2] and meta.chunks == []
-    assert meta.decode.block_table.shape == (3, 3)
+    assert meta.decode.block_table.shape == (3, 3) and meta.token_counts == (3, 0, 3)
 
 
 def test_prefill_only_step_has_no_decode_rows():
     meta, _ = _build([4, 2], [0, 8])
-    assert meta.decode is None and meta.chunks == [(0, 0, 4, 0), (1, 4, 6, 8)]
+    assert meta.decode is None and meta.chunks == [(0, 0, 4, 0), (1, 4, 6, 8)] and meta.token_counts == (6, 6, 0)
 
 
 def test_capture_shaped_batch_takes_the_batched_path():

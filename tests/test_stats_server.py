@@ -19,7 +19,7 @@ import torch
 from mikv_vllm.config import preset
 from mikv_vllm.core import reference
 from mikv_vllm.core.layout import RegionLayout
-from mikv_vllm.vllm_glue.stats import LayerStats
+from mikv_vllm.vllm_glue.stats import LayerStats, step_token_counts
 
 POLL_INTERVAL_S = 1.0
 METRICS_TIMEOUT_S = 60.0
@@ -59,7 +59,8 @@ def test_layer_stats_match_hi_set_diff(device):
         for i, t in enumerate(chunk):
             qsl.append(qsl[-1] + t)
             seq.append(lens[i] + t)
-        meta = types.SimpleNamespace(query_start_loc=qsl, seq_lens=seq, block_table=rows)
+        meta = types.SimpleNamespace(query_start_loc=qsl, seq_lens=seq, block_table=rows,
+                                     token_counts=step_token_counts(torch.tensor(chunk)))
         before = [_hi_set(regions, layout, rows[i], lens[i]) for i in range(2)]
         probe = stats.begin_step(None, regions, layout, meta)
         for i, t in enumerate(chunk):
@@ -80,6 +81,7 @@ def test_layer_stats_match_hi_set_diff(device):
         assert (snap["promoted"], snap["demoted"], snap["hi_tokens"], snap["seen_tokens"]) == (
             promoted, demoted, hi_now, seen)
     assert snap["tokens_stored"] == sum(lens) == snap["prefill_tokens"] + snap["decode_tokens"]
+    assert snap["prefill_tokens"] == sum(t for chunk in plan for t in chunk if t > 1)
     assert demoted > 0 and 0 < snap["hi_tokens"] / snap["seen_tokens"] <= config.hi_ratio
 
 

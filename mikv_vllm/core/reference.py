@@ -88,6 +88,14 @@ def shared_hi_limit(config: MiKVConfig, layout: RegionLayout, own_from: int) -> 
     return shared if never_demotes(config, layout) else min(config.sink_tokens, shared)
 
 
+def shared_hi_limits(config: MiKVConfig, layout: RegionLayout, own_from: torch.Tensor) -> torch.Tensor:
+    """:func:`shared_hi_limit` for a tensor of ``own_from`` values (int64, same shape, no host sync)."""
+    shared = own_from.long() * layout.block_size
+    if not layout.hi_slots:
+        return torch.zeros_like(shared)
+    return shared if never_demotes(config, layout) else shared.clamp(max=config.sink_tokens)
+
+
 # ----------------------------------------------------------------- balancer
 def store_balancer(regions: torch.Tensor, layout: RegionLayout, block_row: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Store b ``[H, D]`` (fp16, clamped) in ``block_row[0]``'s header; return the stored value as fp32."""

@@ -6,7 +6,8 @@
 namespace mikv {
 torch::Tensor decode_step(torch::Tensor regions, std::vector<int64_t> meta, torch::Tensor block_tables,
                           torch::Tensor pos, torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale,
-                          bool do_store, torch::Tensor own_from, torch::Tensor shared_hi);
+                          bool do_store, bool upkeep, double hi_ratio, int64_t sink_tokens, int64_t recent_window,
+                          torch::Tensor own_from, torch::Tensor shared_hi);
 }  // namespace mikv
 
 namespace {
@@ -27,7 +28,9 @@ std::vector<torch::Tensor> hi_roundtrip(torch::Tensor x, int64_t dtype) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_step", &mikv::decode_step,
-        "MiKV decode step (store + attention + score accumulation) for B requests, one token each");
+        "MiKV decode step (store + attention + score accumulation + hi-set upkeep when `upkeep`, with "
+        "hi_ratio, sink_tokens, recent_window (-1: half the budget); own_from / shared_hi [B]: shared prefix "
+        "columns, read-only) for B requests, one token each");
   m.def("hi_roundtrip", &hi_roundtrip, "store_hi + load_hi of x [M, D] float32 (tests): (raw bytes, values)");
   m.attr("META_LEN") = kMetaLen;
 }

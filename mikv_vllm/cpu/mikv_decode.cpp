@@ -1,6 +1,8 @@
-// Fused MiKV decode step on CPU: store + two-tier attention + score accumulation, reading the
-// packed page bytes directly. Semantics: mikv_vllm.core.reference (decode_balancer + store_at +
-// gather_decode + attention_decode + accumulate_scores_decode); hi-set upkeep stays in torch.
+// Fused MiKV decode step on CPU: store + two-tier attention + score accumulation + hi-set upkeep,
+// reading the packed page bytes directly. Semantics: mikv_vllm.core.reference (decode_balancer +
+// store_at + gather_decode + attention_decode + accumulate_scores_decode + maintain_hi_decode, the
+// last byte for byte). The upkeep is incremental: one new candidate per step, so at most one token
+// loses its hi slot (a linear scan, no sort over the context).
 //
 // One task per (request b, KV head h), run with at::parallel_for (OpenMP). Every task touches only
 // the regions (blk, h) of its own request's blocks, so tasks never write the same bytes.
@@ -11,13 +13,117 @@
 
 namespace {
 
+// Hi-set selection parameters (MiKVConfig): hi_ratio r, sink_tokens S, recent_window W (-1: budget / 2).
+struct Select {
+  bool on;   // run the upkeep (false: the step stops after the score accumulation)
+  double ratio;
+  int64_t sinks, window;
+};
+
+// Priority of a hi candidate (core.importance.select_hi): tier, then the within-tier key (sinks:
+// -position, recent: position, heavy: accumulated score as double, NaN = -inf), then position, then
+// candidate index (the reference's stable sorts keep index order on full ties). Higher ranks first.
+constexpr int32_t kSink = 2, kRecent = 1, kHeavy = 0;
+struct Cand {
+  int32_t tier;
+  double within;
+  int64_t pos, idx;
+};
+inline bool ranks_before(const Cand& a, const Cand& b) {
+  if (a.tier != b.tier) return a.tier > b.tier;
+  if (a.within != b.within) return a.within > b.within;
+  if (a.pos != b.pos) return a.pos > b.pos;
+  return a.idx < b.idx;
+}
+
+// core.importance.hi_budget: min(max(floor(r * L + 1e-9), min(S, L)) [r > 0], num_slots), >= 0.
+inline int64_t hi_budget(const Select& sel, int64_t length, int64_t num_slots) {
+  volatile double rl = sel.ratio * static_cast<double>(length);   // no FMA contraction: as torch's float64
+  const int64_t by_ratio = static_cast<int64_t>(std::floor(rl + 1e-9));
+  const int64_t sinks = std::min(length, sel.sinks);
+  const int64_t budget = sel.ratio > 0 ? std::max(by_ratio, sinks) : by_ratio;
+  return std::max<int64_t>(std::min(budget, num_slots), 0);
+}
+
+// Hi-set upkeep of one (request, KV head) after the new token at `pos` was stored and scored
+// (reference.maintain_hi_decode, byte for byte). Candidates: the tokens tagged now (tag in (0, pos]
+// in the request's owned blocks, own_from on) + the new token. Their number never exceeds budget + 1 in a normal
+// run (the budget does not shrink as L grows), so at most one loses: a linear scan for the
+// lowest-priority candidate. More candidates (stale tags in reused blocks, fewer slots than
+// before) take a full selection (nth_element). Losers and stale tags are cleared; a selected new
+// token takes the lowest free slot with its raw K/V in the hi dtype (clamped as quant.to_hi).
+template <class Region>
+void upkeep_hi(const Layout& L, const Select& sel, int64_t pos, int64_t own_from, const float* kn, const float* vn,
+               const Region& region, float* scratch, std::vector<Cand>& cands) {
+  // slots of the owned columns [own_from, nb) only (shared prefix columns are read-only)
+  const int64_t N = L.N, R = L.R, nb = pos / N + 1, num_slots = nb * R, length = pos + 1;
+  const int64_t budget = hi_budget(sel, length, (nb - own_from) * R);
+  const int64_t window = sel.window >= 0 ? sel.window : budget / 2;
+  const int64_t recent_start = length - window;
+  auto score_at = [&](int64_t p) -> double {
+    const uint8_t* reg = region(p / N) + L.score;
+    const float s = L.score_dtype == 0 ? reinterpret_cast<const float*>(reg)[p % N]
+                                       : half_to_float(reinterpret_cast<const uint16_t*>(reg)[p % N]);
+    return std::isnan(s) ? -std::numeric_limits<double>::infinity() : static_cast<double>(s);
+  };
+  auto cand = [&](int64_t p, int64_t idx) {
+    const int32_t tier = p < sel.sinks ? kSink : p >= recent_start ? kRecent : kHeavy;
+    const double within = tier == kSink ? -static_cast<double>(p) : tier == kRecent ? static_cast<double>(p) : score_at(p);
+    return Cand{tier, within, p, idx};
+  };
+  // candidates: tagged slots in slot order, then the new token (index num_slots); stale tags cleared
+  cands.clear();
+  for (int64_t j = own_from; j < nb; ++j) {
+    int32_t* tags = reinterpret_cast<int32_t*>(region(j) + L.tag);
+    for (int64_t r = 0; r < R; ++r) {
+      if (tags[r] > 0 && tags[r] <= pos) cands.push_back(cand(tags[r] - 1, j * R + r));
+      else tags[r] = 0;
+    }
+  }
+  cands.push_back(cand(pos, num_slots));
+  const int64_t C = static_cast<int64_t>(cands.size());
+  bool new_kept = true;
+  auto demote = [&](const Cand& c) {
+    if (c.idx == num_slots) new_kept = false;
+    else reinterpret_cast<int32_t*>(region(c.idx / R) + L.tag)[c.idx % R] = 0;
+  };
+  if (C == budget + 1) {            // the usual step: exactly one loser, the lowest-priority candidate
+    const Cand* worst = &cands[0];
+    for (int64_t i = 1; i < C; ++i)
+      if (ranks_before(*worst, cands[i])) worst = &cands[i];
+    demote(*worst);
+  } else if (C > budget + 1) {      // stale state: full selection of the best `budget`
+    std::nth_element(cands.begin(), cands.begin() + budget, cands.end(), ranks_before);
+    for (int64_t i = budget; i < C; ++i) demote(cands[i]);
+  }
+  if (!new_kept) return;
+  for (int64_t s = own_from * R; s < num_slots; ++s) {   // lowest free owned slot (one exists: kept <= budget <= num_slots)
+    uint8_t* reg = region(s / R);
+    int32_t* tag = reinterpret_cast<int32_t*>(reg + L.tag) + s % R;
+    if (*tag != 0) continue;
+    *tag = static_cast<int32_t>(pos + 1);
+    const int64_t hi_es = L.hi_elem();
+    const uint32_t top_bits = L.hi_dtype == 0 ? 0x477FE000u : L.hi_dtype == 1 ? 0x7F7F0000u : 0x7F7FFFFFu;
+    float top;   // torch.finfo(hi dtype).max as fp32: 65504, bf16 max, fp32 max (fp8: store_hi clamps to 448)
+    std::memcpy(&top, &top_bits, sizeof(top));
+    for (int64_t which = 0; which < 2; ++which) {
+      const float* x = which ? vn : kn;
+      for (int64_t d = 0; d < L.D; ++d) scratch[d] = std::min(std::max(x[d], -top), top);   // NaN stays NaN
+      store_hi(reg + (which ? L.v_hi : L.k_hi) + (s % R) * L.D * hi_es, L.hi_dtype, L.D, scratch);
+    }
+    return;
+  }
+  TORCH_CHECK(false, "mikv_cpu: no free hi slot for a selected token");   // unreachable: budget <= num_slots
+}
+
 // GT / DT: compile-time query-group size and head_dim (0 = runtime), so the common shapes keep
 // their accumulators in registers.
 template <int BITS, int GT, int DT>
 void decode_task(const Layout& L, uint8_t* regions, int64_t H, const int32_t* row, int64_t pos, const float* q,
-                 const float* kn, const float* vn, float scale, int64_t G_rt, bool do_store, float* out,
-                 std::vector<float>& buf, std::vector<int32_t>& hmap, std::vector<uint8_t>& scratch, int64_t h,
-                 int64_t own_from, int64_t shared_hi) {
+                 const float* kn, const float* vn, float scale, int64_t G_rt, bool do_store, const Select& sel,
+                 float* out, std::vector<float>& buf, std::vector<int32_t>& hmap, std::vector<uint8_t>& scratch,
+                 std::vector<Cand>& cands, int64_t h, int64_t own_from,
+                 int64_t shared_hi) {
   constexpr bool FIXED = GT > 0 && DT > 0;
   const int64_t G = FIXED ? GT : G_rt, D = FIXED ? DT : L.D;
   const int64_t N = L.N, R = L.R, P = L.packed(), NG = L.groups();
@@ -171,16 +277,20 @@ void decode_task(const Layout& L, uint8_t* regions, int64_t H, const int32_t* ro
     }
   }
   if (FIXED) std::memcpy(out, oacc, sizeof(float) * G * D);
+
+  // 7. hi-set upkeep (selection, demotion, promotion of the new token)
+  if (R && sel.on) upkeep_hi(L, sel, pos, own_from, kn, vn, region, xk, cands);
 }
 
 template <int BITS>
 void decode_dispatch(const Layout& L, uint8_t* regions, int64_t H, const int32_t* row, int64_t pos, const float* q,
-                     const float* kn, const float* vn, float scale, int64_t G, bool do_store, float* out,
-                     std::vector<float>& buf, std::vector<int32_t>& hmap, std::vector<uint8_t>& scratch, int64_t h,
-                     int64_t own_from, int64_t shared_hi) {
-#define MIKV_TASK(GT, DT)                                                                                     \
-  decode_task<BITS, GT, DT>(L, regions, H, row, pos, q, kn, vn, scale, G, do_store, out, buf, hmap, scratch, h, \
-                            own_from, shared_hi)
+                     const float* kn, const float* vn, float scale, int64_t G, bool do_store, const Select& sel,
+                     float* out, std::vector<float>& buf, std::vector<int32_t>& hmap, std::vector<uint8_t>& scratch,
+                     std::vector<Cand>& cands, int64_t h, int64_t own_from,
+                     int64_t shared_hi) {
+#define MIKV_TASK(GT, DT)                                                                                      \
+  decode_task<BITS, GT, DT>(L, regions, H, row, pos, q, kn, vn, scale, G, do_store, sel, out, buf, hmap, scratch, \
+                            cands, h, own_from, shared_hi)
   if (L.D == 64 && G == 1) MIKV_TASK(1, 64);
   else if (L.D == 64 && G == 3) MIKV_TASK(3, 64);
   else if (L.D == 64 && G == 4) MIKV_TASK(4, 64);
@@ -197,8 +307,13 @@ namespace mikv {
 // One decode step for B requests (one token each at position pos[b]); returns out [B, Hq, D] fp32.
 torch::Tensor decode_step(torch::Tensor regions, std::vector<int64_t> meta, torch::Tensor block_tables,
                           torch::Tensor pos, torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale,
-                          bool do_store, torch::Tensor own_from, torch::Tensor shared_hi) {
+                          bool do_store, bool upkeep, double hi_ratio, int64_t sink_tokens, int64_t recent_window, torch::Tensor own_from,
+                          torch::Tensor shared_hi) {
   const Layout L = parse_layout(meta);
+  TORCH_CHECK(!upkeep || (hi_ratio >= 0 && sink_tokens >= 0 && recent_window >= -1),
+              "mikv_cpu: selection parameters hi_ratio ", hi_ratio, " sink_tokens ", sink_tokens, " recent_window ",
+              recent_window);
+  const Select sel{upkeep, hi_ratio, sink_tokens, recent_window};
   TORCH_CHECK(regions.device().is_cpu() && regions.scalar_type() == torch::kUInt8 && regions.dim() == 3 &&
                   regions.is_contiguous() && regions.size(2) == L.region_bytes,
               "mikv_cpu: regions must be contiguous uint8 [blocks, H, ", L.region_bytes, "] on CPU");
@@ -237,6 +352,7 @@ torch::Tensor decode_step(torch::Tensor regions, std::vector<int64_t> meta, torc
     std::vector<float> buf;
     std::vector<int32_t> hmap;
     std::vector<uint8_t> scratch(D);
+    std::vector<Cand> cands;
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / H, h = i % H;
       const float* qb = qp + (b * Hq + h * G) * D;
@@ -246,11 +362,11 @@ torch::Tensor decode_step(torch::Tensor regions, std::vector<int64_t> meta, torc
       const int32_t* row = bt + b * M;
       const int64_t of = ofp[b], sh = shp[b];   // shared prefix: first owned column, stable hi tag limit
       switch (L.bits) {
-        case 0: decode_dispatch<0>(L, rg, H, row, pp[b], qb, kb, vb, sc, G, do_store, ob, buf, hmap, scratch, h, of, sh); break;
-        case 2: decode_dispatch<2>(L, rg, H, row, pp[b], qb, kb, vb, sc, G, do_store, ob, buf, hmap, scratch, h, of, sh); break;
-        case 3: decode_dispatch<3>(L, rg, H, row, pp[b], qb, kb, vb, sc, G, do_store, ob, buf, hmap, scratch, h, of, sh); break;
-        case 4: decode_dispatch<4>(L, rg, H, row, pp[b], qb, kb, vb, sc, G, do_store, ob, buf, hmap, scratch, h, of, sh); break;
-        default: decode_dispatch<8>(L, rg, H, row, pp[b], qb, kb, vb, sc, G, do_store, ob, buf, hmap, scratch, h, of, sh); break;
+        case 0: decode_dispatch<0>(L, rg, H, row, pp[b], qb, kb, vb, sc, G, do_store, sel, ob, buf, hmap, scratch, cands, h, of, sh); break;
+        case 2: decode_dispatch<2>(L, rg, H, row, pp[b], qb, kb, vb, sc, G, do_store, sel, ob, buf, hmap, scratch, cands, h, of, sh); break;
+        case 3: decode_dispatch<3>(L, rg, H, row, pp[b], qb, kb, vb, sc, G, do_store, sel, ob, buf, hmap, scratch, cands, h, of, sh); break;
+        case 4: decode_dispatch<4>(L, rg, H, row, pp[b], qb, kb, vb, sc, G, do_store, sel, ob, buf, hmap, scratch, cands, h, of, sh); break;
+        default: decode_dispatch<8>(L, rg, H, row, pp[b], qb, kb, vb, sc, G, do_store, sel, ob, buf, hmap, scratch, cands, h, of, sh); break;
       }
     }
   });

@@ -1,8 +1,9 @@
 """MiKV page ops on CPU with the fused C++ decode step (drop-in for ``core.reference``).
 
 * decode (one token per request, any context incl. 0): :func:`decode_step` = the C++ op
-  (balancer, store, attention over the packed page, score accumulation, per (request, KV head)
-  in parallel), then ``reference.maintain_hi_decode`` (hi-set selection, batched torch).
+  (balancer, store, attention over the packed page, score accumulation and the incremental hi-set
+  upkeep, per (request, KV head) in parallel; the upkeep equals ``reference.maintain_hi_decode``
+  byte for byte).
 * multi-token chunks: the reference (``reference.forward_request``).
 """
 
@@ -33,20 +34,27 @@ def _f32(x: torch.Tensor) -> torch.Tensor:
 
 def decode_step(regions: torch.Tensor, layout: RegionLayout, block_tables: torch.Tensor, pos: torch.Tensor,
                 q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                own_from: torch.Tensor | None = None, shared_hi: torch.Tensor | None = None) -> torch.Tensor:
-    """Balancer + store + attention + score accumulation for B requests (C++ op).
+                config: MiKVConfig | None = None, own_from: torch.Tensor | None = None,
+                shared_hi: torch.Tensor | None = None) -> torch.Tensor:
+    """Balancer + store + attention + score accumulation (+ hi-set upkeep) for B requests (C++ op).
 
     ``block_tables`` int32 ``[B, M]`` (contiguous), ``pos`` int64 ``[B]`` (each request's context
     length = its new token's position); q ``[B, Hq, D]``, k/v ``[B, H, D]``; ``own_from`` /
     ``shared_hi`` int64 ``[B]`` (default 0: every block owned). Page effects and output
     equal ``reference.decode_balancer`` + ``store_at`` + ``gather_decode`` + ``attention_decode`` +
-    ``accumulate_scores_decode`` (to fp32 rounding). Returns ``[B, Hq, D]`` fp32.
+    ``accumulate_scores_decode`` (to fp32 rounding), then, when ``config`` is given,
+    ``maintain_hi_decode`` with its selection parameters (tags and hi copies byte for byte, given
+    the same scores). Returns ``[B, Hq, D]`` fp32.
     """
+    upkeep = config is not None
+    ratio = float(config.hi_ratio) if upkeep else 0.0
+    sinks = int(config.sink_tokens) if upkeep else 0
+    window = -1 if not upkeep or config.recent_window is None else int(config.recent_window)
     zeros = torch.zeros_like(pos)
     own_from = zeros if own_from is None else own_from.to(torch.int64).contiguous()
     shared_hi = zeros if shared_hi is None else shared_hi.to(torch.int64).contiguous()
     return load().decode_step(regions, layout_meta(layout), block_tables, pos, _f32(q), _f32(k), _f32(v),
-                              float(scale), True, own_from, shared_hi)
+                              float(scale), True, upkeep, ratio, sinks, window, own_from, shared_hi)
 
 
 def forward_decode(regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig, block_tables: torch.Tensor,
@@ -55,15 +63,11 @@ def forward_decode(regions: torch.Tensor, layout: RegionLayout, config: MiKVConf
     """Same signature and page effects as ``reference.forward_decode`` (contexts may be 0)."""
     pos = torch.as_tensor(ctx_lens, dtype=torch.int64).reshape(-1).contiguous()
     bt = block_tables.to(torch.int32).contiguous()
-    owns = ref.decode_own_from(layout, pos.tolist(), own_from)
     of = sh = None
-    if owns is not None:
-        of = torch.tensor(owns, dtype=torch.int64)
-        sh = torch.tensor([ref.shared_hi_limit(config, layout, o) for o in owns], dtype=torch.int64)
-    out = decode_step(regions, layout, bt, pos, q, k, v, scale, of, sh)
-    if layout.hi_slots:
-        ref.maintain_hi_decode(regions, layout, config, bt, pos, k, v, of)
-    return out
+    if own_from is not None:   # shared prefix columns (the C++ op checks own_from * N <= pos)
+        of = torch.as_tensor(own_from, dtype=torch.int64).reshape(-1).contiguous()
+        sh = ref.shared_hi_limits(config, layout, of)
+    return decode_step(regions, layout, bt, pos, q, k, v, scale, config, of, sh)
 
 
 def forward_request(regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig, block_row: torch.Tensor,

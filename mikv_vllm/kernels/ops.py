@@ -3,8 +3,8 @@ workspace (:mod:`.workspace`).
 
 * decode (one token per request): requests grouped by context length so each group's buffers
   fit the workspace; per group Triton store + :func:`decode.decode_attention` with scores
-  accumulated in-kernel, then hi maintenance in torch (``reference.maintain_hi_decode``:
-  selection logic, batched over the group).
+  accumulated in-kernel, then the incremental hi-set upkeep kernel
+  (:func:`upkeep.maintain_hi_decode`, one program per (request, KV head)).
 * prefill / multi-token chunks: Triton store, then :func:`chunked_attention` (torch): the context
   attended in key chunks of whole blocks with an online softmax, query rows in blocks, a second
   pass for the score mass; nothing is dequantized beyond one key chunk.
@@ -24,6 +24,7 @@ from ..core.layout import RegionLayout
 from ._common import supported
 from .decode import decode_attention, default_block_n, plan_splits
 from .store import store_tokens, write_tokens
+from .upkeep import maintain_hi_decode
 from .workspace import Dims, plan_decode_groups, plan_prefill, workspace_bytes
 
 
@@ -98,7 +99,7 @@ def _decode_group(regions: torch.Tensor, layout: RegionLayout, config: MiKVConfi
     store_tokens(regions, layout, blk, pos % n, k, v, bal)
     out, _ = decode_attention(regions, layout, bt, pos, q, k, v, scale, bal, max_ctx=max_ctx,
                               need_mass=False, accumulate=True)
-    ref.maintain_hi_decode(regions, layout, config, bt, pos, k, v)   # selection logic, batched torch
+    maintain_hi_decode(regions, layout, config, bt, pos, k, v)
     return out
 
 

@@ -37,7 +37,7 @@ from ..core.layout import RegionLayout, as_regions
 from ..core.rotation import rotation_for
 from ..kernels import reserve_workspace, use_triton
 from . import sharing
-from .stats import LayerStats
+from .stats import LayerStats, step_token_counts
 
 logger = logging.getLogger("vllm.mikv")  # child of vLLM's configured logger
 
@@ -148,6 +148,7 @@ class MiKVMetadata:
     slot_mapping: torch.Tensor
     decode: DecodeRows | None = None
     chunks: list[tuple[int, int, int, int]] = dataclasses.field(default_factory=list)
+    token_counts: tuple[int, int, int] = (0, 0, 0)   # (stored, prefill, decode) tokens, stats.step_token_counts
     own_from: list[int] | None = None
     serial: list[tuple[int, int, int, int]] | None = None
 
@@ -198,6 +199,7 @@ class MiKVMetadataBuilder(AttentionMetadataBuilder[MiKVMetadata]):
             slot_mapping=m.slot_mapping,
             decode=decode,
             chunks=chunks,
+            token_counts=step_token_counts(qlen),
         )
         if getattr(self, "prefix_caching", False):
             self._add_ownership(meta, sharing.step_rows(), ctx, seq, one, m.block_table_tensor)

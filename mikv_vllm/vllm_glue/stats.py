@@ -4,7 +4,8 @@ Every MiKV attention impl owns one :class:`LayerStats`. ``MiKVAttentionImpl.forw
 brackets its per-request loop with :meth:`LayerStats.begin_step` and
 :meth:`LayerStats.end_step`:
 
-* token counters (host ints, pure Python) are kept in every layer;
+* token counters (host ints) are kept in every layer: the metadata builder counts the step's
+  tokens once (:func:`step_token_counts`, ``MiKVMetadata.token_counts``), each layer adds them;
 * hi-tier counters are measured only in *sampled* layers (``MIKV_STATS_LAYERS``:
   ``first`` - default, the worker's first MiKV attention layer; ``all``; ``off``).
   A sampled layer gathers the R tags of the step's requests once before and
@@ -58,6 +59,13 @@ def _first_mikv_layer(layer: Any) -> bool:
     return True
 
 
+def step_token_counts(query_lens: torch.Tensor) -> tuple[int, int, int]:
+    """(stored, prefill, decode) new tokens of a step from its per-request query lengths (host
+    tensor): stored = all, prefill = those in multi-token chunks, decode = single-token rows."""
+    q = query_lens.to(torch.int64)
+    return int(q.clamp(min=0).sum()), int(q[q > 1].sum()), int((q == 1).sum())
+
+
 @dataclass
 class StepProbe:
     """What :meth:`LayerStats.begin_step` hands to :meth:`LayerStats.end_step`."""
@@ -83,14 +91,6 @@ class LayerStats:
     # device accumulators (sampled layers only): [promoted, demoted] cumulative, hi pairs last step
     _moves: torch.Tensor | None = field(default=None, repr=False)
     _hi_last: torch.Tensor | None = field(default=None, repr=False)
-
-    # ------------------------------------------------------------ host counters
-    def record(self, ctx_len: int, num_new: int) -> None:
-        self.tokens_stored += num_new
-        if num_new > 1:
-            self.prefill_tokens += num_new
-        else:
-            self.decode_tokens += num_new
 
     # ------------------------------------------------------------- per step
     def begin_step(self, layer: Any, regions: torch.Tensor, layout: Any, meta: Any) -> StepProbe | None:
@@ -133,13 +133,13 @@ class LayerStats:
         return StepProbe(blocks, ctx4, before_mask, after_mask, hi_before, seen * regions.shape[1])
 
     def end_step(self, probe: StepProbe | None, regions: torch.Tensor, layout: Any, meta: Any) -> None:
-        """After the request loop: token counters; promoted / demoted / hi pairs (sampled layers)."""
+        """After the request loop: token counters (``meta.token_counts``, counted once per step by the
+        builder); promoted / demoted / hi pairs (sampled layers)."""
         self.steps += 1
-        qsl = meta.query_start_loc
-        for i in range(len(meta.seq_lens)):
-            t = qsl[i + 1] - qsl[i]
-            if t > 0:
-                self.record(meta.seq_lens[i] - t, t)
+        stored, prefill, decode = meta.token_counts
+        self.tokens_stored += stored
+        self.prefill_tokens += prefill
+        self.decode_tokens += decode
         if probe is None:
             return
         tags = layout.views(regions).tag[probe.blocks]

@@ -7,6 +7,7 @@ import torch
 
 from mikv_vllm.config import MiKVConfig, preset
 from mikv_vllm.core import reference as ref
+from mikv_vllm.core.importance import hi_budget
 from mikv_vllm.core.layout import RegionLayout
 from mikv_vllm.cpu import CpuOps, decode_step, load
 
@@ -136,7 +137,7 @@ def test_shared_rows_match_reference(name):
     assert not torch.equal(plain[table[5, :2].long()], shared[table[5, :2].long()])
     with pytest.raises(RuntimeError, match="own_from"):
         decode_step(regions, lay, table, torch.tensor(PROMPTS), *_step(qkv, PROMPTS), scale,
-                    torch.tensor([3, 0, 0, 0, 0, 0]), torch.zeros(6, dtype=torch.int64))
+                    own_from=torch.tensor([3, 0, 0, 0, 0, 0]), shared_hi=torch.zeros(6, dtype=torch.int64))
 
 
 def test_bad_block_table_raises():
@@ -181,3 +182,168 @@ def test_hi_roundtrip_fp8_matches_torch():
     for code, dt in ((0, torch.float16), (1, torch.bfloat16)):   # the other hi dtypes keep their conversions
         y = torch.randn(4, 8)
         torch.testing.assert_close(load().hi_roundtrip(y, code)[1], y.to(dt).float(), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------ hi-set upkeep in the C++ step
+# The C++ step's upkeep vs reference.maintain_hi_decode over hundreds of decode steps. The scores
+# of both sides agree to fp32 rounding only (summation order), so after each step the reference
+# gets the C++ scores before its upkeep: the tags and hi copies must then match byte for byte.
+
+def _upkeep_setup(cfg, prompts, steps, d=32, group=2, block=N, seed=0, spare=0):
+    lay = RegionLayout.build(cfg, block, d)
+    per_req = [-(-(p + steps) // block) for p in prompts]
+    num_blocks = sum(per_req) + spare
+    regions = make_regions(lay, num_blocks, HKV, garbage=True, seed=seed)
+    perm = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed))
+    width = max(per_req) + 1
+    table = perm[torch.randint(0, num_blocks, (len(prompts), width), generator=torch.Generator().manual_seed(seed))]
+    used = 0
+    for i, nb in enumerate(per_req):
+        table[i, :nb] = perm[used:used + nb]
+        used += nb
+    qkv = [structured_qkv(p + steps, group * HKV, HKV, d, seed=seed + i) for i, p in enumerate(prompts)]
+    for i, p in enumerate(prompts):
+        if p:
+            q, k, v = qkv[i]
+            ref.forward_request(regions, lay, cfg, table[i], 0, q[:p], k[:p], v[:p], 1 / math.sqrt(d))
+    return lay, regions, table.int(), qkv, perm[used:]
+
+
+def _upkeep_steps(cfg, lay, regions, table, qkv, prompts, steps, d=32, plant=None, out_atol=1e-4):
+    """Run ``steps`` decode steps on both sides; ``plant(pages, step, pos)`` edits both pages before a step."""
+    scale = 1 / math.sqrt(d)
+    mine, oracle = regions.clone(), regions.clone()
+    for step in range(steps):
+        pos = [p + step for p in prompts]
+        if plant is not None:
+            plant(mine, step, pos)
+            plant(oracle, step, pos)
+        q, k, v = _step(qkv, pos)
+        got = CpuOps.forward_decode(mine, lay, cfg, table, pos, q, k, v, scale)
+        pt = torch.tensor(pos)
+        want = _reference_step(oracle, lay, table, pt, q, k, v, scale)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=out_atol)     # fp32 rounding over long contexts
+        if lay.hi_slots:
+            wv, mv = lay.views(oracle), lay.views(mine)
+            torch.testing.assert_close(mv.score, wv.score, rtol=1e-5, atol=1e-6, equal_nan=True)
+            wv.score.copy_(mv.score)
+            ref.maintain_hi_decode(oracle, lay, cfg, table, pt, k, v)
+        diff = (mine != oracle).nonzero()
+        assert diff.numel() == 0, f"step {step}: {diff.shape[0]} bytes differ, first at {diff[:3].tolist()}"
+    return mine
+
+
+def _hi_sets(lay, regions, table, lengths):
+    """[request][head] -> sorted hi positions."""
+    views = lay.views(regions)
+    out = []
+    for row, length in zip(table, lengths):
+        nb = -(-length // lay.block_size)
+        tags = views.tag[row[:nb].long()].transpose(0, 1).reshape(regions.shape[1], -1)
+        out.append([sorted((t[t > 0] - 1).tolist()) for t in tags])
+    return out
+
+
+UPKEEP = {   # name: (config, d, query group, block size, decode steps)
+    "mikv": (preset("mikv"), 64, 3, N, 200),               # r = 0.1: 2 slots per block, fewer than the 4 sinks
+    "mikv-paper": (preset("mikv-paper"), 32, 1, N, 300),
+    "recent-window-5": (MiKVConfig(policy="mikv", lo_bits=4, hi_ratio=0.25, recent_window=5, hi_dtype="float32"),
+                        32, 2, N, 200),
+    "few-slots-many-sinks": (MiKVConfig(policy="mikv", lo_bits=2, hi_ratio=0.1, sink_tokens=6), 32, 2, 8, 200),
+    "bf16-no-sinks": (MiKVConfig(policy="mikv", lo_bits=8, hi_ratio=0.3, sink_tokens=0, hi_dtype="bfloat16",
+                                 balancer=False, group_size=8), 32, 2, N, 150),   # budget 0 while L < 4
+    "h2o": (preset("h2o"), 32, 2, N, 200),
+    "rtn": (preset("rtn"), 32, 2, N, 30),                  # no hi slots: nothing to keep
+}
+UPKEEP_PROMPTS = [0, 3, 16, 41]     # context 0, sinks at a short prompt, a block boundary, multi-block
+
+
+@pytest.mark.parametrize("name", list(UPKEEP))
+def test_upkeep_matches_reference_over_many_steps(name):
+    cfg, d, group, block, steps = UPKEEP[name]
+    lay, regions, table, qkv, unused = _upkeep_setup(cfg, UPKEEP_PROMPTS, steps, d=d, group=group, block=block)
+    mine = _upkeep_steps(cfg, lay, regions, table, qkv, UPKEEP_PROMPTS, steps, d=d)
+    assert torch.equal(mine[unused], regions[unused])
+    if not lay.hi_slots:
+        return
+    lengths = [p + steps for p in UPKEEP_PROMPTS]
+    for heads, length in zip(_hi_sets(lay, mine, table, lengths), lengths):
+        budget = hi_budget(cfg, length, -(-length // block) * lay.hi_slots)
+        for hi in heads:       # budget grew to its final value; sinks pinned; the newest token is recent
+            sinks = [p for p in hi if p < cfg.sink_tokens]
+            assert len(hi) == budget and hi[-1] == length - 1, (length, hi[-8:])
+            assert sinks == list(range(len(sinks))) and len(sinks) >= min(1, cfg.sink_tokens), hi[:8]
+            if lay.hi_slots >= cfg.sink_tokens:      # no slot shortage at the first tokens: all sinks kept
+                assert len(sinks) == cfg.sink_tokens, hi[:8]
+
+
+def test_upkeep_stale_tags_and_ties_take_the_full_selection():
+    """Reused blocks with stale tags: planted tags in (0, pos] beyond the budget (several losers in
+    one step), duplicate positions, tags past the context, and saturated / NaN / negative scores."""
+    cfg = preset("mikv-paper")
+    prompts, steps = [20, 33, 50], 120
+    lay, regions, table, qkv, _ = _upkeep_setup(cfg, prompts, steps, seed=3)
+    views_r = lay.hi_slots
+
+    def plant(pages, step, pos):
+        if step % 10:
+            return
+        views = lay.views(pages)
+        g = torch.Generator().manual_seed(1000 + step)       # same plant on both sides
+        for i, p in enumerate(pos):
+            nb = p // lay.block_size + 1
+            blocks = table[i, :nb].long()
+            slots = torch.randperm(nb * views_r, generator=g)[: max(1, nb * views_r // 2)]
+            tags = views.tag[blocks]
+            free = torch.ones(p + 1, dtype=torch.bool)
+            free[tags[(tags > 0) & (tags <= p)].long()] = False    # no second copy of a tagged token's
+            free[0] = False                                         # position (attention would pick one)
+            pool = free.nonzero()[:, 0]
+            vals = pool[torch.randint(0, pool.numel(), (slots.numel(),), generator=g)].int()
+            vals[0] = p + 5                                   # stale: past the context
+            if slots.numel() > 2:
+                vals[2] = vals[1]                             # the same position in two slots
+            views.tag[blocks[slots // views_r], :, slots % views_r] = vals[:, None]
+            views.k_hi[blocks[slots // views_r], :, slots % views_r] = 0     # finite hi copies
+            views.v_hi[blocks[slots // views_r], :, slots % views_r] = 0
+            hit = (vals[1:] - 1).long().clamp(max=p - 1)
+            sc = views.score[blocks[hit // lay.block_size], :, hit % lay.block_size]
+            kinds = torch.tensor([torch.finfo(torch.float32).max, float("nan"), -3.0])
+            sc[:] = kinds[torch.randint(0, 3, sc.shape, generator=g)]
+            views.score[blocks[hit // lay.block_size], :, hit % lay.block_size] = sc
+
+    _upkeep_steps(cfg, lay, regions, table, qkv, prompts, steps, plant=plant)
+
+
+def test_upkeep_keeps_a_planted_heavy_hitter():
+    """A key every later query aligns with stays hi in the C++ pages (neither sink nor recent)."""
+    cfg = MiKVConfig(policy="mikv", lo_bits=3, hi_ratio=0.1, sink_tokens=4)
+    d, steps, prompt, needle = 64, 150, 200, 100
+    lay, regions, table, _, _ = _upkeep_setup(cfg, [0], prompt + steps, d=d, group=3)
+    q, k, v = structured_qkv(prompt + steps, 3 * HKV, HKV, d, seed=1)
+    u = torch.randn(d, generator=torch.Generator().manual_seed(1))
+    u = u / u.norm()
+    q += 2.0 * u
+    k[needle] = 40.0 * u
+    ref.forward_request(regions, lay, cfg, table[0], 0, q[:prompt], k[:prompt], v[:prompt], 1 / math.sqrt(d))
+    mine = _upkeep_steps(cfg, lay, regions, table, [(q, k, v)], [prompt], steps, d=d)
+    for hi in _hi_sets(lay, mine, table, [prompt + steps])[0]:
+        assert needle in hi and needle < prompt + steps - len(hi) // 2
+
+
+def test_upkeep_hi_copy_is_clamped_like_to_hi():
+    """K/V beyond fp16's range: the hi copies hold +-65504 (quant.to_hi), byte-equal to the reference."""
+    cfg = preset("mikv-paper")
+    prompts, steps = [5, 20], 40
+    lay, regions, table, qkv, _ = _upkeep_setup(cfg, prompts, steps, seed=5)
+    for q, k, v in qkv:       # huge keys in the first quantization group, which the queries ignore
+        q[:, :, :lay.group] = 0
+        k[::3, :, :lay.group] *= 1e5
+        v[::2, :, -4:] *= 3e5
+    mine = _upkeep_steps(cfg, lay, regions, table, qkv, prompts, steps, out_atol=0.1)   # |V| up to 3e5
+    views = lay.views(mine)
+    live = table[:, :2].long().flatten()
+    tagged = views.tag[live] > 0                                         # [blocks, H, R]
+    k_hi, v_hi = views.k_hi[live][tagged].float(), views.v_hi[live][tagged].float()
+    assert torch.isfinite(k_hi).all() and torch.isfinite(v_hi).all()
+    assert (k_hi.abs() == 65504).any() and (v_hi.abs() == 65504).any()

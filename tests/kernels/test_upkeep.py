@@ -1,0 +1,108 @@
+"""The Triton hi-set upkeep kernel vs ``reference.maintain_hi_decode`` (interpreted), byte for byte."""
+
+import math
+
+import pytest
+import torch
+
+from mikv_vllm.config import MiKVConfig, preset
+from mikv_vllm.core import reference as ref
+from mikv_vllm.core.layout import RegionLayout
+from mikv_vllm.kernels.upkeep import maintain_hi_decode
+
+HKV, N, D = 2, 8, 16
+SCALE = 1 / math.sqrt(D)
+
+
+def _setup(cfg, prompts, steps, seed=0):
+    """Garbage pages, requests prefilled with the reference; per-request q/k/v for every position."""
+    lay = RegionLayout.build(cfg, N, D)
+    per_req = [-(-(p + steps) // N) for p in prompts]
+    num_blocks = sum(per_req) + 2
+    gen = torch.Generator().manual_seed(seed)
+    regions = torch.randint(0, 256, (num_blocks, HKV, lay.region_bytes), dtype=torch.uint8, generator=gen)
+    perm = torch.randperm(num_blocks, generator=gen)
+    table = perm[torch.randint(0, num_blocks, (len(prompts), max(per_req) + 1), generator=gen)]  # foreign pad
+    used = 0
+    for i, nb in enumerate(per_req):
+        table[i, :nb] = perm[used:used + nb]
+        used += nb
+    data = [tuple(torch.randn(p + steps, h, D, generator=gen) for h in (2 * HKV, HKV, HKV)) for p in prompts]
+    for (q, k, v), p, row in zip(data, prompts, table):
+        if p:
+            ref.forward_request(regions, lay, cfg, row, 0, q[:p], k[:p], v[:p], SCALE)
+    return lay, regions, table.int(), data
+
+
+def _run(cfg, prompts, steps, seed=0, plant=None):
+    """Reference decode steps; before each step's upkeep, the kernel's and the reference's upkeep
+    must leave identical pages."""
+    lay, regions, table, data = _setup(cfg, prompts, steps, seed)
+    for step in range(steps):
+        pos = torch.tensor([p + step for p in prompts])
+        q, k, v = (torch.stack([d[j][c] for d, c in zip(data, pos.tolist())]) for j in range(3))
+        if plant is not None:
+            plant(lay, regions, table, pos, step)
+        b = ref.decode_balancer(regions, lay, table, pos, q, k)
+        blk = table.long().gather(1, (pos // N)[:, None])[:, 0]
+        ref.store_at(regions, lay, blk, pos % N, k, v, b)
+        k_ctx, v_ctx, valid = ref.gather_decode(regions, lay, table, pos, b)
+        _, mass = ref.attention_decode(q, k_ctx, v_ctx, valid, pos, k, v, SCALE)
+        ref.accumulate_scores_decode(regions, lay, table, pos, mass)
+        mine = regions.clone()
+        ref.maintain_hi_decode(regions, lay, cfg, table, pos, k, v)
+        maintain_hi_decode(mine, lay, cfg, table, pos, k, v)
+        diff = (mine != regions).nonzero()
+        assert diff.numel() == 0, f"step {step}: {diff.shape[0]} bytes differ, first at {diff[:3].tolist()}"
+    return lay, regions, table
+
+
+CASES = {
+    "mikv-paper": preset("mikv-paper"),                                  # 2 slots per block of 8, 4 sinks
+    "window-3-fp32": MiKVConfig(policy="mikv", lo_bits=4, hi_ratio=0.3, recent_window=3, hi_dtype="float32"),
+    "bf16-no-sinks": MiKVConfig(policy="mikv", lo_bits=8, hi_ratio=0.25, sink_tokens=0, hi_dtype="bfloat16",
+                                balancer=False),
+    "h2o": preset("h2o"),
+    "rtn": preset("rtn"),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_upkeep_kernel_matches_reference(name):
+    _run(CASES[name], [0, 3, 8, 21], 40)
+
+
+def test_upkeep_kernel_stale_tags_several_losers_and_clamp():
+    """Planted stale tags (several losers in one step, duplicates, tags past the context), saturated /
+    NaN scores, and K/V beyond fp16's range (hi copies clamped as quant.to_hi)."""
+    cfg = preset("mikv-paper")
+
+    def plant(lay, regions, table, pos, step):
+        if step % 7:
+            return
+        views, r = lay.views(regions), lay.hi_slots
+        g = torch.Generator().manual_seed(step)
+        for i, p in enumerate(pos.tolist()):
+            if p < 2:
+                continue
+            nb = p // N + 1
+            blocks = table[i, :nb].long()
+            slots = torch.randperm(nb * r, generator=g)[: nb * r // 2 + 1]
+            vals = torch.randint(1, p + 1, (slots.numel(),), generator=g).int()
+            vals[0] = p + 3                                            # past the context
+            views.tag[blocks[slots // r], :, slots % r] = vals[:, None]
+            hit = (vals[1:] - 1).long().clamp(max=p - 1)
+            kinds = torch.tensor([torch.finfo(torch.float32).max, float("nan"), -1.0])
+            views.score[blocks[hit // N], :, hit % N] = kinds[torch.randint(0, 3, (hit.numel(), HKV), generator=g)]
+            views.k_hi[blocks[slots // r], :, slots % r] = 0
+            views.v_hi[blocks[slots // r], :, slots % r] = 0
+
+    lay, regions, table = _run(cfg, [5, 19, 30], 40, seed=3, plant=plant)
+    _, _, _, data = _setup(cfg, [2], 3, seed=9)
+    pos = torch.tensor([2])
+    k, v = data[0][1][2:3] * 1e6, data[0][2][2:3] * 1e6                 # beyond fp16: clamped to +-65504
+    regions = torch.zeros_like(regions)
+    want = regions.clone()
+    ref.maintain_hi_decode(want, lay, cfg, table[:1], pos, k, v)
+    maintain_hi_decode(regions, lay, cfg, table[:1], pos, k, v)
+    assert torch.equal(regions, want) and (lay.views(want).k_hi.float().abs() == 65504).any()
