@@ -89,7 +89,8 @@ def main() -> None:
         rows.append(run(model, None if name == "stock" else name, mode == "on", args))
         print(json.dumps(rows[-1]), flush=True)
     print(f"\n| policy | prefix caching | passkey (key in the shared ~{args.passkey_tokens}-token prefix) "
-          f"| PPL after a shared {args.prefix}-token prefix ({args.ppl_points} positions) | max cached tokens (ppl) |")
+          f"| PPL after a shared {args.prefix}-token prefix ({rows[0]['ppl_points']} positions) "
+          "| max cached tokens (ppl) |")
     print("|---|---|---:|---:|---:|")
     for r in rows:
         print(f"| {r['policy']} | {'on (hit)' if r['prefix_caching'] else 'off'} | {r['passkey']} "

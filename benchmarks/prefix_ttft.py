@@ -38,8 +38,8 @@ def start_server(model: str, policy: str | None, port: int, log) -> subprocess.P
            "--enable-prompt-tokens-details"]     # no prefix-caching flag: vLLM's default (on)
     if policy:
         cmd += ["--kv-cache-policy", policy]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1",
-                                                                 "TRANSFORMERS_OFFLINE": "1"})
+    env = {**os.environ, "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     deadline = time.time() + 900
     while time.time() < deadline:
         if proc.poll() is not None:

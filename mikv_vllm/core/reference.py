@@ -34,7 +34,8 @@ blocks. ``own_from = 0`` (the default) is the request that owns its whole row.
 Kernel contract (mikv_vllm.kernels must match these signatures/semantics):
 
 * ``write_tokens(regions, layout, block_row, start, k, v, balancer=None)``
-* ``gather_context(regions, layout, block_row, ctx_len, balancer=None, own_from=0, shared_hi=0) -> (k [H,L,D], v [H,L,D], valid [H,L])``
+* ``gather_context(regions, layout, block_row, ctx_len, balancer=None, own_from=0, shared_hi=0)
+  -> (k [H,L,D], v [H,L,D], valid [H,L])``
 * ``attention(q, k_ctx, v_ctx, valid_ctx, k_new, v_new, scale, vote_from=None) -> (out [T,Hq,D], mass [H,L] | None)``
 * ``accumulate_scores(regions, layout, block_row, mass, own_from=0)``
 * ``maintain_hi(regions, layout, config, block_row, ctx_len, k_new, v_new, own_from=0)``
