@@ -55,7 +55,10 @@ def _engine(spec: dict[str, Any], cfg, workload, ppl: bool):
     kwargs: dict[str, Any] = dict(
         model=spec["model"], dtype=spec.get("dtype", "float32"), enforce_eager=True, max_model_len=max_model_len,
         kv_cache_memory_bytes=int(spec.get("kv_cache_memory_bytes", 1 << 30)), seed=int(spec.get("seed", 0)),
-        disable_log_stats=True, **regime)
+        disable_log_stats=True, **regime,
+        # every trial measures a cold request: trials share filler text, and a prefix-cache hit reads
+        # the shared blocks' lo copies (docs/design.md, "Shared blocks"); hits: benchmarks/prefix_quality.py
+        enable_prefix_caching=False)
     additional = cfg.additional_config()
     if additional is not None:
         kwargs["additional_config"] = additional

@@ -37,10 +37,30 @@ def _bf16_rtne(x):
 
 
 @triton.jit
+def _fp8e4m3_rtne(x):
+    """fp32 (|x| <= 448, or NaN) -> float8_e4m3fn rounded to nearest, ties to even, NaN -> 0x7F (with
+    its sign), as torch's cast. Built from the bits: the interpreter's own fp32 -> fp8 cast drops
+    mantissa carries (1.97 -> 1.0) and mangles NaN."""
+    bits = x.to(tl.int32, bitcast=True)
+    e = ((bits >> 23) & 0xFF) - 127
+    qe = tl.maximum(e, -6) - 3                          # 3 mantissa bits; subnormals below 2^-6
+    quantum = ((qe + 127) << 23).to(tl.float32, bitcast=True)
+    m = tl.abs(x) / quantum                              # exact: a power-of-two division
+    r = tl.floor(m + 0.5)
+    odd = (r - 2.0 * tl.floor(r * 0.5)) == 1.0
+    r = tl.where(((r - m) == 0.5) & odd, r - 1.0, r)    # ties to even
+    r = tl.where(x != x, 0.0, r)
+    code = (qe + 10) * 8 + r.to(tl.int32) - 8            # exponent field and mantissa; a carry (r = 16) lands right
+    code = tl.where(x != x, 0x7F, code) + tl.where(bits < 0, 0x80, 0)
+    return code.to(tl.uint8).to(tl.float8e4nv, bitcast=True)
+
+
+@triton.jit
 def _upkeep_kernel(bt_ptr, bt_sb, pos_ptr, budget_ptr, rstart_ptr, tag_ptr, tg_sb, tg_sh,
                    score_ptr, sc_sb, sc_sh, khi_ptr, vhi_ptr, hi_sb, hi_sh, hi_sr,
                    k_ptr, v_ptr, skb, skh, svb, svh, top, sinks,
-                   N: tl.constexpr, R: tl.constexpr, D: tl.constexpr, SLOTS: tl.constexpr, HI_BF16: tl.constexpr):
+                   N: tl.constexpr, R: tl.constexpr, D: tl.constexpr, SLOTS: tl.constexpr, HI_BF16: tl.constexpr,
+                   HI_FP8: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     pos = tl.load(pos_ptr + b).to(tl.int64)
@@ -93,6 +113,9 @@ def _upkeep_kernel(bt_ptr, bt_sb, pos_ptr, budget_ptr, rstart_ptr, tag_ptr, tg_s
     if HI_BF16:
         tl.store(khi_ptr + hi, _bf16_rtne(k), mask=wmask)
         tl.store(vhi_ptr + hi, _bf16_rtne(v), mask=wmask)
+    elif HI_FP8:
+        tl.store(khi_ptr + hi, _fp8e4m3_rtne(k), mask=wmask)
+        tl.store(vhi_ptr + hi, _fp8e4m3_rtne(v), mask=wmask)
     else:
         tl.store(khi_ptr + hi, k.to(khi_ptr.dtype.element_ty), mask=wmask)
         tl.store(vhi_ptr + hi, v.to(vhi_ptr.dtype.element_ty), mask=wmask)
@@ -123,4 +146,5 @@ def maintain_hi_decode(regions: torch.Tensor, layout: RegionLayout, config: MiKV
         views.score, views.score.stride(0), views.score.stride(1), views.k_hi, views.v_hi,
         *views.k_hi.stride()[:3], k, v, k.stride(0), k.stride(1), v.stride(0), v.stride(1), top,
         int(config.sink_tokens), N=n, R=r, D=layout.head_dim, SLOTS=next_pow2(bt.shape[1] * r + 1),
-        HI_BF16=layout.hi_dtype == torch.bfloat16, num_warps=4)
+        HI_BF16=layout.hi_dtype == torch.bfloat16,
+        HI_FP8=layout.hi_dtype == torch.float8_e4m3fn, num_warps=4)

@@ -106,3 +106,26 @@ def test_upkeep_kernel_stale_tags_several_losers_and_clamp():
     ref.maintain_hi_decode(want, lay, cfg, table[:1], pos, k, v)
     maintain_hi_decode(regions, lay, cfg, table[:1], pos, k, v)
     assert torch.equal(regions, want) and (lay.views(want).k_hi.float().abs() == 65504).any()
+
+
+def test_fp8_hi_cast_matches_torch():
+    """The kernel's fp32 -> float8_e4m3fn conversion = torch's cast bit for bit: every fp8 value,
+    the midpoints between neighbours (ties to even), carries into the exponent, -0.0 and NaN."""
+    import triton
+    import triton.language as tl
+
+    from mikv_vllm.kernels.upkeep import _fp8e4m3_rtne
+
+    @triton.jit
+    def cast(x_ptr, y_ptr, n: tl.constexpr):
+        o = tl.arange(0, n)
+        tl.store(y_ptr + o, _fp8e4m3_rtne(tl.load(x_ptr + o)))
+
+    every = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    finite = every[torch.isfinite(every)].unique()
+    x = torch.cat([finite, (finite[1:] + finite[:-1]) / 2, torch.tensor([-0.0, float("nan"), -float("nan"), 1.97]),
+                   (torch.randn(4096, generator=torch.Generator().manual_seed(0)) * 40).clamp(-448, 448)])
+    x = torch.cat([x, torch.zeros(8192 - x.numel())])
+    y = torch.empty(x.numel(), dtype=torch.float8_e4m3fn)
+    cast[(1,)](x, y, x.numel())
+    assert torch.equal(y.view(torch.uint8), x.to(torch.float8_e4m3fn).view(torch.uint8))
