@@ -4,11 +4,13 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from mikv_vllm.config import MiKVConfig, preset
 from mikv_vllm.core import reference as ref
 from mikv_vllm.core.layout import RegionLayout
-from mikv_vllm.kernels.upkeep import maintain_hi_decode
+from mikv_vllm.kernels.upkeep import _fp8e4m3_rtne, maintain_hi_decode
 
 HKV, N, D = 2, 8, 16
 SCALE = 1 / math.sqrt(D)
@@ -111,13 +113,8 @@ def test_upkeep_kernel_stale_tags_several_losers_and_clamp():
 def test_fp8_hi_cast_matches_torch():
     """The kernel's fp32 -> float8_e4m3fn conversion = torch's cast bit for bit: every fp8 value,
     the midpoints between neighbours (ties to even), carries into the exponent, -0.0 and NaN."""
-    import triton
-    import triton.language as tl
-
-    from mikv_vllm.kernels.upkeep import _fp8e4m3_rtne
-
-    @triton.jit
-    def cast(x_ptr, y_ptr, n: tl.constexpr):
+    @triton.jit   # defined here: TRITON_INTERPRET is set around each test (conftest)
+    def _fp8_cast(x_ptr, y_ptr, n: tl.constexpr):
         o = tl.arange(0, n)
         tl.store(y_ptr + o, _fp8e4m3_rtne(tl.load(x_ptr + o)))
 
@@ -127,5 +124,5 @@ def test_fp8_hi_cast_matches_torch():
                    (torch.randn(4096, generator=torch.Generator().manual_seed(0)) * 40).clamp(-448, 448)])
     x = torch.cat([x, torch.zeros(8192 - x.numel())])
     y = torch.empty(x.numel(), dtype=torch.float8_e4m3fn)
-    cast[(1,)](x, y, x.numel())
+    _fp8_cast[(1,)](x, y, x.numel())
     assert torch.equal(y.view(torch.uint8), x.to(torch.float8_e4m3fn).view(torch.uint8))
