@@ -34,6 +34,8 @@ Kernel contract (mikv_vllm.kernels must match these signatures/semantics):
 * ``forward_request(regions, layout, config, block_row, ctx_len, q, k, v, scale) -> out [T,Hq,D]``
 * ``forward_decode(regions, layout, config, block_tables, ctx_lens, q, k, v, scale) -> out [B,Hq,D]``
   (one decode token for each of B requests; the per-request step, batched)
+* ``forward_chunks(regions, layout, config, block_tables, ctx_lens, rows, q, k, v, scale) -> out [Tq,Hq,D]``
+  (the multi-token chunks of one step: chunk c is rows ``rows[c]`` of q/k/v of one request, at ``ctx_lens[c]``)
 * helpers: ``store_balancer(regions, layout, block_row, b) -> stored b fp32``,
   ``load_balancer(regions, layout, block_row) -> b [H,D] | None``,
   ``first_voting_row(config, T) -> int``, ``token_slots(block_row, start, end, N) -> (blocks, offsets)``
@@ -302,6 +304,23 @@ def forward_request(regions: torch.Tensor, layout: RegionLayout, config: MiKVCon
     if mass is not None:
         accumulate_scores(regions, layout, block_row, mass)
         maintain_hi(regions, layout, config, block_row, ctx_len, k, v)
+    return out
+
+
+def forward_chunks(regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig, block_tables: torch.Tensor,
+                   ctx_lens: torch.Tensor, rows: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   scale: float) -> torch.Tensor:
+    """Every multi-token chunk of a step: :func:`forward_request` per chunk (the oracle's loop).
+
+    Chunk c belongs to its own request (block row ``block_tables[c]``, context ``ctx_lens[c]``) and
+    covers query rows ``rows[c, 0]:rows[c, 1]`` of q ``[Tq, Hq, D]``, k/v ``[Tq, H, D]``. Returns
+    ``[Tq, Hq, D]`` fp32; rows outside every chunk are 0.
+    """
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    for c, (start, end) in enumerate(torch.as_tensor(rows).reshape(-1, 2).tolist()):
+        if end > start:
+            out[start:end] = forward_request(regions, layout, config, block_tables[c], int(ctx_lens[c]),
+                                             q[start:end], k[start:end], v[start:end], scale)
     return out
 
 

@@ -1,0 +1,138 @@
+"""The fused C++ prefill step (all multi-token chunks of a step in one call) vs the torch reference
+(the oracle: ``forward_request`` per chunk), on garbage-filled pages, then decode steps on both."""
+
+import math
+
+import pytest
+import torch
+
+from mikv_vllm.config import MiKVConfig, preset
+from mikv_vllm.core import reference as ref
+from mikv_vllm.core.layout import RegionLayout
+from mikv_vllm.cpu import CpuOps
+
+from core._helpers import make_regions, structured_qkv
+
+N = 16
+HKV = 2
+DECODE_STEPS = 3
+# (context already cached, chunk length T): ctx 0 and > 0, T from 2 to > N, block boundaries
+CHUNKS = [(0, 2), (0, 37), (21, 5), (32, 16), (7, 40), (0, 16), (50, 3)]
+
+CONFIGS = {
+    "mikv": (preset("mikv"), 3, 64),
+    "mikv-window": (MiKVConfig(policy="mikv", lo_bits=3, hi_ratio=0.2, scorer="window", obs_window=6), 3, 64),
+    "mikv-paper-gqa1": (preset("mikv-paper"), 1, 32),
+    "few-slots": (MiKVConfig(policy="mikv", lo_bits=4, hi_ratio=0.05, sink_tokens=2), 2, 64),
+    "int8-bf16-hi-nobal-g8": (MiKVConfig(policy="mikv", lo_bits=8, hi_ratio=0.2, hi_dtype="bfloat16",
+                                         balancer=False, group_size=8, recent_window=3), 3, 32),
+    "int4-fp32-hi": (MiKVConfig(policy="mikv", lo_bits=4, hi_ratio=0.25, hi_dtype="float32"), 2, 64),
+    "lossless-r1": (MiKVConfig(policy="mikv", lo_bits=3, hi_ratio=1.0, group_size=16), 4, 64),
+    "rtn": (preset("rtn"), 3, 64),
+    "h2o": (preset("h2o"), 3, 64),
+    "h2o-window": (MiKVConfig(policy="h2o", lo_bits=0, hi_ratio=0.3, scorer="window", obs_window=4), 3, 64),
+}
+
+
+def _setup(cfg, group, d, seed=0):
+    """Pages with every request's context cached by the reference; block rows over shuffled blocks."""
+    lay = RegionLayout.build(cfg, N, d)
+    num_blocks = 48
+    regions = make_regions(lay, num_blocks, HKV, garbage=True, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(num_blocks, generator=gen)
+    rows, used, width = [], 0, 8
+    for ctx, t in CHUNKS:
+        nb = -(-(ctx + t + DECODE_STEPS) // N)
+        own = perm[used:used + nb]
+        used += nb
+        pad = perm[torch.randint(0, num_blocks, (width - nb,), generator=gen)]   # foreign blocks: never touched
+        rows.append(torch.cat([own, pad]))
+    table = torch.stack(rows).int()
+    scale = 1 / math.sqrt(d)
+    qkv = [structured_qkv(ctx + t + DECODE_STEPS, group * HKV, HKV, d, seed=seed + i)
+           for i, (ctx, t) in enumerate(CHUNKS)]
+    for i, (ctx, _) in enumerate(CHUNKS):
+        q, k, v = qkv[i]
+        for c0 in range(0, ctx, 13):   # chunked, as an engine would
+            c1 = min(ctx, c0 + 13)
+            ref.forward_request(regions, lay, cfg, table[i], c0, q[c0:c1], k[c0:c1], v[c0:c1], scale)
+    return lay, regions, table, qkv, perm[used:], scale
+
+
+def _step_rows(qkv):
+    """One step's q/k/v: the chunks in order, with one foreign row (a decode row) between chunks 1 and 2."""
+    parts, rows, at = [], [], 0
+    for i, (ctx, t) in enumerate(CHUNKS):
+        if i == 2:
+            parts.append(tuple(torch.randn(1, *x.shape[1:]) for x in qkv[i]))
+            at += 1
+        parts.append(tuple(x[ctx:ctx + t] for x in qkv[i]))
+        rows.append((at, at + t))
+        at += t
+    q, k, v = (torch.cat([p[j] for p in parts]) for j in range(3))
+    return q, k, v, torch.tensor(rows, dtype=torch.int64)
+
+
+def _assert_pages(lay, got, want, what=""):
+    gv, wv = lay.views(got), lay.views(want)
+    torch.testing.assert_close(gv.score.float(), wv.score.float(), rtol=1e-5, atol=1e-6, equal_nan=True)
+    same = got.clone()
+    lay.views(same).score.copy_(wv.score)
+    diff = (same != want).nonzero()
+    assert diff.numel() == 0, f"{what}: {diff.shape[0]} bytes differ, first at {diff[:3].tolist()}"
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_prefill_chunks_then_decode_match_reference(name):
+    cfg, group, d = CONFIGS[name]
+    lay, regions, table, qkv, unused, scale = _setup(cfg, group, d)
+    mine, oracle = regions.clone(), regions.clone()
+    q, k, v, rows = _step_rows(qkv)
+    ctx = torch.tensor([c for c, _ in CHUNKS])
+    want = ref.forward_chunks(oracle, lay, cfg, table, ctx, rows, q, k, v, scale)
+    got = CpuOps.forward_chunks(mine, lay, cfg, table, ctx, rows, q, k, v, scale)
+    assert got.shape == want.shape and torch.isfinite(got).all()
+    assert not got[rows[1, 1]].any()                       # the foreign row is left alone (0)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(lay.views(mine).tag, lay.views(oracle).tag)   # same hi sets and slots
+    _assert_pages(lay, mine, oracle, "after prefill")
+    for step in range(DECODE_STEPS):   # the page state continues: decode steps on both
+        pos = [c + t + step for c, t in CHUNKS]
+        qd, kd, vd = (torch.stack([qkv[i][j][p] for i, p in enumerate(pos)]) for j in range(3))
+        want = ref.forward_decode(oracle, lay, cfg, table, pos, qd, kd, vd, scale)
+        got = CpuOps.forward_decode(mine, lay, cfg, table, pos, qd, kd, vd, scale)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        _assert_pages(lay, mine, oracle, f"decode step {step}")
+    assert torch.equal(mine[unused], regions[unused])
+
+
+@pytest.mark.parametrize("name", ["mikv", "h2o"])
+def test_forward_request_chunked_prompt_matches_reference(name):
+    """A whole 2-block+ prompt in chunks through ``CpuOps.forward_request`` (the C++ op, one chunk a call)."""
+    cfg, group, d = CONFIGS[name]
+    lay = RegionLayout.build(cfg, N, d)
+    regions = make_regions(lay, 12, HKV, garbage=True, seed=3)
+    row = torch.tensor([5, 2, 9, 0, 7, 11], dtype=torch.int32)
+    q, k, v = structured_qkv(90, group * HKV, HKV, d, seed=3)
+    mine, oracle = regions.clone(), regions.clone()
+    for c0, c1 in [(0, 40), (40, 41), (41, 77), (77, 90)]:
+        want = ref.forward_request(oracle, lay, cfg, row, c0, q[c0:c1], k[c0:c1], v[c0:c1], 0.125)
+        got = CpuOps.forward_request(mine, lay, cfg, row, c0, q[c0:c1], k[c0:c1], v[c0:c1], 0.125)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        _assert_pages(lay, mine, oracle, f"chunk {c0}")
+
+
+def test_bad_chunk_inputs_raise():
+    cfg, group, d = CONFIGS["mikv"]
+    lay, regions, table, qkv, _, scale = _setup(cfg, group, d)
+    q, k, v, rows = _step_rows(qkv)
+    ctx = torch.tensor([c for c, _ in CHUNKS])
+    bad = table.clone()
+    bad[1, 2] = regions.shape[0]
+    with pytest.raises(RuntimeError, match="out of range"):
+        CpuOps.forward_chunks(regions, lay, cfg, bad, ctx, rows, q, k, v, scale)
+    far = rows.clone()
+    far[-1, 1] = q.shape[0] + 1
+    with pytest.raises(RuntimeError, match="outside"):
+        CpuOps.forward_chunks(regions, lay, cfg, table, ctx, far, q, k, v, scale)
