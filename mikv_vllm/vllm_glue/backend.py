@@ -6,7 +6,7 @@ score accumulation + hi-slot maintenance, one impl per layer). The page of
 every (block, KV head) is a :class:`~mikv_vllm.core.layout.RegionLayout`; the
 computation is the fused C++ step of :mod:`mikv_vllm.cpu` on CPU, the Triton kernels
 on CUDA, or :mod:`mikv_vllm.core.reference` (torch, ``MIKV_VLLM_OPS=torch``). The
-builder indexes the step's rows once (:class:`DecodeRows`, prefill chunks); every layer
+builder indexes the step's rows once (:class:`DecodeRows`, :class:`ChunkRows`); every layer
 reuses them.
 """
 
@@ -127,11 +127,29 @@ class DecodeRows:
 
 
 @dataclass
+class ChunkRows:
+    """The step's multi-token chunks (prefill), indexed once per step in the metadata builder for
+    one ``ops.forward_chunks`` call per layer: the chunks cover query rows ``span[0]:span[1]``;
+    ``rows`` int64 ``[C, 2]`` each chunk's rows relative to ``span[0]``, ``ctx`` int64 ``[C]`` their
+    context lengths, ``block_table`` int32 ``[C, M]`` (contiguous) their block-table rows;
+    ``dense`` whether the chunks cover the span entirely, else ``tokens`` (absolute) and
+    ``local`` (relative to ``span[0]``) index their rows."""
+
+    span: tuple[int, int]
+    rows: torch.Tensor
+    ctx: torch.Tensor
+    block_table: torch.Tensor
+    dense: bool
+    tokens: torch.Tensor | None = None
+    local: torch.Tensor | None = None
+
+
+@dataclass
 class MiKVMetadata:
     """Host-side rows of one step: request i owns query rows
     ``query_start_loc[i]:query_start_loc[i+1]`` and has ``seq_lens[i]`` tokens
     (context + new). ``decode``: the one-token rows, batched; ``chunks``: the multi-token rows as
-    ``(request, start, end, ctx)``."""
+    ``(request, start, end, ctx)``, indexed as ``prefill``."""
 
     num_actual_tokens: int
     query_start_loc: list[int]
@@ -140,6 +158,7 @@ class MiKVMetadata:
     slot_mapping: torch.Tensor
     decode: DecodeRows | None = None
     chunks: list[tuple[int, int, int, int]] = dataclasses.field(default_factory=list)
+    prefill: ChunkRows | None = None
 
 
 class MiKVMetadataBuilder(AttentionMetadataBuilder[MiKVMetadata]):
@@ -179,6 +198,17 @@ class MiKVMetadataBuilder(AttentionMetadataBuilder[MiKVMetadata]):
                                 table.to(torch.int32).contiguous(), leading)
         multi = torch.nonzero(qlen > 1).flatten().tolist()
         chunks = [(i, int(qsl[i]), int(qsl[i + 1]), int(ctx[i])) for i in multi]
+        prefill = None
+        if chunks:
+            s0, s1 = chunks[0][1], chunks[-1][2]                  # qsl is increasing: chunks in row order
+            rows = torch.tensor([(s - s0, e - s0) for _, s, e, _ in chunks], dtype=torch.int64)
+            max_blocks = (int(seq[multi].max()) - 1) // self.block_size + 1   # blocks holding [0, seq)
+            table = m.block_table_tensor[torch.tensor(multi).to(m.block_table_tensor.device), :max_blocks]
+            dense = sum(e - s for _, s, e, _ in chunks) == s1 - s0
+            local = None if dense else torch.cat([torch.arange(s, e) for s, e in rows.tolist()])
+            prefill = ChunkRows((s0, s1), rows, ctx[multi].contiguous(), table.to(torch.int32).contiguous(), dense,
+                                None if dense else (local + s0).to(m.query_start_loc.device),
+                                None if dense else local.to(m.query_start_loc.device))
         return MiKVMetadata(
             num_actual_tokens=m.num_actual_tokens,
             query_start_loc=qsl.tolist(),
@@ -187,6 +217,7 @@ class MiKVMetadataBuilder(AttentionMetadataBuilder[MiKVMetadata]):
             slot_mapping=m.slot_mapping,
             decode=decode,
             chunks=chunks,
+            prefill=prefill,
         )
 
 
@@ -254,14 +285,16 @@ class MiKVAttentionImpl(AttentionImpl[MiKVMetadata]):
         k_all = key[:n_tok].view(n_tok, self.num_kv_heads, self.head_size)
         v_all = value[:n_tok].view(n_tok, self.num_kv_heads, self.head_size)
         out = output[:n_tok].view(n_tok, self.num_heads, self.head_size)
-        n = layout.block_size
         probe = self.stats.begin_step(layer, regions, layout, attn_metadata)  # stats (see stats.py)
-        for i, start, end, ctx in attn_metadata.chunks:   # multi-token chunks (prefill), one request each
-            row = attn_metadata.block_table[i, : (ctx + end - start + n - 1) // n]
-            result = self.ops.forward_request(
-                regions, layout, self.config, row, ctx,
-                q_all[start:end], k_all[start:end], v_all[start:end], self.scale)
-            out[start:end] = result.to(out.dtype)
+        pre = attn_metadata.prefill
+        if pre is not None:   # every multi-token chunk (prefill) in one call
+            s0, s1 = pre.span
+            result = self.ops.forward_chunks(regions, layout, self.config, pre.block_table, pre.ctx, pre.rows,
+                                             q_all[s0:s1], k_all[s0:s1], v_all[s0:s1], self.scale)
+            if pre.dense:
+                out[s0:s1] = result.to(out.dtype)
+            else:
+                out[pre.tokens] = result[pre.local].to(out.dtype)
         dec = attn_metadata.decode
         if dec is not None:   # every one-token row (decode and context 0) in one batched step
             if dec.leading:
