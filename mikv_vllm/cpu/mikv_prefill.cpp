@@ -14,6 +14,7 @@ namespace {
 
 constexpr int64_t kKeyTile = 64;      // keys per tile
 constexpr int64_t kQueryVecs = 64;    // query vectors (rows x group heads) per query block
+constexpr int kSink = 2, kRecent = 1, kHeavy = 0;   // core.importance tiers (higher wins)
 
 struct Selection {
   double hi_ratio;
@@ -279,9 +280,10 @@ void prefill_task(const Layout& L, const Selection& sel, uint8_t* regions, int64
     };
     std::vector<Cand> cands;
     cands.reserve(static_cast<size_t>(num_slots + T));
-    auto add = [&](int64_t pos, int64_t idx) {
-      const int tier = pos < sel.sink_tokens ? 2 : pos >= recent_start ? 1 : 0;
-      const double within = tier == 2 ? -static_cast<double>(pos) : tier == 1 ? static_cast<double>(pos) : score_at(pos);
+    auto add = [&](int64_t pos, int64_t idx) {   // order: tier, then sinks lower / recent higher position / score
+      const bool sink = pos < sel.sink_tokens, recent = !sink && pos >= recent_start;
+      const int tier = sink ? kSink : recent ? kRecent : kHeavy;
+      const double within = sink ? -static_cast<double>(pos) : recent ? static_cast<double>(pos) : score_at(pos);
       cands.push_back({tier, within, pos, idx});
     };
     for (int64_t s = 0; s < num_slots; ++s)

@@ -136,3 +136,25 @@ def test_bad_chunk_inputs_raise():
     far[-1, 1] = q.shape[0] + 1
     with pytest.raises(RuntimeError, match="outside"):
         CpuOps.forward_chunks(regions, lay, cfg, table, ctx, far, q, k, v, scale)
+
+
+def test_values_beyond_fp16_are_clamped_like_the_reference():
+    """K/V above fp16's range (a bf16/fp32 model): hi copies clamped to +-65504, same bytes as the oracle."""
+    cfg = MiKVConfig(policy="mikv", lo_bits=4, hi_ratio=0.5)
+    lay = RegionLayout.build(cfg, N, 64)
+    regions = make_regions(lay, 4, HKV, garbage=True, seed=5)   # blocks 2, 0 hold 32 positions
+    q, k, v = structured_qkv(24, 2 * HKV, HKV, 64, seed=5)
+    k[:, :, :4] *= 1e5
+    v[:, :, 5:9] *= -1e5
+    row, rows, ctx = torch.tensor([[2, 0]], dtype=torch.int32), torch.tensor([[0, 24]]), torch.tensor([0])
+    mine, oracle = regions.clone(), regions.clone()
+    want = ref.forward_chunks(oracle, lay, cfg, row, ctx, rows, q, k * 1e-3, v * 1e-3, 0.125)
+    got = CpuOps.forward_chunks(mine, lay, cfg, row, ctx, rows, q, k * 1e-3, v * 1e-3, 0.125)
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)   # logits ~1e2: fp32 order effects
+    want = ref.forward_chunks(oracle, lay, cfg, row, ctx + 24, torch.tensor([[0, 8]]), q[:8], k[:8], v[:8], 0.125)
+    got = CpuOps.forward_chunks(mine, lay, cfg, row, ctx + 24, torch.tensor([[0, 8]]), q[:8], k[:8], v[:8], 0.125)
+    views = lay.views(mine)
+    held = views.tag[[2, 0]] > 0                                   # the request's filled hi slots
+    k_hi, v_hi = views.k_hi[[2, 0]][held].float(), views.v_hi[[2, 0]][held].float()
+    assert k_hi.abs().max() == 65504 and v_hi.abs().max() == 65504 and torch.isfinite(v_hi).all()
+    _assert_pages(lay, mine, oracle, "huge values")
