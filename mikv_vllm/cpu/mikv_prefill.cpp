@@ -35,6 +35,110 @@ void store_hi_clamped(uint8_t* base, int64_t dtype, int64_t D, const float* x, f
   store_hi(base, dtype, D, tmp);
 }
 
+// lg[r, 0..KB) = Q[r, :] . kT[:, 0..KB) for rows [0, rows) (kT: a key tile transposed, [D, KB]);
+// 4 rows x KB keys of accumulators per pass (rows are padded to a multiple of 4 in Q and lg).
+void tile_qk(const float* __restrict Q, int64_t rows, const float* __restrict kT, int64_t D, float* __restrict lg) {
+  static_assert(kKeyTile == 64, "tile_qk holds 4 x 16 keys");
+  constexpr int64_t KB = kKeyTile;
+  for (int64_t r0 = 0; r0 < rows; r0 += 4) {
+#ifdef __AVX512F__
+    __m512 a[4][4];
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 4; ++j) a[i][j] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; ++d) {
+      const float* kt = kT + d * KB;
+      const __m512 k0 = _mm512_loadu_ps(kt), k1 = _mm512_loadu_ps(kt + 16), k2 = _mm512_loadu_ps(kt + 32),
+                   k3 = _mm512_loadu_ps(kt + 48);
+      for (int i = 0; i < 4; ++i) {
+        const __m512 qd = _mm512_set1_ps(Q[(r0 + i) * D + d]);
+        a[i][0] = _mm512_fmadd_ps(qd, k0, a[i][0]);
+        a[i][1] = _mm512_fmadd_ps(qd, k1, a[i][1]);
+        a[i][2] = _mm512_fmadd_ps(qd, k2, a[i][2]);
+        a[i][3] = _mm512_fmadd_ps(qd, k3, a[i][3]);
+      }
+    }
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 4; ++j) _mm512_storeu_ps(lg + (r0 + i) * KB + 16 * j, a[i][j]);
+#else
+    float a[4][KB] = {};
+    for (int64_t d = 0; d < D; ++d)
+      for (int i = 0; i < 4; ++i) {
+        const float qd = Q[(r0 + i) * D + d];
+        for (int64_t kk = 0; kk < KB; ++kk) a[i][kk] += qd * kT[d * KB + kk];
+      }
+    for (int i = 0; i < 4; ++i) std::memcpy(lg + (r0 + i) * KB, a[i], sizeof(float) * KB);
+#endif
+  }
+}
+
+// acc[r, :] = acc[r, :] * alpha[r] + sum_kk p[r, kk] * vb[kk, :] for rows [0, rows) (padded to 4),
+// keys [0, nk). NV = D / 16 vectors per row (0: generic loop).
+template <int NV>
+void tile_pv(float* __restrict acc, int64_t rows, const float* __restrict p, const float* __restrict alpha,
+             const float* __restrict vb, int64_t nk, int64_t D) {
+  constexpr int64_t KB = kKeyTile;
+#ifdef __AVX512F__
+  if constexpr (NV > 0) {
+    constexpr int NR = NV >= 8 ? 2 : 4;   // rows per pass: NR x NV accumulators
+    for (int64_t r0 = 0; r0 < rows; r0 += NR) {
+      __m512 a[NR][NV];
+      for (int i = 0; i < NR; ++i) {
+        const __m512 al = _mm512_set1_ps(alpha[r0 + i]);
+        for (int j = 0; j < NV; ++j) a[i][j] = _mm512_mul_ps(_mm512_loadu_ps(acc + (r0 + i) * D + 16 * j), al);
+      }
+      for (int64_t kk = 0; kk < nk; ++kk) {
+        __m512 v[NV];
+        for (int j = 0; j < NV; ++j) v[j] = _mm512_loadu_ps(vb + kk * D + 16 * j);
+        for (int i = 0; i < NR; ++i) {
+          const __m512 pk = _mm512_set1_ps(p[(r0 + i) * KB + kk]);
+          for (int j = 0; j < NV; ++j) a[i][j] = _mm512_fmadd_ps(pk, v[j], a[i][j]);
+        }
+      }
+      for (int i = 0; i < NR; ++i)
+        for (int j = 0; j < NV; ++j) _mm512_storeu_ps(acc + (r0 + i) * D + 16 * j, a[i][j]);
+    }
+    return;
+  }
+#endif
+  for (int64_t r = 0; r < rows; ++r) {
+    float* ar = acc + r * D;
+    for (int64_t d = 0; d < D; ++d) ar[d] *= alpha[r];
+    for (int64_t kk = 0; kk < nk; ++kk) {
+      const float pk = p[r * KB + kk];
+      const float* vr = vb + kk * D;
+      for (int64_t d = 0; d < D; ++d) ar[d] += pk * vr[d];
+    }
+  }
+}
+
+// max of x[0..n), lane-parallel (vectorises without reassociation flags)
+inline float lane_max(const float* __restrict x, int64_t n, float init) {
+  constexpr int L = 16;
+  float m[L];
+  for (int i = 0; i < L; ++i) m[i] = init;
+  int64_t k = 0;
+  for (; k + L <= n; k += L)
+    for (int i = 0; i < L; ++i) m[i] = x[k + i] > m[i] ? x[k + i] : m[i];
+  float r = init;
+  for (; k < n; ++k) r = std::max(r, x[k]);
+  for (int i = 0; i < L; ++i) r = std::max(r, m[i]);
+  return r;
+}
+
+// x[k] = exp(x[k] - mx) for k < n; returns their sum (lane-parallel)
+inline float exp_shift_sum(float* __restrict x, int64_t n, float mx) {
+  constexpr int L = 16;
+  for (int64_t k = 0; k < n; ++k) x[k] = exp_nonpos(x[k] - mx);
+  float s[L] = {0};
+  int64_t k = 0;
+  for (; k + L <= n; k += L)
+    for (int i = 0; i < L; ++i) s[i] += x[k + i];
+  float r = 0.f;
+  for (; k < n; ++k) r += x[k];
+  for (int i = 0; i < L; ++i) r += s[i];
+  return r;
+}
+
 struct Scratch {
   std::vector<float> f;
   std::vector<int32_t> hmap;
@@ -48,12 +152,12 @@ void prefill_task(const Layout& L, const Selection& sel, uint8_t* regions, int64
   const int64_t N = L.N, D = L.D, R = L.R, P = L.packed(), NG = L.groups();
   const int64_t S = ctx + T;
   const int64_t QB = std::max<int64_t>(1, kQueryVecs / G);   // query rows per block
-  const int64_t RB = QB * G, KB = kKeyTile;
+  const int64_t RB = (QB * G + 3) / 4 * 4, KB = kKeyTile;   // query vectors per block, padded to 4
   auto region = [&](int64_t j) { return regions + (static_cast<int64_t>(row[j]) * H + h) * L.region_bytes; };
   const int64_t hi_es = L.hi_dtype == 2 ? 4 : 2;
   auto hi_ptr = [&](int64_t slot, int64_t off_base) { return region(slot / R) + off_base + (slot % R) * D * hi_es; };
 
-  sc.f.resize(static_cast<size_t>(4 * D + RB * D * 2 + RB * KB + 2 * RB + 2 * KB * D + S));
+  sc.f.assign(static_cast<size_t>(4 * D + RB * D * 2 + RB * KB + 3 * RB + 2 * KB * D + S), 0.f);
   float* bal = sc.f.data();   // [D]
   float* binv = bal + D;      // [D]
   float* xk = binv + D;       // [D]
@@ -63,7 +167,8 @@ void prefill_task(const Layout& L, const Selection& sel, uint8_t* regions, int64
   float* lg = acc + RB * D;   // [RB, KB] logits / probabilities of a tile
   float* mrow = lg + RB * KB; // [RB]
   float* lrow = mrow + RB;    // [RB]
-  float* kb = lrow + RB;      // [KB, D]
+  float* arow = lrow + RB;    // [RB] rescale factors of a tile
+  float* kb = arow + RB;      // [D, KB] keys of a tile, transposed
   float* vb = kb + KB * D;    // [KB, D]
   float* mass = vb + KB * D;  // [S]
   sc.codes.resize(D);
@@ -135,42 +240,47 @@ void prefill_task(const Layout& L, const Selection& sel, uint8_t* regions, int64
   }
 
   // keys (and values) of positions [j0, j1) into kb / vb; ok[i] = 0 for evicted tokens (lo_bits 0)
+  bool any_evicted = false;
   auto load_tile = [&](int64_t j0, int64_t j1, bool with_v) {
+    any_evicted = false;
     for (int64_t p = j0; p < j1; ++p) {
-      float* kr = kb + (p - j0) * D;
-      float* vr = vb + (p - j0) * D;
-      ok[p - j0] = 1;
+      const int64_t kk = p - j0;
+      float* vr = vb + kk * D;
+      const float* kr = xk;
+      ok[kk] = 1;
       if (p >= ctx) {
-        std::memcpy(kr, kn + (p - ctx) * kv_stride, D * sizeof(float));
+        kr = kn + (p - ctx) * kv_stride;
         if (with_v) std::memcpy(vr, vn + (p - ctx) * kv_stride, D * sizeof(float));
-        continue;
-      }
-      const int32_t slot = R ? sc.hmap[p] : -1;
-      if (slot >= 0) {
-        load_hi(hi_ptr(slot, L.k_hi), L.hi_dtype, D, kr);
-        if (with_v) load_hi(hi_ptr(slot, L.v_hi), L.hi_dtype, D, vr);
-      } else if (BITS) {
-        const uint8_t* reg = region(p / N);
-        const int64_t o = p % N;
-        dequant<BITS>(reg + L.k_lo + o * P, reinterpret_cast<const uint16_t*>(reg + L.k_sz) + o * NG * 2, D, L.group, kr);
-        for (int64_t d = 0; d < D; ++d) kr[d] *= binv[d];
-        if (with_v)
-          dequant<BITS>(reg + L.v_lo + o * P, reinterpret_cast<const uint16_t*>(reg + L.v_sz) + o * NG * 2, D, L.group,
-                        vr);
       } else {
-        ok[p - j0] = 0;   // evicted: weight exactly 0
-        std::memset(kr, 0, D * sizeof(float));
-        if (with_v) std::memset(vr, 0, D * sizeof(float));
+        const int32_t slot = R ? sc.hmap[p] : -1;
+        if (slot >= 0) {
+          load_hi(hi_ptr(slot, L.k_hi), L.hi_dtype, D, xk);
+          if (with_v) load_hi(hi_ptr(slot, L.v_hi), L.hi_dtype, D, vr);
+        } else if (BITS) {
+          const uint8_t* reg = region(p / N);
+          const int64_t o = p % N;
+          dequant<BITS>(reg + L.k_lo + o * P, reinterpret_cast<const uint16_t*>(reg + L.k_sz) + o * NG * 2, D, L.group,
+                        xk);
+          for (int64_t d = 0; d < D; ++d) xk[d] *= binv[d];
+          if (with_v)
+            dequant<BITS>(reg + L.v_lo + o * P, reinterpret_cast<const uint16_t*>(reg + L.v_sz) + o * NG * 2, D,
+                          L.group, vr);
+        } else {
+          ok[kk] = 0;   // evicted: weight exactly 0
+          any_evicted = true;
+          std::memset(xk, 0, D * sizeof(float));
+          if (with_v) std::memset(vr, 0, D * sizeof(float));
+        }
       }
+      for (int64_t d = 0; d < D; ++d) kb[d * KB + kk] = kr[d];
     }
   };
   const float NEG_INF = -std::numeric_limits<float>::infinity();
   // logits of the block's rows [i0, i1) against the tile [j0, j1) (causal and eviction masks applied)
   auto tile_logits = [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
     const int64_t rows = (i1 - i0) * G, nk = j1 - j0;
-    for (int64_t kk = 0; kk < nk; ++kk)
-      for (int64_t r0 = 0; r0 < rows; r0 += 8)
-        dots<0>(Q + r0 * D, std::min<int64_t>(8, rows - r0), kb + kk * D, D, lg + r0 * KB + kk, KB);
+    tile_qk(Q, rows, kb, D, lg);
+    if (!any_evicted && j1 - 1 <= ctx + i0) return;   // every row sees every key of the tile
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t qpos = ctx + i0 + r / G;
       float* lr = lg + r * KB;
@@ -195,32 +305,29 @@ void prefill_task(const Layout& L, const Selection& sel, uint8_t* regions, int64
       mrow[r] = NEG_INF;
       lrow[r] = 0.f;
     }
-    std::memset(acc, 0, sizeof(float) * rows * D);
+    std::memset(acc, 0, sizeof(float) * RB * D);
     for (int64_t j0 = 0; j0 < kend; j0 += KB) {   // online softmax + P @ V
       const int64_t j1 = std::min(kend, j0 + KB), nk = j1 - j0;
       load_tile(j0, j1, true);
       tile_logits(i0, i1, j0, j1);
       for (int64_t r = 0; r < rows; ++r) {
         float* lr = lg + r * KB;
-        float mx = mrow[r];
-        for (int64_t kk = 0; kk < nk; ++kk) mx = std::max(mx, lr[kk]);
-        if (mx == NEG_INF) continue;   // nothing visible yet
-        const float alpha = exp_nonpos(mrow[r] - mx);
-        float sum = 0.f;
-        for (int64_t kk = 0; kk < nk; ++kk) {
-          lr[kk] = exp_nonpos(lr[kk] - mx);
-          sum += lr[kk];
+        const float mx = lane_max(lr, nk, mrow[r]);
+        if (mx == NEG_INF) {   // nothing visible yet
+          arow[r] = 1.f;
+          for (int64_t kk = 0; kk < nk; ++kk) lr[kk] = 0.f;
+          continue;
         }
-        lrow[r] = lrow[r] * alpha + sum;
+        arow[r] = exp_nonpos(mrow[r] - mx);
+        lrow[r] = lrow[r] * arow[r] + exp_shift_sum(lr, nk, mx);
         mrow[r] = mx;
-        float* ar = acc + r * D;
-        for (int64_t d = 0; d < D; ++d) ar[d] *= alpha;
-        for (int64_t kk = 0; kk < nk; ++kk) {
-          const float pk = lr[kk];
-          if (pk == 0.f) continue;
-          const float* vr = vb + kk * D;
-          for (int64_t d = 0; d < D; ++d) ar[d] += pk * vr[d];
-        }
+      }
+      for (int64_t r = rows; r < RB; ++r) arow[r] = 0.f;   // padding rows (never read back)
+      switch (D) {
+        case 32: tile_pv<2>(acc, rows, lg, arow, vb, nk, D); break;
+        case 64: tile_pv<4>(acc, rows, lg, arow, vb, nk, D); break;
+        case 128: tile_pv<8>(acc, rows, lg, arow, vb, nk, D); break;
+        default: tile_pv<0>(acc, rows, lg, arow, vb, nk, D); break;
       }
     }
     for (int64_t r = 0; r < rows; ++r) {
