@@ -6,14 +6,16 @@
 // (disjoint blocks), and a task touches only the regions (blk, h) of its own chunk's blocks. The
 // context is read from the packed page tile by tile (KB keys: hi copy where tagged, else the lo
 // codes dequantized and divided by the balancer); the chunk's own keys are the raw K/V. Attention
-// runs per block of query rows: an online-softmax pass for the outputs, then (only for blocks
-// holding voting rows) a second pass with the final row maxima/sums for the exact score mass.
+// runs per block of query rows (at most kLogitBudget logits): their logits over every key they
+// see (one sweep of key tiles), an exact softmax per row, the score mass of the voting rows, then
+// P @ V (a second sweep of key tiles).
 #include "mikv_common.h"
 
 namespace {
 
 constexpr int64_t kKeyTile = 64;      // keys per tile
-constexpr int64_t kQueryVecs = 64;    // query vectors (rows x group heads) per query block
+constexpr int64_t kQueryVecs = 128;   // query vectors (rows x group heads) per query block, at most
+constexpr int64_t kLogitBudget = 1 << 20;   // logits per block (4 MiB): fewer rows for long contexts
 constexpr int kSink = 2, kRecent = 1, kHeavy = 0;   // core.importance tiers (higher wins)
 
 struct Selection {
@@ -35,9 +37,10 @@ void store_hi_clamped(uint8_t* base, int64_t dtype, int64_t D, const float* x, f
   store_hi(base, dtype, D, tmp);
 }
 
-// lg[r, 0..KB) = Q[r, :] . kT[:, 0..KB) for rows [0, rows) (kT: a key tile transposed, [D, KB]);
+// lg[r * ld + 0..KB) = Q[r, :] . kT[:, 0..KB) for rows [0, rows) (kT: a key tile transposed, [D, KB]);
 // 4 rows x KB keys of accumulators per pass (rows are padded to a multiple of 4 in Q and lg).
-void tile_qk(const float* __restrict Q, int64_t rows, const float* __restrict kT, int64_t D, float* __restrict lg) {
+void tile_qk(const float* __restrict Q, int64_t rows, const float* __restrict kT, int64_t D, float* __restrict lg,
+             int64_t ld) {
   static_assert(kKeyTile == 64, "tile_qk holds 4 x 16 keys");
   constexpr int64_t KB = kKeyTile;
   for (int64_t r0 = 0; r0 < rows; r0 += 4) {
@@ -58,7 +61,7 @@ void tile_qk(const float* __restrict Q, int64_t rows, const float* __restrict kT
       }
     }
     for (int i = 0; i < 4; ++i)
-      for (int j = 0; j < 4; ++j) _mm512_storeu_ps(lg + (r0 + i) * KB + 16 * j, a[i][j]);
+      for (int j = 0; j < 4; ++j) _mm512_storeu_ps(lg + (r0 + i) * ld + 16 * j, a[i][j]);
 #else
     float a[4][KB] = {};
     for (int64_t d = 0; d < D; ++d)
@@ -66,31 +69,28 @@ void tile_qk(const float* __restrict Q, int64_t rows, const float* __restrict kT
         const float qd = Q[(r0 + i) * D + d];
         for (int64_t kk = 0; kk < KB; ++kk) a[i][kk] += qd * kT[d * KB + kk];
       }
-    for (int i = 0; i < 4; ++i) std::memcpy(lg + (r0 + i) * KB, a[i], sizeof(float) * KB);
+    for (int i = 0; i < 4; ++i) std::memcpy(lg + (r0 + i) * ld, a[i], sizeof(float) * KB);
 #endif
   }
 }
 
-// acc[r, :] = acc[r, :] * alpha[r] + sum_kk p[r, kk] * vb[kk, :] for rows [0, rows) (padded to 4),
-// keys [0, nk). NV = D / 16 vectors per row (0: generic loop).
+// acc[r, :] += sum_kk p[r * ld + kk] * vb[kk, :] for rows [0, rows) (padded to 4), keys [0, nk).
+// NV = D / 16 vectors per row (0: generic loop).
 template <int NV>
-void tile_pv(float* __restrict acc, int64_t rows, const float* __restrict p, const float* __restrict alpha,
-             const float* __restrict vb, int64_t nk, int64_t D) {
-  constexpr int64_t KB = kKeyTile;
+void tile_pv(float* __restrict acc, int64_t rows, const float* __restrict p, int64_t ld, const float* __restrict vb,
+             int64_t nk, int64_t D) {
 #ifdef __AVX512F__
   if constexpr (NV > 0) {
     constexpr int NR = NV >= 8 ? 2 : 4;   // rows per pass: NR x NV accumulators
     for (int64_t r0 = 0; r0 < rows; r0 += NR) {
       __m512 a[NR][NV];
-      for (int i = 0; i < NR; ++i) {
-        const __m512 al = _mm512_set1_ps(alpha[r0 + i]);
-        for (int j = 0; j < NV; ++j) a[i][j] = _mm512_mul_ps(_mm512_loadu_ps(acc + (r0 + i) * D + 16 * j), al);
-      }
+      for (int i = 0; i < NR; ++i)
+        for (int j = 0; j < NV; ++j) a[i][j] = _mm512_loadu_ps(acc + (r0 + i) * D + 16 * j);
       for (int64_t kk = 0; kk < nk; ++kk) {
         __m512 v[NV];
         for (int j = 0; j < NV; ++j) v[j] = _mm512_loadu_ps(vb + kk * D + 16 * j);
         for (int i = 0; i < NR; ++i) {
-          const __m512 pk = _mm512_set1_ps(p[(r0 + i) * KB + kk]);
+          const __m512 pk = _mm512_set1_ps(p[(r0 + i) * ld + kk]);
           for (int j = 0; j < NV; ++j) a[i][j] = _mm512_fmadd_ps(pk, v[j], a[i][j]);
         }
       }
@@ -102,9 +102,8 @@ void tile_pv(float* __restrict acc, int64_t rows, const float* __restrict p, con
 #endif
   for (int64_t r = 0; r < rows; ++r) {
     float* ar = acc + r * D;
-    for (int64_t d = 0; d < D; ++d) ar[d] *= alpha[r];
     for (int64_t kk = 0; kk < nk; ++kk) {
-      const float pk = p[r * KB + kk];
+      const float pk = p[r * ld + kk];
       const float* vr = vb + kk * D;
       for (int64_t d = 0; d < D; ++d) ar[d] += pk * vr[d];
     }
@@ -151,24 +150,22 @@ void prefill_task(const Layout& L, const Selection& sel, uint8_t* regions, int64
                   int64_t q_stride, int64_t kv_stride, float scale, float* out, Scratch& sc, int64_t h) {
   const int64_t N = L.N, D = L.D, R = L.R, P = L.packed(), NG = L.groups();
   const int64_t S = ctx + T;
-  const int64_t QB = std::max<int64_t>(1, kQueryVecs / G);   // query rows per block
-  const int64_t RB = (QB * G + 3) / 4 * 4, KB = kKeyTile;   // query vectors per block, padded to 4
+  const int64_t KB = kKeyTile, LS = (S + KB - 1) / KB * KB;   // logit row stride: whole tiles
+  const int64_t QB = std::max<int64_t>(1, std::min(kQueryVecs, kLogitBudget / LS) / G);   // query rows per block
+  const int64_t RB = (QB * G + 3) / 4 * 4;                     // query vectors per block, padded to 4
   auto region = [&](int64_t j) { return regions + (static_cast<int64_t>(row[j]) * H + h) * L.region_bytes; };
   const int64_t hi_es = L.hi_dtype == 2 ? 4 : 2;
   auto hi_ptr = [&](int64_t slot, int64_t off_base) { return region(slot / R) + off_base + (slot % R) * D * hi_es; };
 
-  sc.f.assign(static_cast<size_t>(4 * D + RB * D * 2 + RB * KB + 3 * RB + 2 * KB * D + S), 0.f);
+  sc.f.assign(static_cast<size_t>(4 * D + RB * D * 2 + RB * LS + 2 * KB * D + S), 0.f);
   float* bal = sc.f.data();   // [D]
   float* binv = bal + D;      // [D]
   float* xk = binv + D;       // [D]
   float* xt = xk + D;         // [D]
   float* Q = xt + D;          // [RB, D] q * scale
   float* acc = Q + RB * D;    // [RB, D]
-  float* lg = acc + RB * D;   // [RB, KB] logits / probabilities of a tile
-  float* mrow = lg + RB * KB; // [RB]
-  float* lrow = mrow + RB;    // [RB]
-  float* arow = lrow + RB;    // [RB] rescale factors of a tile
-  float* kb = arow + RB;      // [D, KB] keys of a tile, transposed
+  float* lg = acc + RB * D;   // [RB, LS] logits -> probabilities of the block's rows
+  float* kb = lg + RB * LS;   // [D, KB] keys of a tile, transposed
   float* vb = kb + KB * D;    // [KB, D]
   float* mass = vb + KB * D;  // [S]
   sc.codes.resize(D);
@@ -276,23 +273,11 @@ void prefill_task(const Layout& L, const Selection& sel, uint8_t* regions, int64
     }
   };
   const float NEG_INF = -std::numeric_limits<float>::infinity();
-  // logits of the block's rows [i0, i1) against the tile [j0, j1) (causal and eviction masks applied)
-  auto tile_logits = [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
-    const int64_t rows = (i1 - i0) * G, nk = j1 - j0;
-    tile_qk(Q, rows, kb, D, lg);
-    if (!any_evicted && j1 - 1 <= ctx + i0) return;   // every row sees every key of the tile
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t qpos = ctx + i0 + r / G;
-      float* lr = lg + r * KB;
-      for (int64_t kk = 0; kk < nk; ++kk)
-        if (!ok[kk] || j0 + kk > qpos) lr[kk] = NEG_INF;
-    }
-  };
-
   const int64_t vote_from = !R ? T : (sel.obs_window >= 0 && T > 1) ? std::max<int64_t>(0, T - sel.obs_window) : 0;
   for (int64_t p = 0; p < S; ++p) mass[p] = 0.f;
 
-  // 4. attention per block of query rows
+  // 4. attention per block of query rows: logits of the block's rows over all the keys they see
+  // (sweep 1, key tiles), exact softmax per row, score mass of the voting rows, then P @ V (sweep 2)
   for (int64_t i0 = 0; i0 < T; i0 += QB) {
     const int64_t i1 = std::min(T, i0 + QB), rows = (i1 - i0) * G, kend = ctx + i1;
     for (int64_t i = i0; i < i1; ++i)
@@ -301,52 +286,39 @@ void prefill_task(const Layout& L, const Selection& sel, uint8_t* regions, int64
         float* Qr = Q + ((i - i0) * G + g) * D;
         for (int64_t d = 0; d < D; ++d) Qr[d] = qr[d] * scale;
       }
+    for (int64_t j0 = 0; j0 < kend; j0 += KB) {
+      const int64_t j1 = std::min(kend, j0 + KB), nk = j1 - j0;
+      load_tile(j0, j1, false);
+      tile_qk(Q, rows, kb, D, lg + j0, LS);
+      if (any_evicted)
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t kk = 0; kk < nk; ++kk)
+            if (!ok[kk]) lg[r * LS + j0 + kk] = NEG_INF;
+    }
     for (int64_t r = 0; r < rows; ++r) {
-      mrow[r] = NEG_INF;
-      lrow[r] = 0.f;
+      const int64_t i = i0 + r / G, n = ctx + i + 1;   // causal: keys [0, n)
+      float* lr = lg + r * LS;
+      const float mx = lane_max(lr, n, NEG_INF);      // finite: the row's own key is always visible
+      const float inv = 1.f / exp_shift_sum(lr, n, mx);
+      for (int64_t j = 0; j < n; ++j) lr[j] *= inv;
+      for (int64_t j = n; j < kend; ++j) lr[j] = 0.f;
+      if (i >= vote_from)   // 5. score mass of the voting rows
+        for (int64_t j = 0; j < n; ++j) mass[j] += lr[j];
     }
     std::memset(acc, 0, sizeof(float) * RB * D);
-    for (int64_t j0 = 0; j0 < kend; j0 += KB) {   // online softmax + P @ V
+    for (int64_t j0 = 0; j0 < kend; j0 += KB) {
       const int64_t j1 = std::min(kend, j0 + KB), nk = j1 - j0;
       load_tile(j0, j1, true);
-      tile_logits(i0, i1, j0, j1);
-      for (int64_t r = 0; r < rows; ++r) {
-        float* lr = lg + r * KB;
-        const float mx = lane_max(lr, nk, mrow[r]);
-        if (mx == NEG_INF) {   // nothing visible yet
-          arow[r] = 1.f;
-          for (int64_t kk = 0; kk < nk; ++kk) lr[kk] = 0.f;
-          continue;
-        }
-        arow[r] = exp_nonpos(mrow[r] - mx);
-        lrow[r] = lrow[r] * arow[r] + exp_shift_sum(lr, nk, mx);
-        mrow[r] = mx;
-      }
-      for (int64_t r = rows; r < RB; ++r) arow[r] = 0.f;   // padding rows (never read back)
       switch (D) {
-        case 32: tile_pv<2>(acc, rows, lg, arow, vb, nk, D); break;
-        case 64: tile_pv<4>(acc, rows, lg, arow, vb, nk, D); break;
-        case 128: tile_pv<8>(acc, rows, lg, arow, vb, nk, D); break;
-        default: tile_pv<0>(acc, rows, lg, arow, vb, nk, D); break;
+        case 32: tile_pv<2>(acc, rows, lg + j0, LS, vb, nk, D); break;
+        case 64: tile_pv<4>(acc, rows, lg + j0, LS, vb, nk, D); break;
+        case 128: tile_pv<8>(acc, rows, lg + j0, LS, vb, nk, D); break;
+        default: tile_pv<0>(acc, rows, lg + j0, LS, vb, nk, D); break;
       }
     }
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t i = i0 + r / G, g = r % G;
-      float* orow = out + i * q_stride + g * D;
-      const float inv = 1.f / lrow[r];
-      for (int64_t d = 0; d < D; ++d) orow[d] = acc[r * D + d] * inv;
-    }
-    if (i1 <= vote_from) continue;
-    // 5. score mass of the voting rows: final probabilities exp(l - m) / sum
-    for (int64_t j0 = 0; j0 < kend; j0 += KB) {
-      const int64_t j1 = std::min(kend, j0 + KB), nk = j1 - j0;
-      load_tile(j0, j1, false);
-      tile_logits(i0, i1, j0, j1);
-      for (int64_t r = std::max<int64_t>(0, vote_from - i0) * G; r < rows; ++r) {
-        const float* lr = lg + r * KB;
-        const float m = mrow[r], inv = 1.f / lrow[r];
-        for (int64_t kk = 0; kk < nk; ++kk) mass[j0 + kk] += exp_nonpos(lr[kk] - m) * inv;
-      }
+      std::memcpy(out + i * q_stride + g * D, acc + r * D, sizeof(float) * D);
     }
   }
   if (!R) return;
