@@ -37,10 +37,10 @@ void store_hi_clamped(uint8_t* base, int64_t dtype, int64_t D, const float* x, f
   store_hi(base, dtype, D, tmp);
 }
 
-// lg[r * ld + 0..KB) = Q[r, :] . kT[:, 0..KB) for rows [0, rows) (kT: a key tile transposed, [D, KB]);
+// lg[r * ld + 0..KB) = Q[r, :] . kT[:, 0..KB) for rows [0, rows) (kT: keys transposed, row stride ldk);
 // 4 rows x KB keys of accumulators per pass (rows are padded to a multiple of 4 in Q and lg).
-void tile_qk(const float* __restrict Q, int64_t rows, const float* __restrict kT, int64_t D, float* __restrict lg,
-             int64_t ld) {
+void tile_qk(const float* __restrict Q, int64_t rows, const float* __restrict kT, int64_t ldk, int64_t D,
+             float* __restrict lg, int64_t ld) {
   static_assert(kKeyTile == 64, "tile_qk holds 4 x 16 keys");
   constexpr int64_t KB = kKeyTile;
   for (int64_t r0 = 0; r0 < rows; r0 += 4) {
@@ -49,7 +49,7 @@ void tile_qk(const float* __restrict Q, int64_t rows, const float* __restrict kT
     for (int i = 0; i < 4; ++i)
       for (int j = 0; j < 4; ++j) a[i][j] = _mm512_setzero_ps();
     for (int64_t d = 0; d < D; ++d) {
-      const float* kt = kT + d * KB;
+      const float* kt = kT + d * ldk;
       const __m512 k0 = _mm512_loadu_ps(kt), k1 = _mm512_loadu_ps(kt + 16), k2 = _mm512_loadu_ps(kt + 32),
                    k3 = _mm512_loadu_ps(kt + 48);
       for (int i = 0; i < 4; ++i) {
@@ -67,18 +67,18 @@ void tile_qk(const float* __restrict Q, int64_t rows, const float* __restrict kT
     for (int64_t d = 0; d < D; ++d)
       for (int i = 0; i < 4; ++i) {
         const float qd = Q[(r0 + i) * D + d];
-        for (int64_t kk = 0; kk < KB; ++kk) a[i][kk] += qd * kT[d * KB + kk];
+        for (int64_t kk = 0; kk < KB; ++kk) a[i][kk] += qd * kT[d * ldk + kk];
       }
     for (int i = 0; i < 4; ++i) std::memcpy(lg + (r0 + i) * ld, a[i], sizeof(float) * KB);
 #endif
   }
 }
 
-// acc[r, :] += sum_kk p[r * ld + kk] * vb[kk, :] for rows [0, rows) (padded to 4), keys [0, nk).
+// acc[r, :] += sum_kk p[r * ld + kk] * vb[kk * ldv, :] for rows [0, rows) (padded to 4), keys [0, nk).
 // NV = D / 16 vectors per row (0: generic loop).
 template <int NV>
 void tile_pv(float* __restrict acc, int64_t rows, const float* __restrict p, int64_t ld, const float* __restrict vb,
-             int64_t nk, int64_t D) {
+             int64_t ldv, int64_t nk, int64_t D) {
 #ifdef __AVX512F__
   if constexpr (NV > 0) {
     constexpr int NR = NV >= 8 ? 2 : 4;   // rows per pass: NR x NV accumulators
@@ -88,7 +88,7 @@ void tile_pv(float* __restrict acc, int64_t rows, const float* __restrict p, int
         for (int j = 0; j < NV; ++j) a[i][j] = _mm512_loadu_ps(acc + (r0 + i) * D + 16 * j);
       for (int64_t kk = 0; kk < nk; ++kk) {
         __m512 v[NV];
-        for (int j = 0; j < NV; ++j) v[j] = _mm512_loadu_ps(vb + kk * D + 16 * j);
+        for (int j = 0; j < NV; ++j) v[j] = _mm512_loadu_ps(vb + kk * ldv + 16 * j);
         for (int i = 0; i < NR; ++i) {
           const __m512 pk = _mm512_set1_ps(p[(r0 + i) * ld + kk]);
           for (int j = 0; j < NV; ++j) a[i][j] = _mm512_fmadd_ps(pk, v[j], a[i][j]);
@@ -104,7 +104,7 @@ void tile_pv(float* __restrict acc, int64_t rows, const float* __restrict p, int
     float* ar = acc + r * D;
     for (int64_t kk = 0; kk < nk; ++kk) {
       const float pk = p[r * ld + kk];
-      const float* vr = vb + kk * D;
+      const float* vr = vb + kk * ldv;
       for (int64_t d = 0; d < D; ++d) ar[d] += pk * vr[d];
     }
   }
@@ -150,14 +150,15 @@ void prefill_task(const Layout& L, const Selection& sel, uint8_t* regions, int64
                   int64_t q_stride, int64_t kv_stride, float scale, float* out, Scratch& sc, int64_t h) {
   const int64_t N = L.N, D = L.D, R = L.R, P = L.packed(), NG = L.groups();
   const int64_t S = ctx + T;
-  const int64_t KB = kKeyTile, LS = (S + KB - 1) / KB * KB;   // logit row stride: whole tiles
+  const int64_t KB = kKeyTile, LS = (S + KB + 15) / 16 * 16;  // logit row stride: room for a whole last tile
+  const int64_t TP = (T + KB - 1) / KB * KB;                   // the chunk's keys, transposed: [D, TP]
   const int64_t QB = std::max<int64_t>(1, std::min(kQueryVecs, kLogitBudget / LS) / G);   // query rows per block
   const int64_t RB = (QB * G + 3) / 4 * 4;                     // query vectors per block, padded to 4
   auto region = [&](int64_t j) { return regions + (static_cast<int64_t>(row[j]) * H + h) * L.region_bytes; };
   const int64_t hi_es = L.hi_dtype == 2 ? 4 : 2;
   auto hi_ptr = [&](int64_t slot, int64_t off_base) { return region(slot / R) + off_base + (slot % R) * D * hi_es; };
 
-  sc.f.assign(static_cast<size_t>(4 * D + RB * D * 2 + RB * LS + 2 * KB * D + S), 0.f);
+  sc.f.assign(static_cast<size_t>(4 * D + RB * D * 2 + RB * LS + 2 * KB * D + S + D * TP), 0.f);
   float* bal = sc.f.data();   // [D]
   float* binv = bal + D;      // [D]
   float* xk = binv + D;       // [D]
@@ -168,6 +169,9 @@ void prefill_task(const Layout& L, const Selection& sel, uint8_t* regions, int64
   float* kb = lg + RB * LS;   // [D, KB] keys of a tile, transposed
   float* vb = kb + KB * D;    // [KB, D]
   float* mass = vb + KB * D;  // [S]
+  float* knT = mass + S;      // [D, TP] the chunk's raw keys, transposed once
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t d = 0; d < D; ++d) knT[d * TP + t] = kn[t * kv_stride + d];
   sc.codes.resize(D);
   sc.ok.resize(KB);
   uint8_t* ok = sc.ok.data();
@@ -238,7 +242,7 @@ void prefill_task(const Layout& L, const Selection& sel, uint8_t* regions, int64
 
   // keys (and values) of positions [j0, j1) into kb / vb; ok[i] = 0 for evicted tokens (lo_bits 0)
   bool any_evicted = false;
-  auto load_tile = [&](int64_t j0, int64_t j1, bool with_v) {
+  auto load_tile = [&](int64_t j0, int64_t j1, bool with_k, bool with_v) {
     any_evicted = false;
     for (int64_t p = j0; p < j1; ++p) {
       const int64_t kk = p - j0;
@@ -251,13 +255,14 @@ void prefill_task(const Layout& L, const Selection& sel, uint8_t* regions, int64
       } else {
         const int32_t slot = R ? sc.hmap[p] : -1;
         if (slot >= 0) {
-          load_hi(hi_ptr(slot, L.k_hi), L.hi_dtype, D, xk);
+          if (with_k) load_hi(hi_ptr(slot, L.k_hi), L.hi_dtype, D, xk);
           if (with_v) load_hi(hi_ptr(slot, L.v_hi), L.hi_dtype, D, vr);
         } else if (BITS) {
           const uint8_t* reg = region(p / N);
           const int64_t o = p % N;
-          dequant<BITS>(reg + L.k_lo + o * P, reinterpret_cast<const uint16_t*>(reg + L.k_sz) + o * NG * 2, D, L.group,
-                        xk);
+          if (with_k)
+            dequant<BITS>(reg + L.k_lo + o * P, reinterpret_cast<const uint16_t*>(reg + L.k_sz) + o * NG * 2, D,
+                          L.group, xk);
           for (int64_t d = 0; d < D; ++d) xk[d] *= binv[d];
           if (with_v)
             dequant<BITS>(reg + L.v_lo + o * P, reinterpret_cast<const uint16_t*>(reg + L.v_sz) + o * NG * 2, D,
@@ -269,7 +274,8 @@ void prefill_task(const Layout& L, const Selection& sel, uint8_t* regions, int64
           if (with_v) std::memset(vr, 0, D * sizeof(float));
         }
       }
-      for (int64_t d = 0; d < D; ++d) kb[d * KB + kk] = kr[d];
+      if (with_k)
+        for (int64_t d = 0; d < D; ++d) kb[d * KB + kk] = kr[d];
     }
   };
   const float NEG_INF = -std::numeric_limits<float>::infinity();
@@ -286,10 +292,15 @@ void prefill_task(const Layout& L, const Selection& sel, uint8_t* regions, int64
         float* Qr = Q + ((i - i0) * G + g) * D;
         for (int64_t d = 0; d < D; ++d) Qr[d] = qr[d] * scale;
       }
-    for (int64_t j0 = 0; j0 < kend; j0 += KB) {
-      const int64_t j1 = std::min(kend, j0 + KB), nk = j1 - j0;
-      load_tile(j0, j1, false);
-      tile_qk(Q, rows, kb, D, lg + j0, LS);
+    for (int64_t j0 = 0, j1 = 0; j0 < kend; j0 = j1) {   // context tiles [0, ctx), then the chunk's own keys
+      j1 = std::min(j0 < ctx ? ctx : kend, j0 + KB);
+      const int64_t nk = j1 - j0;
+      if (j0 >= ctx) {
+        tile_qk(Q, rows, knT + (j0 - ctx), TP, D, lg + j0, LS);
+        continue;
+      }
+      load_tile(j0, j1, true, false);
+      tile_qk(Q, rows, kb, KB, D, lg + j0, LS);
       if (any_evicted)
         for (int64_t r = 0; r < rows; ++r)
           for (int64_t kk = 0; kk < nk; ++kk)
@@ -306,14 +317,22 @@ void prefill_task(const Layout& L, const Selection& sel, uint8_t* regions, int64
         for (int64_t j = 0; j < n; ++j) mass[j] += lr[j];
     }
     std::memset(acc, 0, sizeof(float) * RB * D);
-    for (int64_t j0 = 0; j0 < kend; j0 += KB) {
-      const int64_t j1 = std::min(kend, j0 + KB), nk = j1 - j0;
-      load_tile(j0, j1, true);
+    for (int64_t j0 = 0, j1 = 0; j0 < kend; j0 = j1) {
+      j1 = std::min(j0 < ctx ? ctx : kend, j0 + KB);
+      const int64_t nk = j1 - j0;
+      const float* vt = vb;
+      int64_t ldv = D;
+      if (j0 >= ctx) {
+        vt = vn + (j0 - ctx) * kv_stride;
+        ldv = kv_stride;
+      } else {
+        load_tile(j0, j1, false, true);
+      }
       switch (D) {
-        case 32: tile_pv<2>(acc, rows, lg + j0, LS, vb, nk, D); break;
-        case 64: tile_pv<4>(acc, rows, lg + j0, LS, vb, nk, D); break;
-        case 128: tile_pv<8>(acc, rows, lg + j0, LS, vb, nk, D); break;
-        default: tile_pv<0>(acc, rows, lg + j0, LS, vb, nk, D); break;
+        case 32: tile_pv<2>(acc, rows, lg + j0, LS, vt, ldv, nk, D); break;
+        case 64: tile_pv<4>(acc, rows, lg + j0, LS, vt, ldv, nk, D); break;
+        case 128: tile_pv<8>(acc, rows, lg + j0, LS, vt, ldv, nk, D); break;
+        default: tile_pv<0>(acc, rows, lg + j0, LS, vt, ldv, nk, D); break;
       }
     }
     for (int64_t r = 0; r < rows; ++r) {
