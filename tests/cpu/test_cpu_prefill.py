@@ -52,11 +52,14 @@ def _setup(cfg, group, d, seed=0):
     scale = 1 / math.sqrt(d)
     qkv = [structured_qkv(ctx + t + DECODE_STEPS, group * HKV, HKV, d, seed=seed + i)
            for i, (ctx, t) in enumerate(CHUNKS)]
-    for i, (ctx, _) in enumerate(CHUNKS):
+    for i, (ctx, t) in enumerate(CHUNKS):
         q, k, v = qkv[i]
         for c0 in range(0, ctx, 13):   # chunked, as an engine would
             c1 = min(ctx, c0 + 13)
             ref.forward_request(regions, lay, cfg, table[i], c0, q[c0:c1], k[c0:c1], v[c0:c1], scale)
+        if lay.hi_slots:   # blocks the chunk starts hold stale small tags (a reused block): must be reset
+            for j in range(-(-ctx // N), -(-(ctx + t) // N)):
+                lay.views(regions).tag[table[i, j].long()] = torch.arange(1, lay.hi_slots + 1, dtype=torch.int32)
     return lay, regions, table, qkv, perm[used:], scale
 
 
