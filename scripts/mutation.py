@@ -93,7 +93,7 @@ MUTATIONS = [
               (REF, "    cur[:, :, :s] += torch.where(live, mass[:, :, :s].float(), 0.0)\n", ""),
               (KDE, "tl.store(ptr, tl.minimum(cur + mass, top)", "tl.store(ptr, tl.minimum(cur + 0.0 * mass, top)"),
               (CPP, "      if (R) add_score(reg, o, mass);", "      if (R) add_score(reg, o, 0.f);"),
-              (PRE, "mass[j0 + kk] += exp_nonpos(lr[kk] - m) * inv;", "mass[j0 + kk] += 0.f * inv;"))),
+              (PRE, "        for (int64_t j = 0; j < n; ++j) mass[j] += lr[j];", "        for (int64_t j = 0; j < n; ++j) mass[j] += 0.f;"))),
     Mutation("demotion-skipped", "tokens that lose the selection keep their hi tag",
              ((REF, "new_tags = torch.where(keep[:, :num_slots], tags, torch.zeros_like(tags))", "new_tags = tags.clone()"),
               (REF, "new_tags = torch.where(keep[..., :num_slots], tags, torch.zeros_like(tags))", "new_tags = tags.clone()"),
