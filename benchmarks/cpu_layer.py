@@ -15,7 +15,13 @@ Prints ms per layer-step and stock/MiKV ratios (>1 means MiKV is faster). Not a 
 shared machine use ``--threads 1``: OpenMP regions of both sides stall when other processes hold
 the cores, and the medians stop meaning anything.
 
+``--prefill CTX:T ...``: one prefill chunk of T tokens at context CTX for each of B requests
+instead (stock: reshape_and_cache + causal attention of the chunk; fused: the C++ prefill step
+``CpuOps.forward_chunks``, all chunks in one call, hi upkeep included; ref: the torch reference
+``forward_request`` per request, the CPU path before the fused prefill).
+
     python benchmarks/cpu_layer.py [--preset mikv] [--context 512 2048] [--batch 1 8 32] [--steps 30] [--threads 1]
+    python benchmarks/cpu_layer.py --prefill 0:512 1536:512 0:2048 --batch 1 4 --steps 5
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import torch
 from mikv_vllm.config import MiKVConfig
 from mikv_vllm.core import reference as ref
 from mikv_vllm.core.layout import RegionLayout
-from mikv_vllm.cpu import decode_step
+from mikv_vllm.cpu import CpuOps, decode_step
 
 N, D, H, HQ = 128, 64, 3, 9
 SCALE = D ** -0.5
@@ -83,6 +89,59 @@ def stock_step_fn(context: int, batch: int, steps: int):
     return step
 
 
+def stock_prefill_fn(context: int, chunk: int, batch: int):
+    """Stock vLLM CPU ops for one chunk of ``chunk`` tokens at ``context`` for each of B requests."""
+    from vllm import _custom_ops as ops
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    per_req = (context + chunk) // N + 1
+    nblocks = batch * per_req
+    gen = torch.Generator().manual_seed(0)
+    cache = torch.randn(nblocks, H, N, 2 * D, generator=gen)
+    kv = cache.view(nblocks, H, N * 2, D)
+    key_cache, value_cache = kv.chunk(2, dim=2)
+    table = torch.arange(nblocks, dtype=torch.int32).reshape(batch, per_req)
+    isa = _get_attn_isa(torch.float32, N, D, "auto")
+    q = torch.randn(batch * chunk, HQ, D, generator=gen)
+    k, v = torch.randn(batch * chunk, H, D, generator=gen), torch.randn(batch * chunk, H, D, generator=gen)
+    out = torch.empty(batch * chunk, HQ, D)
+    qsl = torch.arange(batch + 1, dtype=torch.int32) * chunk
+    seq = torch.full((batch,), context + chunk, dtype=torch.int32)
+    pos = torch.arange(context, context + chunk)
+    slots = (table[:, pos // N].long() * N + pos % N).reshape(-1)
+    sched = ops.cpu_attn_get_scheduler_metadata(batch, HQ, H, D, seq, torch.float32, qsl, True, -1, isa, False)
+
+    def step(s: int) -> None:
+        ops.cpu_attn_reshape_and_cache(k, v, key_cache, value_cache, slots, isa)
+        ops.cpu_attention_with_kv_cache(q, key_cache, value_cache, out, qsl, seq, SCALE, True, None, -1, table,
+                                        0.0, sched, None)
+
+    return step
+
+
+def run_prefill(config: MiKVConfig, context: int, chunk: int, batch: int, steps: int,
+                with_ref: bool = True) -> dict[str, float]:
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(batch * chunk, h, D, generator=gen) for h in (HQ, H, H))
+    fns = {"stock": stock_prefill_fn(context, chunk, batch)}
+    layout, base, table = mikv_state(config, context, batch, chunk)
+    ctx = torch.full((batch,), context, dtype=torch.int64)
+    rows = torch.stack([torch.arange(batch) * chunk, torch.arange(1, batch + 1) * chunk], dim=1)
+    for name in ("fused", "ref") if with_ref else ("fused",):
+        regions = base.clone()   # the same chunk rewritten every step: same work each time
+
+        def step(s, regions=regions, name=name):
+            if name == "fused":
+                CpuOps.forward_chunks(regions, layout, config, table, ctx, rows, q, k, v, SCALE)
+                return
+            for b in range(batch):
+                sl = slice(b * chunk, (b + 1) * chunk)
+                ref.forward_request(regions, layout, config, table[b], context, q[sl], k[sl], v[sl], SCALE)
+
+        fns[name] = step
+    return _interleaved_ms(fns, steps, warmup=1)
+
+
 def mikv_state(config: MiKVConfig, context: int, batch: int, steps: int):
     """Pages of B requests holding a prefilled context (one prefill, copied to every request)."""
     layout = RegionLayout.build(config, N, D)
@@ -91,7 +150,8 @@ def mikv_state(config: MiKVConfig, context: int, batch: int, steps: int):
     table = torch.arange(batch * per_req, dtype=torch.int32).reshape(batch, per_req)
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(context, h, D, generator=gen) for h in (HQ, H, H))
-    ref.forward_request(regions, layout, config, table[0], 0, q, k, v, SCALE)
+    if context:
+        ref.forward_request(regions, layout, config, table[0], 0, q, k, v, SCALE)
     for i in range(1, batch):
         regions[table[i]] = regions[table[0]]
     # tags hold positions, not blocks: copies stay valid for every request
@@ -125,12 +185,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--no-ref", action="store_true", help="skip the torch reference (slow at large batches)")
+    p.add_argument("--prefill", nargs="+", default=None, metavar="CTX:T",
+                   help="time prefill chunks of T tokens at context CTX instead of decode steps")
     args = p.parse_args(argv)
     config = MiKVConfig.parse(args.preset)
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"preset {args.preset}, fp32, {HQ} q / {H} kv heads, head_dim {D}, block {N}, torch threads "
           f"{torch.get_num_threads()}; ms per layer-step (median of {args.steps}); ratio = stock ms / MiKV ms\n")
+    if args.prefill:
+        print("| context | chunk | requests | stock | MiKV fused (C++ prefill) | reference | stock/fused | stock/ref | "
+              "ref/fused |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for spec in args.prefill:
+            c, t = (int(x) for x in spec.split(":"))
+            for b in args.batch:
+                r = run_prefill(config, c, t, b, args.steps, with_ref=not args.no_ref)
+                refs = f"{r['ref']:.1f}" if "ref" in r else "-"
+                ratios = (f"{r['stock'] / r['ref']:.2f}x | {r['ref'] / r['fused']:.2f}x" if "ref" in r else "- | -")
+                print(f"| {c} | {t} | {b} | {r['stock']:.2f} | {r['fused']:.2f} | {refs} | "
+                      f"{r['stock'] / r['fused']:.2f}x | {ratios} |", flush=True)
+        return 0
     print("| context | batch | stock | MiKV fused | MiKV fast (+hi upkeep) | reference | stock/fused | "
           "stock/fast | stock/ref |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -19,6 +19,7 @@ Not part of CI (about 1-3 min per mutation on 2 cores). ``scripts/mutation.sh`` 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import shutil
@@ -43,6 +44,7 @@ KDE = "mikv_vllm/kernels/decode.py"
 CPP = "mikv_vllm/cpu/mikv_decode.cpp"
 CPH = "mikv_vllm/cpu/mikv_common.h"
 ROT = "mikv_vllm/core/rotation.py"
+PRE = "mikv_vllm/cpu/mikv_prefill.cpp"
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,29 @@ MUTATIONS = [
 def edits_in(mutation: Mutation, files: list[str] | None) -> tuple[tuple[str, str, str], ...]:
     """The mutation's edits, restricted to ``files`` (repo-relative paths) when given."""
     return tuple(e for e in mutation.edits if not files or e[0] in files)
+
+
+# The C++ prefill op's copy of each behaviour (mikv_prefill.cpp), added to the mutations above.
+PRE_EDITS = {
+    'score-reset-removed': ((PRE, '      if (L.score_dtype == 0) reinterpret_cast<float*>(reg + L.score)[off] = 0.f;\n      else reinterpret_cast<uint16_t*>(reg + L.score)[off] = 0;\n', ''),),
+    'tag-reset-removed': ((PRE, '      if (off == 0) std::memset(reg + L.tag, 0, R * sizeof(int32_t));\n', ''),),
+    'score-off-by-one': ((PRE, ': score_at(pos);', ': score_at(std::min(pos + 1, nb * N - 1));'),),
+    'sinks-not-pinned': ((PRE, '  if (s.hi_ratio > 0) b = std::max(b, std::min(length, s.sink_tokens));\n', ''),),
+    'sinks-lose-priority': ((PRE, 'constexpr int kSink = 2, kRecent = 1, kHeavy = 0;', 'constexpr int kSink = 0, kRecent = 2, kHeavy = 1;'),),
+    'recent-window-off': ((PRE, 'sel.recent_window : budget / 2;', 'sel.recent_window : budget * 0;'),),
+    'heavy-hitters-inverted': ((PRE, ': score_at(pos);', ': -score_at(pos);'),),
+    'scores-not-accumulated': ((PRE, '        for (int64_t j = 0; j < n; ++j) mass[j] += lr[j];', '        for (int64_t j = 0; j < n; ++j) mass[j] += 0.f;'),),
+    'demotion-skipped': ((PRE, '    if (!keep[s]) tags[s] = 0;\n', '    (void)keep[s];\n'),),
+    'hi-copy-ignored': ((PRE, '        if (tg > 0 && tg <= lim) sc.hmap[tg - 1] = static_cast<int32_t>(j * R + r);', '        (void)tg;'),),
+    'hi-cast-unclamped': ((PRE, 'std::isnan(x[d]) ? x[d] : std::min(std::max(x[d], -top), top);', 'x[d];'),),
+    'balancer-not-undone': ((PRE, '          for (int64_t d = 0; d < D; ++d) xk[d] *= binv[d];\n', ''),),
+    'balancer-wrong-gqa-group': ((PRE, 'std::fabs(q[t * q_stride + g * D + d]);', 'std::fabs(q[t * q_stride + (g * H + h - h * G) * D + d]);'),),
+    'window-scorer-votes-all': ((PRE, '? std::max<int64_t>(0, T - sel.obs_window) : 0;', '? 0 : 0;'),),
+    'evicted-tokens-attended': ((PRE, '          ok[kk] = 0;   // evicted: weight exactly 0', '          ok[kk] = 1;'),),
+    'shared-hi-unstable': ((PRE, 'const int64_t lim = j < own_from ? std::min(shared_hi, ctx) : ctx;', 'const int64_t lim = ctx;'),),
+    'shared-scores-written': ((PRE, '  for (int64_t p = own_from * N; p < S; ++p) {', '  for (int64_t p = 0; p < S; ++p) {'),),
+}
+MUTATIONS = [dataclasses.replace(m, edits=m.edits + PRE_EDITS.get(m.name, ())) for m in MUTATIONS]
 
 
 def apply(mutation: Mutation, root: Path, files: list[str] | None = None) -> list[str]:

@@ -28,6 +28,11 @@ def test_mixed_step_rows():
     assert dec.block_table.is_contiguous() and dec.block_table.shape == (2, 130 // 16 + 1)
     assert torch.equal(dec.block_table, table[[1, 2], :9])
     assert meta.chunks == [(0, 0, 5, 0), (3, 7, 10, 16)]
+    pre = meta.prefill                               # the chunks as one forward_chunks call
+    assert pre.span == (0, 10) and not pre.dense and pre.rows.tolist() == [[0, 5], [7, 10]]
+    assert pre.ctx.tolist() == [0, 16] and pre.tokens.tolist() == [0, 1, 2, 3, 4, 7, 8, 9]
+    assert pre.local.tolist() == pre.tokens.tolist() and pre.block_table.dtype == torch.int32
+    assert torch.equal(pre.block_table, table[[0, 3], :2]) and pre.block_table.is_contiguous()
     assert meta.seq_lens == [5, 131, 1, 19] and meta.query_start_loc == [0, 5, 6, 7, 10]
     assert meta.token_counts == (10, 8, 2)      # stored, prefill (chunks), decode (one-token rows)
 
@@ -35,12 +40,23 @@ def test_mixed_step_rows():
 def test_decode_only_step_is_leading():
     meta, table = _build([1, 1, 1], [3, 40, 17])
     assert meta.decode.leading and meta.decode.tokens.tolist() == [0, 1, 2] and meta.chunks == []
+    assert meta.prefill is None
     assert meta.decode.block_table.shape == (3, 3) and meta.token_counts == (3, 0, 3)
 
 
 def test_prefill_only_step_has_no_decode_rows():
     meta, _ = _build([4, 2], [0, 8])
     assert meta.decode is None and meta.chunks == [(0, 0, 4, 0), (1, 4, 6, 8)] and meta.token_counts == (6, 6, 0)
+    pre = meta.prefill
+    assert pre.span == (0, 6) and pre.dense and pre.tokens is None and pre.rows.tolist() == [[0, 4], [4, 6]]
+    assert pre.block_table.shape == (2, 1)
+
+
+def test_decode_rows_first_then_chunk():
+    meta, table = _build([1, 1, 40], [9, 3, 100])
+    pre = meta.prefill
+    assert pre.span == (2, 42) and pre.dense and pre.rows.tolist() == [[0, 40]] and pre.ctx.tolist() == [100]
+    assert torch.equal(pre.block_table, table[[2], :9])
 
 
 def test_capture_shaped_batch_takes_the_batched_path():

@@ -42,6 +42,8 @@ Kernel contract (mikv_vllm.kernels must match these signatures/semantics):
 * ``forward_request(regions, layout, config, block_row, ctx_len, q, k, v, scale, own_from=0) -> out [T,Hq,D]``
 * ``forward_decode(regions, layout, config, block_tables, ctx_lens, q, k, v, scale, own_from=None) -> out [B,Hq,D]``
   (one decode token for each of B requests; the per-request step, batched)
+* ``forward_chunks(regions, layout, config, block_tables, ctx_lens, rows, q, k, v, scale, own_from=None) -> out [Tq,Hq,D]``
+  (the multi-token chunks of one step: chunk c is rows ``rows[c]`` of q/k/v of one request, at ``ctx_lens[c]``)
 * helpers: ``store_balancer(regions, layout, block_row, b) -> stored b fp32``,
   ``load_balancer(regions, layout, block_row) -> b [H,D] | None``,
   ``first_voting_row(config, T) -> int``, ``token_slots(block_row, start, end, N) -> (blocks, offsets)``,
@@ -356,6 +358,25 @@ def check_own_from(layout: RegionLayout, ctx_len: int, own_from: int) -> int:
         raise ValueError(f"own_from {own_from} (block size {layout.block_size}) must be in "
                          f"[0, ctx_len // block_size] for ctx_len {ctx_len}: a request writes only owned blocks")
     return own_from
+
+
+def forward_chunks(regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig, block_tables: torch.Tensor,
+                   ctx_lens: torch.Tensor, rows: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   scale: float, own_from=None) -> torch.Tensor:
+    """Every multi-token chunk of a step: :func:`forward_request` per chunk (the oracle's loop).
+
+    Chunk c belongs to its own request (block row ``block_tables[c]``, context ``ctx_lens[c]``) and
+    covers query rows ``rows[c, 0]:rows[c, 1]`` of q ``[Tq, Hq, D]``, k/v ``[Tq, H, D]``. Returns
+    ``[Tq, Hq, D]`` fp32; rows outside every chunk are 0. ``own_from`` (None or one int per chunk):
+    each chunk's first owned block (shared prefix blocks before it are read-only).
+    """
+    owns = [0] * len(block_tables) if own_from is None else [int(o) for o in torch.as_tensor(own_from).tolist()]
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    for c, (start, end) in enumerate(torch.as_tensor(rows).reshape(-1, 2).tolist()):
+        if end > start:
+            out[start:end] = forward_request(regions, layout, config, block_tables[c], int(ctx_lens[c]),
+                                             q[start:end], k[start:end], v[start:end], scale, owns[c])
+    return out
 
 
 # ------------------------------------------------------------ batched decode

@@ -5,6 +5,7 @@ raises :class:`build.CpuOpBuildError` with the compiler output when it cannot.
 """
 
 from .build import CpuOpBuildError, load
-from .ops import CpuOps, decode_step, forward_decode, forward_request, layout_meta
+from .ops import CpuOps, decode_step, forward_chunks, forward_decode, forward_request, layout_meta, prefill_step
 
-__all__ = ["CpuOpBuildError", "CpuOps", "decode_step", "forward_decode", "forward_request", "layout_meta", "load"]
+__all__ = ["CpuOpBuildError", "CpuOps", "decode_step", "forward_chunks", "forward_decode", "forward_request", "layout_meta",
+           "load", "prefill_step"]

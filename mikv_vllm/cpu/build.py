@@ -1,5 +1,5 @@
 """Build (once per machine) and load the C++ CPU ops (``mikv_cpu.cpp`` bindings, ``mikv_decode.cpp``,
-shared ``mikv_common.h``) with torch's extension tools.
+``mikv_prefill.cpp``, shared ``mikv_common.h``) with torch's extension tools.
 
 The extension is compiled at first use with the host compiler (``-O3 -march=native -fopenmp``,
 512-bit vectors preferred) into ``$MIKV_CPU_BUILD_DIR`` (default
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 _HERE = Path(__file__).parent
-SOURCES = [_HERE / "mikv_cpu.cpp", _HERE / "mikv_decode.cpp"]   # compiled and linked together
+SOURCES = [_HERE / "mikv_cpu.cpp", _HERE / "mikv_decode.cpp", _HERE / "mikv_prefill.cpp"]   # compiled and linked
 HEADERS = [_HERE / "mikv_common.h"]                              # hashed into the build name
 CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-DNDEBUG"]
 LDFLAGS = ["-fopenmp"]

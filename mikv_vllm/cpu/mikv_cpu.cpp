@@ -1,4 +1,5 @@
-// Python bindings of the MiKV C++ CPU ops (sources: mikv_decode.cpp; shared code: mikv_common.h).
+// Python bindings of the MiKV C++ CPU ops (sources: mikv_decode.cpp, mikv_prefill.cpp; shared code:
+// mikv_common.h).
 #include <torch/extension.h>
 
 #include "mikv_common.h"
@@ -8,6 +9,10 @@ torch::Tensor decode_step(torch::Tensor regions, std::vector<int64_t> meta, torc
                           torch::Tensor pos, torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale,
                           bool do_store, bool upkeep, double hi_ratio, int64_t sink_tokens, int64_t recent_window,
                           torch::Tensor own_from, torch::Tensor shared_hi);
+torch::Tensor prefill_step(torch::Tensor regions, std::vector<int64_t> meta, torch::Tensor block_tables,
+                           torch::Tensor ctx, torch::Tensor rows, torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                           double scale, double hi_ratio, int64_t sink_tokens, int64_t recent_window,
+                           int64_t obs_window, torch::Tensor own_from, torch::Tensor shared_hi);
 }  // namespace mikv
 
 namespace {
@@ -32,5 +37,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "hi_ratio, sink_tokens, recent_window (-1: half the budget); own_from / shared_hi [B]: shared prefix "
         "columns, read-only) for B requests, one token each");
   m.def("hi_roundtrip", &hi_roundtrip, "store_hi + load_hi of x [M, D] float32 (tests): (raw bytes, values)");
+  m.def("prefill_step", &mikv::prefill_step,
+        "MiKV prefill step: every multi-token chunk of a step (balancer, store, attention, scores, hi upkeep; "
+        "own_from / shared_hi [C]: shared prefix columns, read-only)");
   m.attr("META_LEN") = kMetaLen;
 }

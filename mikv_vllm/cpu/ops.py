@@ -4,7 +4,10 @@
   (balancer, store, attention over the packed page, score accumulation and the incremental hi-set
   upkeep, per (request, KV head) in parallel; the upkeep equals ``reference.maintain_hi_decode``
   byte for byte).
-* multi-token chunks: the reference (``reference.forward_request``).
+* multi-token chunks: :func:`prefill_step` = the C++ op, every chunk of a step in one call
+  (balancer, store, attention over the packed page, score mass, hi-set upkeep, per (chunk, KV head)
+  in parallel); :func:`forward_chunks` is the op-set entry point.
+* shared prefix blocks (prefix caching): ``own_from`` per row, read-only columns before it.
 """
 
 from __future__ import annotations
@@ -70,18 +73,50 @@ def forward_decode(regions: torch.Tensor, layout: RegionLayout, config: MiKVConf
     return decode_step(regions, layout, bt, pos, q, k, v, scale, config, of, sh)
 
 
+def prefill_step(regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig, block_tables: torch.Tensor,
+                 ctx_lens: torch.Tensor, rows: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 scale: float, own_from: torch.Tensor | None = None) -> torch.Tensor:
+    """All multi-token chunks of a step in one C++ call (see ``reference.forward_chunks``).
+
+    ``block_tables`` int32 ``[C, M]``, ``ctx_lens`` int64 ``[C]``, ``rows`` int64 ``[C, 2]`` (each
+    chunk's query rows ``[start, end)`` of q ``[Tq, Hq, D]``, k/v ``[Tq, H, D]``; chunks of distinct
+    requests); ``own_from`` int64 ``[C]`` (default 0: every block owned). Returns ``[Tq, Hq, D]`` fp32,
+    0 outside the chunks.
+    """
+    window = config.obs_window if config.scorer == "window" else -1
+    recent = -1 if config.recent_window is None else int(config.recent_window)
+    own_from = torch.zeros_like(ctx_lens) if own_from is None else own_from.to(torch.int64).contiguous()
+    shared_hi = ref.shared_hi_limits(config, layout, own_from).contiguous()
+    return load().prefill_step(regions, layout_meta(layout), block_tables, ctx_lens, rows, _f32(q), _f32(k), _f32(v),
+                               float(scale), float(config.hi_ratio), int(config.sink_tokens), recent, int(window),
+                               own_from, shared_hi)
+
+
+def forward_chunks(regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig, block_tables: torch.Tensor,
+                   ctx_lens, rows, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                   own_from=None) -> torch.Tensor:
+    """Same signature and page effects as ``reference.forward_chunks`` (C++ :func:`prefill_step`)."""
+    bt = block_tables.to(torch.int32).contiguous()
+    ctx = torch.as_tensor(ctx_lens, dtype=torch.int64).reshape(-1).contiguous()
+    rr = torch.as_tensor(rows, dtype=torch.int64).reshape(-1, 2).contiguous()
+    of = None if own_from is None else torch.as_tensor(own_from, dtype=torch.int64).reshape(-1).contiguous()
+    return prefill_step(regions, layout, config, bt, ctx, rr, q, k, v, scale, of)
+
+
 def forward_request(regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig, block_row: torch.Tensor,
                     ctx_len: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                     own_from: int = 0) -> torch.Tensor:
-    """Same signature and page effects as ``reference.forward_request``; T = 1 runs the fused step."""
+    """Same signature and page effects as ``reference.forward_request`` (the fused C++ steps)."""
     if q.shape[0] == 1:
         return forward_decode(regions, layout, config, block_row.reshape(1, -1), [int(ctx_len)], q, k, v, scale,
                               [int(own_from)])
-    return ref.forward_request(regions, layout, config, block_row, ctx_len, q, k, v, scale, own_from)
+    rows = torch.tensor([[0, q.shape[0]]], dtype=torch.int64)
+    return forward_chunks(regions, layout, config, block_row.reshape(1, -1), [int(ctx_len)], rows, q, k, v, scale,
+                          [int(own_from)])
 
 
 class CpuOps:
-    """The reference op set with the fused C++ decode step swapped in (same signatures)."""
+    """The reference op set with the fused C++ decode and prefill steps swapped in (same signatures)."""
 
     write_tokens = staticmethod(ref.write_tokens)
     gather_context = staticmethod(ref.gather_context)
@@ -92,4 +127,6 @@ class CpuOps:
     load_balancer = staticmethod(ref.load_balancer)
     forward_request = staticmethod(forward_request)
     forward_decode = staticmethod(forward_decode)
+    forward_chunks = staticmethod(forward_chunks)
     decode_step = staticmethod(decode_step)
+    prefill_step = staticmethod(prefill_step)

@@ -207,6 +207,20 @@ def chunked_attention(regions: torch.Tensor, layout: RegionLayout, block_row: to
     return out, mass
 
 
+def forward_chunks(regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig, block_tables: torch.Tensor,
+                   ctx_lens: torch.Tensor, rows: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   scale: float, own_from=None) -> torch.Tensor:
+    """``reference.forward_chunks`` with :func:`forward_request` per chunk (Triton chunked prefill)."""
+    if own_from is not None and any(int(o) for o in torch.as_tensor(own_from).tolist()):
+        raise NotImplementedError(SHARED_UNSUPPORTED)
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    for c, (start, end) in enumerate(torch.as_tensor(rows).reshape(-1, 2).tolist()):
+        if end > start:
+            out[start:end] = forward_request(regions, layout, config, block_tables[c], int(ctx_lens[c]),
+                                             q[start:end], k[start:end], v[start:end], scale)
+    return out
+
+
 class TritonOps:
     """The reference op set with the Triton kernels swapped in (same signatures/semantics)."""
 
@@ -218,6 +232,7 @@ class TritonOps:
     store_balancer = staticmethod(ref.store_balancer)
     load_balancer = staticmethod(ref.load_balancer)
     forward_request = staticmethod(forward_request)
+    forward_chunks = staticmethod(forward_chunks)
     # batched additions
     store_tokens = staticmethod(store_tokens)
     decode_attention = staticmethod(decode_attention)

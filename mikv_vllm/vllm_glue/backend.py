@@ -6,7 +6,7 @@ score accumulation + hi-slot maintenance, one impl per layer). The page of
 every (block, KV head) is a :class:`~mikv_vllm.core.layout.RegionLayout`; the
 computation is the fused C++ step of :mod:`mikv_vllm.cpu` on CPU, the Triton kernels
 on CUDA, or :mod:`mikv_vllm.core.reference` (torch, ``MIKV_VLLM_OPS=torch``). The
-builder indexes the step's rows once (:class:`DecodeRows`, prefill chunks); every layer
+builder indexes the step's rows once (:class:`DecodeRows`, :class:`ChunkRows`); every layer
 reuses them. With prefix caching, each row's first owned block (``own_from``, from
 :mod:`.sharing`) goes to the ops: blocks before it are shared and only read.
 """
@@ -132,14 +132,34 @@ class DecodeRows:
 
 
 @dataclass
+class ChunkRows:
+    """The step's multi-token chunks (prefill), indexed once per step in the metadata builder for
+    one ``ops.forward_chunks`` call per layer: the chunks cover query rows ``span[0]:span[1]``;
+    ``rows`` int64 ``[C, 2]`` each chunk's rows relative to ``span[0]``, ``ctx`` int64 ``[C]`` their
+    context lengths, ``block_table`` int32 ``[C, M]`` (contiguous) their block-table rows;
+    ``dense`` whether the chunks cover the span entirely, else ``tokens`` (absolute) and
+    ``local`` (relative to ``span[0]``) index their rows; ``own_from`` as in :class:`DecodeRows`."""
+
+    span: tuple[int, int]
+    rows: torch.Tensor
+    ctx: torch.Tensor
+    block_table: torch.Tensor
+    dense: bool
+    tokens: torch.Tensor | None = None
+    local: torch.Tensor | None = None
+    own_from: torch.Tensor | None = None   # int64 [C], first owned block (None: every block owned)
+
+
+@dataclass
 class MiKVMetadata:
     """Host-side rows of one step: request i owns query rows
     ``query_start_loc[i]:query_start_loc[i+1]`` and has ``seq_lens[i]`` tokens
     (context + new). ``decode``: the one-token rows, batched; ``chunks``: the multi-token rows as
-    ``(request, start, end, ctx)``; ``own_from``: per request its first owned block (None: all 0).
-    ``serial``: set instead of ``decode`` / ``chunks`` in a step where a row reads shared blocks
-    that another row writes in the same step (a hit on blocks scheduled in this step): every row as
-    ``(request, start, end, ctx)``, writers before their readers, run one at a time."""
+    ``(request, start, end, ctx)``, indexed as ``prefill``; ``own_from``: per request its first owned
+    block (None: all 0). ``serial``: set instead of ``decode`` / ``prefill`` in a step where a row
+    reads shared blocks that another row writes in the same step (a hit on blocks scheduled in this
+    step): every row as ``(request, start, end, ctx)``, writers before their readers, run one at a
+    time."""
 
     num_actual_tokens: int
     query_start_loc: list[int]
@@ -151,6 +171,7 @@ class MiKVMetadata:
     token_counts: tuple[int, int, int] = (0, 0, 0)   # (stored, prefill, decode) tokens, stats.step_token_counts
     own_from: list[int] | None = None
     serial: list[tuple[int, int, int, int]] | None = None
+    prefill: ChunkRows | None = None
 
 
 class MiKVMetadataBuilder(AttentionMetadataBuilder[MiKVMetadata]):
@@ -191,6 +212,17 @@ class MiKVMetadataBuilder(AttentionMetadataBuilder[MiKVMetadata]):
                                 table.to(torch.int32).contiguous(), leading)
         multi = torch.nonzero(qlen > 1).flatten().tolist()
         chunks = [(i, int(qsl[i]), int(qsl[i + 1]), int(ctx[i])) for i in multi]
+        prefill = None
+        if chunks:
+            s0, s1 = chunks[0][1], chunks[-1][2]                  # qsl is increasing: chunks in row order
+            rows = torch.tensor([(s - s0, e - s0) for _, s, e, _ in chunks], dtype=torch.int64)
+            max_blocks = (int(seq[multi].max()) - 1) // self.block_size + 1   # blocks holding [0, seq)
+            table = m.block_table_tensor[torch.tensor(multi).to(m.block_table_tensor.device), :max_blocks]
+            dense = sum(e - s for _, s, e, _ in chunks) == s1 - s0
+            local = None if dense else torch.cat([torch.arange(s, e) for s, e in rows.tolist()])
+            prefill = ChunkRows((s0, s1), rows, ctx[multi].contiguous(), table.to(torch.int32).contiguous(), dense,
+                                None if dense else (local + s0).to(m.query_start_loc.device),
+                                None if dense else local.to(m.query_start_loc.device))
         meta = MiKVMetadata(
             num_actual_tokens=m.num_actual_tokens,
             query_start_loc=qsl.tolist(),
@@ -200,6 +232,7 @@ class MiKVMetadataBuilder(AttentionMetadataBuilder[MiKVMetadata]):
             decode=decode,
             chunks=chunks,
             token_counts=step_token_counts(qlen),
+            prefill=prefill,
         )
         if getattr(self, "prefix_caching", False):
             self._add_ownership(meta, sharing.step_rows(), ctx, seq, one, m.block_table_tensor)
@@ -220,11 +253,13 @@ class MiKVMetadataBuilder(AttentionMetadataBuilder[MiKVMetadata]):
         meta.own_from = own
         if meta.decode is not None:
             meta.decode.own_from = torch.tensor([own[i] for i in one.tolist()], dtype=torch.int64)
+        if meta.prefill is not None:
+            meta.prefill.own_from = torch.tensor([own[i] for i, *_ in meta.chunks], dtype=torch.int64)
         order = writers_first(own, ctx.tolist(), seq.tolist(), table[:n].cpu(), self.block_size)
         if order is not None:
             qsl = meta.query_start_loc
             meta.serial = [(i, qsl[i], qsl[i + 1], int(ctx[i])) for i in order]
-            meta.decode, meta.chunks = None, []
+            meta.decode, meta.chunks, meta.prefill = None, [], None
 
 
 def writers_first(own_from: list[int], ctx: list[int], seq: list[int], table: torch.Tensor,
@@ -322,16 +357,22 @@ class MiKVAttentionImpl(AttentionImpl[MiKVMetadata]):
         out = output[:n_tok].view(n_tok, self.num_heads, self.head_size)
         if self.rotation is not None:   # the page and the ops see rotated heads; q.k is unchanged
             q_all, k_all, v_all = (self.rotation.rotate(x) for x in (q_all, k_all, v_all))
-        n = layout.block_size
         probe = self.stats.begin_step(layer, regions, layout, attn_metadata)  # stats (see stats.py)
-        own = attn_metadata.own_from
-        serial = attn_metadata.serial or []    # shared blocks written this step: writers first
-        for i, start, end, ctx in attn_metadata.chunks + serial:   # one request each
+        pre = attn_metadata.prefill
+        if pre is not None:   # every multi-token chunk (prefill) in one call
+            s0, s1 = pre.span
+            kwargs = {"own_from": pre.own_from} if pre.own_from is not None else {}
+            result = self.ops.forward_chunks(regions, layout, self.config, pre.block_table, pre.ctx, pre.rows,
+                                             q_all[s0:s1], k_all[s0:s1], v_all[s0:s1], self.scale, **kwargs)
+            if pre.dense:
+                out[s0:s1] = result.to(out.dtype)
+            else:
+                out[pre.tokens] = result[pre.local].to(out.dtype)
+        own, n = attn_metadata.own_from, layout.block_size
+        for i, start, end, ctx in attn_metadata.serial or []:   # shared blocks written this step: writers first
             row = attn_metadata.block_table[i, : (ctx + end - start + n - 1) // n]
-            kwargs = {"own_from": own[i]} if own and own[i] else {}
-            result = self.ops.forward_request(
-                regions, layout, self.config, row, ctx,
-                q_all[start:end], k_all[start:end], v_all[start:end], self.scale, **kwargs)
+            result = self.ops.forward_request(regions, layout, self.config, row, ctx, q_all[start:end],
+                                              k_all[start:end], v_all[start:end], self.scale, own_from=own[i])
             out[start:end] = result.to(out.dtype)
         dec = attn_metadata.decode
         if dec is not None:   # every one-token row (decode and context 0) in one batched step

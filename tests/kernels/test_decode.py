@@ -190,7 +190,7 @@ def test_triton_ops_contract():
     from mikv_vllm.kernels import TritonOps
 
     for name in ("write_tokens", "gather_context", "attention", "accumulate_scores", "maintain_hi",
-                 "forward_request", "store_balancer", "load_balancer"):
+                 "forward_request", "forward_chunks", "store_balancer", "load_balancer"):
         assert inspect.signature(getattr(TritonOps, name)) == inspect.signature(getattr(ref, name)), name
 
 

@@ -1,0 +1,495 @@
+// Fused MiKV prefill step on CPU: every multi-token chunk of a step in one call. Semantics:
+// mikv_vllm.core.reference.forward_request per chunk (request_balancer, write_tokens,
+// gather_context + attention, accumulate_scores, maintain_hi).
+//
+// One task per (chunk c, KV head h), run with at::parallel_for. Chunks belong to distinct requests
+// (disjoint blocks), and a task touches only the regions (blk, h) of its own chunk's blocks. The
+// context is read from the packed page tile by tile (KB keys: hi copy where tagged, else the lo
+// codes dequantized and divided by the balancer); the chunk's own keys are the raw K/V. Attention
+// runs per block of query rows (at most kLogitBudget logits): their logits over every key they
+// see (one sweep of key tiles), an exact softmax per row, the score mass of the voting rows, then
+// P @ V (a second sweep of key tiles).
+#include "mikv_common.h"
+
+namespace {
+
+constexpr int64_t kKeyTile = 64;      // keys per tile
+constexpr int64_t kQueryVecs = 128;   // query vectors (rows x group heads) per query block, at most
+constexpr int64_t kLogitBudget = 1 << 20;   // logits per block (4 MiB): fewer rows for long contexts
+constexpr int kSink = 2, kRecent = 1, kHeavy = 0;   // core.importance tiers (higher wins)
+
+struct Selection {
+  double hi_ratio;
+  int64_t sink_tokens, recent_window /* -1: half the budget */, obs_window /* -1: every row votes */;
+};
+
+// core.importance.hi_budget
+int64_t hi_budget(const Selection& s, int64_t length, int64_t num_slots) {
+  int64_t b = static_cast<int64_t>(std::floor(s.hi_ratio * static_cast<double>(length) + 1e-9));
+  if (s.hi_ratio > 0) b = std::max(b, std::min(length, s.sink_tokens));
+  return std::max<int64_t>(0, std::min(b, num_slots));
+}
+
+// to_hi (clamped to the hi dtype's finite range) + store
+void store_hi_clamped(uint8_t* base, int64_t dtype, int64_t D, const float* x, float* tmp) {
+  const float top = dtype == 0 ? 65504.f : dtype == 1 ? 3.3895313892515355e38f : std::numeric_limits<float>::max();
+  for (int64_t d = 0; d < D; ++d) tmp[d] = std::isnan(x[d]) ? x[d] : std::min(std::max(x[d], -top), top);
+  store_hi(base, dtype, D, tmp);
+}
+
+// lg[r * ld + 0..KB) = Q[r, :] . kT[:, 0..KB) for rows [0, rows) (kT: keys transposed, row stride ldk);
+// 4 rows x KB keys of accumulators per pass (rows are padded to a multiple of 4 in Q and lg).
+void tile_qk(const float* __restrict Q, int64_t rows, const float* __restrict kT, int64_t ldk, int64_t D,
+             float* __restrict lg, int64_t ld) {
+  static_assert(kKeyTile == 64, "tile_qk holds 4 x 16 keys");
+  constexpr int64_t KB = kKeyTile;
+  for (int64_t r0 = 0; r0 < rows; r0 += 4) {
+#ifdef __AVX512F__
+    __m512 a[4][4];
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 4; ++j) a[i][j] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; ++d) {
+      const float* kt = kT + d * ldk;
+      const __m512 k0 = _mm512_loadu_ps(kt), k1 = _mm512_loadu_ps(kt + 16), k2 = _mm512_loadu_ps(kt + 32),
+                   k3 = _mm512_loadu_ps(kt + 48);
+      for (int i = 0; i < 4; ++i) {
+        const __m512 qd = _mm512_set1_ps(Q[(r0 + i) * D + d]);
+        a[i][0] = _mm512_fmadd_ps(qd, k0, a[i][0]);
+        a[i][1] = _mm512_fmadd_ps(qd, k1, a[i][1]);
+        a[i][2] = _mm512_fmadd_ps(qd, k2, a[i][2]);
+        a[i][3] = _mm512_fmadd_ps(qd, k3, a[i][3]);
+      }
+    }
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 4; ++j) _mm512_storeu_ps(lg + (r0 + i) * ld + 16 * j, a[i][j]);
+#else
+    float a[4][KB] = {};
+    for (int64_t d = 0; d < D; ++d)
+      for (int i = 0; i < 4; ++i) {
+        const float qd = Q[(r0 + i) * D + d];
+        for (int64_t kk = 0; kk < KB; ++kk) a[i][kk] += qd * kT[d * ldk + kk];
+      }
+    for (int i = 0; i < 4; ++i) std::memcpy(lg + (r0 + i) * ld, a[i], sizeof(float) * KB);
+#endif
+  }
+}
+
+// acc[r, :] += sum_kk p[r * ld + kk] * vb[kk * ldv, :] for rows [0, rows) (padded to 4), keys [0, nk).
+// NV = D / 16 vectors per row (0: generic loop).
+template <int NV>
+void tile_pv(float* __restrict acc, int64_t rows, const float* __restrict p, int64_t ld, const float* __restrict vb,
+             int64_t ldv, int64_t nk, int64_t D) {
+#ifdef __AVX512F__
+  if constexpr (NV > 0) {
+    constexpr int NR = NV >= 8 ? 2 : 4;   // rows per pass: NR x NV accumulators
+    for (int64_t r0 = 0; r0 < rows; r0 += NR) {
+      __m512 a[NR][NV];
+      for (int i = 0; i < NR; ++i)
+        for (int j = 0; j < NV; ++j) a[i][j] = _mm512_loadu_ps(acc + (r0 + i) * D + 16 * j);
+      for (int64_t kk = 0; kk < nk; ++kk) {
+        __m512 v[NV];
+        for (int j = 0; j < NV; ++j) v[j] = _mm512_loadu_ps(vb + kk * ldv + 16 * j);
+        for (int i = 0; i < NR; ++i) {
+          const __m512 pk = _mm512_set1_ps(p[(r0 + i) * ld + kk]);
+          for (int j = 0; j < NV; ++j) a[i][j] = _mm512_fmadd_ps(pk, v[j], a[i][j]);
+        }
+      }
+      for (int i = 0; i < NR; ++i)
+        for (int j = 0; j < NV; ++j) _mm512_storeu_ps(acc + (r0 + i) * D + 16 * j, a[i][j]);
+    }
+    return;
+  }
+#endif
+  for (int64_t r = 0; r < rows; ++r) {
+    float* ar = acc + r * D;
+    for (int64_t kk = 0; kk < nk; ++kk) {
+      const float pk = p[r * ld + kk];
+      const float* vr = vb + kk * ldv;
+      for (int64_t d = 0; d < D; ++d) ar[d] += pk * vr[d];
+    }
+  }
+}
+
+// max of x[0..n), lane-parallel (vectorises without reassociation flags)
+inline float lane_max(const float* __restrict x, int64_t n, float init) {
+  constexpr int L = 16;
+  float m[L];
+  for (int i = 0; i < L; ++i) m[i] = init;
+  int64_t k = 0;
+  for (; k + L <= n; k += L)
+    for (int i = 0; i < L; ++i) m[i] = x[k + i] > m[i] ? x[k + i] : m[i];
+  float r = init;
+  for (; k < n; ++k) r = std::max(r, x[k]);
+  for (int i = 0; i < L; ++i) r = std::max(r, m[i]);
+  return r;
+}
+
+// x[k] = exp(x[k] - mx) for k < n; returns their sum (lane-parallel)
+inline float exp_shift_sum(float* __restrict x, int64_t n, float mx) {
+  constexpr int L = 16;
+  for (int64_t k = 0; k < n; ++k) x[k] = exp_nonpos(x[k] - mx);
+  float s[L] = {0};
+  int64_t k = 0;
+  for (; k + L <= n; k += L)
+    for (int i = 0; i < L; ++i) s[i] += x[k + i];
+  float r = 0.f;
+  for (; k < n; ++k) r += x[k];
+  for (int i = 0; i < L; ++i) r += s[i];
+  return r;
+}
+
+struct Scratch {
+  std::vector<float> f;
+  std::vector<int32_t> hmap;
+  std::vector<uint8_t> codes, ok;
+};
+
+template <int BITS>
+void prefill_task(const Layout& L, const Selection& sel, uint8_t* regions, int64_t H, int64_t G, const int32_t* row,
+                  int64_t ctx, int64_t T, const float* q /* row 0, head h*G */, const float* kn, const float* vn,
+                  int64_t q_stride, int64_t kv_stride, float scale, float* out, Scratch& sc, int64_t h,
+                  int64_t own_from, int64_t shared_hi) {
+  const int64_t N = L.N, D = L.D, R = L.R, P = L.packed(), NG = L.groups();
+  const int64_t S = ctx + T;
+  const int64_t KB = kKeyTile, LS = (S + KB + 15) / 16 * 16;  // logit row stride: room for a whole last tile
+  const int64_t TP = (T + KB - 1) / KB * KB;                   // the chunk's keys, transposed: [D, TP]
+  const int64_t QB = std::max<int64_t>(1, std::min(kQueryVecs, kLogitBudget / LS) / G);   // query rows per block
+  const int64_t RB = (QB * G + 3) / 4 * 4;                     // query vectors per block, padded to 4
+  auto region = [&](int64_t j) { return regions + (static_cast<int64_t>(row[j]) * H + h) * L.region_bytes; };
+  const int64_t hi_es = L.hi_elem();
+  auto hi_ptr = [&](int64_t slot, int64_t off_base) { return region(slot / R) + off_base + (slot % R) * D * hi_es; };
+
+  sc.f.assign(static_cast<size_t>(4 * D + RB * D * 2 + RB * LS + 2 * KB * D + S + D * TP), 0.f);
+  float* bal = sc.f.data();   // [D]
+  float* binv = bal + D;      // [D]
+  float* xk = binv + D;       // [D]
+  float* xt = xk + D;         // [D]
+  float* Q = xt + D;          // [RB, D] q * scale
+  float* acc = Q + RB * D;    // [RB, D]
+  float* lg = acc + RB * D;   // [RB, LS] logits -> probabilities of the block's rows
+  float* kb = lg + RB * LS;   // [D, KB] keys of a tile, transposed
+  float* vb = kb + KB * D;    // [KB, D]
+  float* mass = vb + KB * D;  // [S]
+  float* knT = mass + S;      // [D, TP] the chunk's raw keys, transposed once
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t d = 0; d < D; ++d) knT[d * TP + t] = kn[t * kv_stride + d];
+  sc.codes.resize(D);
+  sc.ok.resize(KB);
+  uint8_t* ok = sc.ok.data();
+
+  // 1. balancer: computed from the first min(T, N) tokens at context 0 and stored; loaded otherwise
+  for (int64_t d = 0; d < D; ++d) bal[d] = 1.f;
+  if (L.has_bal) {
+    uint16_t* bs = reinterpret_cast<uint16_t*>(region(0) + L.balancer);
+    if (ctx == 0) {
+      const int64_t n = std::min(T, N);
+      for (int64_t d = 0; d < D; ++d) {
+        float qm = 0.f, km = 0.f;
+        bool qnan = false, knan = false;
+        for (int64_t t = 0; t < n; ++t) {
+          for (int64_t g = 0; g < G; ++g) {
+            const float a = std::fabs(q[t * q_stride + g * D + d]);
+            if (std::isnan(a)) qnan = true;
+            qm = std::max(qm, a);
+          }
+          const float a = std::fabs(kn[t * kv_stride + d]);
+          if (std::isnan(a)) knan = true;
+          km = std::max(km, a);
+        }
+        if (qnan) qm = std::numeric_limits<float>::quiet_NaN();
+        if (knan) km = std::numeric_limits<float>::quiet_NaN();
+        const bool fine = qm > 0.f && km > 0.f && std::isfinite(qm) && std::isfinite(km);
+        float b = std::sqrt(fine ? qm / km : 1.f);
+        if (!(std::isfinite(b) && b > 0.f)) b = 1.f;
+        b = std::min(std::max(b, 6.103515625e-05f), 16384.f);   // to_storage: clamp [2^-14, 2^14]
+        bs[d] = float_to_half_bits(b);
+      }
+    }
+    for (int64_t d = 0; d < D; ++d) bal[d] = half_to_float(bs[d]);
+  }
+  for (int64_t d = 0; d < D; ++d) binv[d] = 1.f / bal[d];
+
+  // 2. store the new tokens: lo copies (K * b), scores 0, tags of blocks whose offset 0 is written cleared
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t p = ctx + t, off = p % N;
+    uint8_t* reg = region(p / N);
+    if (R) {
+      if (off == 0) std::memset(reg + L.tag, 0, R * sizeof(int32_t));
+      if (L.score_dtype == 0) reinterpret_cast<float*>(reg + L.score)[off] = 0.f;
+      else reinterpret_cast<uint16_t*>(reg + L.score)[off] = 0;
+    }
+    if (BITS) {
+      const float* kt = kn + t * kv_stride;
+      for (int64_t d = 0; d < D; ++d) xk[d] = kt[d] * bal[d];
+      quantize_token(xk, D, BITS, L.group, reg + L.k_lo + off * P, reinterpret_cast<uint16_t*>(reg + L.k_sz) + off * NG * 2,
+                     sc.codes.data());
+      quantize_token(vn + t * kv_stride, D, BITS, L.group, reg + L.v_lo + off * P,
+                     reinterpret_cast<uint16_t*>(reg + L.v_sz) + off * NG * 2, sc.codes.data());
+    }
+  }
+
+  // 3. hi slot map of the context: position -> j * R + r (tags in (0, ctx])
+  const int64_t nb_ctx = (ctx + N - 1) / N;
+  if (R) {
+    sc.hmap.assign(static_cast<size_t>(ctx), -1);
+    for (int64_t j = 0; j < nb_ctx; ++j) {
+      const int32_t* tags = reinterpret_cast<const int32_t*>(region(j) + L.tag);
+      const int64_t lim = j < own_from ? std::min(shared_hi, ctx) : ctx;   // shared: stable hi copies only
+      for (int64_t r = 0; r < R; ++r) {
+        const int32_t tg = tags[r];
+        if (tg > 0 && tg <= lim) sc.hmap[tg - 1] = static_cast<int32_t>(j * R + r);
+      }
+    }
+  }
+
+  // keys (and values) of positions [j0, j1) into kb / vb; ok[i] = 0 for evicted tokens (lo_bits 0)
+  bool any_evicted = false;
+  auto load_tile = [&](int64_t j0, int64_t j1, bool with_k, bool with_v) {
+    any_evicted = false;
+    for (int64_t p = j0; p < j1; ++p) {
+      const int64_t kk = p - j0;
+      float* vr = vb + kk * D;
+      const float* kr = xk;
+      ok[kk] = 1;
+      if (p >= ctx) {
+        kr = kn + (p - ctx) * kv_stride;
+        if (with_v) std::memcpy(vr, vn + (p - ctx) * kv_stride, D * sizeof(float));
+      } else {
+        const int32_t slot = R ? sc.hmap[p] : -1;
+        if (slot >= 0) {
+          if (with_k) load_hi(hi_ptr(slot, L.k_hi), L.hi_dtype, D, xk);
+          if (with_v) load_hi(hi_ptr(slot, L.v_hi), L.hi_dtype, D, vr);
+        } else if (BITS) {
+          const uint8_t* reg = region(p / N);
+          const int64_t o = p % N;
+          if (with_k)
+            dequant<BITS>(reg + L.k_lo + o * P, reinterpret_cast<const uint16_t*>(reg + L.k_sz) + o * NG * 2, D,
+                          L.group, xk);
+          for (int64_t d = 0; d < D; ++d) xk[d] *= binv[d];
+          if (with_v)
+            dequant<BITS>(reg + L.v_lo + o * P, reinterpret_cast<const uint16_t*>(reg + L.v_sz) + o * NG * 2, D,
+                          L.group, vr);
+        } else {
+          ok[kk] = 0;   // evicted: weight exactly 0
+          any_evicted = true;
+          std::memset(xk, 0, D * sizeof(float));
+          if (with_v) std::memset(vr, 0, D * sizeof(float));
+        }
+      }
+      if (with_k)
+        for (int64_t d = 0; d < D; ++d) kb[d * KB + kk] = kr[d];
+    }
+  };
+  const float NEG_INF = -std::numeric_limits<float>::infinity();
+  const int64_t vote_from = !R ? T : (sel.obs_window >= 0 && T > 1) ? std::max<int64_t>(0, T - sel.obs_window) : 0;
+  for (int64_t p = 0; p < S; ++p) mass[p] = 0.f;
+
+  // 4. attention per block of query rows: logits of the block's rows over all the keys they see
+  // (sweep 1, key tiles), exact softmax per row, score mass of the voting rows, then P @ V (sweep 2)
+  for (int64_t i0 = 0; i0 < T; i0 += QB) {
+    const int64_t i1 = std::min(T, i0 + QB), rows = (i1 - i0) * G, kend = ctx + i1;
+    for (int64_t i = i0; i < i1; ++i)
+      for (int64_t g = 0; g < G; ++g) {
+        const float* qr = q + i * q_stride + g * D;
+        float* Qr = Q + ((i - i0) * G + g) * D;
+        for (int64_t d = 0; d < D; ++d) Qr[d] = qr[d] * scale;
+      }
+    for (int64_t j0 = 0, j1 = 0; j0 < kend; j0 = j1) {   // context tiles [0, ctx), then the chunk's own keys
+      j1 = std::min(j0 < ctx ? ctx : kend, j0 + KB);
+      const int64_t nk = j1 - j0;
+      if (j0 >= ctx) {
+        tile_qk(Q, rows, knT + (j0 - ctx), TP, D, lg + j0, LS);
+        continue;
+      }
+      load_tile(j0, j1, true, false);
+      tile_qk(Q, rows, kb, KB, D, lg + j0, LS);
+      if (any_evicted)
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t kk = 0; kk < nk; ++kk)
+            if (!ok[kk]) lg[r * LS + j0 + kk] = NEG_INF;
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t i = i0 + r / G, n = ctx + i + 1;   // causal: keys [0, n)
+      float* lr = lg + r * LS;
+      const float mx = lane_max(lr, n, NEG_INF);      // finite: the row's own key is always visible
+      const float inv = 1.f / exp_shift_sum(lr, n, mx);
+      for (int64_t j = 0; j < n; ++j) lr[j] *= inv;
+      for (int64_t j = n; j < kend; ++j) lr[j] = 0.f;
+      if (i >= vote_from)   // 5. score mass of the voting rows
+        for (int64_t j = 0; j < n; ++j) mass[j] += lr[j];
+    }
+    std::memset(acc, 0, sizeof(float) * RB * D);
+    for (int64_t j0 = 0, j1 = 0; j0 < kend; j0 = j1) {
+      j1 = std::min(j0 < ctx ? ctx : kend, j0 + KB);
+      const int64_t nk = j1 - j0;
+      const float* vt = vb;
+      int64_t ldv = D;
+      if (j0 >= ctx) {
+        vt = vn + (j0 - ctx) * kv_stride;
+        ldv = kv_stride;
+      } else {
+        load_tile(j0, j1, false, true);
+      }
+      switch (D) {
+        case 32: tile_pv<2>(acc, rows, lg + j0, LS, vt, ldv, nk, D); break;
+        case 64: tile_pv<4>(acc, rows, lg + j0, LS, vt, ldv, nk, D); break;
+        case 128: tile_pv<8>(acc, rows, lg + j0, LS, vt, ldv, nk, D); break;
+        default: tile_pv<0>(acc, rows, lg + j0, LS, vt, ldv, nk, D); break;
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t i = i0 + r / G, g = r % G;
+      std::memcpy(out + i * q_stride + g * D, acc + r * D, sizeof(float) * D);
+    }
+  }
+  if (!R) return;
+
+  // 6. accumulate scores of positions [0, S) in owned blocks (saturating in the score dtype)
+  const float top = L.score_dtype == 0 ? std::numeric_limits<float>::max() : 65504.f;
+  for (int64_t p = own_from * N; p < S; ++p) {
+    uint8_t* reg = region(p / N);
+    const int64_t o = p % N;
+    if (L.score_dtype == 0) {
+      float* s = reinterpret_cast<float*>(reg + L.score) + o;
+      *s = std::min(*s + mass[p], top);
+    } else {
+      uint16_t* s = reinterpret_cast<uint16_t*>(reg + L.score) + o;
+      *s = float_to_half_bits(std::min(half_to_float(*s) + mass[p], top));
+    }
+  }
+  auto score_at = [&](int64_t p) -> double {
+    const uint8_t* reg = region(p / N);
+    const float s = L.score_dtype == 0 ? reinterpret_cast<const float*>(reg + L.score)[p % N]
+                                       : half_to_float(reinterpret_cast<const uint16_t*>(reg + L.score)[p % N]);
+    return std::isnan(s) ? -std::numeric_limits<double>::infinity() : static_cast<double>(s);
+  };
+
+  // 7. hi maintenance (core.importance.select_hi over tagged + new tokens; reference.maintain_hi), in
+  // the owned blocks' slots [own_from * R, num_slots) only
+  const int64_t nb = (S + N - 1) / N, num_slots = nb * R, first = own_from * R;
+  std::vector<int32_t> tags(static_cast<size_t>(num_slots));
+  for (int64_t j = own_from; j < nb; ++j) std::memcpy(&tags[j * R], region(j) + L.tag, R * sizeof(int32_t));
+  const int64_t budget = hi_budget(sel, S, num_slots - first);
+  std::vector<uint8_t> keep(static_cast<size_t>(num_slots + T), 0);
+  if (budget > 0) {
+    const int64_t W = sel.recent_window >= 0 ? sel.recent_window : budget / 2;
+    const int64_t recent_start = S - W;
+    struct Cand {
+      int tier;
+      double within;
+      int64_t pos, idx;
+    };
+    std::vector<Cand> cands;
+    cands.reserve(static_cast<size_t>(num_slots + T));
+    auto add = [&](int64_t pos, int64_t idx) {   // order: tier, then sinks lower / recent higher position / score
+      const bool sink = pos < sel.sink_tokens, recent = !sink && pos >= recent_start;
+      const int tier = sink ? kSink : recent ? kRecent : kHeavy;
+      const double within = sink ? -static_cast<double>(pos) : recent ? static_cast<double>(pos) : score_at(pos);
+      cands.push_back({tier, within, pos, idx});
+    };
+    for (int64_t s = first; s < num_slots; ++s)
+      if (tags[s] > 0 && tags[s] <= ctx) add(tags[s] - 1, s);
+    for (int64_t t = 0; t < T; ++t) add(ctx + t, num_slots + t);
+    const size_t take = std::min<size_t>(static_cast<size_t>(budget), cands.size());
+    std::partial_sort(cands.begin(), cands.begin() + take, cands.end(), [](const Cand& a, const Cand& b) {
+      if (a.tier != b.tier) return a.tier > b.tier;
+      if (a.within != b.within) return a.within > b.within;
+      if (a.pos != b.pos) return a.pos > b.pos;
+      return a.idx < b.idx;
+    });
+    for (size_t i = 0; i < take; ++i) keep[cands[i].idx] = 1;
+  }
+  for (int64_t s = first; s < num_slots; ++s)
+    if (!keep[s]) tags[s] = 0;
+  int64_t next_free = first;   // selected new tokens take the lowest free slots, in position order
+  for (int64_t t = 0; t < T; ++t) {
+    if (!keep[num_slots + t]) continue;
+    while (next_free < num_slots && tags[next_free] != 0) ++next_free;
+    TORCH_CHECK(next_free < num_slots, "mikv_cpu: no free hi slot (budget exceeds the slots)");
+    const int64_t slot = next_free;
+    tags[slot] = static_cast<int32_t>(ctx + t + 1);
+    store_hi_clamped(hi_ptr(slot, L.k_hi), L.hi_dtype, D, kn + t * kv_stride, xt);
+    store_hi_clamped(hi_ptr(slot, L.v_hi), L.hi_dtype, D, vn + t * kv_stride, xt);
+  }
+  for (int64_t j = own_from; j < nb; ++j) std::memcpy(region(j) + L.tag, &tags[j * R], R * sizeof(int32_t));
+}
+
+}  // namespace
+
+namespace mikv {
+
+// All multi-token chunks of one step: chunk c covers rows [rows[c,0], rows[c,1]) of q/k/v at
+// positions [ctx[c], ctx[c] + T). Returns out [Tq, Hq, D] fp32 (rows outside every chunk are 0).
+torch::Tensor prefill_step(torch::Tensor regions, std::vector<int64_t> meta, torch::Tensor block_tables,
+                           torch::Tensor ctx, torch::Tensor rows, torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                           double scale, double hi_ratio, int64_t sink_tokens, int64_t recent_window,
+                           int64_t obs_window, torch::Tensor own_from, torch::Tensor shared_hi) {
+  const Layout L = parse_layout(meta);
+  TORCH_CHECK(regions.device().is_cpu() && regions.scalar_type() == torch::kUInt8 && regions.dim() == 3 &&
+                  regions.is_contiguous() && regions.size(2) == L.region_bytes,
+              "mikv_cpu: regions must be contiguous uint8 [blocks, H, ", L.region_bytes, "] on CPU");
+  TORCH_CHECK(block_tables.scalar_type() == torch::kInt32 && block_tables.dim() == 2 && block_tables.is_contiguous(),
+              "mikv_cpu: block_tables must be contiguous int32 [C, M]");
+  TORCH_CHECK(ctx.scalar_type() == torch::kInt64 && ctx.dim() == 1 && ctx.is_contiguous(), "mikv_cpu: ctx int64 [C]");
+  TORCH_CHECK(rows.scalar_type() == torch::kInt64 && rows.dim() == 2 && rows.size(1) == 2 && rows.is_contiguous(),
+              "mikv_cpu: rows int64 [C, 2]");
+  for (const auto* t : {&q, &k, &v})
+    TORCH_CHECK(t->scalar_type() == torch::kFloat32 && t->dim() == 3 && t->is_contiguous() && t->size(2) == L.D,
+                "mikv_cpu: q/k/v must be contiguous fp32 [T, heads, ", L.D, "]");
+  const int64_t Tq = q.size(0), Hq = q.size(1), H = regions.size(1), D = L.D, C = ctx.size(0);
+  TORCH_CHECK(k.size(0) == Tq && v.size(0) == Tq && k.size(1) == H && v.size(1) == H && Hq % H == 0 &&
+                  block_tables.size(0) == C && rows.size(0) == C,
+              "mikv_cpu: inconsistent shapes");
+  const int64_t G = Hq / H, M = block_tables.size(1), NBLK = regions.size(0);
+  const int64_t* cp = ctx.data_ptr<int64_t>();
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  for (const auto* t : {&own_from, &shared_hi})
+    TORCH_CHECK(t->scalar_type() == torch::kInt64 && t->dim() == 1 && t->is_contiguous() && t->size(0) == C,
+                "mikv_cpu: own_from / shared_hi must be contiguous int64 [C]");
+  const int64_t* ofp = own_from.data_ptr<int64_t>();
+  const int64_t* shp = shared_hi.data_ptr<int64_t>();
+  const int32_t* bt = block_tables.data_ptr<int32_t>();
+  for (int64_t c = 0; c < C; ++c) {   // bounds: a bad table must raise, not corrupt memory
+    const int64_t s = rp[2 * c], e = rp[2 * c + 1];
+    TORCH_CHECK(0 <= s && s <= e && e <= Tq, "mikv_cpu: chunk rows [", s, ", ", e, ") outside [0, ", Tq, ")");
+    TORCH_CHECK(cp[c] >= 0, "mikv_cpu: negative context");
+    TORCH_CHECK(ofp[c] >= 0 && ofp[c] * L.N <= cp[c], "mikv_cpu: own_from ", ofp[c], " past context ", cp[c]);
+    if (e == s) continue;
+    const int64_t last = (cp[c] + e - s - 1) / L.N;
+    TORCH_CHECK(last < M, "mikv_cpu: position ", cp[c] + e - s - 1, " outside the block table");
+    for (int64_t j = 0; j <= last; ++j)
+      TORCH_CHECK(bt[c * M + j] >= 0 && bt[c * M + j] < NBLK, "mikv_cpu: block id ", bt[c * M + j], " out of range");
+  }
+  const Selection sel{hi_ratio, sink_tokens, recent_window, obs_window};
+  auto out = torch::zeros({Tq, Hq, D}, q.options());
+  uint8_t* rg = regions.data_ptr<uint8_t>();
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  at::parallel_for(0, C * H, 1, [&](int64_t begin, int64_t end) {
+    Scratch scratch;
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t c = i / H, h = i % H, s = rp[2 * c], T = rp[2 * c + 1] - s;
+      if (T == 0) continue;
+      const float* qc = qp + (s * Hq + h * G) * D;
+      const float* kc = kp + (s * H + h) * D;
+      const float* vc = vp + (s * H + h) * D;
+      float* oc = op + (s * Hq + h * G) * D;
+#define MIKV_PREFILL(B)                                                                                          \
+  prefill_task<B>(L, sel, rg, H, G, bt + c * M, cp[c], T, qc, kc, vc, Hq * D, H * D, sc, oc, scratch, h, ofp[c], shp[c])
+      switch (L.bits) {
+        case 0: MIKV_PREFILL(0); break;
+        case 2: MIKV_PREFILL(2); break;
+        case 3: MIKV_PREFILL(3); break;
+        case 4: MIKV_PREFILL(4); break;
+        default: MIKV_PREFILL(8); break;
+      }
+#undef MIKV_PREFILL
+    }
+  });
+  return out;
+}
+
+}  // namespace mikv
