@@ -59,7 +59,7 @@ def test_layer_stats_match_hi_set_diff(device):
         for i, t in enumerate(chunk):
             qsl.append(qsl[-1] + t)
             seq.append(lens[i] + t)
-        meta = types.SimpleNamespace(query_start_loc=qsl, seq_lens=seq, block_table=rows,
+        meta = types.SimpleNamespace(query_start_loc=qsl, seq_lens=seq, block_table=rows, own_from=None,
                                      token_counts=step_token_counts(torch.tensor(chunk)))
         before = [_hi_set(regions, layout, rows[i], lens[i]) for i in range(2)]
         probe = stats.begin_step(None, regions, layout, meta)
@@ -83,6 +83,31 @@ def test_layer_stats_match_hi_set_diff(device):
     assert snap["tokens_stored"] == sum(lens) == snap["prefill_tokens"] + snap["decode_tokens"]
     assert snap["prefill_tokens"] == sum(t for chunk in plan for t in chunk if t > 1)
     assert demoted > 0 and 0 < snap["hi_tokens"] / snap["seen_tokens"] <= config.hi_ratio
+
+
+def test_layer_stats_count_shared_prefix_blocks_once():
+    """Prefix caching: a reader (own_from 2) counts the hi pairs of its own blocks only; the shared
+    blocks' tags are the writer's (counted by the writer), so hi_tokens never double counts."""
+    torch.manual_seed(1)
+    config = preset("mikv-paper")
+    n, h, hq, d = 16, 2, 4, 64
+    layout = RegionLayout.build(config, n, d)
+    regions = torch.zeros(16, h, layout.region_bytes, dtype=torch.uint8)
+    rows = torch.tensor([[3, 8, 1, 12], [3, 8, 10, 4]], dtype=torch.int32)   # blocks 3, 8 shared
+    q, k, v = (torch.randn(40, hh, d) for hh in (hq, h, h))
+    reference.forward_request(regions, layout, config, rows[0], 0, q, k, v, d ** -0.5)   # the writer
+    stats = LayerStats(sampled=True)
+    meta = types.SimpleNamespace(query_start_loc=[0, 1, 11], seq_lens=[41, 42], block_table=rows, own_from=[0, 2],
+                                 token_counts=step_token_counts(torch.tensor([1, 10])))
+    probe = stats.begin_step(None, regions, layout, meta)
+    q, k, v = (torch.randn(11, hh, d) for hh in (hq, h, h))
+    reference.forward_request(regions, layout, config, rows[0], 40, q[:1], k[:1], v[:1], d ** -0.5)
+    reference.forward_request(regions, layout, config, rows[1], 32, q[1:], k[1:], v[1:], d ** -0.5, own_from=2)
+    stats.end_step(probe, regions, layout, meta)
+    writer = _hi_set(regions, layout, rows[0], 41)
+    reader_own = {(hh, int(x)) for b in rows[1, 2:3].long() for hh in range(h)
+                  for x in layout.views(regions).tag[b, hh] if 0 < x <= 42}
+    assert reader_own and stats.snapshot()["hi_tokens"] == len(writer) + len(reader_own)
 
 
 def test_aggregate_sums_heads_and_keeps_shared_fields():

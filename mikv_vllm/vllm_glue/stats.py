@@ -101,7 +101,9 @@ class LayerStats:
         if not self.sampled or not layout.hi_slots:
             return None
         qsl, seq_lens, n = meta.query_start_loc, meta.seq_lens, layout.block_size
+        own = meta.own_from or [0] * len(seq_lens)   # prefix caching: shared columns are the writer's
         rows: list[int] = []
+        owns: list[int] = []
         ctxs: list[int] = []
         nb_before: list[int] = []
         nb_after: list[int] = []
@@ -112,6 +114,7 @@ class LayerStats:
                 continue
             ctx = seq_len - t
             rows.append(i)
+            owns.append(own[i])
             ctxs.append(ctx)
             nb_before.append(-(-ctx // n))
             nb_after.append(-(-seq_len // n))
@@ -120,13 +123,14 @@ class LayerStats:
             return None
         dev = regions.device
         max_nb = max(nb_after)
-        host = torch.tensor([rows, ctxs, nb_before, nb_after], dtype=torch.int64)
+        host = torch.tensor([rows, ctxs, nb_before, nb_after, owns], dtype=torch.int64)
         host = host.to(dev, non_blocking=True) if dev.type != "cpu" else host
-        row_idx, ctx, nbb, nba = host
+        row_idx, ctx, nbb, nba, first = host
         blocks = meta.block_table[row_idx, :max_nb].long().clamp(0, regions.shape[0] - 1)   # [n, max_nb]
         col = torch.arange(max_nb, device=dev)
-        before_mask = (col[None] < nbb[:, None])[:, :, None, None]
-        after_mask = (col[None] < nba[:, None])[:, :, None, None]
+        owned = col[None] >= first[:, None]          # a request counts the hi slots of its own blocks only
+        before_mask = (owned & (col[None] < nbb[:, None]))[:, :, None, None]
+        after_mask = (owned & (col[None] < nba[:, None]))[:, :, None, None]
         ctx4 = ctx.to(torch.int32)[:, None, None, None]
         tags = layout.views(regions).tag[blocks]                                         # [n, max_nb, H, R]
         hi_before = (before_mask & (tags > 0) & (tags <= ctx4)).sum()
