@@ -257,6 +257,8 @@ def test_screen_grid_covers_every_page_format_axis():
     mikv = {("mikv", b, r, g, dt, rot, bal) for b, r, g, dt, rot, bal in itertools.product(
         (2, 3, 4), (0.05, 0.1), (32, 64), ("float16", "float8_e4m3fn"), (False, True), (True, False))
         if bal or rot}                                                     # balancer off only when rotated
+    mikv |= {("mikv", b, 0.03, 64, "float8_e4m3fn", rot, bal)               # the lean small-r rows
+             for b, rot, bal in itertools.product((2, 3, 4), (False, True), (True, False)) if bal or rot}
     rtn = {("rtn", b, 0.0, g, "float16", rot, False)
            for b, g, rot in itertools.product((2, 3, 4), (32, 64), (False, True))}
     h2o = {("h2o", 0, r, None, dt, False, False) for r in (0.2, 0.3, 0.4) for dt in ("float16", "float8_e4m3fn")}

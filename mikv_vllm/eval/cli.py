@@ -24,9 +24,9 @@ DEFAULT_OUT = "results/quality"
 QUICK_WORKLOAD = dict(passkey_lengths=(512,), passkey_trials=8, needle_length=512, needle_depths=(0.25, 0.75),
                       needle_trials=2, ppl_windows=1, ppl_length=512, ppl_chunk=128, agree_prompts=2,
                       agree_prompt_len=128, agree_tokens=32)
-# --suite screen (page-format screening grid, 90 engines): the PPL probe and short passkeys only.
+# --suite screen (page-format screening grid, 100 engines): the PPL probe and short passkeys only.
 SCREEN_WORKLOAD = dict(passkey_lengths=(1024,), passkey_trials=8, needle_depths=(), needle_trials=0,
-                       ppl_windows=1, ppl_length=1024, ppl_chunk=16, agree_prompts=0)
+                       ppl_windows=2, ppl_length=1024, ppl_chunk=16, agree_prompts=0)
 SCREEN_QUICK_WORKLOAD = dict(passkey_lengths=(512,), passkey_trials=4, needle_depths=(), needle_trials=0,
                              ppl_windows=1, ppl_length=512, ppl_chunk=16, agree_prompts=0)
 TUNE_WORKLOAD = dict(passkey_lengths=(512, 1024), passkey_trials=8, needle_length=1024, needle_depths=(),

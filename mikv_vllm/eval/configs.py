@@ -46,6 +46,10 @@ SCREEN_ROTATION = (False, True)
 # rotated channels hurts); unrotated rows keep it (the paper's setting).
 SCREEN_ROTATED_BALANCER = (True, False)
 SCREEN_H2O_RATIOS = (0.2, 0.3, 0.4)
+# Lean rows: a hi tier of 4 slots per 128-token block (r = 0.03) on the leanest lo format (one group
+# per head vector, fp8 hi copies), each lo bits and rotation setting: the small-r end that a
+# per-slot score makes cheap (a few bytes on top of the uniform page).
+SCREEN_LEAN = ((0.03, 64, "float8_e4m3fn"),)
 # A sweep cell is dropped when the closest reachable size is further than this
 # (relative) from the target: e.g. mikv cannot go below its rtn floor.
 TARGET_TOLERANCE = 0.15
@@ -298,9 +302,11 @@ def screen_configs(head_dim: int, block_size: int, lo_bits: Sequence[int] = SCRE
                    ratios: Sequence[float] = SCREEN_RATIOS, groups: Sequence[int] = SCREEN_GROUPS,
                    hi_dtypes: Sequence[str] = SCREEN_HI_DTYPES, rotation: Sequence[bool] = SCREEN_ROTATION,
                    h2o_ratios: Sequence[float] = SCREEN_H2O_RATIOS,
-                   rotated_balancer: Sequence[bool] = SCREEN_ROTATED_BALANCER) -> list[EvalConfig]:
+                   rotated_balancer: Sequence[bool] = SCREEN_ROTATED_BALANCER,
+                   lean: Sequence[tuple[float, int, str]] = SCREEN_LEAN) -> list[EvalConfig]:
     """Page-format screening grid: mikv lo bits x r x group x hi dtype x rotation (rotated rows
-    with each of ``rotated_balancer``); r = 0 rows are
+    with each of ``rotated_balancer``), plus each ``lean`` (r, group, hi dtype) with every lo bits and
+    rotation setting; r = 0 rows are
     the paper's RTN with each group / rotation (hi dtype moot); H2O with each hi dtype. Groups
     that do not divide ``head_dim`` and rotation at a non-power-of-two ``head_dim`` are skipped.
     Ordered by real bytes per token (cheapest first); the family is the format (plot line)."""
@@ -316,6 +322,11 @@ def screen_configs(head_dim: int, block_size: int, lo_bits: Sequence[int] = SCRE
                             continue
                         for bal in (rotated_balancer if rot else (True,)):
                             cfgs.append((mikv_config(b, r, hi_dtype=dt, balancer=bal, **extra), f"mikv INT{b}"))
+        for r, g, dt in lean:
+            for rot in rotation:
+                for bal in (rotated_balancer if rot else (True,)):
+                    cfgs.append((mikv_config(b, r, hi_dtype=dt, balancer=bal, group_size=g, rotation=rot),
+                                 f"mikv INT{b}"))
     cfgs += [(h2o_config(r, hi_dtype=dt), "h2o") for r in h2o_ratios for dt in hi_dtypes]
     out = []
     for c, fam in cfgs:
