@@ -4,22 +4,26 @@ vLLM hands an attention backend a per-layer cache ``[num_blocks, H, N, C]``
 (LBHNC: each (block, head) region is ``N*C`` contiguous bytes). MiKV stores in
 that region, for all N token positions of the block::
 
-    [K_lo N*Pk][V_lo N*Pv][K s/z N*G*2 fp16][V s/z N*G*2 fp16][score N][tag R i32]
+    [K_lo N*Pk][V_lo N*Pv][K s/z N*G*2 fp16][V s/z N*G*2 fp16][tag R i32][score R f32]
     [K_hi R*D][V_hi R*D][balancer D fp16][pad]
 
 * ``K_lo``/``V_lo``: per-token packed codes, ``bits`` each, little-endian bit
   stream (element j occupies stream bits ``[j*b, (j+1)*b)``; stream bit
   ``8*m + k`` is bit k of byte m). Keys are multiplied by the balancer first.
 * ``s/z``: fp16 (scale, zero) per group of ``G = D / group`` groups per token.
-* ``score``: accumulated attention mass per token (``score_dtype``).
 * ``tag``: hi slot s holds token position ``tag - 1``; 0 = empty. A request's hi
   slots are the union of the slots of all its blocks, so a hi token may live in
   any block of its request. Hi K is stored raw (not balanced).
+* ``score``: accumulated attention mass of the token in hi slot s (``score_dtype``), meaningful
+  while its tag is set. Only hi tokens need one: the candidates of a selection are the hi tokens
+  and the tokens just written (whose mass the step has at hand), and a token that is not hi can
+  never be hi again, so a score per position would be dead bytes for every other token.
 * ``balancer``: per-channel key balancer; only the request's first block's copy
   is meaningful.
 
-Every sub-array is 16-byte aligned; ``C`` is a multiple of 4 so the page can be
-viewed in any model dtype. Framework-free (pure torch).
+Every sub-array is 16-byte aligned; ``C`` is whole bytes (vLLM allocates the page as uint8,
+``MiKVAttentionBackend.customize_spec``), so the only padding is the alignment. Framework-free
+(pure torch).
 """
 
 from __future__ import annotations
@@ -91,14 +95,13 @@ class RegionLayout:
         v_lo = off; off = _align(off + n * packed)
         k_sz = off; off = _align(off + n * groups * 4)
         v_sz = off; off = _align(off + n * groups * 4)
-        need_scores = r > 0
-        score = off; off = _align(off + (n * sc_es if need_scores else 0))
         tag = off; off = _align(off + r * 4)
+        score = off; off = _align(off + r * sc_es)
         k_hi = off; off = _align(off + r * d * hi_es)
         v_hi = off; off = _align(off + r * d * hi_es)
         has_bal = config.balancer and b > 0
         balancer = off; off = _align(off + (d * 2 if has_bal else 0))
-        per_token = math.ceil(off / n / 4) * 4  # C, multiple of 4 bytes
+        per_token = math.ceil(off / n)  # C in whole bytes
         return cls(n, d, b, g, r, hi_dt, sc_dt, has_bal, k_lo, v_lo, k_sz, v_sz, score, tag, k_hi,
                    v_hi, balancer, per_token * n)
 
@@ -124,7 +127,7 @@ class RegionLayout:
         sc_es = torch.empty((), dtype=self.score_dtype).element_size()
         lo_kv = 2 * self.packed_bytes + 2 * self.groups * 4
         hi_kv = self.hi_slots * 2 * self.head_dim * hi_es / n
-        score = sc_es if self.hi_slots else 0
+        score = self.hi_slots * sc_es / n
         tags = self.hi_slots * 4 / n
         bal = self.head_dim * 2 / n if self.has_balancer else 0
         used = lo_kv + hi_kv + score + tags + bal
@@ -159,7 +162,7 @@ class RegionLayout:
             v_lo=typed(self.v_lo, n * p, torch.uint8, (n, p)),
             k_sz=typed(self.k_sz, n * g * 4, torch.float16, (n, g, 2)),
             v_sz=typed(self.v_sz, n * g * 4, torch.float16, (n, g, 2)),
-            score=typed(self.score, n * sc_es if r else 0, self.score_dtype, (n if r else 0,)),
+            score=typed(self.score, r * sc_es, self.score_dtype, (r,)),
             tag=typed(self.tag, r * 4, torch.int32, (r,)),
             k_hi=typed(self.k_hi, r * d * hi_es, self.hi_dtype, (r, d)),
             v_hi=typed(self.v_hi, r * d * hi_es, self.hi_dtype, (r, d)),
@@ -176,8 +179,8 @@ class RegionViews:
     v_lo: torch.Tensor      # [..., N, Pv] uint8
     k_sz: torch.Tensor      # [..., N, G, 2] fp16 (scale, zero)
     v_sz: torch.Tensor      # [..., N, G, 2] fp16
-    score: torch.Tensor     # [..., N] score dtype (size 0 when R == 0)
     tag: torch.Tensor       # [..., R] int32, position + 1, 0 = empty
+    score: torch.Tensor     # [..., R] score dtype: accumulated mass of the slot's token
     k_hi: torch.Tensor      # [..., R, D] hi dtype (raw, unbalanced)
     v_hi: torch.Tensor      # [..., R, D]
     balancer: torch.Tensor  # [..., D] fp16 (size 0 when off)

@@ -12,14 +12,15 @@ docs/design.md:
 1. balancer: computed from the chunk when ``ctx_len == 0`` and stored in the
    header of ``block_row[0]``; read from there otherwise
    (:func:`load_balancer` / :func:`store_balancer`).
-2. :func:`write_tokens` - lo copies of the new K*b and V, scores 0, R tags of
-   every block whose offset 0 is written reset.
+2. :func:`write_tokens` - lo copies of the new K*b and V; R tags of every
+   block whose offset 0 is written reset.
 3. :func:`gather_context` + :func:`attention` - cached tokens read their hi copy
    if tagged, else the dequantized lo copy (K / b); the chunk uses raw K/V.
 4. :func:`accumulate_scores` - softmax mass of the voting rows
-   (:func:`first_voting_row`) added to every token's score.
-5. :func:`maintain_hi` - hi-set selection (core.importance), demotion by tag
-   clearing, promotion of selected new tokens into free slots of any block.
+   (:func:`first_voting_row`) added to the score of every hi token (scores live in the hi slots).
+5. :func:`maintain_hi` - hi-set selection (core.importance) among the hi tokens (their slot
+   scores) and the new tokens (their mass of this step), demotion by tag clearing, promotion of
+   selected new tokens into free slots of any block (the slot's score = the token's mass).
 
 Steps 4-5 are skipped when the layout has no hi slots (rtn). All maths is fp32;
 returned outputs are fp32 (callers cast).
@@ -37,8 +38,8 @@ Kernel contract (mikv_vllm.kernels must match these signatures/semantics):
 * ``gather_context(regions, layout, block_row, ctx_len, balancer=None, own_from=0, shared_hi=0)
   -> (k [H,L,D], v [H,L,D], valid [H,L])``
 * ``attention(q, k_ctx, v_ctx, valid_ctx, k_new, v_new, scale, vote_from=None) -> (out [T,Hq,D], mass [H,L] | None)``
-* ``accumulate_scores(regions, layout, block_row, mass, own_from=0)``
-* ``maintain_hi(regions, layout, config, block_row, ctx_len, k_new, v_new, own_from=0)``
+* ``accumulate_scores(regions, layout, block_row, ctx_len, mass, own_from=0)``
+* ``maintain_hi(regions, layout, config, block_row, ctx_len, k_new, v_new, mass, own_from=0)``
 * ``forward_request(regions, layout, config, block_row, ctx_len, q, k, v, scale, own_from=0) -> out [T,Hq,D]``
 * ``forward_decode(regions, layout, config, block_tables, ctx_lens, q, k, v, scale, own_from=None) -> out [B,Hq,D]``
   (one decode token for each of B requests; the per-request step, batched)
@@ -135,9 +136,9 @@ def write_tokens(regions: torch.Tensor, layout: RegionLayout, block_row: torch.T
                  k: torch.Tensor, v: torch.Tensor, balancer: torch.Tensor | None = None) -> None:
     """Store lo copies of ``k, v [T, H, D]`` at positions ``[start, start+T)``.
 
-    K is multiplied by ``balancer [H, D]`` (if given) before quantization. Scores
-    of the new tokens are set to 0; blocks whose offset 0 is written get all R
-    tags cleared (reused blocks are not zeroed by vLLM).
+    K is multiplied by ``balancer [H, D]`` (if given) before quantization. Blocks whose offset 0
+    is written get all R tags cleared (reused blocks are not zeroed by vLLM); scores belong to hi
+    slots and are set when a slot is filled (:func:`maintain_hi`).
     """
     t, start = k.shape[0], int(start)
     if t == 0:
@@ -155,7 +156,6 @@ def store_at(regions: torch.Tensor, layout: RegionLayout, blk: torch.Tensor, off
     views = layout.views(regions)
     if layout.hi_slots:
         views.tag[blk[off == 0]] = 0
-        views.score[blk, :, off] = 0
     if layout.bits:
         kb = balance_keys(k, balancer) if balancer is not None else k.float()
         pk, sk = quantize(kb, layout.bits, layout.group)
@@ -268,34 +268,39 @@ def attention(q: torch.Tensor, k_ctx: torch.Tensor, v_ctx: torch.Tensor, valid_c
 
 
 # ------------------------------------------------------------------- scores
-def accumulate_scores(regions: torch.Tensor, layout: RegionLayout, block_row: torch.Tensor,
+def accumulate_scores(regions: torch.Tensor, layout: RegionLayout, block_row: torch.Tensor, ctx_len: int,
                       mass: torch.Tensor, own_from: int = 0) -> None:
-    """Add ``mass [H, L]`` to the scores of positions ``[0, L)`` (saturating in the score dtype);
-    only the owned blocks ``[own_from, ...)`` are written."""
+    """Add ``mass [H, L]`` to the score of every hi slot of the owned blocks ``[own_from, ...)`` whose
+    tag is a context position (``[0, ctx_len)``), saturating in the score dtype. The new tokens'
+    mass goes to :func:`maintain_hi` instead: they hold no slot yet."""
     if not layout.hi_slots:
         return
     views = layout.views(regions)
     h, length, n = mass.shape[0], mass.shape[1], layout.block_size
-    first = int(own_from) * n
-    if length <= first:
-        return
     blocks = block_row.to(regions.device).long()[int(own_from):_num_blocks(length, n)]
-    cur = views.score[blocks].transpose(0, 1).reshape(h, -1).float()                 # [H, nb*N]
-    cur[:, :length - first] += mass[:, first:].float()
+    if blocks.numel() == 0:
+        return
+    tags = views.tag[blocks].transpose(0, 1).reshape(h, -1).long()                    # [H, S]
+    live = (tags > 0) & (tags <= min(int(ctx_len), length))
+    add = mass.float().gather(1, torch.where(live, tags - 1, 0))
+    cur = views.score[blocks].transpose(0, 1).reshape(h, -1).float()                 # [H, S]
     top = torch.finfo(layout.score_dtype).max
-    views.score[blocks] = cur.clamp(max=top).to(layout.score_dtype).reshape(h, -1, n).transpose(0, 1)
+    new = torch.where(live, (cur + add).clamp(max=top), cur)
+    views.score[blocks] = new.to(layout.score_dtype).reshape(h, -1, layout.hi_slots).transpose(0, 1)
 
 
 # --------------------------------------------------------------- hi slots
 def maintain_hi(regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig, block_row: torch.Tensor,
-                ctx_len: int, k_new: torch.Tensor, v_new: torch.Tensor, own_from: int = 0) -> None:
+                ctx_len: int, k_new: torch.Tensor, v_new: torch.Tensor, mass: torch.Tensor,
+                own_from: int = 0) -> None:
     """Re-select the hi set after writing ``k_new, v_new [T, H, D]`` at ``[ctx_len, L)``.
 
-    Candidates: tokens tagged now + the new tokens. Losers among the tagged are
-    demoted (tag cleared); selected new tokens get a free slot (lowest free slot
-    index across the request's blocks, in position order) holding their raw K/V
-    in the hi dtype. Only the slots of the owned blocks ``[own_from, ...)`` count (the budget's
-    ``num_slots`` too); shared blocks are not touched.
+    Candidates: tokens tagged now (score: their slot's, after :func:`accumulate_scores`) + the new
+    tokens (score: their column of this step's ``mass [H, L]``). Losers among the tagged are
+    demoted (tag cleared; the slot's score is left as it is); selected new tokens get a free slot
+    (lowest free slot index across the request's blocks, in position order) holding their raw K/V
+    in the hi dtype and their mass as its score. Only the slots of the owned blocks
+    ``[own_from, ...)`` count (the budget's ``num_slots`` too); shared blocks are not touched.
     """
     r, t, ctx_len = layout.hi_slots, k_new.shape[0], int(ctx_len)
     if not r or t == 0:
@@ -303,7 +308,6 @@ def maintain_hi(regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig,
     views = layout.views(regions)
     dev, n = regions.device, layout.block_size
     seq_len = ctx_len + t
-    first = int(own_from) * n                        # first owned position (ctx_len >= first)
     blocks = block_row.to(dev).long()[int(own_from):_num_blocks(seq_len, n)]
     h = regions.shape[1]
     tags = views.tag[blocks].transpose(0, 1).reshape(h, -1)                          # [H, S]
@@ -312,8 +316,9 @@ def maintain_hi(regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig,
     old_pos = torch.where(tagged, tags.long() - 1, -1)
     new_pos = torch.arange(ctx_len, seq_len, device=dev).expand(h, t)
     positions = torch.cat([old_pos, new_pos], dim=1)                                 # [H, S+T]
-    all_scores = views.score[blocks].transpose(0, 1).reshape(h, -1).float()         # [H, nb*N]
-    scores = all_scores.gather(1, (positions - first).clamp(min=0))
+    slot_scores = views.score[blocks].transpose(0, 1).reshape(h, -1)                 # [H, S]
+    new_scores = mass[:, ctx_len:seq_len].to(dev).float().clamp(max=torch.finfo(layout.score_dtype).max)
+    scores = torch.cat([torch.where(tagged, slot_scores.float(), 0.0), new_scores], dim=1)
     keep = select_hi(positions, scores, seq_len, config, num_slots)
     new_tags = torch.where(keep[:, :num_slots], tags, torch.zeros_like(tags))
     chosen = keep[:, num_slots:]                                                     # [H, T]
@@ -323,6 +328,9 @@ def maintain_hi(regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig,
         rank = torch.cumsum(chosen.int(), dim=1) - 1
         slot = free_first[hh, rank[hh, jj]]
         new_tags[hh, slot] = (ctx_len + jj + 1).to(new_tags.dtype)
+        slot_scores = slot_scores.clone()
+        slot_scores[hh, slot] = new_scores[hh, jj].to(layout.score_dtype)
+        views.score[blocks] = slot_scores.reshape(h, -1, r).transpose(0, 1)
         blk, rr = blocks[slot // r], slot % r
         views.k_hi[blk, hh, rr] = to_hi(k_new[jj, hh].to(dev), layout.hi_dtype)
         views.v_hi[blk, hh, rr] = to_hi(v_new[jj, hh].to(dev), layout.hi_dtype)
@@ -346,8 +354,8 @@ def forward_request(regions: torch.Tensor, layout: RegionLayout, config: MiKVCon
     vote_from = first_voting_row(config, q.shape[0]) if layout.hi_slots else None
     out, mass = attention(q, k_ctx, v_ctx, valid, k, v, scale, vote_from)
     if mass is not None:
-        accumulate_scores(regions, layout, block_row, mass, own_from)
-        maintain_hi(regions, layout, config, block_row, ctx_len, k, v, own_from)
+        accumulate_scores(regions, layout, block_row, ctx_len, mass, own_from)
+        maintain_hi(regions, layout, config, block_row, ctx_len, k, v, mass, own_from)
     return out
 
 
@@ -492,28 +500,32 @@ def attention_decode(q: torch.Tensor, k_ctx: torch.Tensor, v_ctx: torch.Tensor, 
 
 def accumulate_scores_decode(regions: torch.Tensor, layout: RegionLayout, block_tables: torch.Tensor,
                              pos: torch.Tensor, mass: torch.Tensor, own_from: torch.Tensor | None = None) -> None:
-    """:func:`accumulate_scores` for B requests: add ``mass [B, H, S]`` to positions ``[0, pos[b]]``
-    (written in the owned columns only)."""
-    if not layout.hi_slots:
+    """:func:`accumulate_scores` for B requests: add ``mass [B, H, S]`` (position-indexed) to the
+    score of every hi slot of the owned columns whose tag is a context position (``< pos[b]``)."""
+    r = layout.hi_slots
+    if not r or pos.numel() == 0:
         return
     views = layout.views(regions)
     bsz, h, n = pos.shape[0], regions.shape[1], layout.block_size
     blocks, own = _blocks_for(block_tables, pos + 1, n)
-    cur = _per_head(views.score[blocks]).float()                                          # [B, H, nb*N]
-    s = min(mass.shape[2], cur.shape[2])
-    live = (torch.arange(s, device=pos.device)[None, :] <= pos[:, None])[:, None]
-    cur[:, :, :s] += torch.where(live, mass[:, :, :s].float(), 0.0)
-    top = torch.finfo(layout.score_dtype).max
-    new = cur.clamp(max=top).to(layout.score_dtype).reshape(bsz, h, -1, n).transpose(1, 2)   # [B, nb, H, N]
     own = _owned(own, own_from)
+    tags = _per_head(views.tag[blocks]).long()                                            # [B, H, nb*R]
+    slot_own = own.repeat_interleave(r, dim=1)[:, None]
+    live = slot_own & (tags > 0) & (tags <= pos.clamp(max=mass.shape[2])[:, None, None])
+    add = mass.float().gather(2, torch.where(live, tags - 1, 0))
+    cur = _per_head(views.score[blocks]).float()                                          # [B, H, nb*R]
+    top = torch.finfo(layout.score_dtype).max
+    new = torch.where(live, (cur + add).clamp(max=top), cur)
+    new = new.to(layout.score_dtype).reshape(bsz, h, -1, r).transpose(1, 2)               # [B, nb, H, R]
     views.score[blocks[own]] = new[own]
 
 
 def maintain_hi_decode(regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig,
                        block_tables: torch.Tensor, pos: torch.Tensor, k_new: torch.Tensor,
-                       v_new: torch.Tensor, own_from: torch.Tensor | None = None) -> None:
-    """:func:`maintain_hi` for B requests that each just wrote one token (``k_new, v_new [B, H, D]``);
-    only the slots of the owned columns count and are written."""
+                       v_new: torch.Tensor, mass: torch.Tensor, own_from: torch.Tensor | None = None) -> None:
+    """:func:`maintain_hi` for B requests that each just wrote one token (``k_new, v_new [B, H, D]``;
+    its score: ``mass[b, :, pos[b]]`` of the position-indexed ``mass [B, H, S]``); only the slots of
+    the owned columns count and are written."""
     r = layout.hi_slots
     if not r or pos.numel() == 0:
         return
@@ -528,8 +540,10 @@ def maintain_hi_decode(regions: torch.Tensor, layout: RegionLayout, config: MiKV
     tagged = slot_own & (tags > 0) & (tags <= pos[:, None, None])
     old_pos = torch.where(tagged, tags.long() - 1, -1)
     positions = torch.cat([old_pos, pos[:, None, None].expand(bsz, h, 1)], dim=2)       # [B, H, S+1]
-    all_scores = _per_head(views.score[blocks]).float()                                   # [B, H, nb*N]
-    scores = all_scores.gather(2, positions.clamp(min=0))
+    slot_scores = _per_head(views.score[blocks])                                          # [B, H, S]
+    top = torch.finfo(layout.score_dtype).max
+    new_score = mass.to(regions.device).float().gather(2, pos[:, None, None].expand(bsz, h, 1)).clamp(max=top)
+    scores = torch.cat([torch.where(tagged, slot_scores.float(), 0.0), new_score], dim=2)
     keep = select_hi(positions, scores, seq[:, None, None], config, (own.sum(1) * r)[:, None, None])
     new_tags = torch.where(keep[..., :num_slots], tags, torch.zeros_like(tags))
     bb, hh = torch.nonzero(keep[..., num_slots], as_tuple=True)
@@ -538,6 +552,7 @@ def maintain_hi_decode(regions: torch.Tensor, layout: RegionLayout, config: MiKV
         slot = torch.argsort(taken.int(), dim=2, stable=True)[bb, hh, 0]                 # lowest free slot
         new_tags[bb, hh, slot] = (pos[bb] + 1).to(new_tags.dtype)
         blk, rr = blocks[bb, slot // r], slot % r
+        views.score[blk, hh, rr] = new_score[bb, hh, 0].to(layout.score_dtype)
         views.k_hi[blk, hh, rr] = to_hi(k_new[bb, hh].to(regions.device), layout.hi_dtype)
         views.v_hi[blk, hh, rr] = to_hi(v_new[bb, hh].to(regions.device), layout.hi_dtype)
     views.tag[blocks[own]] = new_tags.reshape(bsz, h, -1, r).transpose(1, 2)[own]
@@ -632,5 +647,5 @@ def _forward_decode(regions: torch.Tensor, layout: RegionLayout, config: MiKVCon
     out, mass = attention_decode(q, k_ctx, v_ctx, valid, pos, k, v, scale)
     if layout.hi_slots:
         accumulate_scores_decode(regions, layout, bt, pos, mass, own_from)
-        maintain_hi_decode(regions, layout, config, bt, pos, k, v, own_from)
+        maintain_hi_decode(regions, layout, config, bt, pos, k, v, mass, own_from)
     return out

@@ -47,8 +47,8 @@ def forward_request(regions: torch.Tensor, layout: RegionLayout, config: MiKVCon
         vote_from = ref.first_voting_row(config, q.shape[0]) if layout.hi_slots else None
         out, mass = chunked_attention(regions, layout, block_row, ctx_len, q, k, v, scale, b, vote_from)
         if mass is not None:
-            ref.accumulate_scores(regions, layout, block_row, mass)
-            ref.maintain_hi(regions, layout, config, block_row, ctx_len, k, v)
+            ref.accumulate_scores(regions, layout, block_row, ctx_len, mass)
+            ref.maintain_hi(regions, layout, config, block_row, ctx_len, k, v, mass)
         return out
     return forward_decode(regions, layout, config, block_row[None], [ctx_len], q, k, v, scale)
 

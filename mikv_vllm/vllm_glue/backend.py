@@ -101,14 +101,12 @@ class MiKVAttentionBackend(AttentionBackend):
 
     @classmethod
     def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
-        """Declare the compressed bytes per token so vLLM fits more blocks."""
+        """Declare the compressed bytes per token so vLLM fits more blocks. The page is bytes
+        (``dtype`` uint8, as vLLM's own packed caches): C needs no rounding to the model dtype."""
         if spec.head_size_v != spec.head_size:
             raise ValueError(f"MiKV needs equal K/V head sizes, got {spec.head_size}/{spec.head_size_v}")
         layout = RegionLayout.build(active_config(), spec.block_size, spec.head_size)
-        elem = torch.empty((), dtype=spec.dtype).element_size()
-        if layout.content_bytes % elem:
-            raise ValueError(f"MiKV page content {layout.content_bytes} B is not a multiple of {spec.dtype}")
-        return dataclasses.replace(spec, state_content_bytes=layout.content_bytes)
+        return dataclasses.replace(spec, state_content_bytes=layout.content_bytes, dtype=torch.uint8)
 
 
 @dataclass

@@ -39,11 +39,11 @@ def test_table_rows_against_hand_computed_numbers():
     assert {(r["preset"], r["head_dim"], r["block_size"]) for r in rows} == \
         {(p, d, n) for p in PRESETS for d in (64, 128) for n in (16, 128)}
     # mikv (INT3, r = 0.1) at D = 64, N = 128 (tests/core/test_layout.py works the bytes out):
-    # lo 64, hi 26 (13 slots x 256 B / 128), bookkeeping 4 (score) + 0.40625 (tags) + 1 (balancer)
-    # + 0.59375 (padding) = 6; 96 / 256 of fp16; paper: (0.1 * 16 + 0.9 * (3 + 1)) / 16 = 0.325
+    # lo 64, hi 26 (13 slots x 256 B / 128), bookkeeping 0.40625 (slot scores) + 0.40625 (tags)
+    # + 1 (balancer) + 0.1875 (alignment) = 2; 92 / 256 of fp16; paper: (0.1 * 16 + 0.9 * (3 + 1)) / 16
     row = bytes_row(preset("mikv"), 64, 128)
-    assert (row["bytes_per_token"], row["lo_kv"], row["hi_kv"], row["bookkeeping"]) == (96, 64, 26, 6)
-    assert row["dense_fp16"] == 256 and row["in_page_fraction"] == 0.375
+    assert (row["bytes_per_token"], row["lo_kv"], row["hi_kv"], row["bookkeeping"]) == (92, 64, 26, 2)
+    assert row["dense_fp16"] == 256 and row["in_page_fraction"] == 92 / 256
     assert row["paper_fraction"] == pytest.approx(0.325) and row["hi_slots"] == 13
     assert row["paper_with_lo_copy"] == pytest.approx((0.1 * 16 + 4) / 16)
     # rtn (INT2) at D = 128, N = 16: 32 B codes + 8 B (s, z) per K and per V, nothing else
@@ -69,11 +69,12 @@ def test_page_format_rows_hand_computed():
                       rotation=True)
     row = bytes_row(cand, 64, 128)
     # lo: 2 x (24 B codes + 1 group x 4 B s/z) = 56; hi: 7 slots x 2 x 64 B (fp8) / 128 = 7;
-    # score 4 + tags 7 x 4 / 128 + balancer 128 / 128 = 5.21875; C rounded up to a multiple of 4: 72
-    assert (row["bytes_per_token"], row["lo_kv"], row["hi_kv"], row["hi_slots"]) == (72, 56, 7, 7)
-    assert row["bookkeeping"] == pytest.approx(72 - 63)
+    # tags and slot scores 7 x 4 B each (16-aligned: 32 + 32) / 128 + balancer 128 / 128 = 1.5;
+    # 64.5 rounded up to a whole byte: 65
+    assert (row["bytes_per_token"], row["lo_kv"], row["hi_kv"], row["hi_slots"]) == (65, 56, 7, 7)
+    assert row["bookkeeping"] == pytest.approx(65 - 63)
     fp16 = bytes_row(cand.replace(hi_dtype="float16"), 64, 128)
-    assert fp16["hi_kv"] == 2 * row["hi_kv"] and fp16["bytes_per_token"] == 76
+    assert fp16["hi_kv"] == 2 * row["hi_kv"] and fp16["bytes_per_token"] == 72
     assert row["paper_fraction"] == pytest.approx((0.05 * 8 + 0.95 * (3 + 0.5)) / 16)
     assert row["paper_with_lo_copy"] == pytest.approx((0.05 * 8 + 3.5) / 16)
     g64 = bytes_row(preset("rtn-int4").replace(group_size=64), 64, 128)

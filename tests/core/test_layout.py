@@ -31,26 +31,26 @@ def test_views_disjoint_aligned_in_bounds(name, d, n):
     spans.sort()
     assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
     assert regions[0].sum() == 0 and regions[2].sum() == 0 and regions[1, 0].sum() == 0
-    assert lay.content_bytes % 4 == 0
+    assert lay.region_bytes == lay.content_bytes * n and lay.region_bytes % ALIGN == 0   # whole bytes per token
 
 
 # Worked by hand (bytes of one (block, head) region; every sub-array starts 16-byte aligned; then
-# bytes per token = region / N rounded up to a multiple of 4):
+# bytes per token = region / N rounded up to a whole byte; one fp32 score per hi slot, not per token):
 #   mikv (INT3, r=0.1, fp16 hi, balancer), D=64, N=128: codes 24 B/token per K and per V, 2 groups
-#   of fp16 (s, z) = 8 B per K and per V -> lo 64 B/token = 8192; scores fp32 512; R = ceil(12.8) = 13
-#   tags 52 -> 64 aligned; hi K and V 13*64*2 = 1664 each; balancer 128.
-#   8192 + 512 + 64 + 3328 + 128 = 12224 -> 95.5 -> 96 B/token.
-#   mikv-paper (INT2, r=0.2), D=128, N=16: codes 32 + s/z 8 per K/V -> lo 80/token = 1280; scores 64;
-#   R = ceil(3.2) = 4, tags 16; hi 4*128*2 = 1024 each; balancer 256 -> 1280+64+16+2048+256 = 3664
-#   -> 229 -> 232 B/token.
+#   of fp16 (s, z) = 8 B per K and per V -> lo 64 B/token = 8192; R = ceil(12.8) = 13: tags 52 -> 64
+#   aligned, scores 52 -> 64; hi K and V 13*64*2 = 1664 each; balancer 128.
+#   8192 + 64 + 64 + 3328 + 128 = 11776 -> 92 B/token.
+#   mikv-paper (INT2, r=0.2), D=128, N=16: codes 32 + s/z 8 per K/V -> lo 80/token = 1280; R =
+#   ceil(3.2) = 4: tags 16, scores 16; hi 4*128*2 = 1024 each; balancer 256 -> 1280+16+16+2048+256
+#   = 3616 -> 226 B/token.
 #   rtn (INT2, no hi tier, no balancer), D=64, N=128: codes 16 + s/z 8 per K/V -> 48 B/token exactly.
-#   h2o (no lo copy, r=0.2), D=64, N=16: scores 64; R = 4, tags 16; hi 4*64*2 = 512 each -> 1104
-#   -> 69 -> 72 B/token.
+#   h2o (no lo copy, r=0.2), D=64, N=16: R = 4, tags 16, scores 16; hi 4*64*2 = 512 each -> 1056
+#   -> 66 B/token.
 HAND = [
-    ("mikv", 64, 128, 96, dict(lo_kv=64, score=4, tag=52 / 128, hi_kv=3328 / 128, balancer=1.0)),
-    ("mikv-paper", 128, 16, 232, dict(lo_kv=80, score=4, tag=1.0, hi_kv=128, balancer=16.0)),
+    ("mikv", 64, 128, 92, dict(lo_kv=64, score=52 / 128, tag=52 / 128, hi_kv=3328 / 128, balancer=1.0)),
+    ("mikv-paper", 128, 16, 226, dict(lo_kv=80, score=1.0, tag=1.0, hi_kv=128, balancer=16.0)),
     ("rtn", 64, 128, 48, dict(lo_kv=48, score=0, tag=0, hi_kv=0, balancer=0)),
-    ("h2o", 64, 16, 72, dict(lo_kv=0, score=4, tag=1.0, hi_kv=64, balancer=0)),
+    ("h2o", 64, 16, 66, dict(lo_kv=0, score=1.0, tag=1.0, hi_kv=64, balancer=0)),
 ]
 
 
@@ -62,13 +62,14 @@ def test_bytes_match_a_hand_computation(name, d, n, total, parts):
     for key, value in parts.items():
         assert br[key] == pytest.approx(value), key
     used = sum(parts.values())
-    assert br["padding"] == pytest.approx(total - used) and 0 <= total - used < 4 + 3 * 16 / n
+    assert br["padding"] == pytest.approx(total - used) and 0 <= total - used < 1 + 9 * 15 / n
 
 
 def test_integration_reference_figure():
-    # vllm-0.32-integration.md §7: INT2, r = 0.2, N = 16, D = 128, no balancer header -> 216 B
+    # vllm-0.32-integration.md §7: INT2, r = 0.2, N = 16, D = 128, no balancer header -> 216 B with a
+    # score per token (4 B); with one score per hi slot (4 slots x 4 B / 16 tokens) it is 210 B
     cfg = MiKVConfig(policy="mikv", lo_bits=2, hi_ratio=0.2, balancer=False)
-    assert RegionLayout.build(cfg, 16, 128).content_bytes == 216
+    assert RegionLayout.build(cfg, 16, 128).content_bytes == 210
 
 
 def test_as_regions_is_a_view_and_rejects_strided_caches():
