@@ -33,7 +33,8 @@ def smoke(model_dir, tmp_path_factory):
                "--jobs", "2", "--lengths", str(LENGTH), "--trials", str(TRIALS),
                "--needle-length", "384", "--needle-depths", "0.5", "--needle-trials", "1",
                "--ppl-windows", "1", "--ppl-length", "384", "--ppl-chunk", "128",
-               "--agree-prompts", "1", "--agree-prompt-len", "128", "--agree-tokens", "16"])
+               "--agree-prompts", "1", "--agree-prompt-len", "128", "--agree-tokens", "16",
+               "--decode-windows", "1"])
     assert rc == 0
     doc = json.loads((out / "summary.json").read_text())
     rows = {r["label"]: r for r in doc["summary"]["rows"]}
@@ -61,6 +62,18 @@ def test_harness_outputs(smoke):
         assert r["passkey"][str(LENGTH)]["trials"] == TRIALS, label
         assert r["ppl"] is not None and r["agreement_match"] is not None, label
         assert r["needle"], label
+        assert r["ppl_decode"] is not None, label
+
+
+@pytest.mark.engine
+def test_decode_perplexity_reads_the_compressed_cache(smoke):
+    """The forced decode steps (288-token prefix, 95 scored steps) score every config against the same text:
+    the full cache defines 1, and the lossy caches are worse in the order of their low-precision bits."""
+    _, _, rows = smoke
+    assert rows["stock"]["ppl_decode_ratio"] == pytest.approx(1.0) and 1 < rows["stock"]["ppl_decode"] < 200
+    paper, rtn = _row(rows, "mikv-paper"), _row(rows, "rtn")
+    assert paper["ppl_decode_ratio"] > 1.001, paper["ppl_decode_ratio"]   # exactly 1 = the cache was not read
+    assert rtn["ppl_decode_ratio"] > paper["ppl_decode_ratio"]
 
 
 @pytest.mark.engine
@@ -77,8 +90,9 @@ def test_reported_bytes_are_the_engines(smoke):
         assert r["implied_bytes_per_token_per_head"] == pytest.approx(r["bytes_per_token_per_head"], rel=0.01), label
         assert r["capacity_vs_stock"] > 1, label
     assert (meta["head_dim"], meta["block_size"]) == (64, 128)
-    # worked by hand in tests/core/test_layout.py-style: INT2 r=0.2 at D=64, N=128 -> 108 B
-    assert _row(rows, "mikv-paper")["bytes_per_token_per_head"] == 108
+    # worked by hand in tests/core/test_layout.py-style: INT2 r=0.2 at D=64, N=128: lo 48 + hi 26 slots x 256 B
+    # / 128 = 52 + tags and slot scores 2 x 112 B / 128 + balancer 1 = 102.75 -> 103 B
+    assert _row(rows, "mikv-paper")["bytes_per_token_per_head"] == 103
 
 
 @pytest.mark.engine
@@ -152,12 +166,16 @@ def test_workload_is_deterministic_and_complete():
     assert [r.prompt for r in a] == [r.prompt for r in b]
     assert len(a) == w.num_requests()
     kinds = {r.probe for r in a}
-    assert kinds == {"passkey", "needle", "ppl", "agreement"}
+    assert kinds == {"passkey", "needle", "ppl", "agreement", "ppl_decode"}
+    windows = {r.cell: r.prompt["prompt_token_ids"] for r in a if r.probe == "ppl"}
     for r in a:
         if r.probe in ("passkey", "needle"):
             assert r.answer in r.prompt
         if r.probe == "ppl":
             assert r.prompt_logprobs and r.meta["skip"] == 64 and r.num_prompt_tokens == 256
+        if r.probe == "ppl_decode":   # the same window: 3/4 prefilled whole, the rest forced one per step
+            assert r.num_prompt_tokens == 192 and r.max_tokens == 64 and r.ignore_eos and not r.prompt_logprobs
+            assert r.prompt["prompt_token_ids"] + r.forced == windows[r.cell]
 
 
 def _fake_result(label, policy, mikv, passkey_ok, nll, tokens=None):
@@ -199,14 +217,14 @@ def test_budget_comparison_best_per_family_with_no_more_bytes():
 
     results = [
         _fake_result("stock", "stock", None, 10, 200.0),
-        _fake_result("int3", "mikv", mikv_config(3, 0.05).to_dict(), 9, 201.0),    # 84 B
-        _fake_result("int4", "mikv", mikv_config(4, 0.2).to_dict(), 10, 200.0),    # 140 B
+        _fake_result("int3", "mikv", mikv_config(3, 0.05).to_dict(), 9, 201.0),    # 80 B
+        _fake_result("int4", "mikv", mikv_config(4, 0.2).to_dict(), 10, 200.0),    # 135 B
         _fake_result("rtn3", "rtn", rtn_config(3).to_dict(), 10, 202.0),           # 64 B
         _fake_result("h2o", "h2o", h2o_config(0.4).to_dict(), 3, 205.0),           # 112 B
     ]
     entries = {e["budget"]: e for e in budget_comparison(summarize(results))}
-    assert set(entries) == {84.0, 140.0}
-    e84, e140 = entries[84.0], entries[140.0]
+    assert set(entries) == {80.0, 135.0}
+    e84, e140 = entries[80.0], entries[135.0]
     assert e84["mikv"]["label"] == "int3" and e84["rtn"]["label"] == "rtn3" and e84["h2o"] is None
     assert e84["mikv_ge_rtn"] == {"retrieval": False, "ppl": True} and e84["mikv_ge_h2o"] is None
     assert e140["mikv"]["label"] == "int4" and e140["h2o"]["label"] == "h2o"
@@ -229,6 +247,61 @@ def test_pick_and_tuner_share_one_rule():
     picked = {r["label"]: r["passes"] for r in pick_default(s)["candidates"]}
     tuned = {r["label"]: r["passes"] for r in best_under_budget(s, 1.0)["ranked"]}
     assert picked == tuned == {"int3-short": False, "int4": True}
+
+
+def test_default_pick_skips_configs_a_baseline_beats():
+    """The product rule: the fewest-bytes MiKV config passing the bar that no rtn / h2o config with no more
+    bytes matches; the cheaper one a baseline beats is reported as bar-only."""
+    from mikv_vllm.eval.configs import mikv_config, rtn_config
+    from mikv_vllm.eval.report import dominating_baselines, pick_default, render_markdown, summarize
+
+    results = [
+        _fake_result("stock", "stock", None, 10, 200.0),
+        _fake_result("int3", "mikv", mikv_config(3, 0.05).to_dict(), 10, 202.5),             # 80 B, bar ok
+        _fake_result("int4-lean", "mikv", mikv_config(4, 0.03, group_size=64, hi_dtype="float8_e4m3fn").to_dict(),
+                     10, 200.5),                                                              # 78 B
+        _fake_result("int4", "mikv", mikv_config(4, 0.2).to_dict(), 10, 200.0),              # 135 B
+        _fake_result("rtn4", "rtn", rtn_config(4, group_size=64).to_dict(), 10, 201.0),      # 72 B
+    ]
+    s = summarize(results)
+    rows = {r["label"]: r for r in s["rows"]}
+    assert [r["label"] for r in dominating_baselines(s, rows["int3"])] == ["rtn4"]
+    assert dominating_baselines(s, rows["int4-lean"]) == []          # 1.0025 < 1.005: rtn4 is worse
+    pick = pick_default(s)
+    assert pick["chosen"]["label"] == "int4-lean" and pick["bar_only"] is None
+    # make the lean one worse than rtn4: int4 (more bytes) is chosen, nothing cheaper passes
+    results[2] = _fake_result("int4-lean", "mikv", results[2]["config"]["mikv"], 10, 201.5)
+    s = summarize(results)
+    pick = pick_default(s)
+    assert pick["chosen"]["label"] == "int4"
+    assert {r["label"]: r["beaten_by"] for r in pick["candidates"]}["int3"] == ["rtn4"]
+    md = render_markdown(s, {"head_dim": 64}, pick)
+    assert "Best of each family at the headline budgets" in md and "| rtn4 |" not in md.split("Default pick")[1][:80]
+
+
+def test_frontier_suite_takes_the_screens_near_frontier_configs():
+    from mikv_vllm.eval import configs as C
+
+    def row(label, policy, b, pk, ppl, **cfg):
+        c = (C.rtn_config(cfg.pop("lo_bits"), **cfg) if policy == "rtn" else C.mikv_config(cfg.pop("lo_bits"),
+             cfg.pop("r"), **cfg))
+        return {"label": label, "policy": policy, "family": policy, "config": c.to_dict(), "ablation": None,
+                "bytes_per_token_per_head": b, "passkey_correct": pk, "ppl_ratio": ppl}
+    rows = [row("a", "mikv", 60, 8, 1.050, lo_bits=3, r=0.05), row("b", "mikv", 62, 8, 1.049, lo_bits=3, r=0.1),
+            row("c", "mikv", 70, 8, 1.080, lo_bits=2, r=0.1), row("d", "mikv", 78, 8, 1.001, lo_bits=4, r=0.03),
+            row("e", "mikv", 79, 7, 1.000, lo_bits=4, r=0.05), row("f", "rtn", 64, 8, 1.07, lo_bits=3),
+            row("g", "mikv", 200, 8, 1.0, lo_bits=4, r=0.5)]
+    near = {r["label"] for r in C.frontier_candidates(rows)}
+    # b: within the noise of a (cheaper) -> kept; c: clearly beaten by a; e: fewer passkeys than d -> kept;
+    # f: another policy, not compared with mikv; g: above SCREEN_MAX_BYTES
+    assert near == {"a", "b", "d", "e", "f"}
+    suite = C.frontier_configs_from_screen(rows, 64, 128)
+    labels = [c.label for c in suite]
+    assert {"a", "b", "d", "e", "f", "rtn-int4-g32", "rtn-int4-g64-rot", "h2o-r0.2"} <= set(labels)
+    from mikv_vllm.config import preset
+    assert C.EvalConfig.from_mikv(preset("mikv")).key() in {c.key() for c in suite}   # (b is the shipped preset)
+    sizes = [C.bytes_of(c.config(), 64, 128) for c in suite]
+    assert sizes == sorted(sizes) and len(labels) == len(set(labels))
 
 
 def test_tuned_yaml_loads_as_the_same_config(tmp_path):

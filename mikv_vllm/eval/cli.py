@@ -9,6 +9,7 @@ preset YAML for a byte budget.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import sys
@@ -19,20 +20,22 @@ from ..errors import CLIError
 
 SUITES = ("sweep", "frontier", "ablations", "full", "smoke", "screen")
 DEFAULT_OUT = "results/quality"
+# the committed screen whose near-frontier configs make the frontier suite (docs/quality.md)
+DEFAULT_SCREEN = Path(__file__).resolve().parents[2] / "docs" / "results" / "screen" / "summary.json"
 
 # --quick: small and fast (minutes), for checking a setup, not for conclusions.
 QUICK_WORKLOAD = dict(passkey_lengths=(512,), passkey_trials=8, needle_length=512, needle_depths=(0.25, 0.75),
                       needle_trials=2, ppl_windows=1, ppl_length=512, ppl_chunk=128, agree_prompts=2,
-                      agree_prompt_len=128, agree_tokens=32)
+                      agree_prompt_len=128, agree_tokens=32, decode_windows=1)
 # --suite screen (page-format screening grid, 100 engines): the PPL probe and short passkeys only.
 SCREEN_WORKLOAD = dict(passkey_lengths=(1024,), passkey_trials=8, needle_depths=(), needle_trials=0,
-                       ppl_windows=2, ppl_length=1024, ppl_chunk=16, agree_prompts=0)
+                       ppl_windows=2, ppl_length=1024, ppl_chunk=16, agree_prompts=0, decode_windows=2)
 SCREEN_QUICK_WORKLOAD = dict(passkey_lengths=(512,), passkey_trials=4, needle_depths=(), needle_trials=0,
-                             ppl_windows=1, ppl_length=512, ppl_chunk=16, agree_prompts=0)
+                             ppl_windows=1, ppl_length=512, ppl_chunk=16, agree_prompts=0, decode_windows=1)
 TUNE_WORKLOAD = dict(passkey_lengths=(512, 1024), passkey_trials=8, needle_length=1024, needle_depths=(),
-                     needle_trials=0, ppl_windows=1, ppl_length=1024, ppl_chunk=16, agree_prompts=0)
+                     needle_trials=0, ppl_windows=1, ppl_length=1024, ppl_chunk=16, agree_prompts=0, decode_windows=1)
 TUNE_QUICK_WORKLOAD = dict(passkey_lengths=(512,), passkey_trials=6, needle_depths=(), needle_trials=0,
-                           ppl_windows=1, ppl_length=512, ppl_chunk=128, agree_prompts=0)
+                           ppl_windows=1, ppl_length=512, ppl_chunk=128, agree_prompts=0, decode_windows=1)
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -64,6 +67,10 @@ def _common_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ppl-windows", type=int, default=None)
     g.add_argument("--ppl-length", type=int, default=None)
     g.add_argument("--ppl-chunk", type=int, default=None, help="prefill chunk of the PPL probe (default 16; --quick: 128)")
+    g.add_argument("--decode-windows", type=int, default=None,
+                   help="decode perplexity: windows (of --ppl-length) whose prefix is prefilled whole and the rest "
+                        "forced through decode steps (default 2; 0: off)")
+    g.add_argument("--decode-prefix", type=float, default=None, help="share of a decode window prefilled (default 0.75)")
     g.add_argument("--agree-prompts", type=int, default=None)
     g.add_argument("--agree-prompt-len", type=int, default=None)
     g.add_argument("--agree-tokens", type=int, default=None)
@@ -72,7 +79,7 @@ def _common_args(p: argparse.ArgumentParser) -> None:
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--suite", choices=SUITES, default=None,
-                   help="sweep: policies x ~20/25/33/50%% cache (default); frontier: lo bits x r + H2O; "
+                   help="sweep: policies x ~20/25/33/50%% cache (default); frontier: the near-frontier configs of a screen + baselines; "
                         "ablations: knobs of mikv-paper; full: all three; smoke: mikv-paper vs equal-bytes h2o "
                         "vs rtn (default with --quick); screen: page formats (lo bits x r x group x hi dtype x "
                         "rotation, rtn, h2o) on a reduced workload (PPL probe + 1024-token passkeys; --quick: "
@@ -80,6 +87,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--configs", default=None,
                    help="instead of a suite: comma-separated presets (or 'stock'); stock is always added")
     p.add_argument("--targets", type=_floats, default=None, help="sweep targets (fractions of a 16-bit cache)")
+    p.add_argument("--screen", default=None, help="frontier: the screen summary.json to pick configs from "
+                   "(default: docs/results/screen/summary.json)")
     _common_args(p)
 
 
@@ -101,8 +110,12 @@ def _workload(args, base: dict | None = None):
             "needle_depths": args.needle_depths, "needle_trials": args.needle_trials,
             "ppl_windows": args.ppl_windows, "ppl_length": args.ppl_length, "ppl_chunk": args.ppl_chunk,
             "agree_prompts": args.agree_prompts, "agree_prompt_len": args.agree_prompt_len,
-            "agree_tokens": args.agree_tokens, "seed": args.seed}
-    return w.replace(**{k: v for k, v in over.items() if v is not None})
+            "agree_tokens": args.agree_tokens, "seed": args.seed, "decode_windows": args.decode_windows,
+            "decode_prefix": args.decode_prefix}
+    try:
+        return w.replace(**{k: v for k, v in over.items() if v is not None})
+    except ValueError as exc:
+        raise CLIError(f"workload: {exc}") from None
 
 
 def _model(args) -> str:
@@ -143,7 +156,18 @@ def _block_size() -> int:
         return 128
 
 
-def suite_configs(suite: str, head_dim: int, block_size: int, targets=None):
+def screen_rows(path: str | os.PathLike | None = None) -> list[dict]:
+    """Rows of a screen run's ``summary.json`` (default: the committed one, :data:`DEFAULT_SCREEN`)."""
+    path = Path(path or DEFAULT_SCREEN)
+    try:
+        doc = json.loads(path.read_text())
+        return doc["summary"]["rows"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CLIError(f"--suite frontier picks its configs from a screen's summary.json: cannot read {path} "
+                       f"({exc}); run `mikv-vllm eval --suite screen` and pass --screen OUT/summary.json") from None
+
+
+def suite_configs(suite: str, head_dim: int, block_size: int, targets=None, screen=None):
     from . import configs as C
 
     stock = C.EvalConfig.stock(("reference",))
@@ -155,7 +179,7 @@ def suite_configs(suite: str, head_dim: int, block_size: int, targets=None):
     if suite == "sweep":
         return C.dedupe([stock, *sweep])
     if suite == "frontier":
-        return C.dedupe([stock, *C.frontier_configs()])
+        return C.dedupe([stock, *C.frontier_configs_from_screen(screen_rows(screen), head_dim, block_size)])
     if suite == "ablations":
         return C.dedupe([stock, *C.ablation_configs()])
     # full, in the order that makes a partial run most useful (results are cached per config and the
@@ -204,7 +228,7 @@ def run_eval(args: argparse.Namespace) -> int:
                         + [C.EvalConfig.parse(x.strip()) for x in args.configs.split(",") if x.strip()])
         suite = "custom"
     else:
-        cfgs = suite_configs(suite, head_dim, block_size, args.targets)
+        cfgs = suite_configs(suite, head_dim, block_size, args.targets, args.screen)
     workload = _workload(args, (SCREEN_QUICK_WORKLOAD if args.quick else SCREEN_WORKLOAD)
                          if suite == "screen" else None)
     out = Path(args.out or f"{DEFAULT_OUT}-{suite}{'-quick' if args.quick else ''}")
@@ -230,8 +254,18 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------ tune
+# tune: per family, the page formats that led the measured frontier (docs/quality.md); each gets the
+# most bytes the budget allows (mikv: the largest hi ratio in whole slots per block)
+TUNE_MIKV_FORMATS = {4: dict(group_size=64, hi_dtype="float8_e4m3fn"),
+                     3: dict(group_size=64, hi_dtype="float8_e4m3fn", rotation=True, balancer=False),
+                     2: dict(group_size=64, hi_dtype="float8_e4m3fn", rotation=True)}
+TUNE_RTN_FORMATS = (dict(group_size=32, rotation=True), dict(group_size=64, rotation=True))
+
+
 def tune_candidates(budget: float, head_dim: int, block_size: int):
-    """At most one config per family: the largest that fits ``budget`` (fraction of a 16-bit cache)."""
+    """Per family the largest config of its page format that fits ``budget`` (fraction of a 16-bit
+    cache): mikv INT2 / 3 / 4 (:data:`TUNE_MIKV_FORMATS`), uniform rtn (:data:`TUNE_RTN_FORMATS`, the
+    most bits that fit), h2o with fp8 copies."""
     from . import configs as C
     from ..core.layout import dense_bytes_per_token
 
@@ -239,22 +273,38 @@ def tune_candidates(budget: float, head_dim: int, block_size: int):
     out = []
 
     def best(cands):
-        fit = [(C.bytes_of(c, head_dim, block_size), c) for c in cands]
+        fit = []
+        for c in cands:
+            try:
+                fit.append((C.bytes_of(c, head_dim, block_size), c))
+            except ValueError:      # a format this head_dim cannot take (group, rotation)
+                continue
         fit = [fc for fc in fit if fc[0] <= limit + 1e-9]
         return max(fit, key=lambda fc: fc[0])[1] if fit else None
 
-    steps = [k / block_size for k in range(1, block_size + 1)]
-    for lo in (2, 3, 4):
-        c = best([C.mikv_config(lo, round(r, 6)) for r in steps])
+    def add(c, family):
         if c is not None:
-            out.append(C.EvalConfig.from_mikv(c, groups=("tune",)))
-    rtn = best([C.rtn_config(b).replace(balancer=True, name=f"rtn-int{b}+balancer") for b in (2, 3, 4, 8)])
-    if rtn is not None:
-        out.append(C.EvalConfig.from_mikv(rtn, groups=("tune",)))
-    h2o = best([C.h2o_config(round(r, 6)) for r in steps])
-    if h2o is not None:
-        out.append(C.EvalConfig.from_mikv(h2o, groups=("tune",)))
-    return out
+            fmt = C.format_label(c, head_dim)
+            c = c.replace(name=f"{c.name}-{fmt}" if fmt else c.name)
+            out.append(C.EvalConfig.from_mikv(c, family=family, groups=("tune",)))
+
+    def usable(fmt: dict) -> dict:
+        """``fmt`` where ``head_dim`` allows it, else without the group size and rotation it cannot take
+        (default group head_dim / 2; the balancer back on)."""
+        try:
+            C.rtn_config(4, **{k: v for k, v in fmt.items() if k in ("group_size", "rotation")}).validate(head_dim)
+            return fmt
+        except ValueError:
+            return {**{k: v for k, v in fmt.items() if k not in ("group_size", "rotation")}, "balancer": True}
+
+    steps = [round(k / block_size, 6) for k in range(1, block_size + 1)]
+    for lo, fmt in TUNE_MIKV_FORMATS.items():
+        add(best([C.mikv_config(lo, r, **usable(fmt)) for r in steps]), f"mikv INT{lo}")
+    for fmt in TUNE_RTN_FORMATS:
+        rtn = {k: v for k, v in usable(fmt).items() if k != "balancer"}
+        add(best([C.rtn_config(b, name=f"rtn-int{b}", **rtn) for b in (2, 3, 4, 8)]), "rtn")
+    add(best([C.h2o_config(r, hi_dtype="float8_e4m3fn") for r in steps]), "h2o")
+    return C.dedupe(out)
 
 
 def run_tune(args: argparse.Namespace) -> int:

@@ -385,3 +385,49 @@ def dedupe(configs: Iterable[EvalConfig]) -> list[EvalConfig]:
         seen[k] = seen[k].merged(c) if k in seen else c
     return list(seen.values())
 
+
+
+# ------------------------------------------------------------ frontier from a screen
+SCREEN_NOISE = (0.8, 0.003)   # a PPL excess (ratio - 1) beaten only below 0.8 x it - 0.003: the screen's noise
+SCREEN_MAX_BYTES = 96          # screened candidates up to the bytes of the previous default (INT3 r 0.1)
+
+
+def _beats(s: dict, r: dict, noise: tuple[float, float] = SCREEN_NOISE) -> bool:
+    """Screen row ``s`` has no more bytes, at least ``r``'s passkeys, and a PPL excess (ratio - 1)
+    clearly below ``r``'s (``< factor * excess - slack``), or the same PPL at fewer bytes."""
+    if s["bytes_per_token_per_head"] > r["bytes_per_token_per_head"] or s["passkey_correct"] < r["passkey_correct"]:
+        return False
+    ps, pr = s.get("ppl_ratio"), r.get("ppl_ratio")
+    if ps is None or pr is None:
+        return False
+    factor, slack = noise
+    if ps - 1 < factor * (pr - 1) - slack:
+        return True
+    return ps <= pr and s["bytes_per_token_per_head"] < r["bytes_per_token_per_head"]
+
+
+def frontier_candidates(rows: Sequence[dict], max_bytes: float = SCREEN_MAX_BYTES) -> list[dict]:
+    """Rows of a screen summary (``summary.json``'s ``summary.rows``) near their policy's frontier: at most
+    ``max_bytes`` and no row of the same policy beats them (:func:`_beats`). Stock and ablations are left out."""
+    rows = [r for r in rows if r["policy"] in ("mikv", "rtn", "h2o") and not r.get("ablation")
+            and r["bytes_per_token_per_head"] <= max_bytes]
+    return [r for r in rows if not any(s is not r and s["policy"] == r["policy"] and _beats(s, r) for s in rows)]
+
+
+def frontier_configs_from_screen(rows: Sequence[dict], head_dim: int, block_size: int) -> list[EvalConfig]:
+    """The frontier suite: the screen's near-frontier configs (:func:`frontier_candidates`), the
+    baselines (uniform INT3 / INT4 with each group and rotation, H2O r 0.2 / 0.3 / 0.4), the points of
+    the paper grid cut from the last full run (INT3 / INT4 r 0.2), the shipped ``mikv`` preset and
+    ``mikv-paper``; cheapest real bytes first."""
+    picked = [EvalConfig.from_mikv(MiKVConfig(**r["config"]), label=r["label"], family=r["family"],
+                                   groups=("frontier", "screened")) for r in frontier_candidates(rows)]
+    base = [EvalConfig.from_mikv(rtn_config(b, name=f"rtn-int{b}-g{g}{'-rot' if rot else ''}", group_size=g,
+                                            rotation=rot), family="rtn", groups=("frontier", "baseline"))
+            for b in (3, 4) for g in (32, 64) for rot in (False, True) if head_dim % g == 0]
+    base += [EvalConfig.from_mikv(h2o_config(r), groups=("frontier", "baseline")) for r in FRONTIER_H2O_RATIOS]
+    base += [EvalConfig.from_mikv(mikv_config(b, 0.2), groups=("frontier", "grid")) for b in (3, 4)]
+    base += [EvalConfig.from_mikv(preset("mikv").replace(name="mikv (shipped)"), groups=("frontier", "preset")),
+             EvalConfig.from_mikv(preset("mikv-paper"), groups=("frontier", "preset"))]
+    out = dedupe([*picked, *base])
+    out.sort(key=lambda e: bytes_of(e.config(), head_dim, block_size))
+    return out

@@ -39,6 +39,7 @@ def summarize(results: Sequence[dict]) -> dict[str, Any]:
     """Rows (one per config) + the stock reference + out-of-reach lengths."""
     stock = next((r for r in results if r["config"]["policy"] == "stock"), None)
     ref_ppl = _ppl(stock) if stock else None
+    ref_dec = _ppl(stock, "ppl_decode") if stock else None
     ref_agree = {r["id"]: r["tokens"] for r in stock["probes"].get("agreement", [])} if stock else {}
     ref_cap = stock["engine"]["capacity_tokens"] if stock else None
     out_of_reach: list[str] = []
@@ -79,6 +80,9 @@ def summarize(results: Sequence[dict]) -> dict[str, Any]:
         ppl = _ppl(res)
         row["ppl"] = ppl
         row["ppl_ratio"] = ppl / ref_ppl if (ppl and ref_ppl) else None
+        dec = _ppl(res, "ppl_decode")
+        row["ppl_decode"] = dec
+        row["ppl_decode_ratio"] = dec / ref_dec if (dec and ref_dec) else None
         matches, firsts, identical = [], [], 0
         for rec in res["probes"].get("agreement", []):
             ref = ref_agree.get(rec["id"])
@@ -100,14 +104,15 @@ def summarize(results: Sequence[dict]) -> dict[str, Any]:
         rows.append(row)
     return {"rows": rows, "out_of_reach_lengths": out_of_reach,
             "agree_tokens": results[0]["workload"].get("agree_tokens") if results and "workload" in results[0] else None,
-            "reference": {"ppl": ref_ppl, "capacity_tokens": ref_cap,
+            "reference": {"ppl": ref_ppl, "ppl_decode": ref_dec, "capacity_tokens": ref_cap,
                           "passkey": next((r["passkey"] for r in rows if r["policy"] == "stock"), None)}}
 
 
-def _ppl(res: dict | None) -> float | None:
+def _ppl(res: dict | None, probe: str = "ppl") -> float | None:
+    """Perplexity of a probe: ``ppl`` (chunked prefill) or ``ppl_decode`` (teacher-forced decode)."""
     if not res:
         return None
-    recs = res["probes"].get("ppl", [])
+    recs = res["probes"].get(probe, [])
     nll = sum(r["nll"] for r in recs)
     n = sum(r["tokens"] for r in recs)
     return math.exp(nll / n) if n else None
@@ -115,25 +120,31 @@ def _ppl(res: dict | None) -> float | None:
 
 # ------------------------------------------------------------------ default pick
 def passes_rule(row: dict, stock: dict | None) -> bool:
-    """The default-pick rule: passkey correct within ``PASSKEY_SLACK_TRIALS`` of the full cache over
-    the same number of trials (in-reach lengths), and PPL ratio <= ``PPL_RATIO_MAX``."""
+    """The default-pick quality bar: passkey correct within ``PASSKEY_SLACK_TRIALS`` of the full cache
+    over the same number of trials (in-reach lengths), PPL ratio <= ``PPL_RATIO_MAX``, and the decode
+    PPL ratio too where it was measured."""
+    dec = row.get("ppl_decode_ratio")
     return bool(stock is not None
                 and row["passkey_trials"] == stock["passkey_trials"]
                 and row["passkey_correct"] >= stock["passkey_correct"] - PASSKEY_SLACK_TRIALS
-                and row["ppl_ratio"] is not None and row["ppl_ratio"] <= PPL_RATIO_MAX)
+                and row["ppl_ratio"] is not None and row["ppl_ratio"] <= PPL_RATIO_MAX
+                and (dec is None or dec <= PPL_RATIO_MAX))
 
 
 def pick_default(summary: dict, families: Sequence[str] | None = None,
                  max_fraction: float | None = None) -> dict[str, Any]:
-    """The fewest-bytes mikv-policy config whose passkey accuracy is within one trial of
-    full cache (summed over in-reach lengths) and whose PPL ratio is <= 1.03.
+    """The fewest-bytes mikv-policy config that passes the quality bar (:func:`passes_rule`) and that no
+    baseline beats (:func:`dominating_baselines`: a rtn / h2o config with no more bytes that is at least
+    as good on retrieval, PPL and decode PPL).
 
     ``max_fraction`` restricts to configs at most that share of a 16-bit cache (the tuner's budget).
-    Returns {"chosen": row | None, "candidates": [...], "rule": str}."""
+    Returns {"chosen": row | None, "candidates": [...], "rule": str, "bar_only": row | None} (``bar_only``:
+    the fewest-bytes config passing the bar alone, when a baseline beats it)."""
     rows = summary["rows"]
     stock = next((r for r in rows if r["policy"] == "stock"), None)
     rule = (f"fewest bytes among mikv configs with passkey correct >= full-cache correct - "
-            f"{PASSKEY_SLACK_TRIALS} (in-reach lengths) and PPL ratio <= {PPL_RATIO_MAX}")
+            f"{PASSKEY_SLACK_TRIALS} (in-reach lengths), PPL ratio <= {PPL_RATIO_MAX} (chunked and decode), "
+            f"and no rtn / h2o config with no more bytes at least as good")
     if stock is None:
         return {"chosen": None, "candidates": [], "rule": rule, "why": "no stock (full-cache) result"}
     ok = []
@@ -144,25 +155,28 @@ def pick_default(summary: dict, families: Sequence[str] | None = None,
             continue
         if max_fraction is not None and r["fraction_of_fp16"] > max_fraction + 1e-9:
             continue
-        ok.append({**r, "passes": passes_rule(r, stock)})
-    passing = sorted((r for r in ok if r["passes"]), key=lambda r: (r["bytes_per_token_per_head"],
-                                                                     r["ppl_ratio"]))
-    return {"chosen": passing[0] if passing else None, "candidates": ok, "rule": rule}
+        bar = passes_rule(r, stock)
+        beaten = [b["label"] for b in dominating_baselines(summary, r)] if bar else []
+        ok.append({**r, "passes_bar": bar, "beaten_by": beaten, "passes": bar and not beaten})
+    order = lambda r: (r["bytes_per_token_per_head"], r["ppl_ratio"])   # noqa: E731
+    passing = sorted((r for r in ok if r["passes"]), key=order)
+    bar_only = sorted((r for r in ok if r["passes_bar"]), key=order)
+    chosen = passing[0] if passing else None
+    return {"chosen": chosen, "candidates": ok, "rule": rule,
+            "bar_only": bar_only[0] if bar_only and bar_only[0] is not chosen else None}
 
 
 def best_under_budget(summary: dict, budget_fraction: float) -> dict[str, Any]:
     """Tuner: among all compressed configs within the budget, the best quality.
 
-    Order: passes the default rule first; then most passkey+needle correct; then lowest
-    PPL ratio; then fewest bytes."""
+    Order: passes the quality bar first; then most passkey+needle correct; then lowest
+    PPL ratio, lowest decode PPL ratio; then fewest bytes. Any family can win."""
     rows = [r for r in summary["rows"] if r["policy"] != "stock"
             and r["fraction_of_fp16"] <= budget_fraction + 1e-9]
     stock = next((r for r in summary["rows"] if r["policy"] == "stock"), None)
 
     def key(r):
-        retrieval = r["passkey_correct"] + sum(v["correct"] for v in r["needle"].values())
-        return (not passes_rule(r, stock), -retrieval, r["ppl_ratio"] if r["ppl_ratio"] is not None else 1e9,
-                r["bytes_per_token_per_head"])
+        return (not passes_rule(r, stock), *_quality_key(r))
 
     ranked = sorted(rows, key=key)
     return {"best": ranked[0] if ranked else None, "ranked": [{**r, "passes": passes_rule(r, stock)} for r in ranked]}
@@ -206,6 +220,78 @@ def budget_comparison(summary: dict) -> list[dict[str, Any]]:
     return out
 
 
+def retrieval_correct(r: dict) -> int:
+    """Passkey (in-reach lengths) + needle trials answered correctly."""
+    return r["passkey_correct"] + sum(v["correct"] for v in r["needle"].values())
+
+
+def _quality_key(r: dict):
+    """Best first: most retrieval correct, lowest PPL ratio, lowest decode PPL ratio, fewest bytes."""
+    big = 1e9
+    return (-retrieval_correct(r), r["ppl_ratio"] if r["ppl_ratio"] is not None else big,
+            r.get("ppl_decode_ratio") if r.get("ppl_decode_ratio") is not None else big,
+            r["bytes_per_token_per_head"])
+
+
+def best_by_family(summary: dict, budget_bytes: float) -> dict[str, dict | None]:
+    """The best config (:func:`_quality_key`) of each policy family with at most ``budget_bytes``."""
+    rows = [r for r in summary["rows"] if not (r["ablation"] and r["ablation"] != "base")]
+    return {pol: min((r for r in rows if r["policy"] == pol and r["bytes_per_token_per_head"] <= budget_bytes + 1e-9),
+                     key=_quality_key, default=None) for pol in ("mikv", "rtn", "h2o")}
+
+
+def at_least_as_good(a: dict, b: dict) -> bool:
+    """``a`` matches or beats ``b`` on retrieval, PPL ratio and (when both have it) decode PPL ratio."""
+    def le(x, y):
+        return x is not None and (y is None or x <= y + 1e-12)
+    dec_a, dec_b = a.get("ppl_decode_ratio"), b.get("ppl_decode_ratio")
+    return (retrieval_correct(a) >= retrieval_correct(b) and le(a["ppl_ratio"], b["ppl_ratio"])
+            and (dec_a is None or dec_b is None or dec_a <= dec_b + 1e-12))
+
+
+def dominating_baselines(summary: dict, row: dict) -> list[dict]:
+    """Baseline (rtn / h2o) configs with no more bytes than ``row`` that are at least as good."""
+    return [r for r in summary["rows"] if r["policy"] in ("rtn", "h2o")
+            and r["bytes_per_token_per_head"] <= row["bytes_per_token_per_head"] + 1e-9
+            and at_least_as_good(r, row)]
+
+
+def headline_budgets(head_dim: int) -> list[tuple[str, float]]:
+    """(name, bytes per token per head): 20 % of a 16-bit cache (the paper's "80 % compression") and
+    the bytes of uniform INT4 with fp16 scale+zero per half head vector (vLLM-style INT4 baseline)."""
+    from ..config import preset
+    from ..core.layout import RegionLayout
+
+    int4 = RegionLayout.build(preset("rtn-int4"), 128, head_dim).content_bytes
+    return [(f"20 % of a 16-bit cache (paper's 80 % compression)", 0.2 * 4 * head_dim),
+            (f"uniform INT4 ({int4} B)", float(int4))]
+
+
+def headline_table(summary: dict, head_dim: int) -> str:
+    """Markdown: the best of each family at each headline budget, with its distance from the full cache."""
+    lengths = sorted({L for r in summary["rows"] for L in r["passkey"]}, key=float)
+    stock = next((r for r in summary["rows"] if r["policy"] == "stock"), None)
+    head = ["budget", "family", "best config", "B/token/head"] + [f"passkey {int(L) / 1024:g}k" for L in lengths]
+    head += ["needle", "PPL ratio", "PPL ratio, decode"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, budget in headline_budgets(head_dim):
+        for pol, r in best_by_family(summary, budget).items():
+            if r is None:
+                lines.append(f"| {name} | {pol} | - | - |" + " - |" * (len(lengths) + 3))
+                continue
+            nd = sum(v["correct"] for v in r["needle"].values()), sum(v["trials"] for v in r["needle"].values())
+            cells = [name, pol, r["label"], f"{r['bytes_per_token_per_head']:.0f}"]
+            cells += [_cnt(r["passkey"].get(L)) for L in lengths]
+            cells += [f"{nd[0]}/{nd[1]}" if nd[1] else "-", _f(r["ppl_ratio"]), _f(r.get("ppl_decode_ratio"))]
+            lines.append("| " + " | ".join(cells) + " |")
+    if stock:
+        lines.append("")
+        lines.append(f"Full cache: passkey " + ", ".join(_cnt(stock["passkey"].get(L)) for L in lengths)
+                     + f"; PPL ratio 1 by definition (PPL {_f(stock['ppl'], '{:.2f}')}"
+                     + (f", decode {_f(stock.get('ppl_decode'), '{:.2f}')}" if stock.get("ppl_decode") else "") + ").")
+    return "\n".join(lines)
+
+
 def budget_table(entries: Sequence[dict]) -> str:
     """Markdown of :func:`budget_comparison`."""
     def cell(e):
@@ -245,7 +331,11 @@ def markdown_table(summary: dict, rows: Sequence[dict] | None = None, extra_firs
     head += [f"passkey {int(L) / 1024:g}k" + (" (out of reach)" if L in oor else "") for L in lengths]
     if depths:
         head += ["needle " + "/".join(f"{float(d):g}" for d in depths), "needle"]
-    head += ["PPL", "PPL ratio", f"agree@{summary.get('agree_tokens') or 64}", "1st diverg."]
+    head += ["PPL", "PPL ratio"]
+    decode = any(r.get("ppl_decode_ratio") is not None for r in summary["rows"])
+    if decode:
+        head.append("PPL ratio, decode")
+    head += [f"agree@{summary.get('agree_tokens') or 64}", "1st diverg."]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["label"]]
@@ -257,8 +347,10 @@ def markdown_table(summary: dict, rows: Sequence[dict] | None = None, extra_firs
         if depths:
             cells.append(" ".join(str(r["needle"].get(d, {}).get("correct", "-")) for d in depths))
             cells.append(_f(r["needle_acc"], "{:.2f}"))
-        cells += [_f(r["ppl"], "{:.2f}"), _f(r["ppl_ratio"]), _f(r["agreement_match"], "{:.2f}"),
-                  _f(r["first_divergence_mean"], "{:.1f}")]
+        cells += [_f(r["ppl"], "{:.2f}"), _f(r["ppl_ratio"])]
+        if decode:
+            cells.append(_f(r.get("ppl_decode_ratio")))
+        cells += [_f(r["agreement_match"], "{:.2f}"), _f(r["first_divergence_mean"], "{:.1f}")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -307,6 +399,11 @@ def render_markdown(summary: dict, meta: dict, pick: dict | None) -> str:
                   "Cells: config (bytes): retrieval correct (passkey at in-reach lengths + needle), PPL ratio. "
                   "Best = most retrieval, then lowest PPL ratio.\n",
                   budget_table(budgets), ""]
+    if meta.get("head_dim") and any(r["policy"] != "stock" for r in rows):
+        parts += ["## Best of each family at the headline budgets\n",
+                  "Best = most retrieval correct (passkey at in-reach lengths + needle), then lowest PPL ratio "
+                  "(chunked), then lowest decode PPL ratio, then fewest bytes.\n",
+                  headline_table(summary, int(meta["head_dim"])), ""]
     if pick is not None:
         parts += ["## Default pick\n", f"Rule: {pick['rule']}.\n"]
         ch = pick.get("chosen")
@@ -315,14 +412,26 @@ def render_markdown(summary: dict, meta: dict, pick: dict | None) -> str:
                       f"({100 * ch['fraction_of_fp16']:.1f} % of fp16), passkey {ch['passkey_correct']}/"
                       f"{ch['passkey_trials']}, PPL ratio {ch['ppl_ratio']:.3f}.\n",
                       "```yaml\n" + to_yaml(ch["config"], name="mikv") + "```\n"]
+            dom = dominating_baselines(summary, ch)
+            parts += [("**A baseline is at least as good at no more bytes:** " + ", ".join(
+                f"`{r['label']}` ({r['bytes_per_token_per_head']:.0f} B: retrieval {retrieval_correct(r)}, "
+                f"PPL ratio {_f(r['ppl_ratio'])}, decode {_f(r.get('ppl_decode_ratio'))})" for r in _by_bytes(dom))
+                if dom else "No baseline (rtn, h2o) with no more bytes is at least as good on retrieval, PPL "
+                "ratio and decode PPL ratio.") + "\n"]
         else:
             parts += [f"No mikv config passes the rule{(': ' + pick['why']) if pick.get('why') else ''}.\n"]
+        bo = pick.get("bar_only")
+        if bo:
+            parts += [f"Fewer bytes pass the quality bar alone: `{bo['label']}` ({bo['bytes_per_token_per_head']:.0f} "
+                      f"B), but a baseline is at least as good there: {', '.join(bo['beaten_by'])}.\n"]
         cand = _by_bytes(pick.get("candidates", []))
         if cand:
-            parts += ["| candidate | B/token/head | passkey | PPL ratio | passes |", "|---|---|---|---|---|"]
+            parts += ["| candidate | B/token/head | passkey | PPL ratio | PPL ratio, decode | quality bar | "
+                      "baseline at least as good | passes |", "|---|---|---|---|---|---|---|---|"]
             parts += [f"| {r['label']} | {r['bytes_per_token_per_head']:.0f} | {r['passkey_correct']}/"
-                      f"{r['passkey_trials']} | {_f(r['ppl_ratio'])} | {'yes' if r['passes'] else 'no'} |"
-                      for r in cand]
+                      f"{r['passkey_trials']} | {_f(r['ppl_ratio'])} | {_f(r.get('ppl_decode_ratio'))} | "
+                      f"{'yes' if r['passes_bar'] else 'no'} | {', '.join(r['beaten_by']) or '-'} | "
+                      f"{'yes' if r['passes'] else 'no'} |" for r in cand]
             parts.append("")
     return "\n".join(parts)
 
@@ -341,6 +450,22 @@ FAMILY_STYLE = {
 }
 
 
+def plot_family(row: dict) -> str:
+    """Plot line of a row: ``mikv INT<b>`` by lo bits, ``rtn``, ``h2o``, or ``ablation``."""
+    if row["family"] == "ablation" or row["policy"] not in ("mikv", "rtn", "h2o"):
+        return row["family"]
+    return f"mikv INT{row['config']['lo_bits']}" if row["policy"] == "mikv" else row["policy"]
+
+
+def envelope(points: Sequence[tuple[float, float]], lower_is_better: bool) -> list[tuple[float, float]]:
+    """The points (x = size, ascending) that beat every smaller one: the family's quality-per-byte frontier."""
+    out: list[tuple[float, float]] = []
+    for x, y in sorted(points):
+        if not out or (y < out[-1][1] if lower_is_better else y > out[-1][1]):
+            out.append((x, y))
+    return out
+
+
 def plot(summary: dict, path: Path, title: str = "") -> Path | None:
     """Quality vs real cache size (% of a 16-bit cache), one line per policy family."""
     try:
@@ -355,6 +480,7 @@ def plot(summary: dict, path: Path, title: str = "") -> Path | None:
     panels = [("passkey_acc", "passkey accuracy (in-reach lengths)", False),
               ("needle_acc", "needle-in-prose accuracy", False),
               ("ppl_ratio", "PPL ratio vs full cache (chunked prefill)", True),
+              ("ppl_decode_ratio", "PPL ratio vs full cache (prefix, then decode)", True),
               ("agreement_match", "greedy token agreement with full cache", False)]
     panels = [p for p in panels if any(r.get(p[0]) is not None for r in rows)]
     if not panels:
@@ -362,16 +488,20 @@ def plot(summary: dict, path: Path, title: str = "") -> Path | None:
     ncol = 2 if len(panels) > 1 else 1
     nrow = math.ceil(len(panels) / ncol)
     fig, axes = plt.subplots(nrow, ncol, figsize=(5.2 * ncol, 3.6 * nrow), squeeze=False)
-    fams = sorted({r["family"] for r in rows}, key=lambda f: list(FAMILY_STYLE).index(f) if f in FAMILY_STYLE else 99)
+    fams = sorted({plot_family(r) for r in rows}, key=lambda f: list(FAMILY_STYLE).index(f) if f in FAMILY_STYLE else 99)
     for ax, (key, name, logy) in zip(axes.flat, panels):
         for fam in fams:
-            pts = sorted((100 * r["fraction_of_fp16"], r[key]) for r in rows if r["family"] == fam
+            pts = sorted((100 * r["fraction_of_fp16"], r[key]) for r in rows if plot_family(r) == fam
                          and r.get(key) is not None)
             if not pts:
                 continue
             color, marker = FAMILY_STYLE.get(fam, (None, "o"))
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color, label=fam, lw=1.4, ms=5)
-        ref = {"ppl_ratio": 1.0, "agreement_match": 1.0}.get(key, stock.get(key) if stock else None)
+            front = envelope(pts, lower_is_better=logy)
+            ax.plot([p[0] for p in front], [p[1] for p in front], marker=marker, color=color, label=fam, lw=1.4, ms=5)
+            if len(front) < len(pts):   # the family's other formats: points off its envelope
+                ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, s=12, color=color, alpha=0.35)
+        ref = {"ppl_ratio": 1.0, "ppl_decode_ratio": 1.0, "agreement_match": 1.0}.get(
+            key, stock.get(key) if stock else None)
         if ref is not None:
             ax.axhline(ref, color="k", ls="--", lw=0.8, label="full cache")
         if key == "ppl_ratio":
@@ -415,9 +545,12 @@ def write_report(results: Sequence[dict], out_dir: Path, meta: dict, with_pick: 
     (out_dir / "results.md").write_text(md)
     png = plot(summary, out_dir / "quality.png", title=f"{Path(str(meta.get('model'))).name}: quality vs KV bytes")
     doc = {"meta": meta, "summary": summary, "budget_comparison": budget_comparison(summary),
+           "headline": {name: {pol: r and r["label"] for pol, r in best_by_family(summary, b).items()}
+                        for name, b in headline_budgets(int(meta["head_dim"]))} if meta.get("head_dim") else None,
            "default_pick": pick and {
         "rule": pick["rule"], "chosen": pick["chosen"] and pick["chosen"]["label"],
-        "chosen_config": pick["chosen"] and pick["chosen"]["config"]}}
+        "chosen_config": pick["chosen"] and pick["chosen"]["config"],
+        "dominated_by": pick["chosen"] and [r["label"] for r in dominating_baselines(summary, pick["chosen"])]}}
     (out_dir / "summary.json").write_text(json.dumps(doc, indent=1, default=str))
     summary["markdown"] = md
     summary["plot"] = str(png) if png else None

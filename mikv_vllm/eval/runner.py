@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .configs import EvalConfig
+from .configs import EvalConfig, bytes_of
 from .workload import Workload
 
 PROGRESS = "@@progress "
@@ -81,7 +81,20 @@ def _cached(path: Path, cfg: EvalConfig, workload: Workload, settings: EngineSet
         return None
     if res.get("engine", {}).get("kv_cache_memory_bytes") != settings.kv_cache_memory_bytes:
         return None
+    if not cfg.is_stock and _stored_page_bytes(res) != _page_bytes(cfg, res["engine"]):
+        return None   # measured on another page layout: its capacity no longer holds
     return res
+
+
+def _stored_page_bytes(res: dict) -> int | None:
+    return ((res.get("engine") or {}).get("mikv_stats") or {}).get("bytes_per_token_per_head")
+
+
+def _page_bytes(cfg: EvalConfig, engine: dict) -> int | None:
+    try:
+        return bytes_of(cfg.config(), int(engine["head_dim"]), int(engine["block_size"]))
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 class Progress:

@@ -11,6 +11,9 @@ engines of the same config one after the other (engine core in-process,
 * perplexity: chunked prefill on with a budget of ``ppl_chunk`` tokens and one
   request at a time -> chunks of exactly ``ppl_chunk`` tokens.
 
+The decode perplexity probe (a full-precision prefix, then teacher-forced decode steps) runs on the
+first engine, with the :class:`~.forcing.ForcedTokens` logits processor.
+
 Requests are submitted in waves that fit the engine's KV capacity, so no
 request is ever preempted (a recomputed MiKV request would be re-prefilled at
 full precision). Progress goes to stdout as ``@@progress {json}`` lines.
@@ -62,6 +65,10 @@ def _engine(spec: dict[str, Any], cfg, workload, ppl: bool):
     additional = cfg.additional_config()
     if additional is not None:
         kwargs["additional_config"] = additional
+    if not ppl and workload.decode_windows:
+        from .forcing import ForcedTokens
+
+        kwargs["logits_processors"] = [ForcedTokens]
     return LLM(**kwargs)
 
 
@@ -164,6 +171,10 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         kw: dict[str, Any] = dict(max_tokens=req.max_tokens, temperature=0.0, ignore_eos=req.ignore_eos)
         if req.prompt_logprobs:
             kw["prompt_logprobs"] = 0
+        if req.forced is not None:
+            from .forcing import KEY
+
+            kw.update(logprobs=0, extra_args={KEY: req.forced})
         return SamplingParams(**kw)
 
     budget_blocks = int(info["num_gpu_blocks"] * 0.9)

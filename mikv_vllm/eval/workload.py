@@ -15,6 +15,11 @@ Probes (all greedy, fixed seeds, identical prompts for every config):
   positions ``>= ppl_chunk`` (the first chunk is exact for every config).
   Inside a chunk, queries see the chunk's own K/V uncompressed, so the chunk is
   kept small (16): close to decode, where only the new token is raw.
+* ``ppl_decode`` - teacher-forced decode perplexity (the reference simulation's regime): the
+  first ``decode_windows`` of the same windows, their first ``decode_prefix`` share prefilled in
+  one piece (full precision), then every remaining token forced through one decode step each
+  (:mod:`.forcing`); NLL over the decode steps after the first (the first token's log-prob comes
+  from the exact prefill).
 
 Retrieval and agreement prompts are prefilled in one piece (full precision,
 as in the paper's setting): the compressed cache is what the decode steps read.
@@ -49,7 +54,19 @@ class Workload:
     agree_prompts: int = 8
     agree_prompt_len: int = 256
     agree_tokens: int = 64
+    decode_windows: int = 2
+    decode_prefix: float = 0.75
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.decode_prefix < 1:
+            raise ValueError(f"decode_prefix must be in (0, 1), got {self.decode_prefix}")
+        counts = ("passkey_trials", "needle_trials", "ppl_windows", "agree_prompts", "decode_windows")
+        bad = [n for n in counts if getattr(self, n) < 0]
+        if bad:
+            raise ValueError(f"{', '.join(bad)} must be >= 0")
+        if (self.ppl_windows or self.decode_windows) and self.ppl_length < 4:
+            raise ValueError(f"ppl_length must be >= 4, got {self.ppl_length}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -76,7 +93,11 @@ class Workload:
 
     def num_requests(self) -> int:
         return (len(self.passkey_lengths) * self.passkey_trials + len(self.needle_depths) * self.needle_trials
-                + self.ppl_windows + self.agree_prompts)
+                + self.ppl_windows + self.agree_prompts + self.decode_windows)
+
+    def decode_split(self) -> int:
+        """Prompt length of a decode-perplexity window (the rest is forced through decode steps)."""
+        return max(1, min(self.ppl_length - 2, int(self.decode_prefix * self.ppl_length)))
 
     def cost_units(self) -> float:
         """Rough relative cost (prefill ~ L^2, decode ~ L * tokens), for ETA and progress."""
@@ -89,6 +110,7 @@ class Workload:
         c += [_cost(self.needle_length, RETRIEVAL_MAX_TOKENS)] * (len(self.needle_depths) * self.needle_trials)
         c += [_cost(self.agree_prompt_len, self.agree_tokens)] * self.agree_prompts
         c += [_cost(self.ppl_length, 0) * 1.3] * self.ppl_windows
+        c += [_cost(self.decode_split(), self.ppl_length - self.decode_split())] * self.decode_windows
         return c
 
 
@@ -103,7 +125,7 @@ class Request:
     """One engine request of the workload."""
 
     rid: str
-    probe: str                  # passkey | needle | agreement | ppl
+    probe: str                  # passkey | needle | agreement | ppl | ppl_decode
     cell: str                   # passkey: length; needle: depth; others: index
     prompt: Any                 # str or {"prompt_token_ids": [...]}
     max_tokens: int
@@ -114,6 +136,7 @@ class Request:
     num_prompt_tokens: int = 0
     cost: float = 0.0
     meta: dict[str, Any] = field(default_factory=dict)
+    forced: list[int] | None = None   # ppl_decode: the tokens each output step must emit
 
 
 def build_requests(workload: Workload, tokenizer, stream: TokenStream | None = None) -> list[Request]:
@@ -126,7 +149,7 @@ def build_requests(workload: Workload, tokenizer, stream: TokenStream | None = N
             out.append(Request(f"passkey-{L}-{i}", "passkey", str(L), t.prompt, RETRIEVAL_MAX_TOKENS,
                                answer=t.passkey, depth=round(t.depth, 4), num_prompt_tokens=n,
                                cost=_cost(n, RETRIEVAL_MAX_TOKENS)))
-    need_stream = (w.needle_trials and w.needle_depths) or w.ppl_windows or w.agree_prompts
+    need_stream = (w.needle_trials and w.needle_depths) or w.ppl_windows or w.agree_prompts or w.decode_windows
     if need_stream and stream is None:
         stream = TokenStream(tokenizer)
     if w.needle_trials and w.needle_depths:
@@ -154,6 +177,12 @@ def build_requests(workload: Workload, tokenizer, stream: TokenStream | None = N
             out.append(Request(f"ppl-{i}", "ppl", str(i), {"prompt_token_ids": ids}, 1, prompt_logprobs=True,
                                num_prompt_tokens=len(ids), cost=_cost(len(ids), 0) * 1.3,
                                meta={"skip": w.ppl_chunk}))
+    if w.decode_windows:
+        split = w.decode_split()
+        for i, ids in enumerate(stream.windows("ppl", w.ppl_length, w.decode_windows)):
+            out.append(Request(f"ppl_decode-{i}", "ppl_decode", str(i), {"prompt_token_ids": ids[:split]},
+                               len(ids) - split, ignore_eos=True, num_prompt_tokens=split,
+                               cost=_cost(split, len(ids) - split), forced=list(ids[split:])))
     return out
 
 
@@ -182,4 +211,10 @@ def score_request(req: Request, output) -> dict[str, Any]:
             nll -= float(lp.logprob)
             n += 1
         rec.update(nll=nll, tokens=n, skip=skip)
+    elif req.probe == "ppl_decode":
+        got, lps = list(comp.token_ids), comp.logprobs or []
+        if got != req.forced:
+            raise RuntimeError(f"{req.rid}: forced decode emitted other tokens than forced (logits processor off?)")
+        nll = -sum(float(lps[i][t].logprob) for i, t in enumerate(got) if i >= 1)
+        rec.update(nll=nll, tokens=len(got) - 1, prefix=req.num_prompt_tokens)
     return rec
