@@ -362,3 +362,56 @@ def test_upkeep_hi_copy_is_clamped_like_to_hi():
     k_hi, v_hi = views.k_hi[live][tagged].float(), views.v_hi[live][tagged].float()
     assert torch.isfinite(k_hi).all() and torch.isfinite(v_hi).all()
     assert (k_hi.abs() == 65504).any() and (v_hi.abs() == 65504).any()
+
+
+HEAVY = {   # r = 0.3, 2 sinks: most of the hi set is heavy hitters, one loser per step
+    # the token leaving the window (1) competes with the heavy hitters by the score its slot got at
+    # promotion plus this step's mass
+    "window-1": MiKVConfig(policy="mikv", lo_bits=3, hi_ratio=0.3, sink_tokens=2, recent_window=1),
+    # no window: the new token competes by its mass of this step
+    "window-0": MiKVConfig(policy="mikv", lo_bits=3, hi_ratio=0.3, sink_tokens=2, recent_window=0),
+}
+
+
+@pytest.mark.parametrize("name", list(HEAVY))
+def test_upkeep_demotes_by_slot_score_order(name):
+    """Heavy-hitter selection over many decode steps where the order of the slot scores decides which
+    token is demoted (not the positions): the C++ op must add each hi token's mass to its own slot's
+    score and give a promoted slot its token's mass, or its pages leave the reference's. The
+    reference's demotions are checked to depend on the scores: a younger heavy hitter is demoted
+    while an older one stays, the loser holding the lowest score of the heavy tier."""
+    cfg = HEAVY[name]
+    prompts, steps, d = [0, 9, 40], 160, 32
+    lay, regions, table, qkv, _ = _upkeep_setup(cfg, prompts, steps, d=d, seed=7)
+    for q, k, v in qkv:       # a few keys the later queries align with: clear heavy hitters among noise
+        u = torch.randn(d, generator=torch.Generator().manual_seed(7))
+        q += 1.5 * u / u.norm()
+        k[5::23] += 12.0 * u / u.norm()
+    r, n = lay.hi_slots, lay.block_size
+    seen = {"by score": 0, "new token lost": 0, "new token won": 0}
+
+    def on_step(step, pos, before, after):
+        bv, av = lay.views(before), lay.views(after)
+        for b, p in enumerate(pos):
+            blocks = table[b, : p // n + 1].long()
+            length = p + 1
+            budget = hi_budget(cfg, length, blocks.numel() * r)
+            recent_from = length - cfg.recent_window
+            for h in range(regions.shape[1]):
+                t0, t1 = bv.tag[blocks, h].reshape(-1), av.tag[blocks, h].reshape(-1)
+                sc = bv.score[blocks, h].reshape(-1)
+                live = (t0 > 0) & (t0 <= p)
+                heavy = live & (t0 - 1 >= cfg.sink_tokens) & (t0 - 1 < recent_from)
+                lost = heavy & (t1 != t0)
+                kept = heavy & (t1 == t0)
+                if lost.any() and kept.any():
+                    assert sc[lost].max() <= sc[kept].min()        # the lowest scores go
+                    if (t0[lost].min() > t0[kept].min()).item():
+                        seen["by score"] += 1                      # an older heavy hitter outlived it
+                if cfg.recent_window == 0 and int(live.sum()) == budget and p >= cfg.sink_tokens:
+                    seen["new token won" if (t1 == p + 1).any() else "new token lost"] += 1
+
+    _upkeep_steps(cfg, lay, regions, table, qkv, prompts, steps, d=d, on_step=on_step)
+    assert seen["by score"] >= 20, seen
+    if cfg.recent_window == 0:
+        assert seen["new token won"] >= 5 and seen["new token lost"] >= 5, seen
