@@ -1,5 +1,6 @@
 // Shared pieces of the MiKV C++ CPU ops: the page layout, fp16/bf16 conversions, INT2/3/4/8 codes
-// (pack, unpack, dequantize, quantize a token), dot products, softmax, hi-copy loads and stores.
+// (pack, unpack, dequantize, quantize a token), dot products, softmax, hi-copy loads and stores, the
+// balancer, and the hi-set selection (budget, candidate priority, losers, slot scores, promotion).
 // Header-only (internal linkage): every op source includes it.
 #pragma once
 #include <torch/extension.h>
@@ -26,12 +27,15 @@
 namespace {
 
 
-// Page layout (byte offsets inside one (block, KV head) region), see core/layout.py.
+// Page layout (byte offsets inside one (block, KV head) region), see core/layout.py:
+// [K_lo N*Pk][V_lo N*Pv][K s/z][V s/z][tag R i32][score R f32][K_hi R*D][V_hi R*D][balancer D fp16][pad].
+// `score` holds one fp32 per hi slot (the accumulated mass of the slot's token, meaningful while the
+// slot's tag is set), not one per position.
 struct Layout {
   int64_t N, D, bits, group, R, region_bytes;
   int64_t k_lo, v_lo, k_sz, v_sz, score, tag, k_hi, v_hi, balancer;
   int64_t hi_dtype;     // 0 fp16, 1 bf16, 2 fp32, 3 fp8 e4m3fn
-  int64_t score_dtype;  // 0 fp32, 1 fp16
+  int64_t score_dtype;  // 0 fp32 (the only score dtype; config.SCORE_DTYPES)
   int64_t has_bal;
   int64_t packed() const { return D * bits / 8; }
   int64_t groups() const { return bits ? D / group : 0; }
@@ -47,8 +51,15 @@ Layout parse_layout(const std::vector<int64_t>& m) {
   TORCH_CHECK(l.bits == 0 || l.bits == 2 || l.bits == 3 || l.bits == 4 || l.bits == 8, "mikv_cpu: bits ", l.bits);
   TORCH_CHECK(l.bits == 0 || (l.D % 8 == 0 && l.D % l.group == 0), "mikv_cpu: D ", l.D, " group ", l.group);
   TORCH_CHECK(l.hi_dtype >= 0 && l.hi_dtype <= 3, "mikv_cpu: hi dtype code ", l.hi_dtype);
+  TORCH_CHECK(l.score_dtype == 0, "mikv_cpu: score dtype code ", l.score_dtype, " (only float32 scores, code 0)");
+  TORCH_CHECK(l.region_bytes % 4 == 0, "mikv_cpu: region of ", l.region_bytes,
+              " bytes: the fp32 / int32 sub-arrays of every region must stay 4-byte aligned");
   return l;
 }
+
+// The per-slot sub-arrays of one region: R tags (position + 1, 0 = empty) and R fp32 scores.
+inline int32_t* slot_tags(const Layout& L, uint8_t* reg) { return reinterpret_cast<int32_t*>(reg + L.tag); }
+inline float* slot_scores(const Layout& L, uint8_t* reg) { return reinterpret_cast<float*>(reg + L.score); }
 
 inline float half_to_float(uint16_t h) {
 #if defined(__F16C__)
@@ -302,18 +313,29 @@ inline void load_hi(const uint8_t* base, int64_t dtype, int64_t D, float* __rest
   }
 }
 
-// As core.quant.to_hi: fp8 values are clamped to +-448 (NaN stays NaN), then rounded to nearest even.
+// torch.finfo(hi dtype).max as fp32: 65504, bf16 max, fp32 max, 448 (fp8 e4m3fn).
+inline float hi_max(int64_t dtype) {
+  return dtype == 0 ? 65504.f : dtype == 1 ? 3.3895313892515355e38f : dtype == 3 ? kFp8Max
+                                                                                  : std::numeric_limits<float>::max();
+}
+
+// As core.quant.to_hi: clamped to the hi dtype's finite range (NaN stays NaN), then rounded to nearest even.
 inline void store_hi(uint8_t* base, int64_t dtype, int64_t D, const float* x) {
+  const float top = hi_max(dtype);
+  auto clamp = [top](float v) { return std::isnan(v) ? v : std::min(std::max(v, -top), top); };
   if (dtype == 2) {
-    std::memcpy(base, x, D * sizeof(float));
+    for (int64_t d = 0; d < D; ++d) {
+      const float c = clamp(x[d]);
+      std::memcpy(base + d * sizeof(float), &c, sizeof(float));
+    }
   } else if (dtype == 0) {
     uint16_t* h = reinterpret_cast<uint16_t*>(base);
-    for (int64_t d = 0; d < D; ++d) h[d] = float_to_half_bits(x[d]);
+    for (int64_t d = 0; d < D; ++d) h[d] = float_to_half_bits(clamp(x[d]));
   } else if (dtype == 3) {
-    for (int64_t d = 0; d < D; ++d) base[d] = c10::Float8_e4m3fn(std::min(std::max(x[d], -kFp8Max), kFp8Max)).x;
+    for (int64_t d = 0; d < D; ++d) base[d] = c10::Float8_e4m3fn(clamp(x[d])).x;
   } else {
     uint16_t* h = reinterpret_cast<uint16_t*>(base);
-    for (int64_t d = 0; d < D; ++d) h[d] = c10::BFloat16(x[d]).x;
+    for (int64_t d = 0; d < D; ++d) h[d] = c10::BFloat16(clamp(x[d])).x;
   }
 }
 
@@ -353,5 +375,130 @@ void quantize_token(const float* x_in, int64_t D, int64_t bits, int64_t group, u
     for (int m = 0; m < bits; ++m) p[c * bits + m] = static_cast<uint8_t>((w >> (8 * m)) & 0xff);
   }
 }
+
+
+// Balancer of one KV head (core.balancer.compute_balancer, then to_storage) into the page's fp16 header
+// bs[D]: b[d] = sqrt(max|q| / max|k|) over n tokens, the max over the G query heads of the group too
+// (query head g of token t at q[t * q_stride + g * D + d], the key at k[t * k_stride + d]). A NaN makes
+// its max NaN (as torch's amax); where either max is 0 or not finite b = 1; clamped to [2^-14, 2^14].
+inline void balancer_to_storage(const float* q, int64_t q_stride, int64_t G, const float* k, int64_t k_stride,
+                                int64_t n, int64_t D, uint16_t* bs) {
+  for (int64_t d = 0; d < D; ++d) {
+    float qm = 0.f, km = 0.f;
+    bool qnan = false, knan = false;
+    for (int64_t t = 0; t < n; ++t) {
+      for (int64_t g = 0; g < G; ++g) {
+        const float a = std::fabs(q[t * q_stride + g * D + d]);
+        if (std::isnan(a)) qnan = true;
+        qm = std::max(qm, a);
+      }
+      const float a = std::fabs(k[t * k_stride + d]);
+      if (std::isnan(a)) knan = true;
+      km = std::max(km, a);
+    }
+    if (qnan) qm = std::numeric_limits<float>::quiet_NaN();
+    if (knan) km = std::numeric_limits<float>::quiet_NaN();
+    const bool fine = qm > 0.f && km > 0.f && std::isfinite(qm) && std::isfinite(km);
+    float b = std::sqrt(fine ? qm / km : 1.f);
+    if (!(std::isfinite(b) && b > 0.f)) b = 1.f;
+    b = std::min(std::max(b, 6.103515625e-05f), 16384.f);   // to_storage: clamp [2^-14, 2^14]
+    bs[d] = float_to_half_bits(b);
+  }
+}
+
+// ------------------------------------------------------------------------------- hi-set selection
+// core.importance.select_hi for one (request, KV head). Parameters (MiKVConfig): hi_ratio r,
+// sink_tokens S, recent_window W (-1: half the budget).
+struct Selection {
+  double ratio;
+  int64_t sinks, window;
+};
+
+// core.importance.hi_budget: min(max(floor(r * L + 1e-9), min(S, L)) [r > 0], num_slots), >= 0.
+inline int64_t hi_budget(const Selection& sel, int64_t length, int64_t num_slots) {
+  volatile double rl = sel.ratio * static_cast<double>(length);   // no FMA contraction: as torch's float64
+  const int64_t by_ratio = static_cast<int64_t>(std::floor(rl + 1e-9));
+  const int64_t sinks = std::min(length, sel.sinks);
+  const int64_t budget = sel.ratio > 0 ? std::max(by_ratio, sinks) : by_ratio;
+  return std::max<int64_t>(std::min(budget, num_slots), 0);
+}
+
+// First position of the recent window of a request of `length` tokens (core.importance.recent_window).
+inline int64_t recent_start(const Selection& sel, int64_t length, int64_t budget) {
+  const int64_t window = sel.window >= 0 ? sel.window : budget / 2;
+  return length - window;
+}
+
+// Priority of a hi candidate: tier, then the within-tier key (sinks: -position, recent: position,
+// heavy: score as double, NaN = -inf), then position, then candidate index (the reference's stable
+// sorts keep index order on full ties: tagged slots in slot order, then the new tokens). Higher
+// ranks first.
+constexpr int32_t kSink = 2, kRecent = 1, kHeavy = 0;
+struct Cand {
+  int32_t tier;
+  double within;
+  int64_t pos, idx;
+};
+inline bool ranks_before(const Cand& a, const Cand& b) {
+  if (a.tier != b.tier) return a.tier > b.tier;
+  if (a.within != b.within) return a.within > b.within;
+  if (a.pos != b.pos) return a.pos > b.pos;
+  return a.idx < b.idx;
+}
+
+// Candidate at position p with index idx and score (a tagged slot's score, or a new token's mass).
+inline Cand make_cand(const Selection& sel, int64_t recent_from, int64_t p, int64_t idx, float score) {
+  const int32_t tier = p < sel.sinks ? kSink : p >= recent_from ? kRecent : kHeavy;
+  const double key = std::isnan(score) ? -std::numeric_limits<double>::infinity() : static_cast<double>(score);
+  const double within = tier == kSink ? -static_cast<double>(p) : tier == kRecent ? static_cast<double>(p) : key;
+  return Cand{tier, within, p, idx};
+}
+
+// lose(c) for every candidate outside the best `budget` (reorders cands). The usual decode step has
+// exactly one loser (budget + 1 candidates): a linear scan for the lowest priority; more take a
+// partial selection (nth_element: the first `budget` are then exactly the best, the order is total).
+template <class Lose>
+inline void select_losers(std::vector<Cand>& cands, int64_t budget, Lose&& lose) {
+  const int64_t C = static_cast<int64_t>(cands.size());
+  if (C <= budget) return;
+  if (C == budget + 1) {
+    const Cand* worst = &cands[0];
+    for (int64_t i = 1; i < C; ++i)
+      if (ranks_before(*worst, cands[i])) worst = &cands[i];
+    lose(*worst);
+    return;
+  }
+  std::nth_element(cands.begin(), cands.begin() + budget, cands.end(), ranks_before);
+  for (int64_t i = budget; i < C; ++i) lose(cands[i]);
+}
+
+// accumulate_scores (reference): every hi slot of the owned columns [own_from, nb) whose tag is a
+// context position (tag in (0, ctx]) gets the mass of that position (mass: position-indexed),
+// saturating at FLT_MAX (NaN stays NaN). No other slot's score is touched.
+template <class Region>
+inline void accumulate_slot_scores(const Layout& L, const Region& region, int64_t own_from, int64_t nb, int64_t ctx,
+                                   const float* mass) {
+  const float top = std::numeric_limits<float>::max();
+  for (int64_t j = own_from; j < nb; ++j) {
+    const int32_t* tags = slot_tags(L, region(j));
+    float* sc = slot_scores(L, region(j));
+    for (int64_t r = 0; r < L.R; ++r) {
+      const int32_t t = tags[r];
+      if (t > 0 && t <= ctx) sc[r] = std::min(sc[r] + mass[t - 1], top);
+    }
+  }
+}
+
+// A new token promoted into slot r of region reg: its score (its mass of this step, clamped to
+// FLT_MAX) and its raw K/V as hi copies (to_hi). The caller sets the tag.
+inline void fill_slot(const Layout& L, uint8_t* reg, int64_t r, float score, const float* kn, const float* vn) {
+  slot_scores(L, reg)[r] = score;
+  const int64_t bytes = L.D * L.hi_elem();
+  store_hi(reg + L.k_hi + r * bytes, L.hi_dtype, L.D, kn);
+  store_hi(reg + L.v_hi + r * bytes, L.hi_dtype, L.D, vn);
+}
+
+// A new token's candidate score: its mass of this step clamped to FLT_MAX (reference.maintain_hi).
+inline float new_token_score(float mass) { return std::min(mass, std::numeric_limits<float>::max()); }
 
 }  // namespace

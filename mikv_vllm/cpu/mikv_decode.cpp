@@ -1,8 +1,10 @@
 // Fused MiKV decode step on CPU: store + two-tier attention + score accumulation + hi-set upkeep,
 // reading the packed page bytes directly. Semantics: mikv_vllm.core.reference (decode_balancer +
 // store_at + gather_decode + attention_decode + accumulate_scores_decode + maintain_hi_decode, the
-// last byte for byte). The upkeep is incremental: one new candidate per step, so at most one token
-// loses its hi slot (a linear scan, no sort over the context).
+// last byte for byte). Scores live in the hi slots (one fp32 per slot, next to its tag): the step
+// adds each hi token's mass to its slot's score; the new token's candidate score is its own mass.
+// The upkeep is incremental: one new candidate per step, so at most one token loses its hi slot
+// (a linear scan, no sort over the context).
 //
 // One task per (request b, KV head h), run with at::parallel_for (OpenMP). Every task touches only
 // the regions (blk, h) of its own request's blocks, so tasks never write the same bytes.
@@ -13,104 +15,45 @@
 
 namespace {
 
-// Hi-set selection parameters (MiKVConfig): hi_ratio r, sink_tokens S, recent_window W (-1: budget / 2).
-struct Select {
-  bool on;   // run the upkeep (false: the step stops after the score accumulation)
-  double ratio;
-  int64_t sinks, window;
-};
-
-// Priority of a hi candidate (core.importance.select_hi): tier, then the within-tier key (sinks:
-// -position, recent: position, heavy: accumulated score as double, NaN = -inf), then position, then
-// candidate index (the reference's stable sorts keep index order on full ties). Higher ranks first.
-constexpr int32_t kSink = 2, kRecent = 1, kHeavy = 0;
-struct Cand {
-  int32_t tier;
-  double within;
-  int64_t pos, idx;
-};
-inline bool ranks_before(const Cand& a, const Cand& b) {
-  if (a.tier != b.tier) return a.tier > b.tier;
-  if (a.within != b.within) return a.within > b.within;
-  if (a.pos != b.pos) return a.pos > b.pos;
-  return a.idx < b.idx;
-}
-
-// core.importance.hi_budget: min(max(floor(r * L + 1e-9), min(S, L)) [r > 0], num_slots), >= 0.
-inline int64_t hi_budget(const Select& sel, int64_t length, int64_t num_slots) {
-  volatile double rl = sel.ratio * static_cast<double>(length);   // no FMA contraction: as torch's float64
-  const int64_t by_ratio = static_cast<int64_t>(std::floor(rl + 1e-9));
-  const int64_t sinks = std::min(length, sel.sinks);
-  const int64_t budget = sel.ratio > 0 ? std::max(by_ratio, sinks) : by_ratio;
-  return std::max<int64_t>(std::min(budget, num_slots), 0);
-}
-
-// Hi-set upkeep of one (request, KV head) after the new token at `pos` was stored and scored
-// (reference.maintain_hi_decode, byte for byte). Candidates: the tokens tagged now (tag in (0, pos]
-// in the request's owned blocks, own_from on) + the new token. Their number never exceeds budget + 1 in a normal
-// run (the budget does not shrink as L grows), so at most one loses: a linear scan for the
-// lowest-priority candidate. More candidates (stale tags in reused blocks, fewer slots than
-// before) take a full selection (nth_element). Losers and stale tags are cleared; a selected new
-// token takes the lowest free slot with its raw K/V in the hi dtype (clamped as quant.to_hi).
+// Hi-set upkeep of one (request, KV head) after the new token at `pos` was stored and the slot
+// scores accumulated (reference.maintain_hi_decode, byte for byte). Candidates: the tokens tagged
+// now (tag in (0, pos] in the request's owned blocks, own_from on; score: their slot's) + the new
+// token (score: its mass of this step, `new_mass`). Their number never exceeds budget + 1 in a
+// normal run (the budget does not shrink as L grows), so at most one loses; more candidates (stale
+// tags in reused blocks, fewer slots than before) take a full selection. Losers and stale tags are
+// cleared (their scores left as they are); a selected new token takes the lowest free slot with its
+// mass as score and its raw K/V in the hi dtype (clamped as quant.to_hi).
 template <class Region>
-void upkeep_hi(const Layout& L, const Select& sel, int64_t pos, int64_t own_from, const float* kn, const float* vn,
-               const Region& region, float* scratch, std::vector<Cand>& cands) {
+void upkeep_hi(const Layout& L, const Selection& sel, int64_t pos, int64_t own_from, const float* kn, const float* vn,
+               float new_mass, const Region& region, std::vector<Cand>& cands) {
   // slots of the owned columns [own_from, nb) only (shared prefix columns are read-only)
-  const int64_t N = L.N, R = L.R, nb = pos / N + 1, num_slots = nb * R, length = pos + 1;
+  const int64_t R = L.R, nb = pos / L.N + 1, num_slots = nb * R, length = pos + 1;
   const int64_t budget = hi_budget(sel, length, (nb - own_from) * R);
-  const int64_t window = sel.window >= 0 ? sel.window : budget / 2;
-  const int64_t recent_start = length - window;
-  auto score_at = [&](int64_t p) -> double {
-    const uint8_t* reg = region(p / N) + L.score;
-    const float s = L.score_dtype == 0 ? reinterpret_cast<const float*>(reg)[p % N]
-                                       : half_to_float(reinterpret_cast<const uint16_t*>(reg)[p % N]);
-    return std::isnan(s) ? -std::numeric_limits<double>::infinity() : static_cast<double>(s);
-  };
-  auto cand = [&](int64_t p, int64_t idx) {
-    const int32_t tier = p < sel.sinks ? kSink : p >= recent_start ? kRecent : kHeavy;
-    const double within = tier == kSink ? -static_cast<double>(p) : tier == kRecent ? static_cast<double>(p) : score_at(p);
-    return Cand{tier, within, p, idx};
-  };
+  const int64_t recent_from = recent_start(sel, length, budget);
+  const float new_score = new_token_score(new_mass);
   // candidates: tagged slots in slot order, then the new token (index num_slots); stale tags cleared
   cands.clear();
   for (int64_t j = own_from; j < nb; ++j) {
-    int32_t* tags = reinterpret_cast<int32_t*>(region(j) + L.tag);
+    int32_t* tags = slot_tags(L, region(j));
+    const float* scores = slot_scores(L, region(j));
     for (int64_t r = 0; r < R; ++r) {
-      if (tags[r] > 0 && tags[r] <= pos) cands.push_back(cand(tags[r] - 1, j * R + r));
+      if (tags[r] > 0 && tags[r] <= pos) cands.push_back(make_cand(sel, recent_from, tags[r] - 1, j * R + r, scores[r]));
       else tags[r] = 0;
     }
   }
-  cands.push_back(cand(pos, num_slots));
-  const int64_t C = static_cast<int64_t>(cands.size());
+  cands.push_back(make_cand(sel, recent_from, pos, num_slots, new_score));
   bool new_kept = true;
-  auto demote = [&](const Cand& c) {
+  select_losers(cands, budget, [&](const Cand& c) {
     if (c.idx == num_slots) new_kept = false;
-    else reinterpret_cast<int32_t*>(region(c.idx / R) + L.tag)[c.idx % R] = 0;
-  };
-  if (C == budget + 1) {            // the usual step: exactly one loser, the lowest-priority candidate
-    const Cand* worst = &cands[0];
-    for (int64_t i = 1; i < C; ++i)
-      if (ranks_before(*worst, cands[i])) worst = &cands[i];
-    demote(*worst);
-  } else if (C > budget + 1) {      // stale state: full selection of the best `budget`
-    std::nth_element(cands.begin(), cands.begin() + budget, cands.end(), ranks_before);
-    for (int64_t i = budget; i < C; ++i) demote(cands[i]);
-  }
+    else slot_tags(L, region(c.idx / R))[c.idx % R] = 0;
+  });
   if (!new_kept) return;
   for (int64_t s = own_from * R; s < num_slots; ++s) {   // lowest free owned slot (one exists: kept <= budget <= num_slots)
     uint8_t* reg = region(s / R);
-    int32_t* tag = reinterpret_cast<int32_t*>(reg + L.tag) + s % R;
+    int32_t* tag = slot_tags(L, reg) + s % R;
     if (*tag != 0) continue;
     *tag = static_cast<int32_t>(pos + 1);
-    const int64_t hi_es = L.hi_elem();
-    const uint32_t top_bits = L.hi_dtype == 0 ? 0x477FE000u : L.hi_dtype == 1 ? 0x7F7F0000u : 0x7F7FFFFFu;
-    float top;   // torch.finfo(hi dtype).max as fp32: 65504, bf16 max, fp32 max (fp8: store_hi clamps to 448)
-    std::memcpy(&top, &top_bits, sizeof(top));
-    for (int64_t which = 0; which < 2; ++which) {
-      const float* x = which ? vn : kn;
-      for (int64_t d = 0; d < L.D; ++d) scratch[d] = std::min(std::max(x[d], -top), top);   // NaN stays NaN
-      store_hi(reg + (which ? L.v_hi : L.k_hi) + (s % R) * L.D * hi_es, L.hi_dtype, L.D, scratch);
-    }
+    fill_slot(L, reg, s % R, new_score, kn, vn);
     return;
   }
   TORCH_CHECK(false, "mikv_cpu: no free hi slot for a selected token");   // unreachable: budget <= num_slots
@@ -120,7 +63,8 @@ void upkeep_hi(const Layout& L, const Select& sel, int64_t pos, int64_t own_from
 // their accumulators in registers.
 template <int BITS, int GT, int DT>
 void decode_task(const Layout& L, uint8_t* regions, int64_t H, const int32_t* row, int64_t pos, const float* q,
-                 const float* kn, const float* vn, float scale, int64_t G_rt, bool do_store, const Select& sel,
+                 const float* kn, const float* vn, float scale, int64_t G_rt, bool do_store, bool upkeep,
+                 const Selection& sel,
                  float* out, std::vector<float>& buf, std::vector<int32_t>& hmap, std::vector<uint8_t>& scratch,
                  std::vector<Cand>& cands, int64_t h, int64_t own_from,
                  int64_t shared_hi) {
@@ -130,46 +74,27 @@ void decode_task(const Layout& L, uint8_t* regions, int64_t H, const int32_t* ro
   auto region = [&](int64_t j) { return regions + (static_cast<int64_t>(row[j]) * H + h) * L.region_bytes; };
 
   // 1. balancer (computed and stored at position 0, loaded otherwise)
-  buf.resize(static_cast<size_t>(D) * (2 * G + 4) + static_cast<size_t>(G) * (pos + 1));
+  buf.resize(static_cast<size_t>(D) * (2 * G + 3) + static_cast<size_t>(G + 1) * (pos + 1));
   float* bal = buf.data();                 // [D]
   float* xk = bal + D;                     // [D] scratch token
   float* qs = xk + D;                      // [G, D] q * scale (hi + new token)
   float* ql = qs + G * D;                  // [G, D] q * scale / b (lo tokens)
-  float* accv = ql + G * D;                // [D] P @ V scratch row
-  float* vx = accv + D;                    // [D]
+  float* vx = ql + G * D;                  // [D] a V row
   float* lg = vx + D;                      // [G, pos + 1] logits -> probabilities
+  float* mass = lg + G * (pos + 1);        // [pos + 1] probabilities summed over the group, per position
   for (int64_t d = 0; d < D; ++d) bal[d] = 1.f;
   if (L.has_bal) {
     uint16_t* bs = reinterpret_cast<uint16_t*>(region(0) + L.balancer);
-    if (pos == 0 && do_store) {
-      for (int64_t d = 0; d < D; ++d) {
-        float qm = 0.f;
-        bool qnan = false;
-        for (int64_t g = 0; g < G; ++g) {
-          float a = std::fabs(q[g * D + d]);
-          if (std::isnan(a)) qnan = true;
-          qm = std::max(qm, a);
-        }
-        if (qnan) qm = std::numeric_limits<float>::quiet_NaN();
-        const float km = std::fabs(kn[d]);
-        const bool ok = qm > 0.f && km > 0.f && std::isfinite(qm) && std::isfinite(km);
-        float b = std::sqrt(ok ? qm / km : 1.f);
-        if (!(std::isfinite(b) && b > 0.f)) b = 1.f;
-        b = std::min(std::max(b, 6.103515625e-05f), 16384.f);   // to_storage: clamp [2^-14, 2^14]
-        bs[d] = float_to_half_bits(b);
-      }
-    }
+    if (pos == 0 && do_store) balancer_to_storage(q, G * D, G, kn, D, 1, D, bs);
     for (int64_t d = 0; d < D; ++d) bal[d] = half_to_float(bs[d]);
   }
 
-  // 2. store the new token at pos: lo copies, score 0, tags of a fresh block cleared
+  // 2. store the new token at pos: lo copies; tags of a fresh block cleared (scores belong to the slots)
   if (do_store) {
     uint8_t* reg = region(pos / N);
     const int64_t off = pos % N;
     if (R) {
       if (off == 0) std::memset(reg + L.tag, 0, R * sizeof(int32_t));
-      if (L.score_dtype == 0) reinterpret_cast<float*>(reg + L.score)[off] = 0.f;
-      else reinterpret_cast<uint16_t*>(reg + L.score)[off] = 0;
     }
     if (L.bits) {
       for (int64_t d = 0; d < D; ++d) xk[d] = kn[d] * bal[d];
@@ -229,24 +154,13 @@ void decode_task(const Layout& L, uint8_t* regions, int64_t H, const int32_t* ro
   // 5. softmax per query head
   for (int64_t g = 0; g < G; ++g) softmax_row(lg + g * S, S);
 
-  // 6. P @ V (V dequantized on the fly) and score mass (sum over the group's query heads)
+  // 6. P @ V (V dequantized on the fly) and score mass per position (sum over the group's query heads)
   float oacc_fixed[FIXED ? GT * DT : 1];
   float* oacc = FIXED ? oacc_fixed : out;   // local (register) accumulators for the fixed shapes
   for (int64_t g = 0; g < G; ++g)
     for (int64_t d = 0; d < D; ++d) oacc[g * D + d] = 0.f;
-  const float top = L.score_dtype == 0 ? std::numeric_limits<float>::max() : 65504.f;
-  auto add_score = [&](uint8_t* reg, int64_t o, float mass) {
-    if (L.score_dtype == 0) {
-      float* sc = reinterpret_cast<float*>(reg + L.score) + o;
-      *sc = std::min(*sc + mass, top);
-    } else {
-      uint16_t* sc = reinterpret_cast<uint16_t*>(reg + L.score) + o;
-      *sc = float_to_half_bits(std::min(half_to_float(*sc) + mass, top));
-    }
-  };
   for (int64_t j = 0; j * N < S; ++j) {
     uint8_t* reg = region(j);
-    const bool owned = R && j >= own_from;   // scores are written in owned blocks only
     const int64_t n_here = std::min(N, S - j * N);
     for (int64_t o = 0; o < n_here; ++o) {
       const int64_t t = j * N + o;
@@ -261,36 +175,42 @@ void decode_task(const Layout& L, uint8_t* regions, int64_t H, const int32_t* ro
           dequant<BITS>(reg + L.v_lo + o * P, reinterpret_cast<const uint16_t*>(reg + L.v_sz) + o * NG * 2, D,
                         L.group, vx);
         } else {
-          if (owned) add_score(reg, o, 0.f);
+          mass[t] = 0.f;
           continue;   // evicted: weight exactly 0
         }
         vrow = vx;
       }
-      float mass = 0.f;
+      float m = 0.f;
       for (int64_t g = 0; g < G; ++g) {
         const float p = lg[g * S + t];
-        mass += p;
+        m += p;
         float* og = oacc + g * D;
         for (int64_t d = 0; d < D; ++d) og[d] += p * vrow[d];
       }
-      if (owned) add_score(reg, o, mass);
+      mass[t] = m;
     }
   }
   if (FIXED) std::memcpy(out, oacc, sizeof(float) * G * D);
+  if (!R) return;
 
-  // 7. hi-set upkeep (selection, demotion, promotion of the new token)
-  if (R && sel.on) upkeep_hi(L, sel, pos, own_from, kn, vn, region, xk, cands);
+  // 7. scores: each hi slot of the owned columns (the new token's block included) whose token is in
+  // the context gets that token's mass (shared columns are read-only)
+  accumulate_slot_scores(L, region, own_from, pos / N + 1, pos, mass);
+
+  // 8. hi-set upkeep (selection, demotion, promotion of the new token with its mass as score)
+  if (upkeep) upkeep_hi(L, sel, pos, own_from, kn, vn, mass[pos], region, cands);
 }
 
 template <int BITS>
 void decode_dispatch(const Layout& L, uint8_t* regions, int64_t H, const int32_t* row, int64_t pos, const float* q,
-                     const float* kn, const float* vn, float scale, int64_t G, bool do_store, const Select& sel,
+                     const float* kn, const float* vn, float scale, int64_t G, bool do_store, bool upkeep,
+                     const Selection& sel,
                      float* out, std::vector<float>& buf, std::vector<int32_t>& hmap, std::vector<uint8_t>& scratch,
                      std::vector<Cand>& cands, int64_t h, int64_t own_from,
                      int64_t shared_hi) {
 #define MIKV_TASK(GT, DT)                                                                                      \
-  decode_task<BITS, GT, DT>(L, regions, H, row, pos, q, kn, vn, scale, G, do_store, sel, out, buf, hmap, scratch, \
-                            cands, h, own_from, shared_hi)
+  decode_task<BITS, GT, DT>(L, regions, H, row, pos, q, kn, vn, scale, G, do_store, upkeep, sel, out, buf, hmap, \
+                            scratch, cands, h, own_from, shared_hi)
   if (L.D == 64 && G == 1) MIKV_TASK(1, 64);
   else if (L.D == 64 && G == 3) MIKV_TASK(3, 64);
   else if (L.D == 64 && G == 4) MIKV_TASK(4, 64);
@@ -313,7 +233,7 @@ torch::Tensor decode_step(torch::Tensor regions, std::vector<int64_t> meta, torc
   TORCH_CHECK(!upkeep || (hi_ratio >= 0 && sink_tokens >= 0 && recent_window >= -1),
               "mikv_cpu: selection parameters hi_ratio ", hi_ratio, " sink_tokens ", sink_tokens, " recent_window ",
               recent_window);
-  const Select sel{upkeep, hi_ratio, sink_tokens, recent_window};
+  const Selection sel{hi_ratio, sink_tokens, recent_window};
   TORCH_CHECK(regions.device().is_cpu() && regions.scalar_type() == torch::kUInt8 && regions.dim() == 3 &&
                   regions.is_contiguous() && regions.size(2) == L.region_bytes,
               "mikv_cpu: regions must be contiguous uint8 [blocks, H, ", L.region_bytes, "] on CPU");
@@ -362,11 +282,11 @@ torch::Tensor decode_step(torch::Tensor regions, std::vector<int64_t> meta, torc
       const int32_t* row = bt + b * M;
       const int64_t of = ofp[b], sh = shp[b];   // shared prefix: first owned column, stable hi tag limit
       switch (L.bits) {
-        case 0: decode_dispatch<0>(L, rg, H, row, pp[b], qb, kb, vb, sc, G, do_store, sel, ob, buf, hmap, scratch, cands, h, of, sh); break;
-        case 2: decode_dispatch<2>(L, rg, H, row, pp[b], qb, kb, vb, sc, G, do_store, sel, ob, buf, hmap, scratch, cands, h, of, sh); break;
-        case 3: decode_dispatch<3>(L, rg, H, row, pp[b], qb, kb, vb, sc, G, do_store, sel, ob, buf, hmap, scratch, cands, h, of, sh); break;
-        case 4: decode_dispatch<4>(L, rg, H, row, pp[b], qb, kb, vb, sc, G, do_store, sel, ob, buf, hmap, scratch, cands, h, of, sh); break;
-        default: decode_dispatch<8>(L, rg, H, row, pp[b], qb, kb, vb, sc, G, do_store, sel, ob, buf, hmap, scratch, cands, h, of, sh); break;
+        case 0: decode_dispatch<0>(L, rg, H, row, pp[b], qb, kb, vb, sc, G, do_store, upkeep, sel, ob, buf, hmap, scratch, cands, h, of, sh); break;
+        case 2: decode_dispatch<2>(L, rg, H, row, pp[b], qb, kb, vb, sc, G, do_store, upkeep, sel, ob, buf, hmap, scratch, cands, h, of, sh); break;
+        case 3: decode_dispatch<3>(L, rg, H, row, pp[b], qb, kb, vb, sc, G, do_store, upkeep, sel, ob, buf, hmap, scratch, cands, h, of, sh); break;
+        case 4: decode_dispatch<4>(L, rg, H, row, pp[b], qb, kb, vb, sc, G, do_store, upkeep, sel, ob, buf, hmap, scratch, cands, h, of, sh); break;
+        default: decode_dispatch<8>(L, rg, H, row, pp[b], qb, kb, vb, sc, G, do_store, upkeep, sel, ob, buf, hmap, scratch, cands, h, of, sh); break;
       }
     }
   });

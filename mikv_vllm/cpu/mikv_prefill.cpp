@@ -8,7 +8,8 @@
 // codes dequantized and divided by the balancer); the chunk's own keys are the raw K/V. Attention
 // runs per block of query rows (at most kLogitBudget logits): their logits over every key they
 // see (one sweep of key tiles), an exact softmax per row, the score mass of the voting rows, then
-// P @ V (a second sweep of key tiles).
+// P @ V (a second sweep of key tiles). Scores live in the hi slots: each hi token's slot gets its
+// mass, and the chunk's tokens compete for the hi set with their own mass of this step.
 #include "mikv_common.h"
 
 namespace {
@@ -16,27 +17,6 @@ namespace {
 constexpr int64_t kKeyTile = 64;      // keys per tile
 constexpr int64_t kQueryVecs = 128;   // query vectors (rows x group heads) per query block, at most
 constexpr int64_t kLogitBudget = 1 << 20;   // logits per block (4 MiB): fewer rows for long contexts
-constexpr int kSink = 2, kRecent = 1, kHeavy = 0;   // core.importance tiers (higher wins)
-
-struct Selection {
-  double hi_ratio;
-  int64_t sink_tokens, recent_window /* -1: half the budget */, obs_window /* -1: every row votes */;
-};
-
-// core.importance.hi_budget
-int64_t hi_budget(const Selection& s, int64_t length, int64_t num_slots) {
-  int64_t b = static_cast<int64_t>(std::floor(s.hi_ratio * static_cast<double>(length) + 1e-9));
-  if (s.hi_ratio > 0) b = std::max(b, std::min(length, s.sink_tokens));
-  return std::max<int64_t>(0, std::min(b, num_slots));
-}
-
-// to_hi (clamped to the hi dtype's finite range) + store
-void store_hi_clamped(uint8_t* base, int64_t dtype, int64_t D, const float* x, float* tmp) {
-  const float top = dtype == 0 ? 65504.f : dtype == 1 ? 3.3895313892515355e38f : std::numeric_limits<float>::max();
-  for (int64_t d = 0; d < D; ++d) tmp[d] = std::isnan(x[d]) ? x[d] : std::min(std::max(x[d], -top), top);
-  store_hi(base, dtype, D, tmp);
-}
-
 // lg[r * ld + 0..KB) = Q[r, :] . kT[:, 0..KB) for rows [0, rows) (kT: keys transposed, row stride ldk);
 // 4 rows x KB keys of accumulators per pass (rows are padded to a multiple of 4 in Q and lg).
 void tile_qk(const float* __restrict Q, int64_t rows, const float* __restrict kT, int64_t ldk, int64_t D,
@@ -142,12 +122,13 @@ struct Scratch {
   std::vector<float> f;
   std::vector<int32_t> hmap;
   std::vector<uint8_t> codes, ok;
+  std::vector<Cand> cands;
 };
 
 template <int BITS>
-void prefill_task(const Layout& L, const Selection& sel, uint8_t* regions, int64_t H, int64_t G, const int32_t* row,
-                  int64_t ctx, int64_t T, const float* q /* row 0, head h*G */, const float* kn, const float* vn,
-                  int64_t q_stride, int64_t kv_stride, float scale, float* out, Scratch& sc, int64_t h,
+void prefill_task(const Layout& L, const Selection& sel, int64_t obs_window, uint8_t* regions, int64_t H, int64_t G,
+                  const int32_t* row, int64_t ctx, int64_t T, const float* q /* row 0, head h*G */, const float* kn,
+                  const float* vn, int64_t q_stride, int64_t kv_stride, float scale, float* out, Scratch& sc, int64_t h,
                   int64_t own_from, int64_t shared_hi) {
   const int64_t N = L.N, D = L.D, R = L.R, P = L.packed(), NG = L.groups();
   const int64_t S = ctx + T;
@@ -159,12 +140,11 @@ void prefill_task(const Layout& L, const Selection& sel, uint8_t* regions, int64
   const int64_t hi_es = L.hi_elem();
   auto hi_ptr = [&](int64_t slot, int64_t off_base) { return region(slot / R) + off_base + (slot % R) * D * hi_es; };
 
-  sc.f.assign(static_cast<size_t>(4 * D + RB * D * 2 + RB * LS + 2 * KB * D + S + D * TP), 0.f);
+  sc.f.assign(static_cast<size_t>(3 * D + RB * D * 2 + RB * LS + 2 * KB * D + S + D * TP), 0.f);
   float* bal = sc.f.data();   // [D]
   float* binv = bal + D;      // [D]
   float* xk = binv + D;       // [D]
-  float* xt = xk + D;         // [D]
-  float* Q = xt + D;          // [RB, D] q * scale
+  float* Q = xk + D;          // [RB, D] q * scale
   float* acc = Q + RB * D;    // [RB, D]
   float* lg = acc + RB * D;   // [RB, LS] logits -> probabilities of the block's rows
   float* kb = lg + RB * LS;   // [D, KB] keys of a tile, transposed
@@ -181,42 +161,18 @@ void prefill_task(const Layout& L, const Selection& sel, uint8_t* regions, int64
   for (int64_t d = 0; d < D; ++d) bal[d] = 1.f;
   if (L.has_bal) {
     uint16_t* bs = reinterpret_cast<uint16_t*>(region(0) + L.balancer);
-    if (ctx == 0) {
-      const int64_t n = std::min(T, N);
-      for (int64_t d = 0; d < D; ++d) {
-        float qm = 0.f, km = 0.f;
-        bool qnan = false, knan = false;
-        for (int64_t t = 0; t < n; ++t) {
-          for (int64_t g = 0; g < G; ++g) {
-            const float a = std::fabs(q[t * q_stride + g * D + d]);
-            if (std::isnan(a)) qnan = true;
-            qm = std::max(qm, a);
-          }
-          const float a = std::fabs(kn[t * kv_stride + d]);
-          if (std::isnan(a)) knan = true;
-          km = std::max(km, a);
-        }
-        if (qnan) qm = std::numeric_limits<float>::quiet_NaN();
-        if (knan) km = std::numeric_limits<float>::quiet_NaN();
-        const bool fine = qm > 0.f && km > 0.f && std::isfinite(qm) && std::isfinite(km);
-        float b = std::sqrt(fine ? qm / km : 1.f);
-        if (!(std::isfinite(b) && b > 0.f)) b = 1.f;
-        b = std::min(std::max(b, 6.103515625e-05f), 16384.f);   // to_storage: clamp [2^-14, 2^14]
-        bs[d] = float_to_half_bits(b);
-      }
-    }
+    if (ctx == 0) balancer_to_storage(q, q_stride, G, kn, kv_stride, std::min(T, N), D, bs);
     for (int64_t d = 0; d < D; ++d) bal[d] = half_to_float(bs[d]);
   }
   for (int64_t d = 0; d < D; ++d) binv[d] = 1.f / bal[d];
 
-  // 2. store the new tokens: lo copies (K * b), scores 0, tags of blocks whose offset 0 is written cleared
+  // 2. store the new tokens: lo copies (K * b); tags of blocks whose offset 0 is written cleared (scores
+  // belong to the slots)
   for (int64_t t = 0; t < T; ++t) {
     const int64_t p = ctx + t, off = p % N;
     uint8_t* reg = region(p / N);
     if (R) {
       if (off == 0) std::memset(reg + L.tag, 0, R * sizeof(int32_t));
-      if (L.score_dtype == 0) reinterpret_cast<float*>(reg + L.score)[off] = 0.f;
-      else reinterpret_cast<uint16_t*>(reg + L.score)[off] = 0;
     }
     if (BITS) {
       const float* kt = kn + t * kv_stride;
@@ -281,7 +237,7 @@ void prefill_task(const Layout& L, const Selection& sel, uint8_t* regions, int64
     }
   };
   const float NEG_INF = -std::numeric_limits<float>::infinity();
-  const int64_t vote_from = !R ? T : (sel.obs_window >= 0 && T > 1) ? std::max<int64_t>(0, T - sel.obs_window) : 0;
+  const int64_t vote_from = !R ? T : (obs_window >= 0 && T > 1) ? std::max<int64_t>(0, T - obs_window) : 0;
   for (int64_t p = 0; p < S; ++p) mass[p] = 0.f;
 
   // 4. attention per block of query rows: logits of the block's rows over all the keys they see
@@ -344,61 +300,30 @@ void prefill_task(const Layout& L, const Selection& sel, uint8_t* regions, int64
   }
   if (!R) return;
 
-  // 6. accumulate scores of positions [0, S) in owned blocks (saturating in the score dtype)
-  const float top = L.score_dtype == 0 ? std::numeric_limits<float>::max() : 65504.f;
-  for (int64_t p = own_from * N; p < S; ++p) {
-    uint8_t* reg = region(p / N);
-    const int64_t o = p % N;
-    if (L.score_dtype == 0) {
-      float* s = reinterpret_cast<float*>(reg + L.score) + o;
-      *s = std::min(*s + mass[p], top);
-    } else {
-      uint16_t* s = reinterpret_cast<uint16_t*>(reg + L.score) + o;
-      *s = float_to_half_bits(std::min(half_to_float(*s) + mass[p], top));
-    }
-  }
-  auto score_at = [&](int64_t p) -> double {
-    const uint8_t* reg = region(p / N);
-    const float s = L.score_dtype == 0 ? reinterpret_cast<const float*>(reg + L.score)[p % N]
-                                       : half_to_float(reinterpret_cast<const uint16_t*>(reg + L.score)[p % N]);
-    return std::isnan(s) ? -std::numeric_limits<double>::infinity() : static_cast<double>(s);
-  };
+  // 6. scores: each hi slot of the owned blocks whose token is in the context (tag in (0, ctx]) gets
+  // that token's mass (the chunk's tokens hold no slot yet: their mass goes to the selection)
+  const int64_t nb = (S + N - 1) / N, num_slots = nb * R, first = own_from * R;
+  accumulate_slot_scores(L, region, own_from, nb, ctx, mass);
 
   // 7. hi maintenance (core.importance.select_hi over tagged + new tokens; reference.maintain_hi), in
   // the owned blocks' slots [own_from * R, num_slots) only
-  const int64_t nb = (S + N - 1) / N, num_slots = nb * R, first = own_from * R;
   std::vector<int32_t> tags(static_cast<size_t>(num_slots));
   for (int64_t j = own_from; j < nb; ++j) std::memcpy(&tags[j * R], region(j) + L.tag, R * sizeof(int32_t));
   const int64_t budget = hi_budget(sel, S, num_slots - first);
+  const int64_t recent_from = recent_start(sel, S, budget);
   std::vector<uint8_t> keep(static_cast<size_t>(num_slots + T), 0);
-  if (budget > 0) {
-    const int64_t W = sel.recent_window >= 0 ? sel.recent_window : budget / 2;
-    const int64_t recent_start = S - W;
-    struct Cand {
-      int tier;
-      double within;
-      int64_t pos, idx;
-    };
-    std::vector<Cand> cands;
-    cands.reserve(static_cast<size_t>(num_slots + T));
-    auto add = [&](int64_t pos, int64_t idx) {   // order: tier, then sinks lower / recent higher position / score
-      const bool sink = pos < sel.sink_tokens, recent = !sink && pos >= recent_start;
-      const int tier = sink ? kSink : recent ? kRecent : kHeavy;
-      const double within = sink ? -static_cast<double>(pos) : recent ? static_cast<double>(pos) : score_at(pos);
-      cands.push_back({tier, within, pos, idx});
-    };
-    for (int64_t s = first; s < num_slots; ++s)
-      if (tags[s] > 0 && tags[s] <= ctx) add(tags[s] - 1, s);
-    for (int64_t t = 0; t < T; ++t) add(ctx + t, num_slots + t);
-    const size_t take = std::min<size_t>(static_cast<size_t>(budget), cands.size());
-    std::partial_sort(cands.begin(), cands.begin() + take, cands.end(), [](const Cand& a, const Cand& b) {
-      if (a.tier != b.tier) return a.tier > b.tier;
-      if (a.within != b.within) return a.within > b.within;
-      if (a.pos != b.pos) return a.pos > b.pos;
-      return a.idx < b.idx;
-    });
-    for (size_t i = 0; i < take; ++i) keep[cands[i].idx] = 1;
+  std::vector<Cand>& cands = sc.cands;
+  cands.clear();
+  for (int64_t s = first; s < num_slots; ++s)
+    if (tags[s] > 0 && tags[s] <= ctx) {
+      cands.push_back(make_cand(sel, recent_from, tags[s] - 1, s, slot_scores(L, region(s / R))[s % R]));
+      keep[s] = 1;
+    }
+  for (int64_t t = 0; t < T; ++t) {
+    cands.push_back(make_cand(sel, recent_from, ctx + t, num_slots + t, new_token_score(mass[ctx + t])));
+    keep[num_slots + t] = 1;
   }
+  select_losers(cands, budget, [&](const Cand& c) { keep[c.idx] = 0; });
   for (int64_t s = first; s < num_slots; ++s)
     if (!keep[s]) tags[s] = 0;
   int64_t next_free = first;   // selected new tokens take the lowest free slots, in position order
@@ -408,8 +333,7 @@ void prefill_task(const Layout& L, const Selection& sel, uint8_t* regions, int64
     TORCH_CHECK(next_free < num_slots, "mikv_cpu: no free hi slot (budget exceeds the slots)");
     const int64_t slot = next_free;
     tags[slot] = static_cast<int32_t>(ctx + t + 1);
-    store_hi_clamped(hi_ptr(slot, L.k_hi), L.hi_dtype, D, kn + t * kv_stride, xt);
-    store_hi_clamped(hi_ptr(slot, L.v_hi), L.hi_dtype, D, vn + t * kv_stride, xt);
+    fill_slot(L, region(slot / R), slot % R, new_token_score(mass[ctx + t]), kn + t * kv_stride, vn + t * kv_stride);
   }
   for (int64_t j = own_from; j < nb; ++j) std::memcpy(region(j) + L.tag, &tags[j * R], R * sizeof(int32_t));
 }
@@ -460,7 +384,7 @@ torch::Tensor prefill_step(torch::Tensor regions, std::vector<int64_t> meta, tor
     for (int64_t j = 0; j <= last; ++j)
       TORCH_CHECK(bt[c * M + j] >= 0 && bt[c * M + j] < NBLK, "mikv_cpu: block id ", bt[c * M + j], " out of range");
   }
-  const Selection sel{hi_ratio, sink_tokens, recent_window, obs_window};
+  const Selection sel{hi_ratio, sink_tokens, recent_window};
   auto out = torch::zeros({Tq, Hq, D}, q.options());
   uint8_t* rg = regions.data_ptr<uint8_t>();
   const float* qp = q.data_ptr<float>();
@@ -478,7 +402,7 @@ torch::Tensor prefill_step(torch::Tensor regions, std::vector<int64_t> meta, tor
       const float* vc = vp + (s * H + h) * D;
       float* oc = op + (s * Hq + h * G) * D;
 #define MIKV_PREFILL(B)                                                                                          \
-  prefill_task<B>(L, sel, rg, H, G, bt + c * M, cp[c], T, qc, kc, vc, Hq * D, H * D, sc, oc, scratch, h, ofp[c], shp[c])
+  prefill_task<B>(L, sel, obs_window, rg, H, G, bt + c * M, cp[c], T, qc, kc, vc, Hq * D, H * D, sc, oc, scratch, h, ofp[c], shp[c])
       switch (L.bits) {
         case 0: MIKV_PREFILL(0); break;
         case 2: MIKV_PREFILL(2); break;

@@ -20,11 +20,15 @@ from ..core.layout import RegionLayout
 from .build import load
 
 _HI = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float8_e4m3fn: 3}
-_SCORE = {torch.float32: 0, torch.float16: 1}
+_SCORE = {torch.float32: 0}   # the only score dtype (config.SCORE_DTYPES)
 
 
 def layout_meta(layout: RegionLayout) -> list[int]:
-    """The layout as the flat int list the C++ op takes (order of ``Layout`` in mikv_common.h)."""
+    """The layout as the flat int list the C++ op takes (order of ``Layout`` in mikv_common.h).
+
+    ``score`` is the offset of the R fp32 slot scores (one per hi slot, next to the R tags)."""
+    if layout.score_dtype not in _SCORE:
+        raise ValueError(f"the C++ CPU op keeps fp32 scores only, not {layout.score_dtype}")
     return [layout.block_size, layout.head_dim, layout.bits, layout.group, layout.hi_slots, layout.region_bytes,
             layout.k_lo, layout.v_lo, layout.k_sz, layout.v_sz, layout.score, layout.tag, layout.k_hi,
             layout.v_hi, layout.balancer, _HI[layout.hi_dtype], _SCORE[layout.score_dtype],
@@ -45,9 +49,10 @@ def decode_step(regions: torch.Tensor, layout: RegionLayout, block_tables: torch
     length = its new token's position); q ``[B, Hq, D]``, k/v ``[B, H, D]``; ``own_from`` /
     ``shared_hi`` int64 ``[B]`` (default 0: every block owned). Page effects and output
     equal ``reference.decode_balancer`` + ``store_at`` + ``gather_decode`` + ``attention_decode`` +
-    ``accumulate_scores_decode`` (to fp32 rounding), then, when ``config`` is given,
-    ``maintain_hi_decode`` with its selection parameters (tags and hi copies byte for byte, given
-    the same scores). Returns ``[B, Hq, D]`` fp32.
+    ``accumulate_scores_decode`` (the hi slots' scores, to fp32 rounding), then, when ``config`` is
+    given, ``maintain_hi_decode`` with its selection parameters and the step's mass (tags, hi copies
+    and the promoted slots' scores byte for byte, given the same scores and mass). Returns
+    ``[B, Hq, D]`` fp32.
     """
     upkeep = config is not None
     ratio = float(config.hi_ratio) if upkeep else 0.0

@@ -55,3 +55,14 @@ def run_request(regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig,
                                     v[start:end], scale))
         start = end
     return torch.cat(outs)
+
+
+def assert_pages(layout: RegionLayout, got: torch.Tensor, want: torch.Tensor, what: str = "") -> None:
+    """Two pages equal byte for byte, except the hi slots' scores, which need only agree to fp32 rounding
+    (two implementations sum the attention mass in different orders)."""
+    gv, wv = layout.views(got), layout.views(want)
+    torch.testing.assert_close(gv.score, wv.score, rtol=1e-5, atol=1e-6, equal_nan=True, msg=lambda m: f"{what}: {m}")
+    same = got.clone()
+    layout.views(same).score.copy_(wv.score)
+    diff = (same != want).nonzero()
+    assert diff.numel() == 0, f"{what}: {diff.shape[0]} bytes differ, first at {diff[:3].tolist()}"

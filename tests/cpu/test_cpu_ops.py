@@ -11,7 +11,7 @@ from mikv_vllm.core.importance import hi_budget
 from mikv_vllm.core.layout import RegionLayout
 from mikv_vllm.cpu import CpuOps, decode_step, load
 
-from core._helpers import make_regions, structured_qkv
+from core._helpers import assert_pages, make_regions, structured_qkv
 
 N = 16
 STEPS = 5
@@ -61,23 +61,15 @@ def _step(qkv, pos):
 
 
 def _reference_step(regions, lay, table, pos, q, k, v, scale):
-    """The reference decode step without hi maintenance (what the C++ op fuses)."""
+    """The reference decode step without hi maintenance (what the C++ op fuses without ``config``):
+    output and the step's mass ``[B, H, S]`` (position-indexed)."""
     b = ref.decode_balancer(regions, lay, table, pos, q, k)
     blk = table.long().gather(1, (pos // lay.block_size)[:, None])[:, 0]
     ref.store_at(regions, lay, blk, pos % lay.block_size, k, v, b)
     k_ctx, v_ctx, valid = ref.gather_decode(regions, lay, table, pos, b)
     out, mass = ref.attention_decode(q, k_ctx, v_ctx, valid, pos, k, v, scale)
     ref.accumulate_scores_decode(regions, lay, table, pos, mass)
-    return out
-
-
-def _assert_pages(lay, got, want):
-    gv, wv = lay.views(got), lay.views(want)
-    torch.testing.assert_close(gv.score.float(), wv.score.float(), rtol=1e-5, atol=1e-6, equal_nan=True)
-    same = got.clone()
-    lay.views(same).score.copy_(wv.score)
-    diff = (same != want).nonzero()
-    assert diff.numel() == 0, f"{diff.shape[0]} bytes differ, first at {diff[:3].tolist()}"
+    return out, mass
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -88,11 +80,11 @@ def test_decode_step_matches_reference(name):
     mine, oracle = regions.clone(), regions.clone()
     pos = torch.tensor(PROMPTS)
     q, k, v = _step(qkv, PROMPTS)
-    want = _reference_step(oracle, lay, table, pos, q, k, v, scale)
+    want, _ = _reference_step(oracle, lay, table, pos, q, k, v, scale)
     got = decode_step(mine, lay, table, pos, q, k, v, scale)
     assert got.shape == want.shape and torch.isfinite(got).all()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    _assert_pages(lay, mine, oracle)
+    assert_pages(lay, mine, oracle)
     assert torch.equal(mine[unused], regions[unused])
 
 
@@ -109,7 +101,7 @@ def test_forward_decode_steps_match_reference(name):
         got = CpuOps.forward_decode(mine, lay, cfg, table, pos, q, k, v, scale)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         assert torch.equal(lay.views(mine).tag, lay.views(oracle).tag), step    # same hi sets and slots
-        _assert_pages(lay, mine, oracle)
+        assert_pages(lay, mine, oracle, f"step {step}")
     assert torch.equal(mine[unused], regions[unused])
 
 
@@ -130,7 +122,7 @@ def test_shared_rows_match_reference(name):
         got = CpuOps.forward_decode(mine, lay, cfg, table, pos, q, k, v, scale, own_from)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         assert torch.equal(lay.views(mine).tag, lay.views(oracle).tag), step
-        _assert_pages(lay, mine, oracle)
+        assert_pages(lay, mine, oracle, f"step {step}")
     plain, shared = regions.clone(), regions.clone()   # the check can fail: without own_from, row 0 adds
     CpuOps.forward_decode(plain, lay, cfg, table, PROMPTS, *_step(qkv, PROMPTS), scale)   # its scores there
     CpuOps.forward_decode(shared, lay, cfg, table, PROMPTS, *_step(qkv, PROMPTS), scale, own_from)
@@ -186,8 +178,11 @@ def test_hi_roundtrip_fp8_matches_torch():
 
 # ------------------------------------------------------------------ hi-set upkeep in the C++ step
 # The C++ step's upkeep vs reference.maintain_hi_decode over hundreds of decode steps. The scores
-# of both sides agree to fp32 rounding only (summation order), so after each step the reference
-# gets the C++ scores before its upkeep: the tags and hi copies must then match byte for byte.
+# of both sides agree to fp32 rounding only (summation order), so each step the reference takes the
+# C++ op's state before its upkeep (the same step run without upkeep: store, attention, slot scores,
+# checked against the reference's first) and the C++ mass of the new token (the score of the slot it
+# was promoted to, checked against the reference's mass): tags, hi copies and scores must then
+# match byte for byte after the upkeep.
 
 def _upkeep_setup(cfg, prompts, steps, d=32, group=2, block=N, seed=0, spare=0):
     lay = RegionLayout.build(cfg, block, d)
@@ -209,8 +204,26 @@ def _upkeep_setup(cfg, prompts, steps, d=32, group=2, block=N, seed=0, spare=0):
     return lay, regions, table.int(), qkv, perm[used:]
 
 
-def _upkeep_steps(cfg, lay, regions, table, qkv, prompts, steps, d=32, plant=None, out_atol=1e-4):
-    """Run ``steps`` decode steps on both sides; ``plant(pages, step, pos)`` edits both pages before a step."""
+def _promoted_mass(lay, pages, table, pos, mass):
+    """``mass [B, H, S]`` with column ``pos[b]`` replaced by the score of the slot the C++ op promoted
+    request b's new token to (head by head, where it did), after checking it against the reference's
+    value: the C++ op's own mass of the new token, so that both sides select with the same numbers."""
+    views, r = lay.views(pages), lay.hi_slots
+    mass = mass.clone()
+    for b, p in enumerate(pos.tolist()):
+        blocks = table[b, : p // lay.block_size + 1].long()
+        tags = views.tag[blocks].transpose(0, 1).reshape(pages.shape[1], -1)               # [H, S]
+        scores = views.score[blocks].transpose(0, 1).reshape(pages.shape[1], -1)
+        hh, slot = torch.nonzero(tags == p + 1, as_tuple=True)
+        got, want = scores[hh, slot], mass[b, hh, p]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=lambda m: f"promoted slot score: {m}")
+        mass[b, hh, p] = got
+    return mass
+
+
+def _upkeep_steps(cfg, lay, regions, table, qkv, prompts, steps, d=32, plant=None, out_atol=1e-4, on_step=None):
+    """Run ``steps`` decode steps on both sides; ``plant(pages, step, pos)`` edits both pages before a
+    step, ``on_step(step, pos, before, after)`` sees the reference's pages around each upkeep."""
     scale = 1 / math.sqrt(d)
     mine, oracle = regions.clone(), regions.clone()
     for step in range(steps):
@@ -219,15 +232,19 @@ def _upkeep_steps(cfg, lay, regions, table, qkv, prompts, steps, d=32, plant=Non
             plant(mine, step, pos)
             plant(oracle, step, pos)
         q, k, v = _step(qkv, pos)
-        got = CpuOps.forward_decode(mine, lay, cfg, table, pos, q, k, v, scale)
         pt = torch.tensor(pos)
-        want = _reference_step(oracle, lay, table, pt, q, k, v, scale)
+        scored = mine.clone()            # the C++ step without upkeep: the state its upkeep starts from
+        decode_step(scored, lay, table, pt, q, k, v, scale)
+        got = CpuOps.forward_decode(mine, lay, cfg, table, pos, q, k, v, scale)
+        want, mass = _reference_step(oracle, lay, table, pt, q, k, v, scale)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=out_atol)     # fp32 rounding over long contexts
+        assert_pages(lay, scored, oracle, f"step {step}, before the upkeep")   # scores in the right slots
         if lay.hi_slots:
-            wv, mv = lay.views(oracle), lay.views(mine)
-            torch.testing.assert_close(mv.score, wv.score, rtol=1e-5, atol=1e-6, equal_nan=True)
-            wv.score.copy_(mv.score)
-            ref.maintain_hi_decode(oracle, lay, cfg, table, pt, k, v)
+            oracle.copy_(scored)
+            before = oracle.clone()
+            ref.maintain_hi_decode(oracle, lay, cfg, table, pt, k, v, _promoted_mass(lay, mine, table, pt, mass))
+            if on_step is not None:
+                on_step(step, pos, before, oracle)
         diff = (mine != oracle).nonzero()
         assert diff.numel() == 0, f"step {step}: {diff.shape[0]} bytes differ, first at {diff[:3].tolist()}"
     return mine
@@ -279,7 +296,7 @@ def test_upkeep_matches_reference_over_many_steps(name):
 
 def test_upkeep_stale_tags_and_ties_take_the_full_selection():
     """Reused blocks with stale tags: planted tags in (0, pos] beyond the budget (several losers in
-    one step), duplicate positions, tags past the context, and saturated / NaN / negative scores."""
+    one step), duplicate positions, tags past the context, and saturated / NaN / negative slot scores."""
     cfg = preset("mikv-paper")
     prompts, steps = [20, 33, 50], 120
     lay, regions, table, qkv, _ = _upkeep_setup(cfg, prompts, steps, seed=3)
@@ -303,14 +320,12 @@ def test_upkeep_stale_tags_and_ties_take_the_full_selection():
             vals[0] = p + 5                                   # stale: past the context
             if slots.numel() > 2:
                 vals[2] = vals[1]                             # the same position in two slots
-            views.tag[blocks[slots // views_r], :, slots % views_r] = vals[:, None]
-            views.k_hi[blocks[slots // views_r], :, slots % views_r] = 0     # finite hi copies
-            views.v_hi[blocks[slots // views_r], :, slots % views_r] = 0
-            hit = (vals[1:] - 1).long().clamp(max=p - 1)
-            sc = views.score[blocks[hit // lay.block_size], :, hit % lay.block_size]
-            kinds = torch.tensor([torch.finfo(torch.float32).max, float("nan"), -3.0])
-            sc[:] = kinds[torch.randint(0, 3, sc.shape, generator=g)]
-            views.score[blocks[hit // lay.block_size], :, hit % lay.block_size] = sc
+            blk, rr = blocks[slots // views_r], slots % views_r
+            views.tag[blk, :, rr] = vals[:, None]
+            views.k_hi[blk, :, rr] = 0     # finite hi copies
+            views.v_hi[blk, :, rr] = 0
+            kinds = torch.tensor([torch.finfo(torch.float32).max, float("nan"), -3.0])   # the planted slots'
+            views.score[blk, :, rr] = kinds[torch.randint(0, 3, (slots.numel(), pages.shape[1]), generator=g)]
 
     _upkeep_steps(cfg, lay, regions, table, qkv, prompts, steps, plant=plant)
 
@@ -347,3 +362,56 @@ def test_upkeep_hi_copy_is_clamped_like_to_hi():
     k_hi, v_hi = views.k_hi[live][tagged].float(), views.v_hi[live][tagged].float()
     assert torch.isfinite(k_hi).all() and torch.isfinite(v_hi).all()
     assert (k_hi.abs() == 65504).any() and (v_hi.abs() == 65504).any()
+
+
+HEAVY = {   # r = 0.3, 2 sinks: most of the hi set is heavy hitters, one loser per step
+    # the token leaving the window (1) competes with the heavy hitters by the score its slot got at
+    # promotion plus this step's mass
+    "window-1": MiKVConfig(policy="mikv", lo_bits=3, hi_ratio=0.3, sink_tokens=2, recent_window=1),
+    # no window: the new token competes by its mass of this step
+    "window-0": MiKVConfig(policy="mikv", lo_bits=3, hi_ratio=0.3, sink_tokens=2, recent_window=0),
+}
+
+
+@pytest.mark.parametrize("name", list(HEAVY))
+def test_upkeep_demotes_by_slot_score_order(name):
+    """Heavy-hitter selection over many decode steps where the order of the slot scores decides which
+    token is demoted (not the positions): the C++ op must add each hi token's mass to its own slot's
+    score and give a promoted slot its token's mass, or its pages leave the reference's. The
+    reference's demotions are checked to depend on the scores: a younger heavy hitter is demoted
+    while an older one stays, the loser holding the lowest score of the heavy tier."""
+    cfg = HEAVY[name]
+    prompts, steps, d = [0, 9, 40], 160, 32
+    lay, regions, table, qkv, _ = _upkeep_setup(cfg, prompts, steps, d=d, seed=7)
+    for q, k, v in qkv:       # a few keys the later queries align with: clear heavy hitters among noise
+        u = torch.randn(d, generator=torch.Generator().manual_seed(7))
+        q += 1.5 * u / u.norm()
+        k[5::23] += 12.0 * u / u.norm()
+    r, n = lay.hi_slots, lay.block_size
+    seen = {"by score": 0, "new token lost": 0, "new token won": 0}
+
+    def on_step(step, pos, before, after):
+        bv, av = lay.views(before), lay.views(after)
+        for b, p in enumerate(pos):
+            blocks = table[b, : p // n + 1].long()
+            length = p + 1
+            budget = hi_budget(cfg, length, blocks.numel() * r)
+            recent_from = length - cfg.recent_window
+            for h in range(regions.shape[1]):
+                t0, t1 = bv.tag[blocks, h].reshape(-1), av.tag[blocks, h].reshape(-1)
+                sc = bv.score[blocks, h].reshape(-1)
+                live = (t0 > 0) & (t0 <= p)
+                heavy = live & (t0 - 1 >= cfg.sink_tokens) & (t0 - 1 < recent_from)
+                lost = heavy & (t1 != t0)
+                kept = heavy & (t1 == t0)
+                if lost.any() and kept.any():
+                    assert sc[lost].max() <= sc[kept].min()        # the lowest scores go
+                    if (t0[lost].min() > t0[kept].min()).item():
+                        seen["by score"] += 1                      # an older heavy hitter outlived it
+                if cfg.recent_window == 0 and int(live.sum()) == budget and p >= cfg.sink_tokens:
+                    seen["new token won" if (t1 == p + 1).any() else "new token lost"] += 1
+
+    _upkeep_steps(cfg, lay, regions, table, qkv, prompts, steps, d=d, on_step=on_step)
+    assert seen["by score"] >= 20, seen
+    if cfg.recent_window == 0:
+        assert seen["new token won"] >= 5 and seen["new token lost"] >= 5, seen

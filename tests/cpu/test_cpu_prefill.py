@@ -11,7 +11,7 @@ from mikv_vllm.core import reference as ref
 from mikv_vllm.core.layout import RegionLayout
 from mikv_vllm.cpu import CpuOps
 
-from core._helpers import make_regions, structured_qkv
+from core._helpers import assert_pages, make_regions, structured_qkv
 
 N = 16
 HKV = 2
@@ -77,15 +77,6 @@ def _step_rows(qkv):
     return q, k, v, torch.tensor(rows, dtype=torch.int64)
 
 
-def _assert_pages(lay, got, want, what=""):
-    gv, wv = lay.views(got), lay.views(want)
-    torch.testing.assert_close(gv.score.float(), wv.score.float(), rtol=1e-5, atol=1e-6, equal_nan=True)
-    same = got.clone()
-    lay.views(same).score.copy_(wv.score)
-    diff = (same != want).nonzero()
-    assert diff.numel() == 0, f"{what}: {diff.shape[0]} bytes differ, first at {diff[:3].tolist()}"
-
-
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_prefill_chunks_then_decode_match_reference(name):
     cfg, group, d = CONFIGS[name]
@@ -99,14 +90,14 @@ def test_prefill_chunks_then_decode_match_reference(name):
     assert not got[rows[1, 1]].any()                       # the foreign row is left alone (0)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert torch.equal(lay.views(mine).tag, lay.views(oracle).tag)   # same hi sets and slots
-    _assert_pages(lay, mine, oracle, "after prefill")
+    assert_pages(lay, mine, oracle, "after prefill")
     for step in range(DECODE_STEPS):   # the page state continues: decode steps on both
         pos = [c + t + step for c, t in CHUNKS]
         qd, kd, vd = (torch.stack([qkv[i][j][p] for i, p in enumerate(pos)]) for j in range(3))
         want = ref.forward_decode(oracle, lay, cfg, table, pos, qd, kd, vd, scale)
         got = CpuOps.forward_decode(mine, lay, cfg, table, pos, qd, kd, vd, scale)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-        _assert_pages(lay, mine, oracle, f"decode step {step}")
+        assert_pages(lay, mine, oracle, f"decode step {step}")
     assert torch.equal(mine[unused], regions[unused])
 
 
@@ -123,7 +114,7 @@ def test_forward_request_chunked_prompt_matches_reference(name):
         want = ref.forward_request(oracle, lay, cfg, row, c0, q[c0:c1], k[c0:c1], v[c0:c1], 0.125)
         got = CpuOps.forward_request(mine, lay, cfg, row, c0, q[c0:c1], k[c0:c1], v[c0:c1], 0.125)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-        _assert_pages(lay, mine, oracle, f"chunk {c0}")
+        assert_pages(lay, mine, oracle, f"chunk {c0}")
 
 
 def test_bad_chunk_inputs_raise():
@@ -160,7 +151,7 @@ def test_values_beyond_fp16_are_clamped_like_the_reference():
     held = views.tag[[2, 0]] > 0                                   # the request's filled hi slots
     k_hi, v_hi = views.k_hi[[2, 0]][held].float(), views.v_hi[[2, 0]][held].float()
     assert k_hi.abs().max() == 65504 and v_hi.abs().max() == 65504 and torch.isfinite(v_hi).all()
-    _assert_pages(lay, mine, oracle, "huge values")
+    assert_pages(lay, mine, oracle, "huge values")
 
 
 @pytest.mark.parametrize("name", ["mikv", "lossless-r1", "few-slots", "int4-fp32-hi"])
@@ -193,7 +184,7 @@ def test_prefill_reading_shared_prefix_blocks_matches_reference(name):
     assert torch.equal(reader_only[shared], mine[shared])
     got = CpuOps.forward_chunks(mine, lay, cfg, table, ctx, rows, q, k, v, scale, own)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    _assert_pages(lay, mine, oracle, "after prefill")
+    assert_pages(lay, mine, oracle, "after prefill")
     plain = regions.clone()   # the check can fail: as an owner (own_from 0), request 1 writes scores there
     CpuOps.forward_chunks(plain, lay, cfg, table[1:], ctx[1:], torch.tensor([[0, 13]]), q[10:], k[10:], v[10:], scale)
     assert not torch.equal(plain[shared], regions[shared])
@@ -203,4 +194,4 @@ def test_prefill_reading_shared_prefix_blocks_matches_reference(name):
         want = ref.forward_decode(oracle, lay, cfg, table, pos, qd, kd, vd, scale, own)
         got = CpuOps.forward_decode(mine, lay, cfg, table, pos, qd, kd, vd, scale, own)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-        _assert_pages(lay, mine, oracle, f"decode step {step}")
+        assert_pages(lay, mine, oracle, f"decode step {step}")
