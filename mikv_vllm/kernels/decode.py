@@ -15,9 +15,16 @@ Pipeline (``decode_attention``), per layer and step:
 3. ``_merge_kernel``, grid (request, query head): exact log-sum-exp merge of the
    splits and of the new token's raw K/V (the reference attends the chunk's raw
    K/V), output fp32 and the final (max, sum).
-4. ``_mass_kernel``, grid (request, KV head, tile): softmax mass per token summed
-   over the group's query heads; optionally added to the page scores in place
-   (same saturation as ``reference.accumulate_scores``).
+4. ``_mass_kernel`` (``need_mass``), grid (request, KV head, tile): softmax mass per
+   position summed over the group's query heads (the reference's position-indexed mass).
+5. ``_score_kernel`` (``accumulate``), grid (request, KV head, slot tile): scores live in the
+   hi slots (core.layout), so it walks the slots of the request's blocks, not the positions:
+   each slot whose tag is a context position (``(0, ctx]``) adds its token's mass (from the
+   logits scratch) to its score, saturating as ``reference.accumulate_scores_decode``; no
+   other score is touched. The new token holds no slot yet: its mass goes to ``new_mass
+   [B, H]`` for the upkeep kernel (its score as a candidate, and the score of its slot if
+   promoted). Walking slots (not the slot map) adds to every live slot, duplicates of
+   stale tags included, exactly as the reference.
 """
 
 from __future__ import annotations
@@ -172,9 +179,7 @@ def _merge_kernel(q_ptr, sqb, sqh, kn_ptr, sknb, sknh, vn_ptr, svnb, svnh, ctx_p
 
 @triton.jit
 def _mass_kernel(lg_ptr, slgb, slgh, mx_ptr, sm_ptr, hq_total, ctx_ptr, mass_ptr, smsb, smsh,
-                 bt_ptr, sbtb, score_ptr, sc_sb, sc_sh, top,
-                 N: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, BLOCK: tl.constexpr,
-                 WRITE_MASS: tl.constexpr, ACCUM: tl.constexpr):
+                 G: tl.constexpr, GP: tl.constexpr, BLOCK: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     pos = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
@@ -187,13 +192,38 @@ def _mass_kernel(lg_ptr, slgb, slgh, mx_ptr, sm_ptr, hq_total, ctx_ptr, mass_ptr
     lg = tl.load(lg_ptr + b * slgb + hq[:, None] * slgh + pos[None, :], mask=gm[:, None] & pm[None, :],
                  other=-float("inf"))
     mass = tl.sum(tl.exp2(lg - m[:, None]) * inv_l[:, None], axis=0)
-    if WRITE_MASS:
-        tl.store(mass_ptr + b * smsb + h * smsh + pos, mass, mask=pm)
-    if ACCUM:
-        blk = tl.load(bt_ptr + b * sbtb + pos // N, mask=pm, other=0).to(tl.int64)
-        ptr = score_ptr + blk * sc_sb + h * sc_sh + pos % N
-        cur = tl.load(ptr, mask=pm, other=0.0).to(tl.float32)
-        tl.store(ptr, tl.minimum(cur + mass, top).to(score_ptr.dtype.element_ty), mask=pm)
+    tl.store(mass_ptr + b * smsb + h * smsh + pos, mass, mask=pm)
+
+
+@triton.jit
+def _score_kernel(lg_ptr, slgb, slgh, mx_ptr, sm_ptr, hq_total, ctx_ptr, bt_ptr, sbtb,
+                  bt_cols, tag_ptr, tg_sb, tg_sh, score_ptr, sc_sb, sc_sh, nm_ptr, snmb, snmh, top,
+                  N: tl.constexpr, R: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, BLOCK: tl.constexpr,
+                  WRITE_NEW: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    ctx = tl.load(ctx_ptr + b).to(tl.int64)
+    s = tl.program_id(2).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)   # slot among the request's blocks
+    own = (s < (ctx // N + 1) * R) & (s // R < bt_cols)               # blocks of positions [0, ctx]
+    g = tl.arange(0, GP)
+    gm = g < G
+    hq = h * G + g
+    m = tl.load(mx_ptr + b * hq_total + hq, mask=gm, other=0.0)
+    inv_l = 1.0 / tl.load(sm_ptr + b * hq_total + hq, mask=gm, other=1.0)
+    blk = tl.load(bt_ptr + b * sbtb + s // R, mask=own, other=0).to(tl.int64)
+    tags = tl.load(tag_ptr + blk * tg_sb + h * tg_sh + s % R, mask=own, other=0)
+    live = own & (tags > 0) & (tags <= ctx)                           # a context position is hi here
+    p = tl.where(live, tags - 1, 0).to(tl.int64)
+    lg = tl.load(lg_ptr + b * slgb + hq[:, None] * slgh + p[None, :], mask=gm[:, None] & live[None, :],
+                 other=-float("inf"))
+    mass = tl.sum(tl.exp2(lg - m[:, None]) * inv_l[:, None], axis=0)
+    ptr = score_ptr + blk * sc_sb + h * sc_sh + s % R
+    cur = tl.load(ptr, mask=live, other=0.0).to(tl.float32)
+    tl.store(ptr, tl.minimum(cur + mass, top).to(score_ptr.dtype.element_ty), mask=live)
+    if WRITE_NEW:
+        if tl.program_id(2) == 0:   # the new token (position ctx): its mass, for the upkeep kernel
+            lgn = tl.load(lg_ptr + b * slgb + hq * slgh + ctx, mask=gm, other=-float("inf"))
+            tl.store(nm_ptr + b * snmb + h * snmh, tl.sum(tl.exp2(lgn - m) * inv_l, axis=0))
 
 
 # --------------------------------------------------------------------- host side
@@ -256,15 +286,19 @@ def check_hi_dtype(layout: RegionLayout, device: torch.device) -> None:
 def decode_attention(regions: torch.Tensor, layout: RegionLayout, block_tables: torch.Tensor,
                      ctx_lens: torch.Tensor, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                      scale: float, balancer: torch.Tensor | None = None, *, max_ctx: int | None = None,
-                     need_mass: bool = True, accumulate: bool = False, tokens_per_split: int | None = None,
-                     block_n: int | None = None, num_warps: int | None = None,
+                     need_mass: bool = True, accumulate: bool = False, new_mass: torch.Tensor | None = None,
+                     tokens_per_split: int | None = None, block_n: int | None = None,
+                     num_warps: int | None = None,
                      hi_map: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Batched decode step, semantics of ``reference.gather_context`` + ``reference.attention`` (T = 1).
 
     q ``[B, Hq, D]`` (position ``ctx_lens[b]``), k_new/v_new ``[B, H, D]`` raw, block_tables
-    ``[B, >= ceil(ctx/N)]``, balancer ``[B, H, D]`` stored values (fp32) or None. Returns
-    ``out [B, Hq, D]`` fp32 and, when ``need_mass``, ``mass [B, H, max_ctx + 1]`` (zero past
-    ``ctx_lens[b]``); ``accumulate`` adds it to the page scores (``reference.accumulate_scores``).
+    ``[B, >= ceil((ctx + 1)/N)]`` with ``accumulate`` (else ``>= ceil(ctx/N)``), balancer
+    ``[B, H, D]`` stored values (fp32) or None. Returns ``out [B, Hq, D]`` fp32 and, when
+    ``need_mass``, ``mass [B, H, max_ctx + 1]`` (zero past ``ctx_lens[b]``). ``accumulate`` adds
+    the mass of every hi token to its slot's score (``reference.accumulate_scores_decode``; the
+    tags of the block of position ``ctx`` must already be reset if ``ctx`` is its offset 0, as the
+    store does) and writes the new token's mass to ``new_mass`` (``[B, H]`` fp32, when given).
     ``max_ctx`` (>= every ctx; avoids a device sync), ``hi_map`` (a precomputed :func:`hi_slot_map`),
     ``tokens_per_split`` / ``block_n`` / ``num_warps`` are launch tuning knobs.
     """
@@ -327,14 +361,21 @@ def decode_attention(regions: torch.Tensor, layout: RegionLayout, block_tables: 
             lg.stride(1), qk_scale, tps, G=grp, D=d, SP=max(2, next_pow2(splits)), NEED_LOGITS=logits,
             num_warps=4)
     mass = torch.zeros(bsz, h, lcap, device=dev, dtype=torch.float32) if need_mass else None
-    if logits and bsz:
-        score = views.score
-        top = float(torch.finfo(layout.score_dtype).max)
-        ms = mass if mass is not None else out
+    gp2 = max(2, next_pow2(grp))
+    if need_mass and bsz:
         blk = 128 if dev.type == "cuda" else min(4096, max(32, next_pow2(lcap // 8)))
         _mass_kernel[(bsz, h, -(-lcap // blk))](
-            lg, lg.stride(0), lg.stride(1), mx, sm, hq, ctx_t, ms, ms.stride(0), ms.stride(1),
-            bt, bt.stride(0), score, score.stride(0), score.stride(1), top,
-            N=layout.block_size, G=grp, GP=max(2, next_pow2(grp)), BLOCK=blk, WRITE_MASS=need_mass,
-            ACCUM=accumulate, num_warps=4)
+            lg, lg.stride(0), lg.stride(1), mx, sm, hq, ctx_t, mass, mass.stride(0), mass.stride(1),
+            G=grp, GP=gp2, BLOCK=blk, num_warps=4)
+    if accumulate and bsz:
+        slots = (max_ctx // layout.block_size + 1) * r            # slots of the longest request's blocks
+        blk = 128 if dev.type == "cuda" else min(4096, max(16, next_pow2(slots)))
+        nm = new_mass if new_mass is not None else out
+        if new_mass is not None and (new_mass.shape != (bsz, h) or new_mass.dtype != torch.float32):
+            raise ValueError(f"new_mass must be fp32 [{bsz}, {h}], got {new_mass.dtype} {tuple(new_mass.shape)}")
+        _score_kernel[(bsz, h, -(-slots // blk))](
+            lg, lg.stride(0), lg.stride(1), mx, sm, hq, ctx_t, bt, bt.stride(0), bt.shape[1],
+            views.tag, views.tag.stride(0), views.tag.stride(1), views.score, views.score.stride(0),
+            views.score.stride(1), nm, nm.stride(0), nm.stride(1), float(torch.finfo(layout.score_dtype).max),
+            N=layout.block_size, R=r, G=grp, GP=gp2, BLOCK=blk, WRITE_NEW=new_mass is not None, num_warps=4)
     return out, mass

@@ -2,9 +2,10 @@
 workspace (:mod:`.workspace`).
 
 * decode (one token per request): requests grouped by context length so each group's buffers
-  fit the workspace; per group Triton store + :func:`decode.decode_attention` with scores
-  accumulated in-kernel, then the incremental hi-set upkeep kernel
-  (:func:`upkeep.maintain_hi_decode`, one program per (request, KV head)).
+  fit the workspace; per group Triton store + :func:`decode.decode_attention` with the hi slots'
+  scores accumulated in-kernel (the new token's mass to a ``[B, H]`` buffer), then the
+  incremental hi-set upkeep kernel (:func:`upkeep.maintain_hi_decode`, one program per
+  (request, KV head)) reading that buffer.
 * prefill / multi-token chunks: Triton store, then :func:`chunked_attention` (torch): the context
   attended in key chunks of whole blocks with an online softmax, query rows in blocks, a second
   pass for the score mass; nothing is dequantized beyond one key chunk.
@@ -97,9 +98,13 @@ def _decode_group(regions: torch.Tensor, layout: RegionLayout, config: MiKVConfi
     bal = ref.decode_balancer(regions, layout, bt, pos, q, k)
     blk = bt.long().gather(1, (pos // n)[:, None])[:, 0]
     store_tokens(regions, layout, blk, pos % n, k, v, bal)
+    # the new token's mass of this step ([B, H] fp32, within the group's workspace estimate): its
+    # score as a candidate of the upkeep, and its slot's score if it is promoted
+    new_mass = torch.empty(pos.shape[0], k.shape[1], device=dev, dtype=torch.float32) if layout.hi_slots else None
     out, _ = decode_attention(regions, layout, bt, pos, q, k, v, scale, bal, max_ctx=max_ctx,
-                              need_mass=False, accumulate=True)
-    maintain_hi_decode(regions, layout, config, bt, pos, k, v)
+                              need_mass=False, accumulate=True, new_mass=new_mass)
+    if new_mass is not None:
+        maintain_hi_decode(regions, layout, config, bt, pos, k, v, new_mass)
     return out
 
 

@@ -1,11 +1,11 @@
-"""Store kernel: lo copies of new K (times balancer) / V, score reset, R-tag reset.
+"""Store kernel: lo copies of new K (times balancer) / V, R-tag reset.
 
 One program per (token, KV head). Quantization follows core/quant.py step by
 step in fp32 with correctly rounded division (``div_rn``) and fp16 directed
 rounding; FP contraction is disabled at launch (``enable_fp_fusion=False``),
 so codes and (scale, zero) equal the reference bit for bit (tested under the
-interpreter; the GPU benchmark re-checks on the device). Hi-slot writes are
-selection logic and stay in torch (``core.reference.maintain_hi``).
+interpreter; the GPU benchmark re-checks on the device). Scores belong to hi slots and are set
+when a slot is filled (``upkeep`` / ``core.reference.maintain_hi``), so the store touches none.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def _quant_pack_store(x, lo_ptr, sz_ptr, D: tl.constexpr, BITS: tl.constexpr, GS
 @triton.jit
 def _store_kernel(k_ptr, v_ptr, skt, skh, svt, svh, bal_ptr, sbt, sbh, blk_ptr, off_ptr,
                   klo, vlo, lo_sb, lo_sh, lo_sn, ksz, vsz, sz_sb, sz_sh, sz_sn,
-                  score_ptr, sc_sb, sc_sh, tag_ptr, tg_sb, tg_sh,
+                  tag_ptr, tg_sb, tg_sh,
                   D: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, R: tl.constexpr,
                   RP: tl.constexpr, HAS_BAL: tl.constexpr):
     t = tl.program_id(0)
@@ -55,7 +55,6 @@ def _store_kernel(k_ptr, v_ptr, skt, skh, svt, svh, bal_ptr, sbt, sbh, blk_ptr, 
     blk = tl.load(blk_ptr + t).to(tl.int64)
     off = tl.load(off_ptr + t).to(tl.int64)
     if R > 0:
-        tl.store(score_ptr + blk * sc_sb + h * sc_sh + off, tl.zeros((), score_ptr.dtype.element_ty))
         ri = tl.arange(0, RP)
         tl.store(tag_ptr + blk * tg_sb + h * tg_sh + ri, tl.zeros((RP,), tl.int32), mask=(ri < R) & (ri + off == ri))
     if BITS > 0:
@@ -92,13 +91,12 @@ def store_tokens(regions: torch.Tensor, layout: RegionLayout, blk: torch.Tensor,
         bal, sbt, sbh = k, 0, 0
     r = layout.hi_slots
     lo_view, sz_view = (views.k_lo, views.k_sz) if layout.bits else (regions, regions)
-    score = views.score if r else regions
     _store_kernel[(t, h)](
         k, v, k.stride(0), k.stride(1), v.stride(0), v.stride(1), bal, sbt, sbh,
         blk.to(regions.device, torch.int64).contiguous(), off.to(regions.device, torch.int64).contiguous(),
         views.k_lo if layout.bits else regions, views.v_lo if layout.bits else regions,
         *lo_view.stride()[:3], views.k_sz if layout.bits else regions, views.v_sz if layout.bits else regions,
-        *sz_view.stride()[:3], score, score.stride(0), score.stride(1), views.tag if r else regions,
+        *sz_view.stride()[:3], views.tag if r else regions,
         views.tag.stride(0), views.tag.stride(1),
         D=d, BITS=layout.bits, GS=layout.group, R=r, RP=max(1, next_pow2(r)),
         HAS_BAL=balancer is not None, num_warps=1, enable_fp_fusion=False)

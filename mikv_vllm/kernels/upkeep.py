@@ -1,17 +1,20 @@
 """Hi-set upkeep kernel of the decode step: ``reference.maintain_hi_decode`` in Triton.
 
 One program per (request, KV head), after the step's store and score accumulation. Candidates
-are the request's tagged tokens (tag in ``(0, pos]`` in its own blocks) plus the new token; the
+are the request's tagged tokens (tag in ``(0, pos]`` in its own blocks; score: their slot's, as
+accumulated by ``decode._score_kernel``) plus the new token (score: its mass of this step,
+``decode_attention``'s ``new_mass``, saturated at the score dtype's max); the
 ``max(0, C - budget)`` lowest-priority candidates lose. In a normal run ``C <= budget + 1`` (the
 budget never shrinks as the context grows), so this is one reduction pass; stale tags of reused
 blocks only add passes. Each pass removes the lowest-priority live candidate of the
 order of ``core.importance.select_hi`` (tier SINK > RECENT > HEAVY; sinks lower position
 first, recent higher position first, heavy higher score first (NaN as -inf), then higher
 position; full ties: lower candidate index first, as the reference's stable sorts). Losers and
-stale tags are cleared; a kept new token takes the lowest free slot with its raw K/V in the hi
-dtype, clamped as ``quant.to_hi``. Budget and recent-window start come from
-``core.importance`` on the host side (device tensors, no sync). Tags and hi copies equal the
-reference byte for byte (tests/kernels/test_upkeep.py).
+stale tags are cleared (their scores left as they are); a kept new token takes the lowest free
+slot with its raw K/V in the hi dtype, clamped as ``quant.to_hi``, and its mass as the slot's
+score. Budget and recent-window start come from ``core.importance`` on the host side (device
+tensors, no sync). Tags, scores and hi copies equal the reference byte for byte
+(tests/kernels/test_upkeep.py).
 """
 
 from __future__ import annotations
@@ -57,8 +60,8 @@ def _fp8e4m3_rtne(x):
 
 @triton.jit
 def _upkeep_kernel(bt_ptr, bt_sb, pos_ptr, budget_ptr, rstart_ptr, tag_ptr, tg_sb, tg_sh,
-                   score_ptr, sc_sb, sc_sh, khi_ptr, vhi_ptr, hi_sb, hi_sh, hi_sr,
-                   k_ptr, v_ptr, skb, skh, svb, svh, top, sinks,
+                   score_ptr, sc_sb, sc_sh, nm_ptr, snmb, snmh, khi_ptr, vhi_ptr, hi_sb, hi_sh, hi_sr,
+                   k_ptr, v_ptr, skb, skh, svb, svh, top, sc_top, sinks,
                    N: tl.constexpr, R: tl.constexpr, D: tl.constexpr, SLOTS: tl.constexpr, HI_BF16: tl.constexpr,
                    HI_FP8: tl.constexpr):
     b = tl.program_id(0)
@@ -78,9 +81,11 @@ def _upkeep_kernel(bt_ptr, bt_sb, pos_ptr, budget_ptr, rstart_ptr, tag_ptr, tg_s
     p = tl.where(tagged, tags.to(tl.int64) - 1, tl.where(is_new, pos, -1))
     tier = tl.where(p < sinks, 2, tl.where(p >= rstart, 1, 0))
     heavy = valid & (tier == 0)
-    pc = tl.where(heavy, p, 0)
-    pblk = tl.load(bt_ptr + b * bt_sb + pc // N, mask=heavy, other=0).to(tl.int64)
-    sc = tl.load(score_ptr + pblk * sc_sb + h * sc_sh + pc % N, mask=heavy, other=0.0).to(tl.float32)
+    sc_addr = score_ptr + blk * sc_sb + h * sc_sh + s % R
+    sc = tl.load(sc_addr, mask=heavy & tagged, other=0.0).to(tl.float32)      # a hi token: its slot's score
+    new_sc = tl.load(nm_ptr + b * snmb + h * snmh).to(tl.float32)
+    new_sc = tl.where(new_sc > sc_top, sc_top, new_sc)       # the new token: its mass (clamp keeps NaN)
+    sc = tl.where(is_new, new_sc, sc)
     sc = tl.where(sc != sc, -float("inf"), sc)               # NaN ranks as -inf
     sc_key = tl.where(heavy, sc, 0.0)                        # within-tier key of heavy hitters only
     p_key = tl.where(tier == 2, -p, p)                       # lowest priority = smallest key
@@ -103,6 +108,7 @@ def _upkeep_kernel(bt_ptr, bt_sb, pos_ptr, budget_ptr, rstart_ptr, tag_ptr, tg_s
     tl.store(tag_addr, new_tags, mask=own)
     fslot = tl.minimum(free, num_slots - 1)
     fblk = tl.load(bt_ptr + b * bt_sb + fslot // R).to(tl.int64)
+    tl.store(score_ptr + fblk * sc_sb + h * sc_sh + fslot % R, new_sc.to(score_ptr.dtype.element_ty), mask=new_kept)
     d = tl.arange(0, D)
     hi = fblk * hi_sb + h * hi_sh + (fslot % R) * hi_sr + d
     wmask = (tl.zeros((D,), tl.int32) + new_kept.to(tl.int32)) > 0
@@ -123,10 +129,12 @@ def _upkeep_kernel(bt_ptr, bt_sb, pos_ptr, budget_ptr, rstart_ptr, tag_ptr, tg_s
 
 def maintain_hi_decode(regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig,
                        block_tables: torch.Tensor, pos: torch.Tensor, k_new: torch.Tensor,
-                       v_new: torch.Tensor) -> None:
+                       v_new: torch.Tensor, mass: torch.Tensor) -> None:
     """Drop-in for ``reference.maintain_hi_decode`` (same arguments and page effects).
 
-    ``block_tables [B, M]`` must cover each request's blocks of positions ``[0, pos]``.
+    ``block_tables [B, M]`` must cover each request's blocks of positions ``[0, pos]``. ``mass``:
+    the new token's attention mass, ``[B, H]`` (``decode_attention``'s ``new_mass``), or the
+    reference's position-indexed ``[B, H, S]`` (read at ``pos``; a gather, no host sync).
     """
     r = layout.hi_slots
     if not r or pos.numel() == 0:
@@ -138,13 +146,17 @@ def maintain_hi_decode(regions: torch.Tensor, layout: RegionLayout, config: MiKV
     budget = hi_budget(config, length, (pos // n + 1) * r).contiguous()
     rstart = (length - recent_window(config, budget)).contiguous()
     k, v = k_new.to(dev), v_new.to(dev)
+    bsz, h = pos.shape[0], regions.shape[1]
+    mass = mass.to(dev, torch.float32)
+    if mass.dim() == 3:
+        mass = mass.gather(2, pos[:, None, None].expand(bsz, h, 1))[..., 0]
     k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (k, v))
     top = float(torch.finfo(layout.hi_dtype).max)
-    bsz, h = pos.shape[0], regions.shape[1]
     _upkeep_kernel[(bsz, h)](
         bt, bt.stride(0), pos, budget, rstart, views.tag, views.tag.stride(0), views.tag.stride(1),
-        views.score, views.score.stride(0), views.score.stride(1), views.k_hi, views.v_hi,
-        *views.k_hi.stride()[:3], k, v, k.stride(0), k.stride(1), v.stride(0), v.stride(1), top,
-        int(config.sink_tokens), N=n, R=r, D=layout.head_dim, SLOTS=next_pow2(bt.shape[1] * r + 1),
+        views.score, views.score.stride(0), views.score.stride(1), mass, mass.stride(0), mass.stride(1),
+        views.k_hi, views.v_hi, *views.k_hi.stride()[:3], k, v, k.stride(0), k.stride(1), v.stride(0),
+        v.stride(1), top, float(torch.finfo(layout.score_dtype).max), int(config.sink_tokens), N=n, R=r,
+        D=layout.head_dim, SLOTS=next_pow2(bt.shape[1] * r + 1),
         HI_BF16=layout.hi_dtype == torch.bfloat16,
         HI_FP8=layout.hi_dtype == torch.float8_e4m3fn, num_warps=4)

@@ -10,9 +10,11 @@
 * prefill chunks: the context is attended in key chunks of whole blocks with an online softmax,
   query rows in blocks (:func:`plan_prefill`); nothing is dequantized beyond one key chunk.
 
-What stays proportional to a request's length is the per-position bookkeeping of the score and
-hi-slot selection (a few tens of bytes per position and KV head, a fraction of the request's own
-page bytes); :func:`required_workspace` gives the smallest workspace for a deployment's
+What stays proportional to a request's length is the bookkeeping of the hi set: the decode
+hi-slot map (4 bytes per position and KV head) and the reads and sorts of the request's hi slots'
+tags and scores (scores live in the hi slots, core.layout; ``SLOT_BYTES`` per slot, a few bytes
+per position at the usual ratios) - a fraction of the request's own page bytes;
+:func:`required_workspace` gives the smallest workspace for a deployment's
 ``max_model_len`` and token budget, and the ops raise (no silent overrun) when a request does
 not fit. vLLM's memory profile skips attention, so the glue reserves the workspace while
 profiling (:func:`reserve_workspace`).
@@ -33,8 +35,8 @@ MAX_SPLITS = 64
 
 # Upper bounds (bytes) of the temporaries per unit, read off the code and checked against
 # measured peaks in tests/kernels/test_workspace.py (the tests fail if they are too small).
-SLOT_BYTES = 160        # per hi slot and KV head: hi-slot map build, tag reads, select_hi sorts
-POS_BYTES = 24          # per position and KV head: slot map (4), score gathers (2 x 4), masks
+SLOT_BYTES = 160        # per hi slot and KV head: hi-slot map build, tag / score reads, select_hi sorts
+POS_BYTES = 4           # per position and KV head: the decode hi-slot map (int32); scores are per slot
 LOGIT_BYTES = 4         # per position and query head: fp32 logits scratch (decode)
 
 
@@ -74,7 +76,8 @@ def _slots(dims: Dims, length: int) -> int:
 
 
 def _per_request_bytes(dims: Dims, length: int) -> int:
-    """Temporaries that scale with one request's length: slot map, score and selection."""
+    """Temporaries that scale with one request's length: slot map (per position), the hi slots'
+    tags / scores and the selection (per slot)."""
     if not dims.layout.hi_slots:
         return 0
     n = dims.layout.block_size
@@ -88,7 +91,8 @@ def decode_group_bytes(dims: Dims, n_req: int, max_ctx: int, splits: int) -> int
     lcap = max_ctx + 1
     logits = n_req * hq * lcap * LOGIT_BYTES if dims.layout.hi_slots else 0
     partials = n_req * hq * max(1, splits) * (d + 2) * 4
-    small = n_req * (hq * (3 * d + 4) * 4 + 6 * h * d * 4 + 64)   # q/k/v copies, balancer, out, lse
+    # q/k/v copies, balancer, out, lse; the new token's mass [n, H] fp32 (the upkeep's input)
+    small = n_req * (hq * (3 * d + 4) * 4 + 6 * h * d * 4 + h * 4 + 64)
     table = n_req * (-(-lcap // dims.layout.block_size) + 1) * 12
     return logits + partials + small + table + n_req * _per_request_bytes(dims, lcap)
 

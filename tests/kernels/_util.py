@@ -89,13 +89,23 @@ def stored_balancers(regions, layout, tables, ctxs):
                         for i, c in enumerate(ctxs)])
 
 
-def assert_pages_match(a: torch.Tensor, b: torch.Tensor, layout: RegionLayout, score_rtol: float = 1e-5):
-    """Every byte equal except the score sub-array (close; garbage compared bit-wise)."""
+def assert_pages_match(a: torch.Tensor, b: torch.Tensor, layout: RegionLayout, score_rtol: float = 1e-5,
+                       before: torch.Tensor | None = None):
+    """Every byte equal except the hi slots' scores (close; garbage compared bit-wise). With
+    ``before`` (the pages before the step that made ``a``): every score ``a`` left as it was in
+    ``before`` must be bit-for-bit that in ``b`` too (a write to a wrong slot shows even where a
+    garbage score is too large for the tolerance to see an added mass)."""
     lo, hi = layout.score, layout.score + layout.views(a).score.shape[-1] * layout.score_dtype.itemsize
     a2, b2 = a.clone(), b.clone()
     a2[..., lo:hi] = 0
     b2[..., lo:hi] = 0
     diff = (a2 != b2).nonzero()
     assert diff.numel() == 0, f"{diff.shape[0]} bytes differ, first at (block, head, byte) {diff[0].tolist()}"
-    torch.testing.assert_close(layout.views(a).score, layout.views(b).score, rtol=score_rtol, atol=1e-6,
-                               equal_nan=True)
+    sa, sb = layout.views(a).score, layout.views(b).score
+    torch.testing.assert_close(sa, sb, rtol=score_rtol, atol=1e-6, equal_nan=True)
+    if before is not None:
+        bits = [x.view(torch.int32) for x in (sa, sb, layout.views(before).score)]
+        kept = bits[0] == bits[2]
+        moved = (kept & (bits[1] != bits[0])).nonzero()
+        assert moved.numel() == 0, (f"{moved.shape[0]} scores changed that the reference left as they were, "
+                                    f"first at (block, head, slot) {moved[0].tolist()}")

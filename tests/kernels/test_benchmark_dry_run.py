@@ -16,4 +16,4 @@ def test_gpu_decode_dry_run(tmp_path):
     assert "FAILED" not in text, text
     assert "| store: differing page bytes (expect 0) | 0 |" in text
     assert text.count("| int2-r0.2 | 40 | 2 |") == 1 and text.count("| int3-r0.05 | 40 | 2 |") == 1
-    assert "pages equal (excl. scores) | " in text and "/ False" not in text
+    assert "pages equal (excl. scores) / hi scores max rel err | " in text and "/ False" not in text

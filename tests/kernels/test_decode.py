@@ -65,6 +65,49 @@ def _check_decode_attention(config, bits, group, head_dim, block_size):
         assert mass is None
 
 
+@pytest.mark.parametrize("bits,hi_ratio,group,head_dim,balancer,block_size", [CASES[0], CASES[3], CASES[4]])
+def test_decode_score_accumulation_per_slot(bits, hi_ratio, group, head_dim, balancer, block_size):
+    """``accumulate``: every hi slot whose tag is a context position gets its token's mass (planted
+    duplicate tags: both slots), no other score changes (tags past the context, empty slots,
+    other heads' and requests' slots); ``new_mass`` is the new token's mass. Against
+    reference.accumulate_scores_decode after the reference's store."""
+    config = make_config(bits, hi_ratio, balancer)
+    layout, regions, tables, q, k, v = build_batch(config, block_size, head_dim, 2, group, CTXS, seed=bits + 1)
+    pos = torch.tensor(CTXS)
+    bal = ref.decode_balancer(regions, layout, tables, pos, q, k)
+    ref.store_at(regions, layout, tables.long().gather(1, (pos // block_size)[:, None])[:, 0], pos % block_size,
+                 k, v, bal)
+    views, r = layout.views(regions), layout.hi_slots
+    planted = 0
+    for i, c in enumerate(CTXS):   # a duplicate of a hi token (same hi copy) and a tag past the context
+        blocks = tables[i, : c // block_size + 1].long()
+        for h in range(2):
+            tags = views.tag[blocks, h].reshape(-1)
+            free = (tags == 0).nonzero()[:, 0]
+            used = ((tags > 0) & (tags <= c)).nonzero()[:, 0]
+            if free.numel() >= 2 and used.numel():
+                src, dup, past = int(used[-1]), int(free[0]), int(free[1])
+                views.tag[blocks[dup // r], h, dup % r] = tags[src]
+                views.k_hi[blocks[dup // r], h, dup % r] = views.k_hi[blocks[src // r], h, src % r]
+                views.v_hi[blocks[dup // r], h, dup % r] = views.v_hi[blocks[src // r], h, src % r]
+                views.tag[blocks[past // r], h, past % r] = c + 1 + h
+                planted += 1
+    assert planted >= 2
+    expected, before = regions.clone(), regions.clone()
+    k_ctx, v_ctx, valid = ref.gather_decode(expected, layout, tables, pos, bal)
+    want, mass = ref.attention_decode(q, k_ctx, v_ctx, valid, pos, k, v, SCALE)
+    ref.accumulate_scores_decode(expected, layout, tables, pos, mass)
+    new_mass = torch.full((len(CTXS), 2), float("nan"))
+    out, _ = decode_attention(regions, layout, tables, pos, q, k, v, SCALE, bal, need_mass=False, accumulate=True,
+                              new_mass=new_mass, tokens_per_split=16)
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(new_mass, mass.gather(2, pos[:, None, None].expand(-1, 2, 1))[..., 0],
+                               rtol=1e-4, atol=1e-6)
+    assert_pages_match(expected, regions, layout, before=before)
+    changed = layout.views(expected).score.view(torch.int32) != layout.views(before).score.view(torch.int32)
+    assert changed.sum() >= 8                                  # many slots really accumulated
+
+
 def test_hi_slot_map_matches_tags():
     config = make_config(2, 0.25, True)
     layout, regions, tables, *_ = build_batch(config, 8, 64, 2, 1, [29, 3], seed=3)
@@ -124,11 +167,12 @@ def _check_forward_decode_steps(config, group, head_dim, block_size):
     expected = regions.clone()
     gen = torch.Generator().manual_seed(2)
     for step in range(2):
+        before = expected.clone()
         want = torch.cat([ref.forward_request(expected, layout, config, tables[i], c, q[i:i + 1], k[i:i + 1],
                                               v[i:i + 1], SCALE) for i, c in enumerate(ctxs)])
         got = forward_decode(regions, layout, config, tables, ctxs, q, k, v, SCALE)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-        assert_pages_match(expected, regions, layout)
+        assert_pages_match(expected, regions, layout, before=before)
         ctxs = [c + 1 for c in ctxs]
         q, k, v = (torch.randn(x.shape, generator=gen) for x in (q, k, v))
     if layout.hi_slots:

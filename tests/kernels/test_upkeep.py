@@ -36,9 +36,11 @@ def _setup(cfg, prompts, steps, seed=0):
     return lay, regions, table.int(), data
 
 
-def _run(cfg, prompts, steps, seed=0, plant=None):
+def _run(cfg, prompts, steps, seed=0, plant=None, poke_mass=None):
     """Reference decode steps; before each step's upkeep, the kernel's and the reference's upkeep
-    must leave identical pages."""
+    must leave identical pages (tags, the slots' scores, hi copies). The kernel gets the new token's
+    mass as ``[B, H]`` (what decode_attention writes) on even steps, the reference's position-indexed
+    ``[B, H, S]`` on odd ones."""
     lay, regions, table, data = _setup(cfg, prompts, steps, seed)
     for step in range(steps):
         pos = torch.tensor([p + step for p in prompts])
@@ -51,9 +53,12 @@ def _run(cfg, prompts, steps, seed=0, plant=None):
         k_ctx, v_ctx, valid = ref.gather_decode(regions, lay, table, pos, b)
         _, mass = ref.attention_decode(q, k_ctx, v_ctx, valid, pos, k, v, SCALE)
         ref.accumulate_scores_decode(regions, lay, table, pos, mass)
+        if poke_mass is not None:
+            poke_mass(mass, pos, step)
         mine = regions.clone()
-        ref.maintain_hi_decode(regions, lay, cfg, table, pos, k, v)
-        maintain_hi_decode(mine, lay, cfg, table, pos, k, v)
+        ref.maintain_hi_decode(regions, lay, cfg, table, pos, k, v, mass)
+        new_mass = mass.gather(2, pos[:, None, None].expand(-1, HKV, 1))[..., 0]
+        maintain_hi_decode(mine, lay, cfg, table, pos, k, v, new_mass if step % 2 == 0 else mass)
         diff = (mine != regions).nonzero()
         assert diff.numel() == 0, f"step {step}: {diff.shape[0]} bytes differ, first at {diff[:3].tolist()}"
     return lay, regions, table
@@ -64,6 +69,7 @@ CASES = {
     "window-3-fp32": MiKVConfig(policy="mikv", lo_bits=4, hi_ratio=0.3, recent_window=3, hi_dtype="float32"),
     "bf16-no-sinks": MiKVConfig(policy="mikv", lo_bits=8, hi_ratio=0.25, sink_tokens=0, hi_dtype="bfloat16",
                                 balancer=False),
+    "no-recent-window": MiKVConfig(policy="mikv", lo_bits=4, hi_ratio=0.25, recent_window=0, sink_tokens=1),
     "h2o": preset("h2o"),
     "rtn": preset("rtn"),
 }
@@ -76,7 +82,8 @@ def test_upkeep_kernel_matches_reference(name):
 
 def test_upkeep_kernel_stale_tags_several_losers_and_clamp():
     """Planted stale tags (several losers in one step, duplicates, tags past the context), saturated /
-    NaN scores, and K/V beyond fp16's range (hi copies clamped as quant.to_hi)."""
+    NaN slot scores and new-token masses, and K/V beyond fp16's range (hi copies clamped as
+    quant.to_hi)."""
     cfg = preset("mikv-paper")
 
     def plant(lay, regions, table, pos, step):
@@ -93,20 +100,26 @@ def test_upkeep_kernel_stale_tags_several_losers_and_clamp():
             vals = torch.randint(1, p + 1, (slots.numel(),), generator=g).int()
             vals[0] = p + 3                                            # past the context
             views.tag[blocks[slots // r], :, slots % r] = vals[:, None]
-            hit = (vals[1:] - 1).long().clamp(max=p - 1)
-            kinds = torch.tensor([torch.finfo(torch.float32).max, float("nan"), -1.0])
-            views.score[blocks[hit // N], :, hit % N] = kinds[torch.randint(0, 3, (hit.numel(), HKV), generator=g)]
+            kinds = torch.tensor([torch.finfo(torch.float32).max, float("nan"), -1.0, 0.5])
+            pick = torch.randint(0, 4, (slots.numel(), HKV), generator=g)
+            views.score[blocks[slots // r], :, slots % r] = kinds[pick]       # the planted slots' scores
             views.k_hi[blocks[slots // r], :, slots % r] = 0
             views.v_hi[blocks[slots // r], :, slots % r] = 0
 
-    lay, regions, table = _run(cfg, [5, 19, 30], 40, seed=3, plant=plant)
+    def poke_mass(mass, pos, step):
+        if step % 5 == 0:   # the new token's mass: infinite (saturates), NaN (ranks as -inf), huge
+            for i, p in enumerate(pos.tolist()):
+                mass[i, :, p] = torch.tensor([float("inf"), float("nan"), 3e38, 0.0])[(i + step) % 4]
+
+    lay, regions, table = _run(cfg, [5, 19, 30], 40, seed=3, plant=plant, poke_mass=poke_mass)
     _, _, _, data = _setup(cfg, [2], 3, seed=9)
     pos = torch.tensor([2])
     k, v = data[0][1][2:3] * 1e6, data[0][2][2:3] * 1e6                 # beyond fp16: clamped to +-65504
     regions = torch.zeros_like(regions)
     want = regions.clone()
-    ref.maintain_hi_decode(want, lay, cfg, table[:1], pos, k, v)
-    maintain_hi_decode(regions, lay, cfg, table[:1], pos, k, v)
+    mass = torch.full((1, HKV, 3), 0.25)
+    ref.maintain_hi_decode(want, lay, cfg, table[:1], pos, k, v, mass)
+    maintain_hi_decode(regions, lay, cfg, table[:1], pos, k, v, mass[:, :, 2])
     assert torch.equal(regions, want) and (lay.views(want).k_hi.float().abs() == 65504).any()
 
 
