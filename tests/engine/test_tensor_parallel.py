@@ -194,8 +194,10 @@ def test_worker_without_the_mikv_layout_is_refused():
     mikv = replace(stock, state_content_bytes=RegionLayout.build(config, 128, 64).content_bytes)
     int4 = replace(stock, state_content_bytes=RegionLayout.build(preset("mikv-int4"), 128, 64).content_bytes)
     check_worker_specs(config, [{"layers.0": mikv}, {"layers.1": mikv}])   # two pipeline stages
+    want = mikv.state_content_bytes
     with pytest.raises(MiKVUnsupportedError, match=r"1 of 2 workers hold another KV cache layout "
-                                                   r"\(worker 1 layers.1: None B/token/head, MiKV mikv needs 96\)"):
+                                                   rf"\(worker 1 layers.1: None B/token/head, MiKV mikv needs {want}\)"):
         check_worker_specs(config, [{"layers.0": mikv}, {"layers.1": stock}])
-    with pytest.raises(MiKVUnsupportedError, match=r"worker 0 layers.0: 140 B/token/head.*same --kv-cache-policy"):
+    other = int4.state_content_bytes
+    with pytest.raises(MiKVUnsupportedError, match=rf"worker 0 layers.0: {other} B/token/head.*same --kv-cache-policy"):
         check_worker_specs(config, [{"layers.0": int4}, {"layers.1": mikv}])
