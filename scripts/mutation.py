@@ -9,7 +9,7 @@ touched) with ``pytest -x`` over the fast suites (``tests/core``, ``tests/kernel
 
     python scripts/mutation.py                 # all; exit 1 if any survives
     python scripts/mutation.py --list
-    python scripts/mutation.py --only sinks-not-pinned score-reset-removed
+    python scripts/mutation.py --only sinks-not-pinned promoted-score-stale
     python scripts/mutation.py --root OTHER_CHECKOUT   # e.g. an older commit, for a before/after
     python scripts/mutation.py --files mikv_vllm/cpu/mikv_decode.cpp   # one implementation's edits alone
 
@@ -41,6 +41,7 @@ QNT = "mikv_vllm/core/quant.py"
 BAL = "mikv_vllm/core/balancer.py"
 KST = "mikv_vllm/kernels/store.py"
 KDE = "mikv_vllm/kernels/decode.py"
+KUP = "mikv_vllm/kernels/upkeep.py"
 CPP = "mikv_vllm/cpu/mikv_decode.cpp"
 CPH = "mikv_vllm/cpu/mikv_common.h"
 ROT = "mikv_vllm/core/rotation.py"
@@ -55,48 +56,50 @@ class Mutation:
 
 
 MUTATIONS = [
-    Mutation("score-reset-removed", "a reused block keeps the previous request's scores",
-             ((REF, "        views.score[blk, :, off] = 0\n", ""),
-              (KST, "        tl.store(score_ptr + blk * sc_sb + h * sc_sh + off, tl.zeros((), score_ptr.dtype.element_ty))\n",
-               "        pass\n"),
-              (CPP, "      if (L.score_dtype == 0) reinterpret_cast<float*>(reg + L.score)[off] = 0.f;\n"
-                    "      else reinterpret_cast<uint16_t*>(reg + L.score)[off] = 0;\n", ""))),
+    Mutation("promoted-score-stale", "a token promoted into a hi slot inherits the slot's previous score",
+             ((REF, "        slot_scores[hh, slot] = new_scores[hh, jj].to(layout.score_dtype)\n", ""),
+              (REF, "        views.score[blk, hh, rr] = new_score[bb, hh, 0].to(layout.score_dtype)\n", ""),
+              (KUP, "    tl.store(score_ptr + fblk * sc_sb + h * sc_sh + fslot % R, new_sc.to(score_ptr.dtype.element_ty), mask=new_kept)\n", ""),
+              (CPH, "  slot_scores(L, reg)[r] = score;\n", "  (void)score;\n"))),
+    Mutation("new-token-score-lost", "a new token competes with score 0 instead of its attention mass",
+             ((REF, "    new_scores = mass[:, ctx_len:seq_len].to(dev).float()", "    new_scores = 0 * mass[:, ctx_len:seq_len].to(dev).float()"),
+              (REF, "    new_score = mass.to(regions.device).float()", "    new_score = 0 * mass.to(regions.device).float()"),
+              (KUP, "    new_sc = tl.load(nm_ptr + b * snmb + h * snmh).to(tl.float32)\n", "    new_sc = tl.load(nm_ptr + b * snmb + h * snmh).to(tl.float32) * 0.0\n"),
+              (CPH, "inline float new_token_score(float mass) { return std::min(mass,", "inline float new_token_score(float mass) { return 0.f * std::min(mass,"))),
     Mutation("tag-reset-removed", "a reused block keeps the previous request's hi tags",
              ((REF, "        views.tag[blk[off == 0]] = 0\n", ""),
               (KST, "mask=(ri < R) & (ri + off == ri))", "mask=(ri < R) & (ri + off == ri) & (ri < 0))"),
               (CPP, "      if (off == 0) std::memset(reg + L.tag, 0, R * sizeof(int32_t));\n", ""))),
-    Mutation("score-off-by-one", "hi maintenance reads each candidate's score one position off",
-             ((REF, "scores = all_scores.gather(1, (positions - first).clamp(min=0))",
-               "scores = all_scores.gather(1, (positions - first + 1).clamp(min=0, max=all_scores.shape[1] - 1))"),
-              (REF, "scores = all_scores.gather(2, positions.clamp(min=0))",
-               "scores = all_scores.gather(2, (positions + 1).clamp(min=0, max=all_scores.shape[2] - 1))"),
-              (CPP, "static_cast<double>(p) : score_at(p);", "static_cast<double>(p) : score_at(std::min(p + 1, nb * N - 1));"))),
+    Mutation("score-off-by-one", "each hi token's score gets the next position's attention mass",
+             ((REF, "    add = mass.float().gather(1, torch.where(live, tags - 1, 0))", "    add = mass.float().gather(1, torch.where(live, tags, 0))"),
+              (REF, "    add = mass.float().gather(2, torch.where(live, tags - 1, 0))", "    add = mass.float().gather(2, torch.where(live, tags, 0))"),
+              (KDE, "    p = tl.where(live, tags - 1, 0).to(tl.int64)", "    p = tl.where(live, tags, 0).to(tl.int64)"),
+              (CPH, "sc[r] = std::min(sc[r] + mass[t - 1], top);", "sc[r] = std::min(sc[r] + mass[t], top);"))),
     Mutation("sinks-not-pinned", "no sink floor: short prompts get no sink at high precision",
              ((IMP, "budget = torch.maximum(by_ratio, sinks) if config.hi_ratio > 0 else by_ratio",
                "budget = by_ratio"),
-              (CPP, "const int64_t budget = sel.ratio > 0 ? std::max(by_ratio, sinks) : by_ratio;",
+              (CPH, "const int64_t budget = sel.ratio > 0 ? std::max(by_ratio, sinks) : by_ratio;",
                "const int64_t budget = by_ratio;"))),
     Mutation("sinks-lose-priority", "sinks rank below the recent window",
              ((IMP, "SINK, RECENT, HEAVY, NOT_A_CANDIDATE = 2, 1, 0, -1",
                "SINK, RECENT, HEAVY, NOT_A_CANDIDATE = 0, 2, 1, -1"),
-              (CPP, "constexpr int32_t kSink = 2, kRecent = 1, kHeavy = 0;",
+              (CPH, "constexpr int32_t kSink = 2, kRecent = 1, kHeavy = 0;",
                "constexpr int32_t kSink = 0, kRecent = 2, kHeavy = 1;"))),
     Mutation("recent-window-off", "the default recent window is empty",
              ((IMP, "    return budget // 2\n", "    return budget * 0\n"),
-              (CPP, "sel.window >= 0 ? sel.window : budget / 2;", "sel.window >= 0 ? sel.window : budget * 0;"))),
+              (CPH, "sel.window >= 0 ? sel.window : budget / 2;", "sel.window >= 0 ? sel.window : budget * 0;"))),
     Mutation("heavy-hitters-inverted", "heavy hitters ranked by lowest accumulated score",
              ((IMP, "torch.where(tier == RECENT, pos.double(), score))",
                "torch.where(tier == RECENT, pos.double(), -score))"),
-              (CPP, "static_cast<double>(p) : score_at(p);", "static_cast<double>(p) : -score_at(p);"))),
+              (CPH, "tier == kRecent ? static_cast<double>(p) : key;", "tier == kRecent ? static_cast<double>(p) : -key;"))),
     Mutation("scores-not-accumulated", "attention mass never reaches the page scores",
-             ((REF, "    cur[:, :length - first] += mass[:, first:].float()\n", ""),
-              (REF, "    cur[:, :, :s] += torch.where(live, mass[:, :, :s].float(), 0.0)\n", ""),
+             ((REF, "    new = torch.where(live, (cur + add).clamp(max=top), cur)", "    new = torch.where(live, cur, cur)"),
               (KDE, "tl.store(ptr, tl.minimum(cur + mass, top)", "tl.store(ptr, tl.minimum(cur + 0.0 * mass, top)"),
-              (CPP, "      if (owned) add_score(reg, o, mass);", "      if (owned) add_score(reg, o, 0.f);"))),
+              (CPH, "sc[r] = std::min(sc[r] + mass[t - 1], top);", "sc[r] = std::min(sc[r] + 0.f * mass[t - 1], top);"))),
     Mutation("demotion-skipped", "tokens that lose the selection keep their hi tag",
              ((REF, "new_tags = torch.where(keep[:, :num_slots], tags, torch.zeros_like(tags))", "new_tags = tags.clone()"),
               (REF, "new_tags = torch.where(keep[..., :num_slots], tags, torch.zeros_like(tags))", "new_tags = tags.clone()"),
-              (CPP, "    else reinterpret_cast<int32_t*>(region(c.idx / R) + L.tag)[c.idx % R] = 0;\n", ""))),
+              (CPP, "    else slot_tags(L, region(c.idx / R))[c.idx % R] = 0;\n", "    else {}\n"))),
     Mutation("hi-copy-ignored", "attention reads the lo copy of hi tokens",
              ((REF, "hh, slot = torch.nonzero((tags > 0) & (tags <= limit), as_tuple=True)",
                "hh, slot = torch.nonzero((tags < 0), as_tuple=True)"),
@@ -111,14 +114,15 @@ MUTATIONS = [
                "            limit = torch.where(shared, limit, limit)\n"),
               (CPP, "const int64_t lim = j < own_from ? std::min(shared_hi, pos) : pos;", "const int64_t lim = pos;"))),
     Mutation("shared-scores-written", "a reader adds its attention mass to the scores of shared blocks",
-             ((REF, "    first = int(own_from) * n\n    if length <= first:", "    first = 0 * int(own_from)\n    if length <= first:"),
-              (REF, "    blocks = block_row.to(regions.device).long()[int(own_from):_num_blocks(length, n)]",
+             ((REF, "    blocks = block_row.to(regions.device).long()[int(own_from):_num_blocks(length, n)]",
                "    blocks = block_row.to(regions.device).long()[:_num_blocks(length, n)]"),
-              (REF, "    own = _owned(own, own_from)\n    views.score[blocks[own]] = new[own]", "    views.score[blocks[own]] = new[own]"),
-              (CPP, "const bool owned = R && j >= own_from;", "const bool owned = R;"))),
+              (REF, "    own = _owned(own, own_from)\n    tags = _per_head(views.tag[blocks]).long()", "    tags = _per_head(views.tag[blocks]).long()"),
+              (CPH, "  for (int64_t j = own_from; j < nb; ++j) {\n    const int32_t* tags = slot_tags(L, region(j));",
+               "  for (int64_t j = 0; j < nb; ++j) {\n    const int32_t* tags = slot_tags(L, region(j));"))),
     Mutation("hi-cast-unclamped", "hi copies cast to the hi dtype without clamping (inf in fp16)",
              ((QNT, "    return x.float().clamp(-top, top).to(dtype)", "    return x.to(dtype)"),
-              (CPP, "scratch[d] = std::min(std::max(x[d], -top), top);", "scratch[d] = x[d];"))),
+              (CPH, "auto clamp = [top](float v) { return std::isnan(v) ? v : std::min(std::max(v, -top), top); };",
+               "auto clamp = [top](float v) { (void)top; return v; };"))),
     Mutation("balancer-not-undone", "dequantized keys are not divided by the balancer",
              ((BAL, "    return k_hat.float() * (1.0 / b.float())", "    return k_hat.float()"),
               (KDE, "                kx = kx * binv[None, :]\n", "                kx = kx\n"),
@@ -152,23 +156,13 @@ def edits_in(mutation: Mutation, files: list[str] | None) -> tuple[tuple[str, st
 
 # The C++ prefill op's copy of each behaviour (mikv_prefill.cpp), added to the mutations above.
 PRE_EDITS = {
-    'score-reset-removed': ((PRE, '      if (L.score_dtype == 0) reinterpret_cast<float*>(reg + L.score)[off] = 0.f;\n      else reinterpret_cast<uint16_t*>(reg + L.score)[off] = 0;\n', ''),),
     'tag-reset-removed': ((PRE, '      if (off == 0) std::memset(reg + L.tag, 0, R * sizeof(int32_t));\n', ''),),
-    'score-off-by-one': ((PRE, ': score_at(pos);', ': score_at(std::min(pos + 1, nb * N - 1));'),),
-    'sinks-not-pinned': ((PRE, '  if (s.hi_ratio > 0) b = std::max(b, std::min(length, s.sink_tokens));\n', ''),),
-    'sinks-lose-priority': ((PRE, 'constexpr int kSink = 2, kRecent = 1, kHeavy = 0;', 'constexpr int kSink = 0, kRecent = 2, kHeavy = 1;'),),
-    'recent-window-off': ((PRE, 'sel.recent_window : budget / 2;', 'sel.recent_window : budget * 0;'),),
-    'heavy-hitters-inverted': ((PRE, ': score_at(pos);', ': -score_at(pos);'),),
-    'scores-not-accumulated': ((PRE, '        for (int64_t j = 0; j < n; ++j) mass[j] += lr[j];', '        for (int64_t j = 0; j < n; ++j) mass[j] += 0.f;'),),
     'demotion-skipped': ((PRE, '    if (!keep[s]) tags[s] = 0;\n', '    (void)keep[s];\n'),),
     'hi-copy-ignored': ((PRE, '        if (tg > 0 && tg <= lim) sc.hmap[tg - 1] = static_cast<int32_t>(j * R + r);', '        (void)tg;'),),
-    'hi-cast-unclamped': ((PRE, 'std::isnan(x[d]) ? x[d] : std::min(std::max(x[d], -top), top);', 'x[d];'),),
     'balancer-not-undone': ((PRE, '          for (int64_t d = 0; d < D; ++d) xk[d] *= binv[d];\n', ''),),
-    'balancer-wrong-gqa-group': ((PRE, 'std::fabs(q[t * q_stride + g * D + d]);', 'std::fabs(q[t * q_stride + (g * H + h - h * G) * D + d]);'),),
-    'window-scorer-votes-all': ((PRE, '? std::max<int64_t>(0, T - sel.obs_window) : 0;', '? 0 : 0;'),),
+    'window-scorer-votes-all': ((PRE, '(obs_window >= 0 && T > 1) ? std::max<int64_t>(0, T - obs_window) : 0;', '(obs_window >= 0 && T > 1) ? 0 : 0;'),),
     'evicted-tokens-attended': ((PRE, '          ok[kk] = 0;   // evicted: weight exactly 0', '          ok[kk] = 1;'),),
     'shared-hi-unstable': ((PRE, 'const int64_t lim = j < own_from ? std::min(shared_hi, ctx) : ctx;', 'const int64_t lim = ctx;'),),
-    'shared-scores-written': ((PRE, '  for (int64_t p = own_from * N; p < S; ++p) {', '  for (int64_t p = 0; p < S; ++p) {'),),
 }
 MUTATIONS = [dataclasses.replace(m, edits=m.edits + PRE_EDITS.get(m.name, ())) for m in MUTATIONS]
 
