@@ -290,14 +290,14 @@ def test_frontier_suite_takes_the_screens_near_frontier_configs():
     rows = [row("a", "mikv", 60, 8, 1.050, lo_bits=3, r=0.05), row("b", "mikv", 62, 8, 1.049, lo_bits=3, r=0.1),
             row("c", "mikv", 70, 8, 1.080, lo_bits=2, r=0.1), row("d", "mikv", 78, 8, 1.001, lo_bits=4, r=0.03),
             row("e", "mikv", 79, 7, 1.000, lo_bits=4, r=0.05), row("f", "rtn", 64, 8, 1.07, lo_bits=3),
-            row("g", "mikv", 200, 8, 1.0, lo_bits=4, r=0.5)]
+            row("g", "mikv", 200, 8, 1.0, lo_bits=4, r=0.5), row("h", "mikv", 50, 8, 1.3, lo_bits=2, r=0.1)]
     near = {r["label"] for r in C.frontier_candidates(rows)}
     # b: within the noise of a (cheaper) -> kept; c: clearly beaten by a; e: fewer passkeys than d -> kept;
-    # f: another policy, not compared with mikv; g: above SCREEN_MAX_BYTES
+    # f: another policy, not compared with mikv; g: above SCREEN_MAX_BYTES; h: PPL above SCREEN_MAX_PPL
     assert near == {"a", "b", "d", "e", "f"}
     suite = C.frontier_configs_from_screen(rows, 64, 128)
     labels = [c.label for c in suite]
-    assert {"a", "b", "d", "e", "f", "rtn-int4-g32", "rtn-int4-g64-rot", "h2o-r0.2"} <= set(labels)
+    assert {"a", "b", "d", "e", "f", "rtn-int4-g32", "rtn-int4-g64-rot", "h2o-r0.2-fp8"} <= set(labels)
     from mikv_vllm.config import preset
     assert C.EvalConfig.from_mikv(preset("mikv")).key() in {c.key() for c in suite}   # (b is the shipped preset)
     sizes = [C.bytes_of(c.config(), 64, 128) for c in suite]

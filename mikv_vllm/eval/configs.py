@@ -330,6 +330,8 @@ def screen_configs(head_dim: int, block_size: int, lo_bits: Sequence[int] = SCRE
     cfgs += [(h2o_config(r, hi_dtype=dt), "h2o") for r in h2o_ratios for dt in hi_dtypes]
     out = []
     for c, fam in cfgs:
+        if c.lo_bits and c.group_size is not None and head_dim % c.group_size:
+            continue     # the grid's groups are exact (a smaller divisor would be another row's format)
         try:
             c.validate(head_dim)
         except ValueError:
@@ -390,6 +392,11 @@ def dedupe(configs: Iterable[EvalConfig]) -> list[EvalConfig]:
 # ------------------------------------------------------------ frontier from a screen
 SCREEN_NOISE = (0.8, 0.003)   # a PPL excess (ratio - 1) beaten only below 0.8 x it - 0.003: the screen's noise
 SCREEN_MAX_BYTES = 96          # screened candidates up to the bytes of the previous default (INT3 r 0.1)
+SCREEN_MAX_PPL = 1.2           # screened rows above this PPL ratio (the bar is 1.03) cannot decide anything
+# the frontier's baselines: uniform INT3 / INT4 rotated with each group (vLLM's int4_per_token_head is
+# rotated INT4), plus plain INT4 in groups of 32 (the earlier reports' "uniform INT4"); H2O with fp8
+# slots (the screen measured the same quality as fp16 slots at half the bytes)
+FRONTIER_RTN = ((3, 64, True), (3, 32, True), (4, 64, True), (4, 32, True), (4, 32, False))
 
 
 def _beats(s: dict, r: dict, noise: tuple[float, float] = SCREEN_NOISE) -> bool:
@@ -406,25 +413,30 @@ def _beats(s: dict, r: dict, noise: tuple[float, float] = SCREEN_NOISE) -> bool:
     return ps <= pr and s["bytes_per_token_per_head"] < r["bytes_per_token_per_head"]
 
 
-def frontier_candidates(rows: Sequence[dict], max_bytes: float = SCREEN_MAX_BYTES) -> list[dict]:
+def frontier_candidates(rows: Sequence[dict], max_bytes: float = SCREEN_MAX_BYTES,
+                        max_ppl: float = SCREEN_MAX_PPL) -> list[dict]:
     """Rows of a screen summary (``summary.json``'s ``summary.rows``) near their policy's frontier: at most
-    ``max_bytes`` and no row of the same policy beats them (:func:`_beats`). Stock and ablations are left out."""
+    ``max_bytes``, a PPL ratio of at most ``max_ppl`` and no row of the same policy beats them
+    (:func:`_beats`). Stock and ablations are left out."""
     rows = [r for r in rows if r["policy"] in ("mikv", "rtn", "h2o") and not r.get("ablation")
             and r["bytes_per_token_per_head"] <= max_bytes]
-    return [r for r in rows if not any(s is not r and s["policy"] == r["policy"] and _beats(s, r) for s in rows)]
+    near = [r for r in rows if not any(s is not r and s["policy"] == r["policy"] and _beats(s, r) for s in rows)]
+    return [r for r in near if r.get("ppl_ratio") is not None and r["ppl_ratio"] <= max_ppl]
 
 
 def frontier_configs_from_screen(rows: Sequence[dict], head_dim: int, block_size: int) -> list[EvalConfig]:
     """The frontier suite: the screen's near-frontier configs (:func:`frontier_candidates`), the
-    baselines (uniform INT3 / INT4 with each group and rotation, H2O r 0.2 / 0.3 / 0.4), the points of
+    baselines (:data:`FRONTIER_RTN`, H2O r 0.2 / 0.3 / 0.4 with fp8 slots), the points of
     the paper grid cut from the last full run (INT3 / INT4 r 0.2), the shipped ``mikv`` preset and
     ``mikv-paper``; cheapest real bytes first."""
     picked = [EvalConfig.from_mikv(MiKVConfig(**r["config"]), label=r["label"], family=r["family"],
                                    groups=("frontier", "screened")) for r in frontier_candidates(rows)]
     base = [EvalConfig.from_mikv(rtn_config(b, name=f"rtn-int{b}-g{g}{'-rot' if rot else ''}", group_size=g,
                                             rotation=rot), family="rtn", groups=("frontier", "baseline"))
-            for b in (3, 4) for g in (32, 64) for rot in (False, True) if head_dim % g == 0]
-    base += [EvalConfig.from_mikv(h2o_config(r), groups=("frontier", "baseline")) for r in FRONTIER_H2O_RATIOS]
+            for b, g, rot in FRONTIER_RTN if head_dim % g == 0]
+    base += [EvalConfig.from_mikv(h2o_config(r, name=f"h2o-r{_r_label(r)}-fp8", hi_dtype="float8_e4m3fn"),
+                                  groups=("frontier", "baseline"))
+             for r in FRONTIER_H2O_RATIOS]
     base += [EvalConfig.from_mikv(mikv_config(b, 0.2), groups=("frontier", "grid")) for b in (3, 4)]
     base += [EvalConfig.from_mikv(preset("mikv").replace(name="mikv (shipped)"), groups=("frontier", "preset")),
              EvalConfig.from_mikv(preset("mikv-paper"), groups=("frontier", "preset"))]

@@ -21,7 +21,8 @@ FIELD_FLAGS: dict[str, dict[str, Any]] = {
     "lo_bits": dict(type=int, help=f"Bits of every token's low-precision copy, one of {LO_BITS} (0 = evict)."),
     "hi_ratio": dict(type=float, help="Share r of a request's tokens also kept at high precision, in [0, 1]."),
     "hi_dtype": dict(type=str, help=f"High-precision tier dtype, one of {HI_DTYPES}."),
-    "group_size": dict(type=int, help="Quantization group along head_dim (default head_dim/2)."),
+    "group_size": dict(type=int, help="At most this many channels per quantization group: the largest divisor of head_dim "
+                  "not above it (default head_dim/2)."),
     "recent_window": dict(type=int, help="Newest tokens pinned at high precision (default half the budget)."),
     "sink_tokens": dict(type=int, help="First tokens pinned at high precision (attention sinks)."),
     "scorer": dict(type=str, help=f"Importance scorer, one of {SCORERS}."),

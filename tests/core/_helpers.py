@@ -10,6 +10,10 @@ from mikv_vllm.config import MiKVConfig
 from mikv_vllm.core.layout import RegionLayout
 from mikv_vllm.core.reference import forward_request
 
+# INT3, r = 0.1, fp16 hi: the former default (ten hi tokens in a hundred, 2 slots per 16-token block),
+# the scenario the selection and shared-prefix tests work out by hand; preset("mikv") is tested too.
+INT3_R10 = MiKVConfig(name="int3-r0.1", policy="mikv", lo_bits=3, hi_ratio=0.1, hi_dtype="float16")
+
 
 def make_regions(layout: RegionLayout, num_blocks: int, num_kv_heads: int, garbage: bool = False,
                  seed: int = 0) -> torch.Tensor:

@@ -38,14 +38,20 @@ def test_table_rows_against_hand_computed_numbers():
     assert len(rows) == len(PRESETS) * 2 * 2
     assert {(r["preset"], r["head_dim"], r["block_size"]) for r in rows} == \
         {(p, d, n) for p in PRESETS for d in (64, 128) for n in (16, 128)}
-    # mikv (INT3, r = 0.1) at D = 64, N = 128 (tests/core/test_layout.py works the bytes out):
+    # INT3, r = 0.1, fp16 hi at D = 64, N = 128 (tests/core/test_layout.py works the bytes out):
     # lo 64, hi 26 (13 slots x 256 B / 128), bookkeeping 0.40625 (slot scores) + 0.40625 (tags)
     # + 1 (balancer) + 0.1875 (alignment) = 2; 92 / 256 of fp16; paper: (0.1 * 16 + 0.9 * (3 + 1)) / 16
-    row = bytes_row(preset("mikv"), 64, 128)
+    row = bytes_row(MiKVConfig(policy="mikv", lo_bits=3, hi_ratio=0.1, hi_dtype="float16"), 64, 128)
     assert (row["bytes_per_token"], row["lo_kv"], row["hi_kv"], row["bookkeeping"]) == (92, 64, 26, 2)
     assert row["dense_fp16"] == 256 and row["in_page_fraction"] == 92 / 256
     assert row["paper_fraction"] == pytest.approx(0.325) and row["hi_slots"] == 13
     assert row["paper_with_lo_copy"] == pytest.approx((0.1 * 16 + 4) / 16)
+    # the default mikv (INT4, one group of 64, r = 0.03, fp8 hi) at D = 64, N = 128: lo 2 x (32 B codes
+    # + 4 B s/z) = 72, hi 4 (4 slots x 128 B / 128), bookkeeping 0.125 (slot scores) + 0.125 (tags)
+    # + 1 (balancer) + 0.75 (alignment) = 2; 78 B
+    default = bytes_row(preset("mikv"), 64, 128)
+    assert (default["bytes_per_token"], default["lo_kv"], default["hi_kv"], default["bookkeeping"]) == (78, 72, 4, 2)
+    assert default["hi_slots"] == 4
     # rtn (INT2) at D = 128, N = 16: 32 B codes + 8 B (s, z) per K and per V, nothing else
     rtn = bytes_row(preset("rtn"), 128, 16)
     assert (rtn["bytes_per_token"], rtn["hi_kv"], rtn["bookkeeping"], rtn["in_page_fraction"]) == (80, 0, 0, 80 / 512)

@@ -27,7 +27,7 @@ def test_views_disjoint_aligned_in_bounds(name, d, n):
         assert off % ALIGN == 0 and off + nbytes <= lay.region_bytes
         if nbytes:
             spans.append((off, off + nbytes))
-            t[1, 1].view(torch.uint8).fill_(1) if t.dtype == torch.uint8 else t[1, 1].zero_().add_(1)
+            t[1, 1].copy_(torch.ones(t[1, 1].shape))     # any dtype, fp8 included
     spans.sort()
     assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
     assert regions[0].sum() == 0 and regions[2].sum() == 0 and regions[1, 0].sum() == 0
@@ -36,7 +36,7 @@ def test_views_disjoint_aligned_in_bounds(name, d, n):
 
 # Worked by hand (bytes of one (block, head) region; every sub-array starts 16-byte aligned; then
 # bytes per token = region / N rounded up to a whole byte; one fp32 score per hi slot, not per token):
-#   mikv (INT3, r=0.1, fp16 hi, balancer), D=64, N=128: codes 24 B/token per K and per V, 2 groups
+#   int3-r0.1 (INT3, r=0.1, fp16 hi, balancer), D=64, N=128: codes 24 B/token per K and per V, 2 groups
 #   of fp16 (s, z) = 8 B per K and per V -> lo 64 B/token = 8192; R = ceil(12.8) = 13: tags 52 -> 64
 #   aligned, scores 52 -> 64; hi K and V 13*64*2 = 1664 each; balancer 128.
 #   8192 + 64 + 64 + 3328 + 128 = 11776 -> 92 B/token.
@@ -46,8 +46,12 @@ def test_views_disjoint_aligned_in_bounds(name, d, n):
 #   rtn (INT2, no hi tier, no balancer), D=64, N=128: codes 16 + s/z 8 per K/V -> 48 B/token exactly.
 #   h2o (no lo copy, r=0.2), D=64, N=16: R = 4, tags 16, scores 16; hi 4*64*2 = 512 each -> 1056
 #   -> 66 B/token.
+#   mikv (the default: INT4 in one group of 64, r=0.03, fp8 hi, balancer), D=64, N=128: codes 32 +
+#   s/z 4 per K/V -> lo 72 B/token = 9216; R = ceil(3.84) = 4: tags 16, scores 16; hi K and V 4*64 =
+#   256 each; balancer 128 -> 9216 + 16 + 16 + 512 + 128 = 9888 -> 77.25 -> 78 B/token.
 HAND = [
-    ("mikv", 64, 128, 92, dict(lo_kv=64, score=52 / 128, tag=52 / 128, hi_kv=3328 / 128, balancer=1.0)),
+    ("int3-r0.1", 64, 128, 92, dict(lo_kv=64, score=52 / 128, tag=52 / 128, hi_kv=3328 / 128, balancer=1.0)),
+    ("mikv", 64, 128, 78, dict(lo_kv=72, score=16 / 128, tag=16 / 128, hi_kv=512 / 128, balancer=1.0)),
     ("mikv-paper", 128, 16, 226, dict(lo_kv=80, score=1.0, tag=1.0, hi_kv=128, balancer=16.0)),
     ("rtn", 64, 128, 48, dict(lo_kv=48, score=0, tag=0, hi_kv=0, balancer=0)),
     ("h2o", 64, 16, 66, dict(lo_kv=0, score=1.0, tag=1.0, hi_kv=64, balancer=0)),
@@ -56,7 +60,8 @@ HAND = [
 
 @pytest.mark.parametrize("name,d,n,total,parts", HAND)
 def test_bytes_match_a_hand_computation(name, d, n, total, parts):
-    lay = RegionLayout.build(preset(name), n, d)
+    cfg = MiKVConfig(policy="mikv", lo_bits=3, hi_ratio=0.1, hi_dtype="float16") if name == "int3-r0.1" else preset(name)
+    lay = RegionLayout.build(cfg, n, d)
     assert lay.content_bytes == total
     br = lay.breakdown()
     for key, value in parts.items():

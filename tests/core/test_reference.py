@@ -8,7 +8,7 @@ import torch
 from mikv_vllm.config import MiKVConfig, preset
 from mikv_vllm.core.balancer import compute_balancer, from_storage, to_storage, unbalance_keys
 from mikv_vllm.core.importance import hi_budget
-from mikv_vllm.core.quant import fake_quantize
+from mikv_vllm.core.quant import fake_quantize, to_hi
 from mikv_vllm.core.layout import RegionLayout
 from mikv_vllm.core.reference import (attention, first_voting_row, forward_request, gather_context,
                                       load_balancer, write_tokens)
@@ -277,16 +277,17 @@ def test_one_token_prompt_then_decode(name):
     assert torch.isfinite(out).all()
     # the first token attends only to itself, exactly
     assert torch.allclose(out[0], v[0].repeat_interleave(HQ // HKV, 0), atol=1e-6)
-    # the last step, rebuilt by hand: the sinks hi (raw, fp16) as far as the block's slots go (mikv:
-    # R = 2 at N = 16, the others 4), other cached tokens lo (balancer from token 0 alone) or evicted
+    # the last step, rebuilt by hand: the sinks hi (the hi dtype) as far as the block's slots go (mikv:
+    # R = 1 at N = 16, the others 4), other cached tokens lo (balancer from token 0 alone) or evicted
     # (h2o), token 5 raw (the new token)
     b = from_storage(to_storage(compute_balancer(q[:1], k[:1]))) if lay.has_balancer else torch.ones(HKV, D)
-    lo_k = unbalance_keys(fake_quantize(k * b, cfg.lo_bits, D // 2), b) if cfg.lo_bits else None
-    lo_v = fake_quantize(v, cfg.lo_bits, D // 2) if cfg.lo_bits else None
+    g = cfg.group_for(D)
+    lo_k = unbalance_keys(fake_quantize(k * b, cfg.lo_bits, g), b) if cfg.lo_bits else None
+    lo_v = fake_quantize(v, cfg.lo_bits, g) if cfg.lo_bits else None
     hi = min(4, lay.hi_slots)
     keep = list(range(5 if cfg.lo_bits else hi)) + [5]
-    kk = torch.stack([k[i].half().float() if i < hi else (lo_k[i] if i < 5 else k[i]) for i in keep])
-    vv = torch.stack([v[i].half().float() if i < hi else (lo_v[i] if i < 5 else v[i]) for i in keep])
+    kk = torch.stack([to_hi(k[i], lay.hi_dtype).float() if i < hi else (lo_k[i] if i < 5 else k[i]) for i in keep])
+    vv = torch.stack([to_hi(v[i], lay.hi_dtype).float() if i < hi else (lo_v[i] if i < 5 else v[i]) for i in keep])
     expect = dense_attention(q[5:6], kk, vv, SCALE, offset=len(keep) - 1)
     assert (out[5:6] - expect).abs().max().item() < 1e-5
     if name == "h2o":

@@ -14,7 +14,7 @@ from mikv_vllm.core.importance import hi_budget
 from mikv_vllm.core.layout import RegionLayout
 from mikv_vllm.core.reference import forward_decode, forward_request
 
-from ._helpers import dense_attention, make_regions, run_request, structured_qkv
+from ._helpers import INT3_R10, dense_attention, make_regions, run_request, structured_qkv
 
 HQ, HKV, D, N = 9, 3, 64, 128
 SCALE = 1 / math.sqrt(D)
@@ -75,7 +75,7 @@ def test_sinks_are_hi_after_prefill_and_200_decode_steps(name):
 
 def test_sinks_are_capped_only_by_physical_slots():
     """Block 16 at r = 0.1 has 2 hi slots: a 6-token prompt keeps sinks 0 and 1 (all it can)."""
-    cfg = preset("mikv")
+    cfg = INT3_R10
     lay = RegionLayout.build(cfg, 16, D)
     assert lay.hi_slots == 2
     regions = make_regions(lay, 2, HKV, garbage=True)
@@ -86,7 +86,7 @@ def test_sinks_are_capped_only_by_physical_slots():
 
 def test_recent_window_and_heavy_hitters_fill_the_rest():
     """r = 0.1 of 1200 tokens: 4 sinks, W = B // 2 newest, the rest by accumulated attention."""
-    cfg = preset("mikv")
+    cfg = INT3_R10
     lay, _, after = _run(cfg, [1000], 200)
     length = 1200
     budget = hi_budget(cfg, length, -(-length // N) * lay.hi_slots)
@@ -134,11 +134,11 @@ def test_how_much_prompt_chunking_changes_lossy_results(seed=0):
 
     Two causes: the balancer comes from the first chunk, and a chunk boundary ends the candidacy
     of the chunk's tokens that were not selected. Measured on 256 structured tokens + 32 decode
-    steps (default preset, relative decode error vs exact attention): one chunk 0.20-0.22; first
+    steps (INT3, r = 0.1, relative decode error vs exact attention): one chunk 0.20-0.22; first
     chunk 16 tokens 0.20-0.21; two full blocks 0.19-0.20; a 1-token first chunk (balancer from one
     token) 0.34-0.50. Without the balancer a 1-token first chunk changes nothing at all.
     """
-    cfg = preset("mikv")
+    cfg = INT3_R10
     base, err, norm = _chunked_decode_error(cfg, [256], seed)
     for chunks in ([16, 240], [128, 128]):
         out, e, _ = _chunked_decode_error(cfg, chunks, seed)

@@ -13,7 +13,7 @@ from mikv_vllm.config import MiKVConfig, preset
 from mikv_vllm.core import reference as ref
 from mikv_vllm.core.layout import RegionLayout
 
-from ._helpers import dense_attention, make_regions, structured_qkv
+from ._helpers import INT3_R10, dense_attention, make_regions, structured_qkv
 
 HQ, HKV, D, N = 6, 2, 32, 16
 SCALE = 1 / math.sqrt(D)
@@ -21,7 +21,7 @@ SHARED = 3                 # shared full blocks
 PREFIX = SHARED * N        # 48 shared tokens
 A_LEN, B_LEN = 50, 130     # prompts: the shared prefix + own suffixes (A's recent window covers prefix tokens)
 CONFIGS = {
-    "mikv": preset("mikv"),
+    "int3-r0.1": INT3_R10,
     "mikv-paper": preset("mikv-paper"),
     "window-scorer": MiKVConfig(policy="mikv", lo_bits=3, hi_ratio=0.3, scorer="window", obs_window=8,
                                 recent_window=3),
@@ -110,7 +110,7 @@ def test_lossless_hit_equals_cold_run():
 
 def test_lossy_hit_reads_sinks_and_lo():
     """A lossy hit reads the shared tokens' lo copies and the sinks' hi copies (never demoted)."""
-    cfg = CONFIGS["mikv"]
+    cfg = CONFIGS["int3-r0.1"]
     lay, regions, a_row, b_row = _setup(cfg)
     a = _qkv(11, A_LEN)
     ref.forward_request(regions, lay, cfg, a_row, 0, *(x[:A_LEN] for x in a), SCALE)
@@ -125,7 +125,7 @@ def test_lossy_hit_reads_sinks_and_lo():
 
 
 def test_batched_decode_with_shared_rows_matches_per_request():
-    cfg = CONFIGS["mikv"]
+    cfg = CONFIGS["int3-r0.1"]
     lay, regions, a_row, b_row = _setup(cfg)
     a, b = _qkv(11, A_LEN + 5), _qkv(12, B_LEN + 5)
     ref.forward_request(regions, lay, cfg, a_row, 0, *(x[:A_LEN] for x in a), SCALE)
@@ -145,7 +145,7 @@ def test_batched_decode_with_shared_rows_matches_per_request():
 
 
 def test_own_from_past_the_context_raises():
-    cfg = CONFIGS["mikv"]
+    cfg = CONFIGS["int3-r0.1"]
     lay, regions, a_row, _ = _setup(cfg)
     q, k, v = _qkv(11, A_LEN)
     with pytest.raises(ValueError, match="own_from"):

@@ -262,7 +262,7 @@ def _hi_sets(lay, regions, table, lengths):
 
 
 UPKEEP = {   # name: (config, d, query group, block size, decode steps)
-    "mikv": (preset("mikv"), 64, 3, N, 200),               # r = 0.1: 2 slots per block, fewer than the 4 sinks
+    "mikv": (preset("mikv"), 64, 3, N, 200),               # r = 0.03: fewer slots per block than the 4 sinks
     "mikv-paper": (preset("mikv-paper"), 32, 1, N, 300),
     "recent-window-5": (MiKVConfig(policy="mikv", lo_bits=4, hi_ratio=0.25, recent_window=5, hi_dtype="float32"),
                         32, 2, N, 200),
