@@ -357,3 +357,23 @@ def test_results_stored_before_a_new_config_field_stay_cached():
     old = EvalConfig.from_dict({**now.to_dict(), "mikv": {k: v for k, v in now.mikv.items() if k != "rotation"}})
     assert "rotation" not in old.mikv and old.key() == now.key()
     assert EvalConfig.from_mikv(preset("mikv").replace(rotation=True)).key() != now.key()
+
+
+def test_default_pick_needs_a_config_that_runs_on_any_head_dim():
+    """A cheaper rotated config that passes is named, but the default is the cheapest one without rotation
+    (the Hadamard rotation needs a power-of-two head_dim)."""
+    from mikv_vllm.eval.configs import mikv_config
+    from mikv_vllm.eval.report import pick_default, render_markdown, summarize
+
+    lean = dict(group_size=64, hi_dtype="float8_e4m3fn")
+    results = [
+        _fake_result("stock", "stock", None, 10, 200.0),
+        _fake_result("int4-rot", "mikv", mikv_config(4, 0.03, rotation=True, balancer=False, **lean).to_dict(), 10, 200.5),
+        _fake_result("int4-lean", "mikv", mikv_config(4, 0.03, **lean).to_dict(), 10, 200.5),
+    ]
+    s = summarize(results)
+    pick = pick_default(s)
+    flags = {r["label"]: (r["passes_bar"], r["any_head_dim"], r["passes"]) for r in pick["candidates"]}
+    assert flags == {"int4-rot": (True, False, False), "int4-lean": (True, True, True)}
+    assert pick["chosen"]["label"] == "int4-lean" and pick["rotated"]["label"] == "int4-rot"
+    assert "Fewer bytes pass with the rotation: `int4-rot`" in render_markdown(s, {"head_dim": 64}, pick)

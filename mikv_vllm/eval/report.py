@@ -131,11 +131,18 @@ def passes_rule(row: dict, stock: dict | None) -> bool:
                 and (dec is None or dec <= PPL_RATIO_MAX))
 
 
+def runs_on_any_head_dim(config: dict) -> bool:
+    """Whether a config serves every model: the Hadamard rotation needs a power-of-two head_dim
+    (64 / 128 / 256, not Phi-3's 96 or Phi-2's 80), so a rotated config cannot be the product default."""
+    return not config.get("rotation")
+
+
 def pick_default(summary: dict, families: Sequence[str] | None = None,
                  max_fraction: float | None = None) -> dict[str, Any]:
-    """The fewest-bytes mikv-policy config that passes the quality bar (:func:`passes_rule`) and that no
+    """The fewest-bytes mikv-policy config that passes the quality bar (:func:`passes_rule`), that no
     baseline beats (:func:`dominating_baselines`: a rtn / h2o config with no more bytes that is at least
-    as good on retrieval, PPL and decode PPL).
+    as good on retrieval, PPL and decode PPL) and that runs on any head_dim (:func:`runs_on_any_head_dim`;
+    ``mikv-vllm tune`` recommends rotated configs for a model that takes them).
 
     ``max_fraction`` restricts to configs at most that share of a 16-bit cache (the tuner's budget).
     Returns {"chosen": row | None, "candidates": [...], "rule": str, "bar_only": row | None} (``bar_only``:
@@ -144,7 +151,7 @@ def pick_default(summary: dict, families: Sequence[str] | None = None,
     stock = next((r for r in rows if r["policy"] == "stock"), None)
     rule = (f"fewest bytes among mikv configs with passkey correct >= full-cache correct - "
             f"{PASSKEY_SLACK_TRIALS} (in-reach lengths), PPL ratio <= {PPL_RATIO_MAX} (chunked and decode), "
-            f"and no rtn / h2o config with no more bytes at least as good")
+            f"no rtn / h2o config with no more bytes at least as good, and it runs on any head_dim (no rotation)")
     if stock is None:
         return {"chosen": None, "candidates": [], "rule": rule, "why": "no stock (full-cache) result"}
     ok = []
@@ -157,13 +164,17 @@ def pick_default(summary: dict, families: Sequence[str] | None = None,
             continue
         bar = passes_rule(r, stock)
         beaten = [b["label"] for b in dominating_baselines(summary, r)] if bar else []
-        ok.append({**r, "passes_bar": bar, "beaten_by": beaten, "passes": bar and not beaten})
+        portable = runs_on_any_head_dim(r["config"])
+        ok.append({**r, "passes_bar": bar, "beaten_by": beaten, "any_head_dim": portable,
+                   "passes": bar and not beaten and portable})
     order = lambda r: (r["bytes_per_token_per_head"], r["ppl_ratio"])   # noqa: E731
     passing = sorted((r for r in ok if r["passes"]), key=order)
-    bar_only = sorted((r for r in ok if r["passes_bar"]), key=order)
+    bar_only = sorted((r for r in ok if r["passes_bar"] and r["beaten_by"]), key=order)
     chosen = passing[0] if passing else None
     return {"chosen": chosen, "candidates": ok, "rule": rule,
-            "bar_only": bar_only[0] if bar_only and bar_only[0] is not chosen else None}
+            "bar_only": bar_only[0] if bar_only and (chosen is None or order(bar_only[0]) < order(chosen)) else None,
+            "rotated": next((r for r in sorted(ok, key=order) if r["passes_bar"] and not r["beaten_by"]
+                             and not r["any_head_dim"] and (chosen is None or order(r) < order(chosen))), None)}
 
 
 def best_under_budget(summary: dict, budget_fraction: float) -> dict[str, Any]:
@@ -424,13 +435,19 @@ def render_markdown(summary: dict, meta: dict, pick: dict | None) -> str:
         if bo:
             parts += [f"Fewer bytes pass the quality bar alone: `{bo['label']}` ({bo['bytes_per_token_per_head']:.0f} "
                       f"B), but a baseline is at least as good there: {', '.join(bo['beaten_by'])}.\n"]
+        rot = pick.get("rotated")
+        if rot:
+            parts += [f"Fewer bytes pass with the rotation: `{rot['label']}` ({rot['bytes_per_token_per_head']:.0f} B, "
+                      f"PPL ratio {_f(rot['ppl_ratio'])}, decode {_f(rot.get('ppl_decode_ratio'))}); it needs a "
+                      f"power-of-two head_dim, so it is `mikv-vllm tune`'s to recommend, not the default.\n"]
         cand = _by_bytes(pick.get("candidates", []))
         if cand:
             parts += ["| candidate | B/token/head | passkey | PPL ratio | PPL ratio, decode | quality bar | "
-                      "baseline at least as good | passes |", "|---|---|---|---|---|---|---|---|"]
+                      "baseline at least as good | any head_dim | passes |", "|---|---|---|---|---|---|---|---|---|"]
             parts += [f"| {r['label']} | {r['bytes_per_token_per_head']:.0f} | {r['passkey_correct']}/"
                       f"{r['passkey_trials']} | {_f(r['ppl_ratio'])} | {_f(r.get('ppl_decode_ratio'))} | "
                       f"{'yes' if r['passes_bar'] else 'no'} | {', '.join(r['beaten_by']) or '-'} | "
+                      f"{'yes' if r.get('any_head_dim', True) else 'no (rotation)'} | "
                       f"{'yes' if r['passes'] else 'no'} |" for r in cand]
             parts.append("")
     return "\n".join(parts)
