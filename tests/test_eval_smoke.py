@@ -295,9 +295,14 @@ def test_frontier_suite_takes_the_screens_near_frontier_configs():
     # b: within the noise of a (cheaper) -> kept; c: clearly beaten by a; e: fewer passkeys than d -> kept;
     # f: another policy, not compared with mikv; g: above SCREEN_MAX_BYTES; h: PPL above SCREEN_MAX_PPL
     assert near == {"a", "b", "d", "e", "f"}
-    suite = C.frontier_configs_from_screen(rows, 64, 128)
+    from mikv_vllm.eval.report import headline_rows
+    # the best of each family within 20 % of a 16-bit cache (51.2 B) and within uniform INT4's 80 B:
+    # h (the only mikv row <= 51 B, PPL 1.3 or not), d (most passkeys, then lowest PPL <= 80 B), f
+    assert [r["label"] for r in headline_rows(rows, 64)] == ["h", "d", "f"]
+    suite = C.frontier_configs_from_screen(rows, 64, 128, headline=headline_rows(rows, 64))
     labels = [c.label for c in suite]
-    assert {"a", "b", "d", "e", "f", "rtn-int4-g32", "rtn-int4-g64-rot", "h2o-r0.2-fp8"} <= set(labels)
+    assert {"a", "b", "d", "e", "f", "h", "rtn-int4-g32", "rtn-int4-g64-rot", "h2o-r0.2-fp8"} <= set(labels)
+    assert "h" not in {c.label for c in C.frontier_configs_from_screen(rows, 64, 128)}
     from mikv_vllm.config import preset
     assert C.EvalConfig.from_mikv(preset("mikv")).key() in {c.key() for c in suite}   # (b is the shipped preset)
     sizes = [C.bytes_of(c.config(), 64, 128) for c in suite]

@@ -179,7 +179,11 @@ def suite_configs(suite: str, head_dim: int, block_size: int, targets=None, scre
     if suite == "sweep":
         return C.dedupe([stock, *sweep])
     if suite == "frontier":
-        return C.dedupe([stock, *C.frontier_configs_from_screen(screen_rows(screen), head_dim, block_size)])
+        from .report import headline_rows
+
+        rows = screen_rows(screen)
+        return C.dedupe([stock, *C.frontier_configs_from_screen(rows, head_dim, block_size,
+                                                                headline=headline_rows(rows, head_dim))])
     if suite == "ablations":
         return C.dedupe([stock, *C.ablation_configs()])
     # full, in the order that makes a partial run most useful (results are cached per config and the

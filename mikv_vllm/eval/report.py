@@ -205,7 +205,7 @@ def budget_comparison(summary: dict) -> list[dict[str, Any]]:
             and not (r["ablation"] and r["ablation"] != "base")]
 
     def retrieval(r):
-        return r["passkey_correct"] + sum(v["correct"] for v in r["needle"].values())
+        return r["passkey_correct"] + sum(v["correct"] for v in (r.get("needle") or {}).values())
 
     def best(policy, budget):
         cands = [r for r in rows if r["policy"] == policy and r["bytes_per_token_per_head"] <= budget]
@@ -233,7 +233,7 @@ def budget_comparison(summary: dict) -> list[dict[str, Any]]:
 
 def retrieval_correct(r: dict) -> int:
     """Passkey (in-reach lengths) + needle trials answered correctly."""
-    return r["passkey_correct"] + sum(v["correct"] for v in r["needle"].values())
+    return r["passkey_correct"] + sum(v["correct"] for v in (r.get("needle") or {}).values())
 
 
 def _quality_key(r: dict):
@@ -246,7 +246,7 @@ def _quality_key(r: dict):
 
 def best_by_family(summary: dict, budget_bytes: float) -> dict[str, dict | None]:
     """The best config (:func:`_quality_key`) of each policy family with at most ``budget_bytes``."""
-    rows = [r for r in summary["rows"] if not (r["ablation"] and r["ablation"] != "base")]
+    rows = [r for r in summary["rows"] if not (r.get("ablation") and r["ablation"] != "base")]
     return {pol: min((r for r in rows if r["policy"] == pol and r["bytes_per_token_per_head"] <= budget_bytes + 1e-9),
                      key=_quality_key, default=None) for pol in ("mikv", "rtn", "h2o")}
 
@@ -276,6 +276,16 @@ def headline_budgets(head_dim: int) -> list[tuple[str, float]]:
     int4 = RegionLayout.build(preset("rtn-int4"), 128, head_dim).content_bytes
     return [(f"20 % of a 16-bit cache (paper's 80 % compression)", 0.2 * 4 * head_dim),
             (f"uniform INT4 ({int4} B)", float(int4))]
+
+
+def headline_rows(rows: Sequence[dict], head_dim: int) -> list[dict]:
+    """The best row (:func:`best_by_family`) of each family at each headline budget, without repeats."""
+    out: list[dict] = []
+    for _, budget in headline_budgets(head_dim):
+        for r in best_by_family({"rows": list(rows)}, budget).values():
+            if r is not None and all(r is not o for o in out):
+                out.append(r)
+    return out
 
 
 def headline_table(summary: dict, head_dim: int) -> str:
@@ -385,7 +395,9 @@ def render_markdown(summary: dict, meta: dict, pick: dict | None) -> str:
              f"engine's (the stock engine stores fp32 K/V, the model dtype)",
              f"- out-of-reach passkey lengths (full-cache accuracy < {OUT_OF_REACH:.0%}): "
              f"{', '.join(summary['out_of_reach_lengths']) or 'none'}; they are left out of passkey accuracy",
-             f"- runtime: {meta.get('runtime_s', 0) / 60:.1f} min for {len(rows)} engines"
+             f"- runtime: {sum(r.get('seconds') or 0 for r in rows) / 60:.1f} engine-min over {len(rows)} engines "
+             f"(each run's own time, cached runs included); this invocation {meta.get('runtime_s', 0) / 60:.1f} "
+             f"min wall with {meta.get('jobs', 1)} job(s)"
              + (f" (command: `{meta['command']}`)" if meta.get("command") else ""), ""]
     sweep = [r for r in rows if "sweep" in r["groups"]]
     if sweep:

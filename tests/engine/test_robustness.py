@@ -164,9 +164,11 @@ def test_mikv_concurrent_preempted_aborted_complete(mikv_server):
     # Divergence comes from last-bit GEMM differences crossing quantization
     # boundaries (the lossless test above shows the machinery itself is exact) and, with prefix
     # caching, from hits: a request that hits reads the shared prefix as lo copies + sinks while
-    # the same request run cold keeps its own hi set over it (measured: 5 of 25 diverged, all
-    # plausible continuations). It must stay a minority.
-    assert len(mismatches) <= len(survivors) // 3
+    # the same request run cold keeps its own hi set over it; a preempted request is re-admitted with
+    # a hit on its own blocks, so the count grows with the preemptions, which depend on timing
+    # (measured, all plausible continuations: 5 of 25 with the former INT3 r = 0.1 default; with INT4
+    # r = 0.03 fp8 hi 7 of 25 at 3 preemptions, 10 of 25 at 7 on CI). It must stay a minority.
+    assert 2 * len(mismatches) < len(survivors)
 
 
 @pytest.mark.parametrize("bad, field", [
