@@ -16,6 +16,7 @@ evicted needle is gone - and uniform INT2 2/8). About 3-4 min on an idle
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -382,3 +383,14 @@ def test_default_pick_needs_a_config_that_runs_on_any_head_dim():
     assert flags == {"int4-rot": (True, False, False), "int4-lean": (True, True, True)}
     assert pick["chosen"]["label"] == "int4-lean" and pick["rotated"]["label"] == "int4-rot"
     assert "Fewer bytes pass with the rotation: `int4-rot`" in render_markdown(s, {"head_dim": 64}, pick)
+
+
+def test_compact_table_sums_retrieval_from_the_committed_frontier():
+    from mikv_vllm.eval.report import compact_table
+
+    doc = json.loads((Path(__file__).parent.parent / "docs/results/frontier/summary.json").read_text())
+    rows = {r["label"]: r for r in doc["summary"]["rows"]}
+    table = compact_table([rows["mikv-paper"]]).splitlines()
+    assert len(table) == 3
+    # passkey 17 + 19 + 18 of 3 x 20 (in-reach lengths), needle 4 3 3 4 4 of 5 x 4, PPL ratios as recorded
+    assert table[2] == "| mikv-paper | 103 | 40.2 | 54/60 | 18/20 | 1.180 | 1.208 |"

@@ -338,6 +338,18 @@ def _f(x: float | None, fmt: str = "{:.3f}") -> str:
     return "-" if x is None else fmt.format(x)
 
 
+def compact_table(rows: Sequence[dict]) -> str:
+    """Markdown: config, bytes, share of fp16, retrieval and both PPL ratios, one line per row."""
+    lines = ["| config | B/token/head | % of fp16 | passkey | needle | PPL ratio | PPL ratio, decode |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        nd = sum(v["correct"] for v in r["needle"].values()), sum(v["trials"] for v in r["needle"].values())
+        lines.append(f"| {r['label']} | {r['bytes_per_token_per_head']:.0f} | {100 * r['fraction_of_fp16']:.1f} | "
+                     f"{r['passkey_correct']}/{r['passkey_trials']} | {nd[0]}/{nd[1] if nd[1] else '-'} | "
+                     f"{_f(r['ppl_ratio'])} | {_f(r.get('ppl_decode_ratio'))} |")
+    return "\n".join(lines)
+
+
 def _cnt(d: dict | None) -> str:
     return "-" if not d else f"{d['correct']}/{d['trials']}"
 
@@ -408,7 +420,9 @@ def render_markdown(summary: dict, meta: dict, pick: dict | None) -> str:
     front = [r for r in rows if "frontier" in r["groups"]]
     if front:
         parts += ["## Frontier (lo bits x r, H2O ratios), sorted by bytes\n",
-                  markdown_table(summary, stock + _by_bytes(front)), ""]
+                  markdown_table(summary, stock + _by_bytes(front)), "",
+                  "Compact (README's table): passkey summed over in-reach lengths, needle over depths.\n",
+                  compact_table(stock + _by_bytes(front)), ""]
     abl = [r for r in rows if "ablation" in r["groups"]]
     if abl:
         parts += ["## Ablations (one knob of mikv-paper at a time)\n",
