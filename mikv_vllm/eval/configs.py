@@ -427,9 +427,9 @@ def frontier_candidates(rows: Sequence[dict], max_bytes: float = SCREEN_MAX_BYTE
 def frontier_configs_from_screen(rows: Sequence[dict], head_dim: int, block_size: int,
                                  headline: Sequence[dict] = ()) -> list[EvalConfig]:
     """The frontier suite: the screen's near-frontier configs (:func:`frontier_candidates`), the screen
-    rows in ``headline`` (the best of each family at the headline budgets, whatever their PPL: the paper's
-    80 %-compression point is reported even where it collapses), the baselines (:data:`FRONTIER_RTN`, H2O r 0.2 / 0.3 / 0.4 with fp8 slots), the points of
-    the paper grid cut from the last full run (INT3 / INT4 r 0.2), the shipped ``mikv`` preset and
+    rows in ``headline`` (the best of each family at the headline budgets, whatever their PPL: the
+    paper's 80 %-compression point is reported even where it collapses), the baselines
+    (:data:`FRONTIER_RTN`, H2O r 0.2 / 0.3 / 0.4 with fp8 slots), the points of the paper grid cut from the last full run (INT3 / INT4 r 0.2), the shipped ``mikv`` preset and
     ``mikv-paper``; cheapest real bytes first."""
     picked = [EvalConfig.from_mikv(MiKVConfig(**r["config"]), label=r["label"], family=r["family"],
                                    groups=("frontier", "screened"))

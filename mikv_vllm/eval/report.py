@@ -204,12 +204,9 @@ def budget_comparison(summary: dict) -> list[dict[str, Any]]:
     rows = [r for r in summary["rows"] if r["policy"] in ("mikv", "rtn", "h2o")
             and not (r["ablation"] and r["ablation"] != "base")]
 
-    def retrieval(r):
-        return r["passkey_correct"] + sum(v["correct"] for v in (r.get("needle") or {}).values())
-
     def best(policy, budget):
         cands = [r for r in rows if r["policy"] == policy and r["bytes_per_token_per_head"] <= budget]
-        return min(cands, key=lambda r: (-retrieval(r), r["ppl_ratio"] if r["ppl_ratio"] is not None else 1e9,
+        return min(cands, key=lambda r: (-retrieval_correct(r), r["ppl_ratio"] if r["ppl_ratio"] is not None else 1e9,
                                          r["bytes_per_token_per_head"]), default=None)
 
     out = []
@@ -218,7 +215,7 @@ def budget_comparison(summary: dict) -> list[dict[str, Any]]:
         for pol in ("mikv", "rtn", "h2o"):
             b = best(pol, budget)
             entry[pol] = b and {"label": b["label"], "bytes": b["bytes_per_token_per_head"],
-                                "retrieval": retrieval(b),
+                                "retrieval": retrieval_correct(b),
                                 "retrieval_trials": b["passkey_trials"] + sum(v["trials"] for v in b["needle"].values()),
                                 "ppl_ratio": b["ppl_ratio"]}
         m = entry["mikv"]
@@ -231,9 +228,15 @@ def budget_comparison(summary: dict) -> list[dict[str, Any]]:
     return out
 
 
+def needle_counts(r: dict) -> tuple[int, int]:
+    """(correct, trials) of the needle probe, summed over depths."""
+    needle = (r.get("needle") or {}).values()
+    return sum(v["correct"] for v in needle), sum(v["trials"] for v in needle)
+
+
 def retrieval_correct(r: dict) -> int:
     """Passkey (in-reach lengths) + needle trials answered correctly."""
-    return r["passkey_correct"] + sum(v["correct"] for v in (r.get("needle") or {}).values())
+    return r["passkey_correct"] + needle_counts(r)[0]
 
 
 def _quality_key(r: dict):
@@ -300,7 +303,7 @@ def headline_table(summary: dict, head_dim: int) -> str:
             if r is None:
                 lines.append(f"| {name} | {pol} | - | - |" + " - |" * (len(lengths) + 3))
                 continue
-            nd = sum(v["correct"] for v in r["needle"].values()), sum(v["trials"] for v in r["needle"].values())
+            nd = needle_counts(r)
             cells = [name, pol, r["label"], f"{r['bytes_per_token_per_head']:.0f}"]
             cells += [_cnt(r["passkey"].get(L)) for L in lengths]
             cells += [f"{nd[0]}/{nd[1]}" if nd[1] else "-", _f(r["ppl_ratio"]), _f(r.get("ppl_decode_ratio"))]
@@ -343,7 +346,7 @@ def compact_table(rows: Sequence[dict]) -> str:
     lines = ["| config | B/token/head | % of fp16 | passkey | needle | PPL ratio | PPL ratio, decode |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        nd = sum(v["correct"] for v in r["needle"].values()), sum(v["trials"] for v in r["needle"].values())
+        nd = needle_counts(r)
         lines.append(f"| {r['label']} | {r['bytes_per_token_per_head']:.0f} | {100 * r['fraction_of_fp16']:.1f} | "
                      f"{r['passkey_correct']}/{r['passkey_trials']} | {nd[0]}/{nd[1] if nd[1] else '-'} | "
                      f"{_f(r['ppl_ratio'])} | {_f(r.get('ppl_decode_ratio'))} |")
