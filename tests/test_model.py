@@ -51,7 +51,18 @@ def test_prepared_model_layout(model_dir):
     assert marker["model"] == SPEC.name
     assert marker["source"].startswith(f"{SPEC.dist}==")
     assert len(marker["gguf_sha256"]) == 16
+    assert marker["sampling"] == SPEC.sampling
     assert not _leftovers(model_dir.parent)
+
+
+def test_generation_config_carries_the_sampling_defaults(model_dir):
+    """What vLLM (``--generation-config auto``) takes as defaults: GenerationConfig's non-default values."""
+    from transformers import GenerationConfig
+
+    assert SPEC.sampling["temperature"] == 0.0  # greedy (vLLM: temperature 0), see MODELS
+    diff = GenerationConfig.from_pretrained(model_dir).to_diff_dict()
+    assert diff.items() >= SPEC.sampling.items()
+    assert diff["eos_token_id"] == 2  # the converter's entries are kept
 
 
 def test_second_call_is_a_fast_noop(model_dir, caplog, capsys):
@@ -101,11 +112,57 @@ def test_fresh_conversion_replaces_a_stale_directory(tmp_path):
     assert not (path / "junk.txt").exists()
     assert (path / MARKER_NAME).is_file()
     assert (path / "model.safetensors").stat().st_size > 100_000_000
+    assert json.loads((path / "generation_config.json").read_text()).items() >= SPEC.sampling.items()
     assert not _leftovers(tmp_path)
     # and it is a no-op afterwards
     t0 = time.monotonic()
     assert prepare_model(cache_dir=tmp_path, progress=False) == path
     assert time.monotonic() - t0 < 10
+
+
+def _prepared_without_sampling(model_dir: Path, cache: Path) -> Path:
+    """A cheap copy of a directory prepared before the sampling defaults: its marker and the converter's file."""
+    target = cache / SPEC.name
+    target.mkdir(parents=True)
+    marker = json.loads((model_dir / MARKER_NAME).read_text())
+    marker.pop("sampling")
+    (target / MARKER_NAME).write_text(json.dumps(marker))
+    (target / "generation_config.json").write_text(json.dumps({"_from_model_config": True, "eos_token_id": 2}))
+    return target
+
+
+def test_prepared_directory_gets_the_sampling_defaults(tmp_path, monkeypatch, model_dir):
+    """A directory prepared before the defaults existed gets them in place, without converting again."""
+    target = _prepared_without_sampling(model_dir, tmp_path)
+    monkeypatch.setattr(m, "_convert", lambda *a: (_ for _ in ()).throw(RuntimeError("converted again")))
+    assert prepare_model(cache_dir=tmp_path, progress=False) == target
+    assert json.loads((target / "generation_config.json").read_text()) == {"eos_token_id": 2, **SPEC.sampling}
+    assert json.loads((target / MARKER_NAME).read_text())["sampling"] == SPEC.sampling
+    assert sorted(p.name for p in target.iterdir()) == [MARKER_NAME, "generation_config.json"]  # no temp files
+    before = {p.name: p.stat().st_mtime_ns for p in target.iterdir()}
+    assert prepare_model(cache_dir=tmp_path, progress=False) == target  # and then a no-op
+    assert {p.name: p.stat().st_mtime_ns for p in target.iterdir()} == before
+
+
+def test_changed_sampling_defaults_replace_the_previous_ones(tmp_path, monkeypatch, model_dir):
+    """Defaults recorded in the marker that differ from the current ones are replaced, keys and all."""
+    target = _prepared_without_sampling(model_dir, tmp_path)
+    old = {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "repetition_penalty": 1.1}
+    marker = json.loads((target / MARKER_NAME).read_text())
+    (target / MARKER_NAME).write_text(json.dumps({**marker, "sampling": old}))
+    (target / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, **old}))
+    monkeypatch.setattr(m, "_convert", lambda *a: (_ for _ in ()).throw(RuntimeError("converted again")))
+    assert prepare_model(cache_dir=tmp_path, progress=False) == target
+    assert json.loads((target / "generation_config.json").read_text()) == {"eos_token_id": 2, **SPEC.sampling}
+    assert json.loads((target / MARKER_NAME).read_text())["sampling"] == SPEC.sampling
+
+
+def test_corrupt_generation_config_is_a_clear_error(tmp_path, model_dir):
+    target = _prepared_without_sampling(model_dir, tmp_path)
+    (target / "generation_config.json").write_text("{half")
+    with pytest.raises(MiKVModelError, match=r"corrupt .*generation_config.json"):
+        prepare_model(cache_dir=tmp_path, progress=False)
+    assert "sampling" not in json.loads((target / MARKER_NAME).read_text())
 
 
 # --------------------------------------------------------------------------- errors

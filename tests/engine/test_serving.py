@@ -2,12 +2,15 @@
 
 Two servers in bf16 with the same KV memory: stock, then MiKV. The capacity
 each logs ("KV cache size: N tokens") is compared; the MiKV server then
-answers completions and chat, streaming and not.
+answers completions and chat, streaming and not, and README's example request
+(no temperature: the model's sampling defaults apply).
 """
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import pytest
 from helpers import ServerError, vllm_server
@@ -18,6 +21,9 @@ KV_BYTES = str(256 * 1024 * 1024)
 COMMON = ["--dtype", "bfloat16", "--kv-cache-memory-bytes", KV_BYTES, "--max-model-len", "1024"]
 MIN_RATIO = 2.3           # the product claim: 2-3x the tokens of a 16-bit cache
 CAPACITY_RE = re.compile(r"KV cache size: ([\d,]+) tokens")
+README = Path(__file__).resolve().parents[2] / "README.md"
+CURL_BODY_RE = re.compile(r"curl .*?/v1/chat/completions .*?-d '(.*?\})'", re.S)   # README's example
+SHELL_MODEL_RE = re.compile(r"""'"\$\([^)]*\)"'""")   # '"$(... prepare-model -q)"' inside the body
 
 
 def _capacity(server) -> int:
@@ -96,3 +102,28 @@ def test_chat_stream(mikv_server):
         messages=[{"role": "user", "content": "What is the capital of France?"}])
     text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert "Paris" in text
+
+
+def _readme_request() -> dict:
+    """The body of README's curl example but its model (a shell substitution there)."""
+    found = CURL_BODY_RE.search(README.read_text())
+    assert found, f"no curl chat request in {README}"
+    body = json.loads(SHELL_MODEL_RE.sub("", found[1]))
+    assert body.pop("model") == "", found[1]
+    return body
+
+
+def test_readme_example_uses_the_model_sampling_defaults(mikv_server):
+    """README's request as it is, 4 times: no temperature in it, so the prepared model's
+    generation_config.json (temperature 0: greedy) decides; every answer names Paris."""
+    log = mikv_server.log_path.read_text(errors="replace")
+    applied = re.search(r"Default vLLM sampling parameters have been overridden by the model's "
+                        r"`generation_config.json`: `(\{.*?\})`", log)
+    assert applied and "'temperature': 0.0" in applied[1], mikv_server.log_tail()
+    body = _readme_request()
+    assert body["messages"][0]["content"] == "What is the capital of France?" and "temperature" not in body
+    client = mikv_server.openai_client()
+    answers = [client.chat.completions.create(model=mikv_server.model, **body).choices[0].message.content
+               for _ in range(4)]
+    print("README example answers:", answers)
+    assert all("Paris" in a for a in answers), answers
