@@ -9,9 +9,12 @@ hi sets, the /mikv/stats aggregation and the collectors' re-registration. The
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import time
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +26,12 @@ from mikv_vllm.vllm_glue.stats import LayerStats, step_token_counts
 
 POLL_INTERVAL_S = 1.0
 METRICS_TIMEOUT_S = 60.0
+DASHBOARD = Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "mikv-vllm.json"
+SERIES_RE = re.compile(r"\b(mikv_[a-z_]+|vllm:[a-z_:]+)")
+# what the dashboard shows of vLLM's own series: KV usage, throughput, TTFT / TPOT, preemptions, prefix hits
+VLLM_SERIES = {"vllm:kv_cache_usage_perc", "vllm:prompt_tokens_total", "vllm:generation_tokens_total",
+               "vllm:time_to_first_token_seconds_bucket", "vllm:request_time_per_output_token_seconds_bucket",
+               "vllm:num_preemptions_total", "vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total"}
 
 
 # ----------------------------------------------------------------- in-process
@@ -192,6 +201,43 @@ def test_collector_exports_the_last_stats():
     assert plugin.name == "mikv" and plugin.required_tasks == ("generate",)
 
 
+def _dashboard_series() -> set[str]:
+    """Every series the dashboard's queries (panels and template variables) name."""
+    dash = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    exprs += [v["definition"] for v in dash["templating"]["list"] if v["type"] == "query"]
+    return {name for e in exprs for name in SERIES_RE.findall(e)}
+
+
+def test_dashboard_layout_and_coverage():
+    from mikv_vllm.vllm_glue.endpoints import SERIES
+
+    dash = json.loads(DASHBOARD.read_text())
+    panels = dash["panels"]
+    assert len({p["id"] for p in panels}) == len(panels)
+    variables = {v["name"] for v in dash["templating"]["list"]}
+    cells = set()
+    for p in panels:
+        g = p["gridPos"]
+        assert g["x"] >= 0 and g["w"] > 0 and g["x"] + g["w"] <= 24, p["title"]
+        here = {(g["x"] + i, g["y"] + j) for i in range(g["w"]) for j in range(g["h"])}
+        assert not here & cells, f"panel {p['title']!r} overlaps another"
+        cells |= here
+        if p["type"] == "row":
+            continue
+        assert p["datasource"]["uid"] == "${datasource}" and "datasource" in variables
+        refs = [t["refId"] for t in p["targets"]]
+        assert refs and len(set(refs)) == len(refs), p["title"]
+        for t in p["targets"]:
+            assert t["expr"].count("(") == t["expr"].count(")") and t["expr"].count("{") == t["expr"].count("}")
+            if SERIES_RE.search(t["expr"]):
+                assert 'instance=~"$instance"' in t["expr"], t["expr"]
+    named = _dashboard_series()
+    served = {name + "_total" if kind == "counter" else name for name, kind, _, _ in SERIES} | {"mikv_policy_info"}
+    assert served <= named, f"mikv series missing from the dashboard: {sorted(served - named)}"
+    assert VLLM_SERIES <= named, sorted(VLLM_SERIES - named)
+
+
 class _FakeEngine:
     """Just enough EngineClient for the plugin: vllm_config.additional_config + collective_rpc."""
 
@@ -353,3 +399,20 @@ def test_prometheus_series_follow_stats(server, traffic):
         time.sleep(POLL_INTERVAL_S / 2)
     assert 0 < got[("mikv_hi_occupancy_ratio", ())] <= 1
     assert got[("mikv_tokens_stored_total", ())] > 0
+
+
+@pytest.mark.engine
+def test_dashboard_series_are_served(server, traffic):
+    """Every series deploy/grafana/mikv-vllm.json queries is on this server's /metrics (mikv_* after a poll)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    wanted = _dashboard_series()
+    deadline = time.monotonic() + METRICS_TIMEOUT_S
+    while True:
+        status, body = server.get("/metrics")
+        assert status == 200, f"/metrics: {status}"
+        served = {s.name for family in text_string_to_metric_families(body) for s in family.samples}
+        if wanted <= served:
+            break
+        assert time.monotonic() < deadline, f"the dashboard names series /metrics does not serve: {sorted(wanted - served)}"
+        time.sleep(POLL_INTERVAL_S / 2)
