@@ -27,7 +27,7 @@ from mikv_vllm.vllm_glue.stats import LayerStats, step_token_counts
 POLL_INTERVAL_S = 1.0
 METRICS_TIMEOUT_S = 60.0
 DASHBOARD = Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "mikv-vllm.json"
-SERIES_RE = re.compile(r"\b(mikv_[a-z_]+|vllm:[a-z_:]+)")
+SERIES_RE = re.compile(r"\b(mikv_[a-z0-9_]+|vllm:[a-z0-9_:]+)")
 # what the dashboard shows of vLLM's own series: KV usage, throughput, TTFT / TPOT, preemptions, prefix hits
 VLLM_SERIES = {"vllm:kv_cache_usage_perc", "vllm:prompt_tokens_total", "vllm:generation_tokens_total",
                "vllm:time_to_first_token_seconds_bucket", "vllm:request_time_per_output_token_seconds_bucket",
