@@ -14,10 +14,10 @@ sampling defaults into ``generation_config.json`` (vLLM applies them to
 requests that do not set them), rename into place. A completion marker naming
 the source (wheel version, GGUF sha256 prefix) and the sampling defaults is
 written last; when it matches, nothing is done; a directory whose marker
-matches the source but not the sampling defaults gets them written in place. Concurrent runs serialize on a
-``filelock`` lock; a failure leaves no partial directory and raises one
-:class:`MiKVModelError` with a single-line message. Importing this module
-imports neither torch nor transformers.
+matches the source but not the sampling defaults gets them written in place.
+Concurrent runs serialize on a ``filelock`` lock; a failure leaves no partial
+directory and raises one :class:`MiKVModelError` with a single-line message.
+Importing this module imports neither torch nor transformers.
 """
 
 from __future__ import annotations
