@@ -11,12 +11,13 @@ Where the loader finds a build, first match wins:
    builds the model (engine start, before ``/health``), so this build runs then, logged with its
    duration, and never on a request.
 
-A module's name carries a hash of the sources, every flag, torch's version and the Python ABI: an
+A module's name carries a hash of the sources, every flag, torch's version and the Python ABI (not
+the compiler: a build host's ``$CXX`` need not exist where the module runs): an
 edited source never loads a stale build. The loader imports only the variant this CPU runs (best
 first; ``MIKV_CPU_ISA`` picks one, and one the CPU lacks is an error). A failed build raises
 :class:`CpuOpBuildError` with the compiler output and the ``MIKV_VLLM_OPS=torch`` way out: there is
 no silent fallback. Builds use ninja and the host C++ compiler (``$CXX``, default ``c++``), with
-portable flags only (no ``-march=native``).
+portable flags only (never tuned to the build host).
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def module_name(variant: Variant) -> str:
     for p in SOURCES + HEADERS:
         h.update(p.name.encode() + b"\0" + p.read_bytes())
     for part in (_compile_flags(variant), LDFLAGS, [torch.__version__, sysconfig.get_config_var("EXT_SUFFIX") or "",
-                                                     platform.machine(), envs.cxx()]):
+                                                     platform.machine()]):
         h.update("\0".join(part).encode() + b"\1")
     return f"mikv_cpu_{variant.name}_{h.hexdigest()[:12]}"
 
@@ -180,6 +181,19 @@ def build(todo: list[Variant], out_dir: Path, verbose: bool | None = None) -> di
         lock.release()
 
 
+def _jobs() -> int:
+    """Parallel compiles: one per CPU, fewer when memory is short (a compile of these sources with
+    torch's headers peaks at about 1.5 GiB; ninja's default of CPUs + 2 got compilers OOM-killed)."""
+    jobs = os.cpu_count() or 1
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                jobs = min(jobs, int(line.split()[1]) // (2 << 20))   # kB -> 2 GiB units
+    except (OSError, ValueError, IndexError):
+        pass
+    return max(1, jobs)
+
+
 def _compile(todo: list[Variant], work: Path, verbose: bool) -> None:
     if shutil.which(envs.cxx()) is None:
         raise CpuOpBuildError(f"building the MiKV C++ CPU op needs a C++17 compiler: {envs.cxx()!r} is not on PATH "
@@ -187,10 +201,12 @@ def _compile(todo: list[Variant], work: Path, verbose: bool) -> None:
     work.mkdir(parents=True, exist_ok=True)
     (work / "build.ninja").write_text(_ninja_file(todo, work))
     targets = [str(work / f"{module_name(v)}.so") for v in todo]
-    cmd = [_ninja_path(), "-C", str(work), *(["-v"] if verbose else []), *targets]
+    cmd = [_ninja_path(), "-C", str(work), "-j", str(_jobs()), *(["-v"] if verbose else []), *targets]
     proc = subprocess.run(cmd, stdout=None if verbose else subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode != 0:
-        tail = "\n".join((proc.stdout or "").splitlines()[-60:])
+        lines = (proc.stdout or "").splitlines()
+        errors = [ln for ln in lines if "error" in ln.lower() or ln.startswith("FAILED") or "Killed" in ln]
+        tail = "\n".join(errors[:30] + ["(last lines:)"] + lines[-15:])
         raise CpuOpBuildError(f"building the MiKV C++ CPU op ({', '.join(v.name for v in todo)}) from "
                               f"{', '.join(p.name for p in SOURCES)} in {work} failed (needs a C++17 compiler and "
                               f"ninja; {WAY_OUT}):\n{tail}")
