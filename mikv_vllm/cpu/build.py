@@ -183,7 +183,7 @@ def build(todo: list[Variant], out_dir: Path, verbose: bool | None = None) -> di
 
 def _jobs() -> int:
     """Parallel compiles: one per CPU, fewer when memory is short (a compile of these sources with
-    torch's headers peaks at about 1.5 GiB; ninja's default of CPUs + 2 got compilers OOM-killed)."""
+    torch's headers peaks at 1.5-2.3 GiB; ninja's default of CPUs + 2 got compilers OOM-killed)."""
     jobs = os.cpu_count() or 1
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
