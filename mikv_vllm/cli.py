@@ -28,6 +28,7 @@ import dataclasses
 import importlib
 import importlib.util
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 from . import __version__
@@ -53,6 +54,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {}
 USER_ERRORS: list[str] = [
     "mikv_vllm.model:MiKVModelError",
     "mikv_vllm.config:MiKVConfigError",
+    "mikv_vllm.cpu.build:CpuOpBuildError",
 ]
 
 
@@ -267,6 +269,24 @@ register(
     _eval_cli.add_tune_args,
     run="mikv_vllm.eval.cli:run_tune",
 )
+
+
+# ----------------------------------------------------------------------------
+# build-ops: the C++ CPU op, at install time (mikv_vllm/cpu/build.py)
+
+
+def _build_ops_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--isa", nargs="+", default=["all"], metavar="VARIANT",
+                   help="all (default: every variant of this architecture: avx512, avx2, baseline on x86-64; "
+                        "baseline elsewhere), runnable (those this CPU runs), or variant names")
+    p.add_argument("--dir", type=Path, default=None,
+                   help="output directory (default: the package's mikv_vllm/cpu/prebuilt, where the loader looks "
+                        "first; for another directory set MIKV_CPU_BUILD_DIR to it at run time)")
+    p.add_argument("--verbose", action="store_true", help="show the compiler commands")
+
+
+register("build-ops", "Build the C++ CPU op (every ISA variant) where the loader finds it; idempotent.",
+         _build_ops_args, run="mikv_vllm.cpu.build:cli_main")
 
 
 if __name__ == "__main__":

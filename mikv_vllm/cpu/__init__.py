@@ -1,7 +1,8 @@
-"""Fused C++ MiKV ops for CPU (built with torch's extension tools at first use; no vllm import).
+"""Fused C++ MiKV ops for CPU (no vllm import): one extension module per ISA variant, built at install
+time by ``mikv-vllm build-ops`` (or at engine start as a logged fallback; see :mod:`.build`).
 
-``CpuOps`` has the reference op signatures; ``build.load()`` compiles/loads the extension and
-raises :class:`build.CpuOpBuildError` with the compiler output when it cannot.
+``CpuOps`` has the reference op signatures; ``build.load()`` loads (or builds) the variant this CPU
+runs and raises :class:`build.CpuOpBuildError` with the cause when it cannot.
 """
 
 from .build import CpuOpBuildError, load

@@ -2,7 +2,16 @@
 // mikv_common.h).
 #include <torch/extension.h>
 
+#include <string>
+#include <vector>
+
 #include "mikv_common.h"
+
+#ifndef MIKV_ISA
+#define MIKV_ISA unknown
+#endif
+#define MIKV_STR_(x) #x
+#define MIKV_STR(x) MIKV_STR_(x)
 
 namespace mikv {
 torch::Tensor decode_step(torch::Tensor regions, std::vector<int64_t> meta, torch::Tensor block_tables,
@@ -41,4 +50,26 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "MiKV prefill step: every multi-token chunk of a step (balancer, store, attention, scores, hi upkeep; "
         "own_from / shared_hi [C]: shared prefix columns, read-only)");
   m.attr("META_LEN") = kMetaLen;
+  // this variant (build.py's -DMIKV_ISA) and the SIMD macros its flags defined (tests check both)
+  m.attr("ISA") = MIKV_STR(MIKV_ISA);
+  std::vector<std::string> simd;
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+  simd.push_back("avx512");
+#endif
+#if defined(__AVX512VNNI__)
+  simd.push_back("avx512vnni");
+#endif
+#if defined(__AVX512VBMI__)
+  simd.push_back("avx512vbmi");
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+  simd.push_back("avx2");
+#endif
+#if defined(__F16C__)
+  simd.push_back("f16c");
+#endif
+#if defined(__ARM_NEON)
+  simd.push_back("neon");
+#endif
+  m.attr("SIMD") = simd;
 }

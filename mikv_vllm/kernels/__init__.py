@@ -3,7 +3,8 @@
 ``get_ops(device)`` picks the op set by ``MIKV_VLLM_OPS`` (:func:`._common.ops_choice`):
 
 * ``auto`` (default): :class:`TritonOps` on CUDA when triton imports; on CPU
-  ``mikv_vllm.cpu.CpuOps`` (the fused C++ decode step, built at first use; a build failure raises);
+  ``mikv_vllm.cpu.CpuOps`` (the fused C++ op, prebuilt at install time or built at engine start;
+  a build failure raises);
 * ``torch``: ``core.reference`` everywhere;
 * ``triton``: the Triton kernels on any device (on CPU under ``TRITON_INTERPRET=1``);
 * ``cpu``: ``CpuOps`` (CPU devices only).

@@ -22,15 +22,15 @@ profiling (:func:`reserve_workspace`).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
+from .. import envs
 from ..core.layout import RegionLayout
 
-WORKSPACE_ENV = "MIKV_VLLM_WORKSPACE_MB"
-DEFAULT_WORKSPACE_MB = 512
+WORKSPACE_ENV = envs.WORKSPACE_MB
+DEFAULT_WORKSPACE_MB = envs.DEFAULT_WORKSPACE_MB
 MAX_SPLITS = 64
 
 # Upper bounds (bytes) of the temporaries per unit, read off the code and checked against
@@ -42,14 +42,7 @@ LOGIT_BYTES = 4         # per position and query head: fp32 logits scratch (deco
 
 def workspace_bytes() -> int:
     """The workspace budget in bytes from ``MIKV_VLLM_WORKSPACE_MB`` (positive integer MiB)."""
-    raw = os.environ.get(WORKSPACE_ENV, str(DEFAULT_WORKSPACE_MB)).strip()
-    try:
-        mb = int(raw)
-    except ValueError:
-        raise ValueError(f"{WORKSPACE_ENV}={raw!r}: must be a positive integer (MiB)") from None
-    if mb <= 0:
-        raise ValueError(f"{WORKSPACE_ENV}={raw!r}: must be a positive integer (MiB)")
-    return mb << 20
+    return envs.workspace_mb() << 20
 
 
 class WorkspaceTooSmall(RuntimeError):

@@ -288,6 +288,17 @@ def writers_first(own_from: list[int], ctx: list[int], seq: list[int], table: to
     return order
 
 
+def load_ops_at_start() -> None:
+    """Load this platform's op set now, as vLLM builds the model (engine start, before /health): on CPU
+    the C++ op is imported, or built (logged) when no build exists, so no request waits for a compiler
+    and a build failure is a startup error."""
+    from vllm.platforms import current_platform
+
+    from ..kernels import get_ops
+
+    get_ops(current_platform.device_type)
+
+
 class MiKVAttentionImpl(AttentionImpl[MiKVMetadata]):
     _layout_logged: ClassVar[bool] = False  # log the page layout once per process
 
@@ -322,6 +333,7 @@ class MiKVAttentionImpl(AttentionImpl[MiKVMetadata]):
         self.layout: RegionLayout | None = None
         self.ops = None  # chosen with the layout, on the first forward
         self.stats = LayerStats()
+        load_ops_at_start()
 
     def _layout_for(self, kv_cache: torch.Tensor) -> RegionLayout:
         if self.layout is None:

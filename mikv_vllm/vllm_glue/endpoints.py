@@ -30,10 +30,12 @@ from fastapi.responses import JSONResponse
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from .. import envs
+
 logger = logging.getLogger("vllm.mikv")  # child of vLLM's configured logger
 
-INTERVAL_ENV = "MIKV_STATS_INTERVAL"
-DEFAULT_INTERVAL = 5.0
+INTERVAL_ENV = envs.STATS_INTERVAL
+DEFAULT_INTERVAL = envs.DEFAULT_STATS_INTERVAL
 RPC_TIMEOUT = 30.0
 STATE_KEY = "mikv_stats"
 
@@ -49,11 +51,12 @@ _TOKENS = ("steps", "tokens_stored", "prefill_tokens", "decode_tokens")
 
 
 def poll_interval() -> float:
-    raw = os.environ.get(INTERVAL_ENV, "")
     try:
-        value = float(raw) if raw.strip() else DEFAULT_INTERVAL
-    except ValueError:
-        logger.warning("MiKV: %s=%r is not a number; using %.0f s", INTERVAL_ENV, raw, DEFAULT_INTERVAL)
+        value = envs.stats_interval()
+    except ValueError as exc:
+        logger.warning("MiKV: %s; using %.0f s", exc, DEFAULT_INTERVAL)
+        return DEFAULT_INTERVAL
+    if value is None:
         return DEFAULT_INTERVAL
     return max(0.1, value)
 

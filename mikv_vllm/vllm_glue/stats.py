@@ -24,21 +24,19 @@ tags ``> 0`` in its first ``ceil(L / N)`` blocks. ``promoted`` counts tags
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-STATS_LAYERS_ENV = "MIKV_STATS_LAYERS"
-STATS_LAYERS_MODES = ("first", "all", "off")
+from .. import envs
+
+STATS_LAYERS_ENV = envs.STATS_LAYERS
+STATS_LAYERS_MODES = envs.STATS_LAYERS_CHOICES
 
 
 def stats_layers_mode() -> str:
-    mode = os.environ.get(STATS_LAYERS_ENV, "first").strip().lower() or "first"
-    if mode not in STATS_LAYERS_MODES:
-        raise ValueError(f"{STATS_LAYERS_ENV} must be one of {STATS_LAYERS_MODES}, got {mode!r}")
-    return mode
+    return envs.stats_layers()
 
 
 def _is_mikv_layer(layer: Any) -> bool:

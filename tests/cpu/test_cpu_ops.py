@@ -148,7 +148,7 @@ def test_build_failure_raises_with_compiler_error(tmp_path, monkeypatch):
     bad = tmp_path / "broken.cpp"
     bad.write_text("this is not C++;\n")
     monkeypatch.setattr(build, "SOURCES", [bad])
-    monkeypatch.setattr(build, "_MODULE", None)
+    monkeypatch.setattr(build, "_ACTIVE", None)
     monkeypatch.setenv(build.BUILD_DIR_ENV, str(tmp_path / "ext"))
     with pytest.raises(CpuOpBuildError, match="MIKV_VLLM_OPS=torch") as info:
         build.load()

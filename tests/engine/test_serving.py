@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -49,6 +52,66 @@ def mikv_server(model_dir, tmp_path_factory, stock_capacity):
             yield server
     except ServerError as e:
         pytest.fail(str(e), pytrace=False)
+
+
+COMPILERS = {"cc1plus", "cc1", "ninja", "c++", "g++", "gcc", "cc", "clang", "clang++", "collect2", "ld"}
+
+
+def _compilers_below(pid: int) -> set[str]:
+    import psutil
+
+    try:
+        procs = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return set()
+    names = set()
+    for proc in procs:
+        try:
+            names.add(proc.name())
+        except psutil.Error:
+            pass
+    return names & COMPILERS
+
+
+def _timed_completion(server, prompt: str) -> float:
+    """Seconds for one 16-token completion over plain HTTP (no client library warming up on the first call)."""
+    body = json.dumps({"model": server.model, "prompt": prompt, "max_tokens": 16, "temperature": 0,
+                       "ignore_eos": True}).encode()
+    req = urllib.request.Request(server.url("/v1/completions"), data=body, headers={"Content-Type": "application/json"})
+    t0 = time.monotonic()
+    with urllib.request.urlopen(req, timeout=300) as resp:
+        out = json.loads(resp.read())
+    seconds = time.monotonic() - t0
+    assert out["usage"]["completion_tokens"] == 16
+    return seconds
+
+
+def test_first_completion_as_fast_as_the_second(mikv_server):
+    """Issue #24: the C++ op was loaded (or built) at engine start, before /health: a fresh server's
+    first completion takes at most twice its second (distinct prompts: no prefix-cache hit), and no
+    compiler runs under the server while both are served. Runs first: the server must be fresh."""
+    log = mikv_server.log_path.read_text(errors="replace")
+    assert "POST /v1/" not in log, "the server already served a request; this test must run first"
+    assert re.search(r"MiKV: C\+\+ CPU op \w+ variant from ", log), "the C++ op was not loaded at engine start"
+    seen: set[str] = set()
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set():
+            seen.update(_compilers_below(mikv_server.proc.pid))
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        first = _timed_completion(mikv_server, "The capital of France is")
+        second = _timed_completion(mikv_server, "My favourite colour is")
+    finally:
+        done.set()
+        watcher.join()
+    print(f"first completion {first:.2f} s, second {second:.2f} s ({first / second:.2f}x)")
+    assert not seen, f"compiler processes ran under the server after startup: {sorted(seen)}"
+    assert first <= 2 * second, f"first completion {first:.2f} s > 2x the second ({second:.2f} s)"
 
 
 def test_capacity_ratio_bf16(stock_capacity, mikv_server):
