@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     config = MiKVConfig.parse(args.preset)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"CPU: {cpu_model()}; MIKV_CPU_QK={os.environ.get('MIKV_CPU_QK') or 'unset (default int8)'}")
+    print(f"CPU: {cpu_model()}; MIKV_CPU_QK={os.environ.get('MIKV_CPU_QK') or 'unset (default fp32)'}")
     print(f"preset {args.preset}, fp32, {HQ} q / {H} kv heads, head_dim {D}, block {N}, torch threads "
           f"{torch.get_num_threads()}; ms per layer-step (median of {args.steps}); ratio = stock ms / MiKV ms\n")
     if args.prefill:
