@@ -11,7 +11,11 @@ shape (9 query / 3 KV heads, head_dim 64, block 128). Timed per step (median of 
           (``decode_step(..., config)``, what ``CpuOps.forward_decode`` runs)
 * ref     the torch reference ``reference.forward_decode``
 
-Prints ms per layer-step and stock/MiKV ratios (>1 means MiKV is faster). Not a test. On a
+Prints ms per layer-step, stock/MiKV ratios (>1 means MiKV is faster) and the GB/s of cache read
+on each side: bytes the step reads from the cache / median time (stock: the fp32 K and V of every
+context token; MiKV: the K and V lo codes and (scale, zero) of every context token, the hi copies
+of its tagged tokens, the tags and scores of its blocks; decode: the ``fast`` step). Not a test.
+``MIKV_CPU_QK=fp32`` times the exact QK path instead of the default int8 one. On a
 shared machine use ``--threads 1``: OpenMP regions of both sides stall when other processes hold
 the cores, and the medians stop meaning anything.
 
@@ -27,6 +31,8 @@ instead (stock: reshape_and_cache + causal attention of the chunk; fused: the C+
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import statistics
 import time
 
@@ -39,6 +45,17 @@ from mikv_vllm.cpu import CpuOps, decode_step
 
 N, D, H, HQ = 128, 64, 3, 9
 SCALE = D ** -0.5
+
+
+def cpu_model() -> str:
+    """The CPU's model name (as ``lscpu``'s "Model name")."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _interleaved_ms(fns: dict, steps: int, warmup: int = 2) -> dict[str, float]:
@@ -139,7 +156,10 @@ def run_prefill(config: MiKVConfig, context: int, chunk: int, batch: int, steps:
                 ref.forward_request(regions, layout, config, table[b], context, q[sl], k[sl], v[sl], SCALE)
 
         fns[name] = step
-    return _interleaved_ms(fns, steps, warmup=1)
+    r = _interleaved_ms(fns, steps, warmup=1)
+    r["stock_bytes"] = stock_bytes(context + chunk, batch)   # the chunk's keys are cached first, then read
+    r["mikv_bytes"] = mikv_bytes(layout, base, table, context)   # the chunk's own keys are read raw
+    return r
 
 
 def mikv_state(config: MiKVConfig, context: int, batch: int, steps: int):
@@ -158,6 +178,26 @@ def mikv_state(config: MiKVConfig, context: int, batch: int, steps: int):
     return layout, regions, table
 
 
+def stock_bytes(context: int, batch: int) -> int:
+    """Cache bytes stock's decode step reads: fp32 K and V of ``context`` tokens per request and KV head."""
+    return batch * H * context * 2 * D * 4
+
+
+def mikv_bytes(layout: RegionLayout, regions: torch.Tensor, table: torch.Tensor, context: int) -> int:
+    """Cache bytes MiKV's decode step reads at ``context``: per request and KV head, the lo codes and
+    (scale, zero) pairs of K and V of every context token, the hi copies (K and V) of its tagged
+    tokens, and the tags and scores of its blocks."""
+    hi_es = torch.empty((), dtype=layout.hi_dtype).element_size()
+    per_token = 2 * layout.packed_bytes + 2 * layout.groups * 4 if layout.bits else 0
+    nb = -(-context // N)
+    total = 0
+    for row in table:
+        tags = layout.views(regions[row[:nb].long()]).tag if layout.hi_slots else None
+        hi = int(((tags > 0) & (tags <= context)).sum()) if tags is not None else 0
+        total += H * (context * per_token + nb * layout.hi_slots * 8) + hi * 2 * D * hi_es
+    return total
+
+
 def run(config: MiKVConfig, context: int, batch: int, steps: int, with_ref: bool = True) -> dict[str, float]:
     gen = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(batch, h, D, generator=gen) for h in (HQ, H, H))
@@ -174,7 +214,10 @@ def run(config: MiKVConfig, context: int, batch: int, steps: int, with_ref: bool
             decode_step(regions, layout, table, pos, q, k, v, SCALE, config if name == "fast" else None)
 
         fns[name] = step
-    return _interleaved_ms(fns, steps)
+    r = _interleaved_ms(fns, steps)
+    r["stock_bytes"] = stock_bytes(context, batch)
+    r["mikv_bytes"] = mikv_bytes(layout, base, table, context)
+    return r
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,31 +234,36 @@ def main(argv: list[str] | None = None) -> int:
     config = MiKVConfig.parse(args.preset)
     if args.threads:
         torch.set_num_threads(args.threads)
+    print(f"CPU: {cpu_model()}; MIKV_CPU_QK={os.environ.get('MIKV_CPU_QK') or 'unset (default fp32)'}")
     print(f"preset {args.preset}, fp32, {HQ} q / {H} kv heads, head_dim {D}, block {N}, torch threads "
           f"{torch.get_num_threads()}; ms per layer-step (median of {args.steps}); ratio = stock ms / MiKV ms\n")
     if args.prefill:
         print("| context | chunk | requests | stock | MiKV fused (C++ prefill) | reference | stock/fused | stock/ref | "
-              "ref/fused |")
-        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+              "ref/fused | stock MB, GB/s | MiKV MB, GB/s |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for spec in args.prefill:
             c, t = (int(x) for x in spec.split(":"))
             for b in args.batch:
                 r = run_prefill(config, c, t, b, args.steps, with_ref=not args.no_ref)
                 refs = f"{r['ref']:.1f}" if "ref" in r else "-"
                 ratios = (f"{r['stock'] / r['ref']:.2f}x | {r['ref'] / r['fused']:.2f}x" if "ref" in r else "- | -")
+                sb, mb = r["stock_bytes"], r["mikv_bytes"]
                 print(f"| {c} | {t} | {b} | {r['stock']:.2f} | {r['fused']:.2f} | {refs} | "
-                      f"{r['stock'] / r['fused']:.2f}x | {ratios} |", flush=True)
+                      f"{r['stock'] / r['fused']:.2f}x | {ratios} | {sb / 1e6:.1f}, {sb / r['stock'] / 1e6:.1f} | "
+                      f"{mb / 1e6:.1f}, {mb / r['fused'] / 1e6:.1f} |", flush=True)
         return 0
     print("| context | batch | stock | MiKV fused | MiKV fast (+hi upkeep) | reference | stock/fused | "
-          "stock/fast | stock/ref |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "stock/fast | stock/ref | stock MB, GB/s | MiKV MB, GB/s |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for c in args.context:
         for b in args.batch:
             r = run(config, c, b, args.steps, with_ref=not args.no_ref)
             refs = f"{r['ref']:.2f}" if "ref" in r else "-"
             ref_ratio = f"{r['stock'] / r['ref']:.2f}x" if "ref" in r else "-"
+            sb, mb = r["stock_bytes"], r["mikv_bytes"]
             print(f"| {c} | {b} | {r['stock']:.3f} | {r['fused']:.3f} | {r['fast']:.3f} | {refs} | "
-                  f"{r['stock'] / r['fused']:.2f}x | {r['stock'] / r['fast']:.2f}x | {ref_ratio} |", flush=True)
+                  f"{r['stock'] / r['fused']:.2f}x | {r['stock'] / r['fast']:.2f}x | {ref_ratio} | "
+                  f"{sb / 1e6:.1f}, {sb / r['stock'] / 1e6:.1f} | {mb / 1e6:.1f}, {mb / r['fast'] / 1e6:.1f} |", flush=True)
     return 0
 
 

@@ -49,6 +49,7 @@ ROT = "mikv_vllm/core/rotation.py"
 PRE = "mikv_vllm/cpu/mikv_prefill.cpp"
 BLD = "mikv_vllm/cpu/build.py"
 BKD = "mikv_vllm/vllm_glue/backend.py"
+QDT = "mikv_vllm/cpu/mikv_qdot.h"
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,7 @@ MUTATIONS = [
     Mutation("balancer-not-undone", "dequantized keys are not divided by the balancer",
              ((BAL, "    return k_hat.float() * (1.0 / b.float())", "    return k_hat.float()"),
               (KDE, "                kx = kx * binv[None, :]\n", "                kx = kx\n"),
-              (CPP, "      ql[g * D + d] = qs[g * D + d] / bal[d];", "      ql[g * D + d] = qs[g * D + d];"))),
+              (QDT, "      ql[d] = qs[g * D + d] / bal[d];", "      ql[d] = qs[g * D + d];"))),
     Mutation("balancer-wrong-gqa-group", "query heads grouped to the wrong KV head",
              ((BAL, "q.float().abs().reshape(*lead, t, hkv, hq // hkv, d).amax(dim=(-4, -2))",
                "q.float().abs().reshape(*lead, t, hq // hkv, hkv, d).amax(dim=(-4, -3))"),)),
@@ -144,9 +145,13 @@ MUTATIONS = [
                "        logits = torch.einsum(\"hgtd,hsd->hgts\", qh[:, :, i0:i1], keys[:, :e])\n        key_ok = torch.ones_like(key_ok)\n"),
               (REF, "        if not all_valid:   # evicted tokens", "        if False:   # evicted tokens"),
               (KDE, "            ok = is_hi\n", "            ok = pm\n"),
-              (CPP, "        for (int64_t g = 0; g < G; ++g) lg[g * S + t] = NEG_INF;", "        for (int64_t g = 0; g < G; ++g) lg[g * S + t] = 0.f;"))),
+              (CPP, "      for (int64_t t = 0; t < pos; ++t) lg[g * S + t] = NEG_INF;", "      for (int64_t t = 0; t < pos; ++t) lg[g * S + t] = 0.f;"))),
     Mutation("fp8-hi-misread", "the C++ op reads fp8 hi copies with the lowest mantissa bit dropped",
              ((CPH, "out[d] = tab.t[base[d]];", "out[d] = tab.t[base[d] & 0xfe];"),)),
+    Mutation("qdot-zero-point-dropped", "the C++ decode's logits on the codes lose the zero-point term z * sum(q)",
+             ((QDT, "      Q.qsum[g * NG + d / group] += ql[d];", "      Q.qsum[g * NG + d / group] += 0.f * ql[d];"),)),
+    Mutation("qdot-int8-scale-wrong", "the int8 query is dequantized with amax / 128 instead of amax / 127",
+             ((QDT, "    Q.qa[g] = amax / 127.f;", "    Q.qa[g] = amax / 128.f;"),)),
     Mutation("rotation-not-orthogonal", "the Hadamard rotation is scaled by 1/D instead of 1/sqrt(D)",
              ((ROT, "    return signs[:, None] * hadamard(d) / math.sqrt(d)", "    return signs[:, None] * hadamard(d) / d"),)),
     # issue #24: where and how the C++ op is built and chosen
@@ -170,10 +175,10 @@ def edits_in(mutation: Mutation, files: list[str] | None) -> tuple[tuple[str, st
 PRE_EDITS = {
     'tag-reset-removed': ((PRE, '      if (off == 0) std::memset(reg + L.tag, 0, R * sizeof(int32_t));\n', ''),),
     'demotion-skipped': ((PRE, '    if (!keep[s]) tags[s] = 0;\n', '    (void)keep[s];\n'),),
-    'hi-copy-ignored': ((PRE, '        if (tg > 0 && tg <= lim) sc.hmap[tg - 1] = static_cast<int32_t>(j * R + r);', '        (void)tg;'),),
-    'balancer-not-undone': ((PRE, '          for (int64_t d = 0; d < D; ++d) xk[d] *= binv[d];\n', ''),),
+    'hi-copy-ignored': ((PRE, '        if (tg > 0 && tg <= lim) hmap[tg - 1] = static_cast<int32_t>(j * R + r);', '        (void)tg;'),),
+    'balancer-not-undone': ((PRE, '      for (int64_t d = 0; d < D; ++d) xk[d] *= binv[d];\n', ''),),
     'window-scorer-votes-all': ((PRE, '(obs_window >= 0 && T > 1) ? std::max<int64_t>(0, T - obs_window) : 0;', '(obs_window >= 0 && T > 1) ? 0 : 0;'),),
-    'evicted-tokens-attended': ((PRE, '          ok[kk] = 0;   // evicted: weight exactly 0', '          ok[kk] = 1;'),),
+    'evicted-tokens-attended': ((PRE, '      ch.ok[p] = 0;   // evicted: weight exactly 0', '      ch.ok[p] = 1;'),),
     'shared-hi-unstable': ((PRE, 'const int64_t lim = j < own_from ? std::min(shared_hi, ctx) : ctx;', 'const int64_t lim = ctx;'),),
 }
 MUTATIONS = [dataclasses.replace(m, edits=m.edits + PRE_EDITS.get(m.name, ())) for m in MUTATIONS]

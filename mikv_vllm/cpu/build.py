@@ -44,7 +44,7 @@ from .variants import Variant
 
 _HERE = Path(__file__).parent
 SOURCES = [_HERE / "mikv_cpu.cpp", _HERE / "mikv_decode.cpp", _HERE / "mikv_prefill.cpp"]   # compiled and linked
-HEADERS = [_HERE / "mikv_common.h"]                              # hashed into the build name
+HEADERS = sorted(_HERE.glob("*.h"))                              # every header: hashed into the build name
 BINDING = "mikv_cpu"                                             # the source that defines the module
 CFLAGS = ["-O3", "-fopenmp", "-DNDEBUG", "-fPIC", "-std=c++20", "-DTORCH_API_INCLUDE_EXTENSION_H"]
 LDFLAGS = ["-shared", "-fopenmp"]

@@ -11,7 +11,7 @@
 // Shared prefix blocks (prefix caching): columns j < own_from[b] are read-only for request b: their
 // hi slots count only with tags <= shared_hi[b] (reference.shared_hi_limit), their scores are not
 // written (reference: own_from / shared_hi of gather_decode and accumulate_scores_decode).
-#include "mikv_common.h"
+#include "mikv_qdot.h"
 
 namespace {
 
@@ -59,29 +59,55 @@ void upkeep_hi(const Layout& L, const Selection& sel, int64_t pos, int64_t own_f
   TORCH_CHECK(false, "mikv_cpu: no free hi slot for a selected token");   // unreachable: budget <= num_slots
 }
 
+// P @ V of the lo codes of context tokens [0, pos) into out [G, D] and zacc [G, NG] (any shape).
+template <int BITS, class Region>
+void decode_pv_generic(const Layout& L, const Region& region, int64_t nb_ctx, int64_t pos, const float* p, int64_t S,
+                       int64_t G, int64_t D, float* out, float* zacc, CodeTile& T) {
+  const int64_t N = L.N, P = L.packed(), NG = L.groups();
+  for (int64_t j = 0; j < nb_ctx; ++j) {
+    const uint8_t* reg = region(j);
+    const int64_t n_here = std::min(N, pos - j * N);
+    for (int64_t o = 0; o < n_here; o += kTile) {
+      const int64_t n = std::min<int64_t>(kTile, n_here - o);
+      load_code_tile<BITS>(reg + L.v_lo + o * P, reinterpret_cast<const uint16_t*>(reg + L.v_sz) + o * NG * 2, n, D, P,
+                           NG, false, T);
+      tile_pv(T, p + j * N + o, S, n, G, D, L.group, out, zacc);
+    }
+  }
+}
+
+// Per-task scratch (reused across the tasks of one thread).
+struct DecodeScratch {
+  std::vector<float> buf;
+  std::vector<int32_t> hmap, hi_t, hi_slot;
+  std::vector<uint8_t> codes;
+  std::vector<Cand> cands;
+  QueryLo query;
+  CodeTile tile;
+};
+
 // GT / DT: compile-time query-group size and head_dim (0 = runtime), so the common shapes keep
-// their accumulators in registers.
+// their accumulators in registers. int8: the QK mode (mikv_qdot.h).
 template <int BITS, int GT, int DT>
 void decode_task(const Layout& L, uint8_t* regions, int64_t H, const int32_t* row, int64_t pos, const float* q,
                  const float* kn, const float* vn, float scale, int64_t G_rt, bool do_store, bool upkeep,
-                 const Selection& sel,
-                 float* out, std::vector<float>& buf, std::vector<int32_t>& hmap, std::vector<uint8_t>& scratch,
-                 std::vector<Cand>& cands, int64_t h, int64_t own_from,
+                 const Selection& sel, bool int8, float* out, DecodeScratch& ws, int64_t h, int64_t own_from,
                  int64_t shared_hi) {
   constexpr bool FIXED = GT > 0 && DT > 0;
   const int64_t G = FIXED ? GT : G_rt, D = FIXED ? DT : L.D;
-  const int64_t N = L.N, R = L.R, P = L.packed(), NG = L.groups();
+  const int64_t N = L.N, R = L.R, P = L.packed(), NG = L.groups(), group = L.group;
   auto region = [&](int64_t j) { return regions + (static_cast<int64_t>(row[j]) * H + h) * L.region_bytes; };
 
   // 1. balancer (computed and stored at position 0, loaded otherwise)
-  buf.resize(static_cast<size_t>(D) * (2 * G + 3) + static_cast<size_t>(G + 1) * (pos + 1));
-  float* bal = buf.data();                 // [D]
+  const int64_t S = pos + 1;
+  ws.buf.resize(static_cast<size_t>(D) * (G + 3) + static_cast<size_t>(G + 1) * S + G * (NG + 1) + kTile);
+  float* bal = ws.buf.data();              // [D]
   float* xk = bal + D;                     // [D] scratch token
-  float* qs = xk + D;                      // [G, D] q * scale (hi + new token)
-  float* ql = qs + G * D;                  // [G, D] q * scale / b (lo tokens)
-  float* vx = ql + G * D;                  // [D] a V row
-  float* lg = vx + D;                      // [G, pos + 1] logits -> probabilities
-  float* mass = lg + G * (pos + 1);        // [pos + 1] probabilities summed over the group, per position
+  float* vx = xk + D;                      // [D] a V row
+  float* qs = vx + D;                      // [G, D] q * scale (hi + new token)
+  float* lg = qs + G * D;                  // [G, S] logits -> probabilities
+  float* mass = lg + G * S;                // [S] probabilities summed over the group, per position
+  float* zacc = mass + S;                  // [G, NG] sum_t p_t z_t
   for (int64_t d = 0; d < D; ++d) bal[d] = 1.f;
   if (L.has_bal) {
     uint16_t* bs = reinterpret_cast<uint16_t*>(region(0) + L.balancer);
@@ -99,16 +125,20 @@ void decode_task(const Layout& L, uint8_t* regions, int64_t H, const int32_t* ro
     if (L.bits) {
       for (int64_t d = 0; d < D; ++d) xk[d] = kn[d] * bal[d];
       quantize_token(xk, D, L.bits, L.group, reg + L.k_lo + off * P,
-                     reinterpret_cast<uint16_t*>(reg + L.k_sz) + off * NG * 2, scratch.data());
+                     reinterpret_cast<uint16_t*>(reg + L.k_sz) + off * NG * 2, ws.codes.data());
       quantize_token(vn, D, L.bits, L.group, reg + L.v_lo + off * P,
-                     reinterpret_cast<uint16_t*>(reg + L.v_sz) + off * NG * 2, scratch.data());
+                     reinterpret_cast<uint16_t*>(reg + L.v_sz) + off * NG * 2, ws.codes.data());
     }
   }
 
-  // 3. hi slot map of the context: position -> j * R + r (tags in (0, pos] of the first ceil(pos/N) blocks)
+  // 3. hi copies of the context: position -> j * R + r (tags in (0, pos] of the first ceil(pos/N)
+  // blocks; a position tagged twice takes its last slot), listed once each in hi_t / hi_slot
   const int64_t nb_ctx = (pos + N - 1) / N;
+  ws.hi_t.clear();
+  ws.hi_slot.clear();
   if (R) {
-    hmap.assign(static_cast<size_t>(pos), -1);
+    ws.hmap.assign(static_cast<size_t>(pos), -1);
+    int32_t* hmap = ws.hmap.data();
     for (int64_t j = 0; j < nb_ctx; ++j) {
       const int32_t* tags = reinterpret_cast<const int32_t*>(region(j) + L.tag);
       const int64_t lim = j < own_from ? std::min(shared_hi, pos) : pos;   // shared: stable hi copies only
@@ -117,80 +147,105 @@ void decode_task(const Layout& L, uint8_t* regions, int64_t H, const int32_t* ro
         if (t > 0 && t <= lim) hmap[t - 1] = static_cast<int32_t>(j * R + r);
       }
     }
+    for (int64_t j = 0; j < nb_ctx; ++j) {
+      const int32_t* tags = reinterpret_cast<const int32_t*>(region(j) + L.tag);
+      for (int64_t r = 0; r < R; ++r) {
+        const int32_t t = tags[r];
+        if (t > 0 && t <= pos && hmap[t - 1] == static_cast<int32_t>(j * R + r)) {
+          ws.hi_t.push_back(t - 1);
+          ws.hi_slot.push_back(static_cast<int32_t>(j * R + r));
+        }
+      }
+    }
   }
-  const int64_t hi_es = L.hi_elem();
+  const int64_t hi_es = L.hi_elem(), n_hi = static_cast<int64_t>(ws.hi_t.size());
   auto hi_ptr = [&](int64_t slot, int64_t off_base) {
     return region(slot / R) + off_base + (slot % R) * D * hi_es;
   };
 
-  // 4. logits: hi copy where tagged, else lo codes (q pre-divided by b); evicted tokens -inf
+  // 4. logits: the lo codes of every context token (tiles of kTile), then the hi copies over them;
+  // without lo copies (eviction) tokens outside the hi set get -inf
   for (int64_t g = 0; g < G; ++g)
-    for (int64_t d = 0; d < D; ++d) {
-      qs[g * D + d] = q[g * D + d] * scale;
-      ql[g * D + d] = qs[g * D + d] / bal[d];
-    }
-  const int64_t S = pos + 1;
+    for (int64_t d = 0; d < D; ++d) qs[g * D + d] = q[g * D + d] * scale;
   const float NEG_INF = -std::numeric_limits<float>::infinity();
-  for (int64_t j = 0; j < nb_ctx; ++j) {
-    const uint8_t* reg = region(j);
-    const int64_t n_here = std::min(N, pos - j * N);
-    for (int64_t o = 0; o < n_here; ++o) {
-      const int64_t t = j * N + o;
-      const int32_t slot = R ? hmap[t] : -1;
-      if (slot >= 0) {
-        load_hi(hi_ptr(slot, L.k_hi), L.hi_dtype, D, xk);
-        dots<GT>(qs, G, xk, D, lg + t, S);
-      } else if (BITS) {
-        dequant<BITS>(reg + L.k_lo + o * P, reinterpret_cast<const uint16_t*>(reg + L.k_sz) + o * NG * 2, D, L.group,
-                      xk);
-        dots<GT>(ql, G, xk, D, lg + t, S);
-      } else {
-        for (int64_t g = 0; g < G; ++g) lg[g * S + t] = NEG_INF;
+  CodeTile& T = ws.tile;
+  if (BITS) {
+    prepare_query(qs, bal, G, D, group, int8, ws.query);
+    T.resize(D, NG);
+    for (int64_t j = 0; j < nb_ctx; ++j) {
+      const uint8_t* reg = region(j);
+      const int64_t n_here = std::min(N, pos - j * N);
+      for (int64_t o = 0; o < n_here; o += kTile) {
+        const int64_t n = std::min<int64_t>(kTile, n_here - o);
+        load_code_tile<BITS>(reg + L.k_lo + o * P, reinterpret_cast<const uint16_t*>(reg + L.k_sz) + o * NG * 2, n, D,
+                             P, NG, !int8, T);
+        tile_logits<BITS>(T, ws.query, n, G, D, group, int8, lg + j * N + o, S);
       }
     }
+  } else {
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t t = 0; t < pos; ++t) lg[g * S + t] = NEG_INF;
+  }
+  for (int64_t i = 0; i < n_hi; ++i) {
+    load_hi(hi_ptr(ws.hi_slot[i], L.k_hi), L.hi_dtype, D, xk);
+    dots<GT>(qs, G, xk, D, lg + ws.hi_t[i], S);
   }
   for (int64_t g = 0; g < G; ++g) lg[g * S + pos] = dot(qs + g * D, kn, D);
 
-  // 5. softmax per query head
+  // 5. softmax per query head; score mass per position (sum over the group's query heads)
   for (int64_t g = 0; g < G; ++g) softmax_row(lg + g * S, S);
-
-  // 6. P @ V (V dequantized on the fly) and score mass per position (sum over the group's query heads)
-  float oacc_fixed[FIXED ? GT * DT : 1];
-  float* oacc = FIXED ? oacc_fixed : out;   // local (register) accumulators for the fixed shapes
+  for (int64_t t = 0; t < S; ++t) mass[t] = 0.f;
   for (int64_t g = 0; g < G; ++g)
-    for (int64_t d = 0; d < D; ++d) oacc[g * D + d] = 0.f;
-  for (int64_t j = 0; j * N < S; ++j) {
-    uint8_t* reg = region(j);
-    const int64_t n_here = std::min(N, S - j * N);
-    for (int64_t o = 0; o < n_here; ++o) {
-      const int64_t t = j * N + o;
-      const float* vrow;
-      if (t == pos) {
-        vrow = vn;
-      } else {
-        const int32_t slot = R ? hmap[t] : -1;
-        if (slot >= 0) {
-          load_hi(hi_ptr(slot, L.v_hi), L.hi_dtype, D, vx);
-        } else if (BITS) {
-          dequant<BITS>(reg + L.v_lo + o * P, reinterpret_cast<const uint16_t*>(reg + L.v_sz) + o * NG * 2, D,
-                        L.group, vx);
-        } else {
-          mass[t] = 0.f;
-          continue;   // evicted: weight exactly 0
-        }
-        vrow = vx;
-      }
-      float m = 0.f;
-      for (int64_t g = 0; g < G; ++g) {
-        const float p = lg[g * S + t];
-        m += p;
-        float* og = oacc + g * D;
-        for (int64_t d = 0; d < D; ++d) og[d] += p * vrow[d];
-      }
-      mass[t] = m;
+    for (int64_t t = 0; t < S; ++t) mass[t] += lg[g * S + t];
+
+  // 6. P @ V: the hi copies and the new token in fp32 (their weights then set to 0), the lo codes of
+  // every context token with the scale folded into the weight, the zero points summed apart
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t d = 0; d < D; ++d) out[g * D + d] = lg[g * S + pos] * vn[d];
+  for (int64_t i = 0; i < n_hi; ++i) {
+    const int64_t t = ws.hi_t[i];
+    load_hi(hi_ptr(ws.hi_slot[i], L.v_hi), L.hi_dtype, D, vx);
+    for (int64_t g = 0; g < G; ++g) {
+      const float p = lg[g * S + t];
+      for (int64_t d = 0; d < D; ++d) out[g * D + d] += p * vx[d];
+      lg[g * S + t] = 0.f;
     }
   }
-  if (FIXED) std::memcpy(out, oacc, sizeof(float) * G * D);
+  if (BITS) {
+    for (int64_t i = 0; i < G * NG; ++i) zacc[i] = 0.f;
+#ifdef MIKV_QDOT_AVX512
+    constexpr bool REGS = FIXED && DT % 16 == 0;
+#else
+    constexpr bool REGS = false;
+#endif
+    if constexpr (REGS) {
+#ifdef MIKV_QDOT_AVX512
+      if (group % 16 == 0) {
+        __m512 acc[GT > 0 ? GT : 1][DT > 0 ? DT / 16 : 1];
+        for (int g = 0; g < GT; ++g)
+          for (int j = 0; j < DT / 16; ++j) acc[g][j] = _mm512_loadu_ps(out + g * D + 16 * j);
+        for (int64_t j = 0; j < nb_ctx; ++j) {
+          const uint8_t* reg = region(j);
+          const int64_t n_here = std::min(N, pos - j * N);
+          for (int64_t o = 0; o < n_here; o += kTile) {
+            const int64_t n = std::min<int64_t>(kTile, n_here - o);
+            load_code_tile<BITS>(reg + L.v_lo + o * P, reinterpret_cast<const uint16_t*>(reg + L.v_sz) + o * NG * 2, n,
+                                 D, P, NG, false, T);
+            tile_pv_fixed<GT, DT>(T, lg + j * N + o, S, n, group, acc, zacc);
+          }
+        }
+        for (int g = 0; g < GT; ++g)
+          for (int j = 0; j < DT / 16; ++j) _mm512_storeu_ps(out + g * D + 16 * j, acc[g][j]);
+      } else {
+        decode_pv_generic<BITS>(L, region, nb_ctx, pos, lg, S, G, D, out, zacc, T);
+      }
+#endif
+    } else {
+      decode_pv_generic<BITS>(L, region, nb_ctx, pos, lg, S, G, D, out, zacc, T);
+    }
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t d = 0; d < D; ++d) out[g * D + d] += zacc[g * NG + d / group];
+  }
   if (!R) return;
 
   // 7. scores: each hi slot of the owned columns (the new token's block included) whose token is in
@@ -198,19 +253,17 @@ void decode_task(const Layout& L, uint8_t* regions, int64_t H, const int32_t* ro
   accumulate_slot_scores(L, region, own_from, pos / N + 1, pos, mass);
 
   // 8. hi-set upkeep (selection, demotion, promotion of the new token with its mass as score)
-  if (upkeep) upkeep_hi(L, sel, pos, own_from, kn, vn, mass[pos], region, cands);
+  if (upkeep) upkeep_hi(L, sel, pos, own_from, kn, vn, mass[pos], region, ws.cands);
 }
 
 template <int BITS>
 void decode_dispatch(const Layout& L, uint8_t* regions, int64_t H, const int32_t* row, int64_t pos, const float* q,
                      const float* kn, const float* vn, float scale, int64_t G, bool do_store, bool upkeep,
-                     const Selection& sel,
-                     float* out, std::vector<float>& buf, std::vector<int32_t>& hmap, std::vector<uint8_t>& scratch,
-                     std::vector<Cand>& cands, int64_t h, int64_t own_from,
+                     const Selection& sel, bool int8, float* out, DecodeScratch& ws, int64_t h, int64_t own_from,
                      int64_t shared_hi) {
-#define MIKV_TASK(GT, DT)                                                                                      \
-  decode_task<BITS, GT, DT>(L, regions, H, row, pos, q, kn, vn, scale, G, do_store, upkeep, sel, out, buf, hmap, \
-                            scratch, cands, h, own_from, shared_hi)
+#define MIKV_TASK(GT, DT)                                                                                     \
+  decode_task<BITS, GT, DT>(L, regions, H, row, pos, q, kn, vn, scale, G, do_store, upkeep, sel, int8, out, ws, h, \
+                            own_from, shared_hi)
   if (L.D == 64 && G == 1) MIKV_TASK(1, 64);
   else if (L.D == 64 && G == 3) MIKV_TASK(3, 64);
   else if (L.D == 64 && G == 4) MIKV_TASK(4, 64);
@@ -268,11 +321,10 @@ torch::Tensor decode_step(torch::Tensor regions, std::vector<int64_t> meta, torc
   const float* vp = v.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const float sc = static_cast<float>(scale);
+  const bool int8 = qk_int8();
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf;
-    std::vector<int32_t> hmap;
-    std::vector<uint8_t> scratch(D);
-    std::vector<Cand> cands;
+    DecodeScratch ws;
+    ws.codes.resize(D);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / H, h = i % H;
       const float* qb = qp + (b * Hq + h * G) * D;
@@ -281,13 +333,15 @@ torch::Tensor decode_step(torch::Tensor regions, std::vector<int64_t> meta, torc
       float* ob = op + (b * Hq + h * G) * D;
       const int32_t* row = bt + b * M;
       const int64_t of = ofp[b], sh = shp[b];   // shared prefix: first owned column, stable hi tag limit
+#define MIKV_DECODE(B) decode_dispatch<B>(L, rg, H, row, pp[b], qb, kb, vb, sc, G, do_store, upkeep, sel, int8, ob, ws, h, of, sh)
       switch (L.bits) {
-        case 0: decode_dispatch<0>(L, rg, H, row, pp[b], qb, kb, vb, sc, G, do_store, upkeep, sel, ob, buf, hmap, scratch, cands, h, of, sh); break;
-        case 2: decode_dispatch<2>(L, rg, H, row, pp[b], qb, kb, vb, sc, G, do_store, upkeep, sel, ob, buf, hmap, scratch, cands, h, of, sh); break;
-        case 3: decode_dispatch<3>(L, rg, H, row, pp[b], qb, kb, vb, sc, G, do_store, upkeep, sel, ob, buf, hmap, scratch, cands, h, of, sh); break;
-        case 4: decode_dispatch<4>(L, rg, H, row, pp[b], qb, kb, vb, sc, G, do_store, upkeep, sel, ob, buf, hmap, scratch, cands, h, of, sh); break;
-        default: decode_dispatch<8>(L, rg, H, row, pp[b], qb, kb, vb, sc, G, do_store, upkeep, sel, ob, buf, hmap, scratch, cands, h, of, sh); break;
+        case 0: MIKV_DECODE(0); break;
+        case 2: MIKV_DECODE(2); break;
+        case 3: MIKV_DECODE(3); break;
+        case 4: MIKV_DECODE(4); break;
+        default: MIKV_DECODE(8); break;
       }
+#undef MIKV_DECODE
     }
   });
   return out;

@@ -2,14 +2,16 @@
 // mikv_vllm.core.reference.forward_request per chunk (request_balancer, write_tokens,
 // gather_context + attention, accumulate_scores, maintain_hi).
 //
-// One task per (chunk c, KV head h), run with at::parallel_for. Chunks belong to distinct requests
-// (disjoint blocks), and a task touches only the regions (blk, h) of its own chunk's blocks. The
-// context is read from the packed page tile by tile (KB keys: hi copy where tagged, else the lo
-// codes dequantized and divided by the balancer); the chunk's own keys are the raw K/V. Attention
-// runs per block of query rows (at most kLogitBudget logits): their logits over every key they
-// see (one sweep of key tiles), an exact softmax per row, the score mass of the voting rows, then
-// P @ V (a second sweep of key tiles). Scores live in the hi slots: each hi token's slot gets its
-// mass, and the chunk's tokens compete for the hi set with their own mass of this step.
+// Three parallel phases. 1. per (chunk c, KV head h): balancer, store of the chunk's lo copies,
+// and its context decoded once into fp32 buffers (hi copy where tagged, else the lo codes
+// dequantized, keys divided by the balancer). 2. per (c, h, block of query rows, at most
+// kLogitBudget logits): the rows' logits over every key they see (one sweep of key tiles of the
+// decoded context, then the chunk's raw keys), an exact softmax per row, the score mass of the
+// voting rows, then P @ V (a second sweep). 3. per (c, h): the mass summed over the blocks, the hi
+// slots' scores, the hi-set upkeep. Chunks belong to distinct requests (disjoint blocks); a task
+// touches only the regions (blk, h) of its own chunk's blocks. Scores live in the hi slots: each hi
+// token's slot gets its mass, and the chunk's tokens compete for the hi set with their own mass of
+// this step.
 #include "mikv_common.h"
 
 namespace {
@@ -118,47 +120,33 @@ inline float exp_shift_sum(float* __restrict x, int64_t n, float mx) {
   return r;
 }
 
-struct Scratch {
-  std::vector<float> f;
-  std::vector<int32_t> hmap;
-  std::vector<uint8_t> codes, ok;
-  std::vector<Cand> cands;
+// One (chunk, KV head): its context decoded once (keys divided by the balancer and transposed,
+// values row-major, fp32; hi copy where tagged, else the lo codes), the chunk's raw keys
+// transposed, and the score mass of each query block's voting rows.
+struct ChunkHead {
+  int64_t h = 0, ctx = 0, T = 0, S = 0, CP = 0, TP = 0, QB = 0, nqb = 0, own_from = 0, shared_hi = 0;
+  const int32_t* row = nullptr;
+  const float *q = nullptr, *kn = nullptr, *vn = nullptr;   // row 0 of the chunk (q: head h * G)
+  float* out = nullptr;
+  std::vector<float> kT, vc, knT, mass;   // [D, CP], [ctx, D], [D, TP], [nqb, S]
+  std::vector<uint8_t> ok;                // [ctx]: 0 = evicted (no lo copy, no hi copy): weight 0
+  bool any_evicted = false;
 };
 
+// Phase 1 of a (chunk, KV head): balancer, store of the chunk's lo copies, its context decoded.
 template <int BITS>
-void prefill_task(const Layout& L, const Selection& sel, int64_t obs_window, uint8_t* regions, int64_t H, int64_t G,
-                  const int32_t* row, int64_t ctx, int64_t T, const float* q /* row 0, head h*G */, const float* kn,
-                  const float* vn, int64_t q_stride, int64_t kv_stride, float scale, float* out, Scratch& sc, int64_t h,
-                  int64_t own_from, int64_t shared_hi) {
-  const int64_t N = L.N, D = L.D, R = L.R, P = L.packed(), NG = L.groups();
-  const int64_t S = ctx + T;
-  const int64_t KB = kKeyTile, LS = (S + KB + 15) / 16 * 16;  // logit row stride: room for a whole last tile
-  const int64_t TP = (T + KB - 1) / KB * KB;                   // the chunk's keys, transposed: [D, TP]
-  const int64_t QB = std::max<int64_t>(1, std::min(kQueryVecs, kLogitBudget / LS) / G);   // query rows per block
-  const int64_t RB = (QB * G + 3) / 4 * 4;                     // query vectors per block, padded to 4
-  auto region = [&](int64_t j) { return regions + (static_cast<int64_t>(row[j]) * H + h) * L.region_bytes; };
+void prefill_prepare(const Layout& L, uint8_t* regions, int64_t H, int64_t G, int64_t q_stride, int64_t kv_stride,
+                     ChunkHead& ch) {
+  const int64_t N = L.N, D = L.D, R = L.R, P = L.packed(), NG = L.groups(), ctx = ch.ctx, T = ch.T;
+  const int64_t h = ch.h, own_from = ch.own_from, shared_hi = ch.shared_hi;
+  const float *q = ch.q, *kn = ch.kn, *vn = ch.vn;
+  auto region = [&](int64_t j) { return regions + (static_cast<int64_t>(ch.row[j]) * H + h) * L.region_bytes; };
   const int64_t hi_es = L.hi_elem();
   auto hi_ptr = [&](int64_t slot, int64_t off_base) { return region(slot / R) + off_base + (slot % R) * D * hi_es; };
-
-  sc.f.assign(static_cast<size_t>(3 * D + RB * D * 2 + RB * LS + 2 * KB * D + S + D * TP), 0.f);
-  float* bal = sc.f.data();   // [D]
-  float* binv = bal + D;      // [D]
-  float* xk = binv + D;       // [D]
-  float* Q = xk + D;          // [RB, D] q * scale
-  float* acc = Q + RB * D;    // [RB, D]
-  float* lg = acc + RB * D;   // [RB, LS] logits -> probabilities of the block's rows
-  float* kb = lg + RB * LS;   // [D, KB] keys of a tile, transposed
-  float* vb = kb + KB * D;    // [KB, D]
-  float* mass = vb + KB * D;  // [S]
-  float* knT = mass + S;      // [D, TP] the chunk's raw keys, transposed once
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t d = 0; d < D; ++d) knT[d * TP + t] = kn[t * kv_stride + d];
-  sc.codes.resize(D);
-  sc.ok.resize(KB);
-  uint8_t* ok = sc.ok.data();
+  std::vector<float> bal(D, 1.f), binv(D), xk(D);
+  std::vector<uint8_t> codes(D);
 
   // 1. balancer: computed from the first min(T, N) tokens at context 0 and stored; loaded otherwise
-  for (int64_t d = 0; d < D; ++d) bal[d] = 1.f;
   if (L.has_bal) {
     uint16_t* bs = reinterpret_cast<uint16_t*>(region(0) + L.balancer);
     if (ctx == 0) balancer_to_storage(q, q_stride, G, kn, kv_stride, std::min(T, N), D, bs);
@@ -177,128 +165,130 @@ void prefill_task(const Layout& L, const Selection& sel, int64_t obs_window, uin
     if (BITS) {
       const float* kt = kn + t * kv_stride;
       for (int64_t d = 0; d < D; ++d) xk[d] = kt[d] * bal[d];
-      quantize_token(xk, D, BITS, L.group, reg + L.k_lo + off * P, reinterpret_cast<uint16_t*>(reg + L.k_sz) + off * NG * 2,
-                     sc.codes.data());
+      quantize_token(xk.data(), D, BITS, L.group, reg + L.k_lo + off * P,
+                     reinterpret_cast<uint16_t*>(reg + L.k_sz) + off * NG * 2, codes.data());
       quantize_token(vn + t * kv_stride, D, BITS, L.group, reg + L.v_lo + off * P,
-                     reinterpret_cast<uint16_t*>(reg + L.v_sz) + off * NG * 2, sc.codes.data());
+                     reinterpret_cast<uint16_t*>(reg + L.v_sz) + off * NG * 2, codes.data());
     }
   }
 
   // 3. hi slot map of the context: position -> j * R + r (tags in (0, ctx])
   const int64_t nb_ctx = (ctx + N - 1) / N;
+  std::vector<int32_t> hmap(R ? ctx : 0, -1);
   if (R) {
-    sc.hmap.assign(static_cast<size_t>(ctx), -1);
     for (int64_t j = 0; j < nb_ctx; ++j) {
       const int32_t* tags = reinterpret_cast<const int32_t*>(region(j) + L.tag);
       const int64_t lim = j < own_from ? std::min(shared_hi, ctx) : ctx;   // shared: stable hi copies only
       for (int64_t r = 0; r < R; ++r) {
         const int32_t tg = tags[r];
-        if (tg > 0 && tg <= lim) sc.hmap[tg - 1] = static_cast<int32_t>(j * R + r);
+        if (tg > 0 && tg <= lim) hmap[tg - 1] = static_cast<int32_t>(j * R + r);
       }
     }
   }
 
-  // keys (and values) of positions [j0, j1) into kb / vb; ok[i] = 0 for evicted tokens (lo_bits 0)
-  bool any_evicted = false;
-  auto load_tile = [&](int64_t j0, int64_t j1, bool with_k, bool with_v) {
-    any_evicted = false;
-    for (int64_t p = j0; p < j1; ++p) {
-      const int64_t kk = p - j0;
-      float* vr = vb + kk * D;
-      const float* kr = xk;
-      ok[kk] = 1;
-      if (p >= ctx) {
-        kr = kn + (p - ctx) * kv_stride;
-        if (with_v) std::memcpy(vr, vn + (p - ctx) * kv_stride, D * sizeof(float));
-      } else {
-        const int32_t slot = R ? sc.hmap[p] : -1;
-        if (slot >= 0) {
-          if (with_k) load_hi(hi_ptr(slot, L.k_hi), L.hi_dtype, D, xk);
-          if (with_v) load_hi(hi_ptr(slot, L.v_hi), L.hi_dtype, D, vr);
-        } else if (BITS) {
-          const uint8_t* reg = region(p / N);
-          const int64_t o = p % N;
-          if (with_k)
-            dequant<BITS>(reg + L.k_lo + o * P, reinterpret_cast<const uint16_t*>(reg + L.k_sz) + o * NG * 2, D,
-                          L.group, xk);
-          for (int64_t d = 0; d < D; ++d) xk[d] *= binv[d];
-          if (with_v)
-            dequant<BITS>(reg + L.v_lo + o * P, reinterpret_cast<const uint16_t*>(reg + L.v_sz) + o * NG * 2, D,
-                          L.group, vr);
-        } else {
-          ok[kk] = 0;   // evicted: weight exactly 0
-          any_evicted = true;
-          std::memset(xk, 0, D * sizeof(float));
-          if (with_v) std::memset(vr, 0, D * sizeof(float));
-        }
-      }
-      if (with_k)
-        for (int64_t d = 0; d < D; ++d) kb[d * KB + kk] = kr[d];
+  // 4. the context, decoded once: kT [D, CP] (lo keys divided by the balancer), vc [ctx, D]
+  ch.kT.assign(static_cast<size_t>(D) * ch.CP, 0.f);
+  ch.vc.resize(static_cast<size_t>(ctx) * D);
+  ch.ok.assign(ctx, 1);
+  ch.any_evicted = false;
+  for (int64_t p = 0; p < ctx; ++p) {
+    float* vr = ch.vc.data() + p * D;
+    const int32_t slot = R ? hmap[p] : -1;
+    if (slot >= 0) {
+      load_hi(hi_ptr(slot, L.k_hi), L.hi_dtype, D, xk.data());
+      load_hi(hi_ptr(slot, L.v_hi), L.hi_dtype, D, vr);
+    } else if (BITS) {
+      const uint8_t* reg = region(p / N);
+      const int64_t o = p % N;
+      dequant<BITS>(reg + L.k_lo + o * P, reinterpret_cast<const uint16_t*>(reg + L.k_sz) + o * NG * 2, D, L.group,
+                    xk.data());
+      for (int64_t d = 0; d < D; ++d) xk[d] *= binv[d];
+      dequant<BITS>(reg + L.v_lo + o * P, reinterpret_cast<const uint16_t*>(reg + L.v_sz) + o * NG * 2, D, L.group, vr);
+    } else {
+      ch.ok[p] = 0;   // evicted: weight exactly 0
+      ch.any_evicted = true;
+      std::memset(xk.data(), 0, D * sizeof(float));
+      std::memset(vr, 0, D * sizeof(float));
     }
-  };
+    for (int64_t d = 0; d < D; ++d) ch.kT[d * ch.CP + p] = xk[d];
+  }
+  ch.knT.assign(static_cast<size_t>(D) * ch.TP, 0.f);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t d = 0; d < D; ++d) ch.knT[d * ch.TP + t] = kn[t * kv_stride + d];
+  ch.mass.assign(static_cast<size_t>(ch.nqb) * ch.S, 0.f);
+}
+
+// Phase 2: attention of query block qb (rows [qb * QB, ...)): logits over every key the rows see
+// (sweep 1, key tiles of the decoded context, then the chunk's own keys), exact softmax per row, the
+// score mass of the voting rows (into mass[qb]), then P @ V (sweep 2).
+inline void prefill_attend(const Layout& L, int64_t G, int64_t q_stride, int64_t kv_stride, float scale,
+                           int64_t vote_from, ChunkHead& ch, int64_t qb, std::vector<float>& f) {
+  const int64_t D = L.D, ctx = ch.ctx, T = ch.T, S = ch.S, KB = kKeyTile;
+  const int64_t LS = (S + KB + 15) / 16 * 16;   // logit row stride: room for a whole last tile
+  const int64_t RB = (ch.QB * G + 3) / 4 * 4;   // query vectors per block, padded to 4
+  f.assign(static_cast<size_t>(RB * D * 2 + RB * LS), 0.f);
+  float* Q = f.data();        // [RB, D] q * scale
+  float* acc = Q + RB * D;    // [RB, D]
+  float* lg = acc + RB * D;   // [RB, LS] logits -> probabilities of the block's rows
+  float* mass = ch.mass.data() + qb * S;
   const float NEG_INF = -std::numeric_limits<float>::infinity();
-  const int64_t vote_from = !R ? T : (obs_window >= 0 && T > 1) ? std::max<int64_t>(0, T - obs_window) : 0;
-  for (int64_t p = 0; p < S; ++p) mass[p] = 0.f;
-
-  // 4. attention per block of query rows: logits of the block's rows over all the keys they see
-  // (sweep 1, key tiles), exact softmax per row, score mass of the voting rows, then P @ V (sweep 2)
-  for (int64_t i0 = 0; i0 < T; i0 += QB) {
-    const int64_t i1 = std::min(T, i0 + QB), rows = (i1 - i0) * G, kend = ctx + i1;
-    for (int64_t i = i0; i < i1; ++i)
-      for (int64_t g = 0; g < G; ++g) {
-        const float* qr = q + i * q_stride + g * D;
-        float* Qr = Q + ((i - i0) * G + g) * D;
-        for (int64_t d = 0; d < D; ++d) Qr[d] = qr[d] * scale;
-      }
-    for (int64_t j0 = 0, j1 = 0; j0 < kend; j0 = j1) {   // context tiles [0, ctx), then the chunk's own keys
-      j1 = std::min(j0 < ctx ? ctx : kend, j0 + KB);
-      const int64_t nk = j1 - j0;
-      if (j0 >= ctx) {
-        tile_qk(Q, rows, knT + (j0 - ctx), TP, D, lg + j0, LS);
-        continue;
-      }
-      load_tile(j0, j1, true, false);
-      tile_qk(Q, rows, kb, KB, D, lg + j0, LS);
-      if (any_evicted)
-        for (int64_t r = 0; r < rows; ++r)
-          for (int64_t kk = 0; kk < nk; ++kk)
-            if (!ok[kk]) lg[r * LS + j0 + kk] = NEG_INF;
+  const int64_t i0 = qb * ch.QB, i1 = std::min(T, i0 + ch.QB), rows = (i1 - i0) * G, kend = ctx + i1;
+  for (int64_t i = i0; i < i1; ++i)
+    for (int64_t g = 0; g < G; ++g) {
+      const float* qr = ch.q + i * q_stride + g * D;
+      float* Qr = Q + ((i - i0) * G + g) * D;
+      for (int64_t d = 0; d < D; ++d) Qr[d] = qr[d] * scale;
     }
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t i = i0 + r / G, n = ctx + i + 1;   // causal: keys [0, n)
-      float* lr = lg + r * LS;
-      const float mx = lane_max(lr, n, NEG_INF);      // finite: the row's own key is always visible
-      const float inv = 1.f / exp_shift_sum(lr, n, mx);
-      for (int64_t j = 0; j < n; ++j) lr[j] *= inv;
-      for (int64_t j = n; j < kend; ++j) lr[j] = 0.f;
-      if (i >= vote_from)   // 5. score mass of the voting rows
-        for (int64_t j = 0; j < n; ++j) mass[j] += lr[j];
+  for (int64_t j0 = 0, j1 = 0; j0 < kend; j0 = j1) {   // context tiles [0, ctx), then the chunk's own keys
+    j1 = std::min(j0 < ctx ? ctx : kend, j0 + KB);
+    if (j0 >= ctx) {
+      tile_qk(Q, rows, ch.knT.data() + (j0 - ctx), ch.TP, D, lg + j0, LS);
+      continue;
     }
-    std::memset(acc, 0, sizeof(float) * RB * D);
-    for (int64_t j0 = 0, j1 = 0; j0 < kend; j0 = j1) {
-      j1 = std::min(j0 < ctx ? ctx : kend, j0 + KB);
-      const int64_t nk = j1 - j0;
-      const float* vt = vb;
-      int64_t ldv = D;
-      if (j0 >= ctx) {
-        vt = vn + (j0 - ctx) * kv_stride;
-        ldv = kv_stride;
-      } else {
-        load_tile(j0, j1, false, true);
-      }
-      switch (D) {
-        case 32: tile_pv<2>(acc, rows, lg + j0, LS, vt, ldv, nk, D); break;
-        case 64: tile_pv<4>(acc, rows, lg + j0, LS, vt, ldv, nk, D); break;
-        case 128: tile_pv<8>(acc, rows, lg + j0, LS, vt, ldv, nk, D); break;
-        default: tile_pv<0>(acc, rows, lg + j0, LS, vt, ldv, nk, D); break;
-      }
-    }
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t i = i0 + r / G, g = r % G;
-      std::memcpy(out + i * q_stride + g * D, acc + r * D, sizeof(float) * D);
+    tile_qk(Q, rows, ch.kT.data() + j0, ch.CP, D, lg + j0, LS);
+    if (ch.any_evicted)
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t kk = j0; kk < j1; ++kk)
+          if (!ch.ok[kk]) lg[r * LS + kk] = NEG_INF;
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i = i0 + r / G, n = ctx + i + 1;   // causal: keys [0, n)
+    float* lr = lg + r * LS;
+    const float mx = lane_max(lr, n, NEG_INF);      // finite: the row's own key is always visible
+    const float inv = 1.f / exp_shift_sum(lr, n, mx);
+    for (int64_t j = 0; j < n; ++j) lr[j] *= inv;
+    for (int64_t j = n; j < kend; ++j) lr[j] = 0.f;
+    if (i >= vote_from)   // score mass of the voting rows
+      for (int64_t j = 0; j < n; ++j) mass[j] += lr[j];
+  }
+  for (int64_t j0 = 0, j1 = 0; j0 < kend; j0 = j1) {
+    j1 = std::min(j0 < ctx ? ctx : kend, j0 + KB);
+    const int64_t nk = j1 - j0;
+    const float* vt = j0 >= ctx ? ch.vn + (j0 - ctx) * kv_stride : ch.vc.data() + j0 * D;
+    const int64_t ldv = j0 >= ctx ? kv_stride : D;
+    switch (D) {
+      case 32: tile_pv<2>(acc, rows, lg + j0, LS, vt, ldv, nk, D); break;
+      case 64: tile_pv<4>(acc, rows, lg + j0, LS, vt, ldv, nk, D); break;
+      case 128: tile_pv<8>(acc, rows, lg + j0, LS, vt, ldv, nk, D); break;
+      default: tile_pv<0>(acc, rows, lg + j0, LS, vt, ldv, nk, D); break;
     }
   }
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i = i0 + r / G, g = r % G;
+    std::memcpy(ch.out + i * q_stride + g * D, acc + r * D, sizeof(float) * D);
+  }
+}
+
+// Phase 3: the score mass summed over the query blocks, the hi slots' scores, the hi-set upkeep.
+inline void prefill_finish(const Layout& L, const Selection& sel, uint8_t* regions, int64_t H, int64_t kv_stride,
+                           ChunkHead& ch, std::vector<Cand>& cands) {
+  const int64_t N = L.N, R = L.R, ctx = ch.ctx, T = ch.T, S = ch.S, own_from = ch.own_from, h = ch.h;
   if (!R) return;
+  auto region = [&](int64_t j) { return regions + (static_cast<int64_t>(ch.row[j]) * H + h) * L.region_bytes; };
+  float* mass = ch.mass.data();
+  for (int64_t b = 1; b < ch.nqb; ++b)
+    for (int64_t p = 0; p < S; ++p) mass[p] += ch.mass[b * S + p];
+  const float *kn = ch.kn, *vn = ch.vn;
 
   // 6. scores: each hi slot of the owned blocks whose token is in the context (tag in (0, ctx]) gets
   // that token's mass (the chunk's tokens hold no slot yet: their mass goes to the selection)
@@ -312,7 +302,6 @@ void prefill_task(const Layout& L, const Selection& sel, int64_t obs_window, uin
   const int64_t budget = hi_budget(sel, S, num_slots - first);
   const int64_t recent_from = recent_start(sel, S, budget);
   std::vector<uint8_t> keep(static_cast<size_t>(num_slots + T), 0);
-  std::vector<Cand>& cands = sc.cands;
   cands.clear();
   for (int64_t s = first; s < num_slots; ++s)
     if (tags[s] > 0 && tags[s] <= ctx) {
@@ -337,6 +326,10 @@ void prefill_task(const Layout& L, const Selection& sel, int64_t obs_window, uin
   }
   for (int64_t j = own_from; j < nb; ++j) std::memcpy(region(j) + L.tag, &tags[j * R], R * sizeof(int32_t));
 }
+
+// Task k of n in an order that spreads the costly ones (late query blocks see more keys) over the
+// contiguous ranges at::parallel_for gives each thread: 0, n-1, 1, n-2, ...
+inline int64_t zigzag(int64_t k, int64_t n) { return k % 2 == 0 ? k / 2 : n - 1 - k / 2; }
 
 }  // namespace
 
@@ -392,26 +385,61 @@ torch::Tensor prefill_step(torch::Tensor regions, std::vector<int64_t> meta, tor
   const float* vp = v.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const float sc = static_cast<float>(scale);
-  at::parallel_for(0, C * H, 1, [&](int64_t begin, int64_t end) {
-    Scratch scratch;
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t c = i / H, h = i % H, s = rp[2 * c], T = rp[2 * c + 1] - s;
-      if (T == 0) continue;
-      const float* qc = qp + (s * Hq + h * G) * D;
-      const float* kc = kp + (s * H + h) * D;
-      const float* vc = vp + (s * H + h) * D;
-      float* oc = op + (s * Hq + h * G) * D;
-#define MIKV_PREFILL(B)                                                                                          \
-  prefill_task<B>(L, sel, obs_window, rg, H, G, bt + c * M, cp[c], T, qc, kc, vc, Hq * D, H * D, sc, oc, scratch, h, ofp[c], shp[c])
-      switch (L.bits) {
-        case 0: MIKV_PREFILL(0); break;
-        case 2: MIKV_PREFILL(2); break;
-        case 3: MIKV_PREFILL(3); break;
-        case 4: MIKV_PREFILL(4); break;
-        default: MIKV_PREFILL(8); break;
-      }
-#undef MIKV_PREFILL
+  // (chunk, KV head) pairs with rows, and their query blocks (at most kLogitBudget logits each)
+  std::vector<ChunkHead> heads;
+  std::vector<std::pair<int64_t, int64_t>> blocks;   // (index into heads, query block)
+  for (int64_t c = 0; c < C; ++c) {
+    const int64_t s = rp[2 * c], T = rp[2 * c + 1] - s;
+    if (T == 0) continue;
+    for (int64_t h = 0; h < H; ++h) {
+      ChunkHead ch;
+      ch.h = h;
+      ch.ctx = cp[c];
+      ch.T = T;
+      ch.S = cp[c] + T;
+      ch.CP = (cp[c] + kKeyTile - 1) / kKeyTile * kKeyTile;
+      ch.TP = (T + kKeyTile - 1) / kKeyTile * kKeyTile;
+      const int64_t LS = (ch.S + kKeyTile + 15) / 16 * 16;
+      ch.QB = std::max<int64_t>(1, std::min(kQueryVecs, kLogitBudget / LS) / G);
+      ch.nqb = (T + ch.QB - 1) / ch.QB;
+      ch.own_from = ofp[c];
+      ch.shared_hi = shp[c];
+      ch.row = bt + c * M;
+      ch.q = qp + (s * Hq + h * G) * D;
+      ch.kn = kp + (s * H + h) * D;
+      ch.vn = vp + (s * H + h) * D;
+      ch.out = op + (s * Hq + h * G) * D;
+      for (int64_t b = 0; b < ch.nqb; ++b) blocks.emplace_back(static_cast<int64_t>(heads.size()), b);
+      heads.push_back(std::move(ch));
     }
+  }
+  const int64_t NH = static_cast<int64_t>(heads.size()), NB = static_cast<int64_t>(blocks.size());
+  const int64_t q_stride = Hq * D, kv_stride = H * D;
+  at::parallel_for(0, NH, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      ChunkHead& ch = heads[i];
+      switch (L.bits) {
+        case 0: prefill_prepare<0>(L, rg, H, G, q_stride, kv_stride, ch); break;
+        case 2: prefill_prepare<2>(L, rg, H, G, q_stride, kv_stride, ch); break;
+        case 3: prefill_prepare<3>(L, rg, H, G, q_stride, kv_stride, ch); break;
+        case 4: prefill_prepare<4>(L, rg, H, G, q_stride, kv_stride, ch); break;
+        default: prefill_prepare<8>(L, rg, H, G, q_stride, kv_stride, ch); break;
+      }
+    }
+  });
+  at::parallel_for(0, NB, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> f;
+    for (int64_t k = begin; k < end; ++k) {
+      const auto [i, b] = blocks[zigzag(k, NB)];
+      ChunkHead& ch = heads[i];
+      const int64_t T = ch.T;
+      const int64_t vote_from = !L.R ? T : (obs_window >= 0 && T > 1) ? std::max<int64_t>(0, T - obs_window) : 0;
+      prefill_attend(L, G, q_stride, kv_stride, sc, vote_from, ch, b, f);
+    }
+  });
+  at::parallel_for(0, NH, 1, [&](int64_t begin, int64_t end) {
+    std::vector<Cand> cands;
+    for (int64_t i = begin; i < end; ++i) prefill_finish(L, sel, rg, H, kv_stride, heads[i], cands);
   });
   return out;
 }
