@@ -54,3 +54,14 @@ def test_upkeep_kernel_hi_copy_of_nan_is_zero():
     assert torch.equal(regions, want)
     hi = lay.views(want).k_hi.float(), lay.views(want).v_hi.float()
     assert all(torch.isfinite(x).all() for x in hi) and (lay.views(want).tag > 0).any()
+
+
+def test_poisoned_token_is_confined_in_the_triton_ops():
+    """The Triton op set's entry sanitizes q/k/v as the reference does (core/test_nonfinite.py)."""
+    from core.test_nonfinite import LAYOUTS, CONFIGS, assert_confined, poisoned_vs_sanitized
+    from mikv_vllm.kernels._common import supported
+    from mikv_vllm.kernels.ops import TritonOps
+
+    name = "int3-fp16-hi-r0.3"
+    assert supported(LAYOUTS[id(CONFIGS[name])])       # the kernels run, not the reference fallback
+    assert_confined(*poisoned_vs_sanitized(TritonOps, name))
