@@ -206,13 +206,11 @@ def apply(mutation: Mutation, root: Path, files: list[str] | None = None) -> lis
     return missing
 
 
-def run_tests(root: Path, timeout: int, tests: list[str] | None = None,
-              build_dir: Path | None = None) -> tuple[bool, str, float]:
-    # the C++ op builds inside the scratch copy by default: builds of other paths with the same source
-    # hash would otherwise share (and rebuild, concurrently) one directory of the user's cache
+def run_tests(root: Path, timeout: int, tests: list[str] | None = None) -> tuple[bool, str, float]:
+    # the C++ op builds inside the scratch copy: builds of other paths with the same source hash
+    # would otherwise share (and rebuild, concurrently) one directory of the user's cache
     env = dict(os.environ, PYTHONPATH=str(root), TRITON_INTERPRET="1", HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1", PYTHONDONTWRITEBYTECODE="1",
-               MIKV_CPU_BUILD_DIR=str(build_dir or root / ".cpu_build"))
+               TRANSFORMERS_OFFLINE="1", PYTHONDONTWRITEBYTECODE="1", MIKV_CPU_BUILD_DIR=str(root / ".cpu_build"))
     tests = [t for t in (tests or TESTS) if (root / t.split("::")[0]).exists()]   # an older checkout may lack some files
     cmd = [sys.executable, "-m", "pytest", *tests, "-x", "-q", "-p", "no:cacheprovider", "-m", "not engine",
            "--timeout", str(timeout)]
@@ -242,9 +240,6 @@ def main(argv: list[str] | None = None) -> int:
                     "implementation mutated alone, the others stay correct); mutations without such edits are n/a")
     ap.add_argument("--tests", nargs="*", help="test paths or node ids to run instead of the default list "
                     "(e.g. tests/cpu with --files naming the C++ sources)")
-    ap.add_argument("--build-dir", type=Path, default=None, help="C++ build cache shared by the runs (builds are "
-                    "named by source hash: the unmutated baseline reuses an existing build; only for sequential "
-                    "runs of one user); default: a fresh one per scratch copy")
     args = ap.parse_args(argv)
     chosen = [m for m in MUTATIONS if not args.only or m.name in args.only]
     if args.only and len(chosen) != len(set(args.only)):
@@ -257,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     root = args.root.resolve()
     base = scratch_copy(root)
     try:
-        ok, detail, secs = run_tests(base, args.timeout, args.tests, args.build_dir)
+        ok, detail, secs = run_tests(base, args.timeout, args.tests)
         print(f"baseline (no mutation): {'pass' if ok else 'FAIL'} in {secs:.0f} s", flush=True)
         if not ok:
             print(f"error: the unmutated tests fail ({detail}); fix them first", file=sys.stderr)
@@ -273,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
                 elif len(missing) == len(edits):
                     status, detail, secs = "n/a", "code to mutate not found: " + "; ".join(missing), 0.0
                 else:
-                    survived, detail, secs = run_tests(work, args.timeout, args.tests, args.build_dir)
+                    survived, detail, secs = run_tests(work, args.timeout, args.tests)
                     status = "SURVIVED" if survived else "killed"
                     if missing:
                         detail += f"  (partial: {len(missing)} edit(s) found nothing)"
