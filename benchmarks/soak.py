@@ -249,8 +249,12 @@ async def send(session, url: str, model: str, req: dict, timeout: float) -> dict
 
 
 def probe(url: str, model: str, prompt: list[int]) -> str:
-    return http_post(url + "/v1/completions", {"model": model, "prompt": prompt, "max_tokens": 32,
-                                               "temperature": 0.0})["choices"][0]["text"]
+    """The lossless probe's greedy answer; an error's text when it fails (then it differs from the first)."""
+    try:
+        return http_post(url + "/v1/completions", {"model": model, "prompt": prompt, "max_tokens": 32,
+                                                   "temperature": 0.0})["choices"][0]["text"]
+    except (OSError, ValueError, KeyError) as e:
+        return f"<probe failed: {type(e).__name__}: {e}>"
 
 
 # ------------------------------------------------------------------------------------------- the run
@@ -327,21 +331,29 @@ def run(args) -> dict:
         probe_prompt = workload.prefixes[0] + workload._span(200)
         state = {"records": [], "rss": [], "probes": [], "probe_prompt": probe_prompt}
         first = probe(url, model, probe_prompt)
+        if first.startswith("<probe failed"):
+            raise RuntimeError(f"the first probe failed: {first}")
         state["probes"].append({"t": 0.0, "text": first})
         t0 = time.monotonic()
         asyncio.run(load(url, model, args, workload, root_pid, state))
         load_s = time.monotonic() - t0
         # drain: every request finished or aborted, nothing left running or waiting
-        deadline, body = time.monotonic() + 120, ""
+        deadline, body, left = time.monotonic() + 120, "", float("nan")
         while time.monotonic() < deadline:
-            body = http_get(url + "/metrics")
-            if metric(body, "vllm:num_requests_running") + metric(body, "vllm:num_requests_waiting") == 0:
+            try:
+                body = http_get(url + "/metrics")
+            except OSError:          # a dead server: counted as not drained (left = NaN)
+                break
+            left = metric(body, "vllm:num_requests_running") + metric(body, "vllm:num_requests_waiting")
+            if left == 0:
                 break
             time.sleep(2)
-        left = metric(body, "vllm:num_requests_running") + metric(body, "vllm:num_requests_waiting")
         last = probe(url, model, probe_prompt)
         state["probes"].append({"t": round(time.monotonic() - t0, 1), "text": last})
-        body = http_get(url + "/metrics")
+        try:
+            body = http_get(url + "/metrics")
+        except OSError:
+            pass
         try:
             stats = json.loads(http_get(url + "/mikv/stats"))
         except OSError:
