@@ -50,6 +50,8 @@ PRE = "mikv_vllm/cpu/mikv_prefill.cpp"
 BLD = "mikv_vllm/cpu/build.py"
 BKD = "mikv_vllm/vllm_glue/backend.py"
 QDT = "mikv_vllm/cpu/mikv_qdot.h"
+KOP = "mikv_vllm/kernels/ops.py"
+COP = "mikv_vllm/cpu/ops.py"
 
 
 @dataclass(frozen=True)
@@ -124,9 +126,10 @@ MUTATIONS = [
               (CPH, "  for (int64_t j = own_from; j < nb; ++j) {\n    const int32_t* tags = slot_tags(L, region(j));",
                "  for (int64_t j = 0; j < nb; ++j) {\n    const int32_t* tags = slot_tags(L, region(j));"))),
     Mutation("hi-cast-unclamped", "hi copies cast to the hi dtype without clamping (inf in fp16)",
-             ((QNT, "    return x.float().clamp(-top, top).to(dtype)", "    return x.to(dtype)"),
-              (CPH, "auto clamp = [top](float v) { return std::isnan(v) ? v : std::min(std::max(v, -top), top); };",
-               "auto clamp = [top](float v) { (void)top; return v; };"))),
+             ((QNT, "    return torch.nan_to_num(x.float(), nan=0.0).clamp(-top, top).to(dtype)",
+               "    return torch.nan_to_num(x.float(), nan=0.0).to(dtype)"),
+              (CPH, "auto clamp = [top](float v) { return std::isnan(v) ? 0.f : std::min(std::max(v, -top), top); };",
+               "auto clamp = [top](float v) { (void)top; return std::isnan(v) ? 0.f : v; };"))),
     Mutation("balancer-not-undone", "dequantized keys are not divided by the balancer",
              ((BAL, "    return k_hat.float() * (1.0 / b.float())", "    return k_hat.float()"),
               (KDE, "                kx = kx * binv[None, :]\n", "                kx = kx\n"),
@@ -152,6 +155,28 @@ MUTATIONS = [
              ((QDT, "      Q.qsum[g * NG + d / group] += ql[d];", "      Q.qsum[g * NG + d / group] += 0.f * ql[d];"),)),
     Mutation("qdot-int8-scale-wrong", "the int8 query is dequantized with amax / 128 instead of amax / 127",
              ((QDT, "    Q.qa[g] = amax / 127.f;", "    Q.qa[g] = amax / 128.f;"),)),
+    # issue 28: non-finite inputs and page validation (killed by tests/core/test_nonfinite.py,
+    # tests/cpu/test_cpu_nonfinite.py, tests/cpu/test_cpu_fuzz.py, tests/kernels/test_nonfinite.py)
+    Mutation("nan-guard-removed", "NaN reaches the quantizer and the hi store (undefined code cast, inf zero point)",
+             ((QNT, "    xg = _grouped(finite_for_lo(x), group)", "    xg = _grouped(x.float().clamp(-FP16_MAX, FP16_MAX), group)"),
+              (QNT, "    return torch.nan_to_num(x.float(), nan=0.0).clamp(-top, top).to(dtype)",
+               "    return x.float().clamp(-top, top).to(dtype)"),
+              (CPH, "inline float finite_for_lo(float v) { return std::isnan(v) ? 0.f :",
+               "inline float finite_for_lo(float v) { return false ? 0.f :"),
+              (CPH, "auto clamp = [top](float v) { return std::isnan(v) ? 0.f :", "auto clamp = [top](float v) { return std::isnan(v) ? v :"),
+              (KST, "tl.where(x != x, 0.0, x)", "x"),
+              (KUP, "    k = tl.where(k != k, 0.0,", "    k = tl.where(k != k, k,"),
+              (KUP, "    v = tl.where(v != v, 0.0,", "    v = tl.where(v != v, v,"))),
+    Mutation("input-sanitize-removed", "the op sets take non-finite q/k/v as they come (0 * NaN reaches other rows)",
+             ((REF, "    q, k, v = finite_inputs(q), finite_inputs(k), finite_inputs(v)\n", ""),
+              (KOP, "    q, k, v = finite_inputs(q), finite_inputs(k), finite_inputs(v)\n", ""),
+              (KOP, "    q, k, v = finite_inputs(q), finite_inputs(k), finite_inputs(v)    # non-finite inputs: as the reference\n", ""),
+              (COP, "    return finite_inputs(x.to(torch.float32)).contiguous()", "    return x.to(torch.float32).contiguous()"))),
+    Mutation("layout-check-removed", "the C++ ops trust a layout meta whose sub-arrays leave the region",
+             ((CPH, "  check_layout_extents(l);\n", ""),)),
+    Mutation("selection-check-removed", "the C++ ops take a NaN / inf / negative hi ratio (undefined float -> int cast)",
+             ((CPH, "  TORCH_CHECK(std::isfinite(ratio) && ratio >= 0 && ratio <= 1 && sinks >= 0 && window >= -1,",
+               "  TORCH_CHECK(true || (std::isfinite(ratio) && ratio >= 0 && ratio <= 1 && sinks >= 0 && window >= -1),"),)),
     Mutation("rotation-not-orthogonal", "the Hadamard rotation is scaled by 1/D instead of 1/sqrt(D)",
              ((ROT, "    return signs[:, None] * hadamard(d) / math.sqrt(d)", "    return signs[:, None] * hadamard(d) / d"),)),
     # issue #24: where and how the C++ op is built and chosen

@@ -18,6 +18,12 @@ otherwise zero is the fp16 value just below it and scale a tiny positive number
 are clamped to the fp16 range ±65504 first (the bound holds for the clamped
 value); nothing produces NaN/inf for finite inputs.
 
+Non-finite inputs (docs/design.md "Non-finite K/V"): the quantizer sees ``finite_for_lo(x)``: NaN
+elements as 0 and ±inf as ±65504, so every code and every (scale, zero) is defined and finite, also
+for an all-NaN group (a constant-0 group: scale 0, zero 0, codes 0); a NaN never reaches the
+float -> integer code conversion. Only the poisoned elements' own group sees the replacement; the
+other groups and tokens quantize exactly as without it.
+
 Packing is the little-endian bit stream of ``layout.py``: element j occupies
 stream bits ``[j*bits, (j+1)*bits)``, stream bit ``8*m + k`` is bit k of byte m.
 Supported bits: 2, 3, 4, 8 (``D * bits`` must be a multiple of 8).
@@ -102,10 +108,24 @@ def _grouped(x: torch.Tensor, group: int) -> torch.Tensor:
     return x.reshape(*x.shape[:-1], d // group, group)
 
 
+def finite_inputs(x: torch.Tensor) -> torch.Tensor:
+    """q / k / v as the page ops see them: NaN -> 0, ±inf -> ±65504, finite values unchanged (same dtype).
+
+    Every op set applies it at its entry, so a poisoned token computes exactly like its sanitized
+    copy: its non-finite elements reach neither another row's attention (no 0 * NaN in P @ V) nor
+    the score masses, and the page stays finite (docs/design.md "Non-finite q / k / v")."""
+    return torch.nan_to_num(x, nan=0.0, posinf=FP16_MAX, neginf=-FP16_MAX)
+
+
+def finite_for_lo(x: torch.Tensor) -> torch.Tensor:
+    """fp32 ``x`` as the lo quantizer sees it: NaN -> 0, clamped to ±65504 (±inf -> ±65504)."""
+    return torch.nan_to_num(x.float(), nan=0.0).clamp(-FP16_MAX, FP16_MAX)
+
+
 def quantize_codes(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Unpacked variant of :func:`quantize`: (uint8 codes ``[..., D]``, fp16 sz ``[..., G, 2]``)."""
     _check_bits(bits)
-    xg = _grouped(x.float().clamp(-FP16_MAX, FP16_MAX), group)      # [..., G, g]
+    xg = _grouped(finite_for_lo(x), group)                           # [..., G, g]
     qmax = (1 << bits) - 1
     zero = fp16_round_down(xg.amin(-1))                              # [..., G] fp16
     scale = fp16_round_up((xg.amax(-1) - zero.float()) / qmax)
@@ -180,7 +200,8 @@ def to_hi(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Cast raw K/V to the hi-tier dtype, clamped to its finite range (like the lo path's ±65504).
 
     A bf16/fp32 model's values above fp16's 65504 would otherwise become inf in an fp16 hi tier
-    (then NaN in attention); they are stored as ±finfo(dtype).max instead. NaN stays NaN.
+    (then NaN in attention); they are stored as ±finfo(dtype).max instead. NaN is stored as 0 (as in
+    the lo copy), so a poisoned token's hi copy cannot turn later steps' attention into NaN.
     """
     top = torch.finfo(dtype).max
-    return x.float().clamp(-top, top).to(dtype)
+    return torch.nan_to_num(x.float(), nan=0.0).clamp(-top, top).to(dtype)

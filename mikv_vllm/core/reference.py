@@ -59,7 +59,7 @@ from ..config import MiKVConfig
 from .balancer import balance_keys, compute_balancer, from_storage, to_storage, unbalance_keys
 from .importance import select_hi
 from .layout import RegionLayout
-from .quant import dequantize, quantize, to_hi
+from .quant import dequantize, finite_inputs, quantize, to_hi
 
 # Attention processes query rows in chunks (at most QUERY_ROWS rows, so each chunk skips the keys
 # its rows cannot see) with logits below MAX_LOGIT_ELEMENTS elements.
@@ -347,6 +347,7 @@ def forward_request(regions: torch.Tensor, layout: RegionLayout, config: MiKVCon
     ``block_row[own_from:]`` only. Call with growing ``ctx_len`` for chunked prefill and decode (T = 1).
     """
     ctx_len, own_from = int(ctx_len), check_own_from(layout, ctx_len, own_from)
+    q, k, v = finite_inputs(q), finite_inputs(k), finite_inputs(v)
     b = request_balancer(regions, layout, block_row, ctx_len, q, k)
     write_tokens(regions, layout, block_row, ctx_len, k, v, b)
     k_ctx, v_ctx, valid = gather_context(regions, layout, block_row, ctx_len, b, own_from,
@@ -636,6 +637,7 @@ def _forward_decode(regions: torch.Tensor, layout: RegionLayout, config: MiKVCon
     pos = torch.as_tensor([int(c) for c in ctx_lens], device=dev, dtype=torch.int64)
     if pos.numel() == 0:
         return q.new_zeros(q.shape, dtype=torch.float32)
+    q, k, v = finite_inputs(q), finite_inputs(k), finite_inputs(v)
     b = decode_balancer(regions, layout, bt, pos, q, k)
     blk = bt.long().gather(1, (pos // layout.block_size)[:, None])[:, 0]
     store_at(regions, layout, blk, pos % layout.block_size, k, v, b)

@@ -44,6 +44,24 @@ struct Layout {
 
 constexpr int kMetaLen = 18;
 
+// Every sub-array of the meta lies inside the region, so no tag, slot, code or header read through a
+// valid block id can leave its region (the ops trust these offsets in their inner loops).
+inline void check_layout_extents(const Layout& l) {
+  TORCH_CHECK(l.N > 0 && l.D > 0 && l.R >= 0 && l.R <= l.N && l.region_bytes > 0 && (l.bits == 0 || l.group > 0),
+              "mikv_cpu: bad layout meta (block ", l.N, ", head_dim ", l.D, ", slots ", l.R, ", group ", l.group,
+              ", region ", l.region_bytes, " bytes)");
+  const int64_t hi = l.D * (l.hi_dtype == 2 ? 4 : l.hi_dtype == 3 ? 1 : 2);
+  const int64_t sz = l.bits ? l.N * (l.D / l.group) * 4 : 0;
+  const struct { const char* name; int64_t off, bytes; } parts[] = {
+      {"k_lo", l.k_lo, l.N * l.D * l.bits / 8}, {"v_lo", l.v_lo, l.N * l.D * l.bits / 8}, {"k_sz", l.k_sz, sz},
+      {"v_sz", l.v_sz, sz}, {"tag", l.tag, l.R * 4}, {"score", l.score, l.R * 4}, {"k_hi", l.k_hi, l.R * hi},
+      {"v_hi", l.v_hi, l.R * hi}, {"balancer", l.balancer, l.has_bal ? l.D * 2 : 0}};
+  for (const auto& p : parts)
+    TORCH_CHECK(p.bytes == 0 || (p.off >= 0 && p.off + p.bytes <= l.region_bytes),
+                "mikv_cpu: layout meta puts ", p.name, " (", p.bytes, " bytes at offset ", p.off,
+                ") outside the region of ", l.region_bytes, " bytes");
+}
+
 Layout parse_layout(const std::vector<int64_t>& m) {
   TORCH_CHECK(static_cast<int>(m.size()) == kMetaLen, "mikv_cpu: layout meta needs ", kMetaLen, " entries");
   Layout l{m[0], m[1], m[2], m[3], m[4], m[5], m[6], m[7], m[8], m[9], m[10], m[11], m[12], m[13], m[14],
@@ -54,6 +72,7 @@ Layout parse_layout(const std::vector<int64_t>& m) {
   TORCH_CHECK(l.score_dtype == 0, "mikv_cpu: score dtype code ", l.score_dtype, " (only float32 scores, code 0)");
   TORCH_CHECK(l.region_bytes % 4 == 0, "mikv_cpu: region of ", l.region_bytes,
               " bytes: the fp32 / int32 sub-arrays of every region must stay 4-byte aligned");
+  check_layout_extents(l);
   return l;
 }
 
@@ -319,10 +338,10 @@ inline float hi_max(int64_t dtype) {
                                                                                   : std::numeric_limits<float>::max();
 }
 
-// As core.quant.to_hi: clamped to the hi dtype's finite range (NaN stays NaN), then rounded to nearest even.
+// As core.quant.to_hi: clamped to the hi dtype's finite range, NaN stored as 0, then rounded to nearest even.
 inline void store_hi(uint8_t* base, int64_t dtype, int64_t D, const float* x) {
   const float top = hi_max(dtype);
-  auto clamp = [top](float v) { return std::isnan(v) ? v : std::min(std::max(v, -top), top); };
+  auto clamp = [top](float v) { return std::isnan(v) ? 0.f : std::min(std::max(v, -top), top); };
   if (dtype == 2) {
     for (int64_t d = 0; d < D; ++d) {
       const float c = clamp(x[d]);
@@ -339,14 +358,18 @@ inline void store_hi(uint8_t* base, int64_t dtype, int64_t D, const float* x) {
   }
 }
 
-// Quantize one token x[D] (core.quant.quantize): packed codes -> p, fp16 (scale, zero) -> sz.
+// An element as the lo quantizer sees it (core.quant.finite_for_lo): NaN -> 0, clamped to +-65504.
+inline float finite_for_lo(float v) { return std::isnan(v) ? 0.f : std::min(std::max(v, -65504.f), 65504.f); }
+
+// Quantize one token x[D] (core.quant.quantize): packed codes -> p, fp16 (scale, zero) -> sz. Non-finite
+// elements are quantized as finite_for_lo makes them: every code and (scale, zero) is defined and finite.
 void quantize_token(const float* x_in, int64_t D, int64_t bits, int64_t group, uint8_t* p, uint16_t* sz,
                     uint8_t* codes /* scratch [D] */) {
   const float qmax = static_cast<float>((1 << bits) - 1);
   for (int64_t g0 = 0, gi = 0; g0 < D; g0 += group, ++gi) {
     float mn = std::numeric_limits<float>::infinity(), mx = -mn;
     for (int64_t d = g0; d < g0 + group; ++d) {
-      float x = std::min(std::max(x_in[d], -65504.f), 65504.f);
+      const float x = finite_for_lo(x_in[d]);
       mn = std::min(mn, x);
       mx = std::max(mx, x);
     }
@@ -358,7 +381,7 @@ void quantize_token(const float* x_in, int64_t D, int64_t bits, int64_t group, u
     sz[2 * gi] = sh;
     sz[2 * gi + 1] = zh;
     for (int64_t d = g0; d < g0 + group; ++d) {
-      float x = std::min(std::max(x_in[d], -65504.f), 65504.f);
+      const float x = finite_for_lo(x_in[d]);
       float t = s > 0.f ? (x - z) / s : 0.f;
       float c = std::floor(t + 0.5f);
       c = std::min(std::max(c, 0.f), qmax);
@@ -413,6 +436,14 @@ struct Selection {
   double ratio;
   int64_t sinks, window;
 };
+
+// The selection parameters as MiKVConfig.validate allows them (a NaN / inf ratio would reach a float ->
+// int64 cast in hi_budget, which is undefined): checked once per op call.
+inline Selection checked_selection(double ratio, int64_t sinks, int64_t window) {
+  TORCH_CHECK(std::isfinite(ratio) && ratio >= 0 && ratio <= 1 && sinks >= 0 && window >= -1,
+              "mikv_cpu: selection parameters hi_ratio ", ratio, " sink_tokens ", sinks, " recent_window ", window);
+  return Selection{ratio, sinks, window};
+}
 
 // core.importance.hi_budget: min(max(floor(r * L + 1e-9), min(S, L)) [r > 0], num_slots), >= 0.
 inline int64_t hi_budget(const Selection& sel, int64_t length, int64_t num_slots) {

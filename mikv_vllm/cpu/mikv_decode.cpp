@@ -283,10 +283,7 @@ torch::Tensor decode_step(torch::Tensor regions, std::vector<int64_t> meta, torc
                           bool do_store, bool upkeep, double hi_ratio, int64_t sink_tokens, int64_t recent_window, torch::Tensor own_from,
                           torch::Tensor shared_hi) {
   const Layout L = parse_layout(meta);
-  TORCH_CHECK(!upkeep || (hi_ratio >= 0 && sink_tokens >= 0 && recent_window >= -1),
-              "mikv_cpu: selection parameters hi_ratio ", hi_ratio, " sink_tokens ", sink_tokens, " recent_window ",
-              recent_window);
-  const Selection sel{hi_ratio, sink_tokens, recent_window};
+  const Selection sel = upkeep ? checked_selection(hi_ratio, sink_tokens, recent_window) : Selection{0, 0, -1};
   TORCH_CHECK(regions.device().is_cpu() && regions.scalar_type() == torch::kUInt8 && regions.dim() == 3 &&
                   regions.is_contiguous() && regions.size(2) == L.region_bytes,
               "mikv_cpu: regions must be contiguous uint8 [blocks, H, ", L.region_bytes, "] on CPU");

@@ -377,7 +377,7 @@ torch::Tensor prefill_step(torch::Tensor regions, std::vector<int64_t> meta, tor
     for (int64_t j = 0; j <= last; ++j)
       TORCH_CHECK(bt[c * M + j] >= 0 && bt[c * M + j] < NBLK, "mikv_cpu: block id ", bt[c * M + j], " out of range");
   }
-  const Selection sel{hi_ratio, sink_tokens, recent_window};
+  const Selection sel = checked_selection(hi_ratio, sink_tokens, recent_window);
   auto out = torch::zeros({Tq, Hq, D}, q.options());
   uint8_t* rg = regions.data_ptr<uint8_t>();
   const float* qp = q.data_ptr<float>();

@@ -17,6 +17,7 @@ import torch
 from ..config import MiKVConfig
 from ..core import reference as ref
 from ..core.layout import RegionLayout
+from ..core.quant import finite_inputs
 from .build import load
 
 _HI = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float8_e4m3fn: 3}
@@ -36,7 +37,7 @@ def layout_meta(layout: RegionLayout) -> list[int]:
 
 
 def _f32(x: torch.Tensor) -> torch.Tensor:
-    return x.to(torch.float32).contiguous()
+    return finite_inputs(x.to(torch.float32)).contiguous()    # non-finite inputs: as the reference
 
 
 def decode_step(regions: torch.Tensor, layout: RegionLayout, block_tables: torch.Tensor, pos: torch.Tensor,

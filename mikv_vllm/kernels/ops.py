@@ -22,6 +22,7 @@ import torch
 from ..config import MiKVConfig
 from ..core import reference as ref
 from ..core.layout import RegionLayout
+from ..core.quant import finite_inputs
 from ._common import supported
 from .decode import decode_attention, default_block_n, plan_splits
 from .store import store_tokens, write_tokens
@@ -42,6 +43,7 @@ def forward_request(regions: torch.Tensor, layout: RegionLayout, config: MiKVCon
     if not supported(layout):
         return ref.forward_request(regions, layout, config, block_row, ctx_len, q, k, v, scale)
     ctx_len = int(ctx_len)
+    q, k, v = finite_inputs(q), finite_inputs(k), finite_inputs(v)    # non-finite inputs: as the reference
     if q.shape[0] != 1:
         b = ref.request_balancer(regions, layout, block_row, ctx_len, q, k)
         write_tokens(regions, layout, block_row, ctx_len, k, v, b)
@@ -68,6 +70,7 @@ def forward_decode(regions: torch.Tensor, layout: RegionLayout, config: MiKVConf
     if not supported(layout):
         return ref.forward_decode(regions, layout, config, block_tables, ctx_lens, q, k, v, scale)
     ctx_lens = [int(c) for c in ctx_lens]
+    q, k, v = finite_inputs(q), finite_inputs(k), finite_inputs(v)
     dev = regions.device
     dims = Dims(q.shape[1], k.shape[1], layout)
 

@@ -22,7 +22,7 @@ def _quant_pack_store(x, lo_ptr, sz_ptr, D: tl.constexpr, BITS: tl.constexpr, GS
     """Quantize fp32 ``x [D]`` per group of GS and store packed codes + fp16 (scale, zero)."""
     NG: tl.constexpr = D // GS
     QMAX: tl.constexpr = (1 << BITS) - 1
-    x = tl.minimum(tl.maximum(x, -65504.0), 65504.0)
+    x = tl.minimum(tl.maximum(tl.where(x != x, 0.0, x), -65504.0), 65504.0)   # quant.finite_for_lo
     xg = tl.reshape(x, (NG, GS))
     zero = f16_round_down(tl.min(xg, axis=1))                                    # [NG] fp16
     scale = f16_round_up(tl.math.div_rn(tl.max(xg, axis=1) - zero.to(tl.float32), QMAX * 1.0))

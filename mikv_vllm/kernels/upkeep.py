@@ -114,8 +114,8 @@ def _upkeep_kernel(bt_ptr, bt_sb, pos_ptr, budget_ptr, rstart_ptr, tag_ptr, tg_s
     wmask = (tl.zeros((D,), tl.int32) + new_kept.to(tl.int32)) > 0
     k = tl.load(k_ptr + b * skb + h * skh + d).to(tl.float32)
     v = tl.load(v_ptr + b * svb + h * svh + d).to(tl.float32)
-    k = tl.where(k != k, k, tl.minimum(tl.maximum(k, -top), top))    # quant.to_hi: NaN stays NaN
-    v = tl.where(v != v, v, tl.minimum(tl.maximum(v, -top), top))
+    k = tl.where(k != k, 0.0, tl.minimum(tl.maximum(k, -top), top))    # quant.to_hi: NaN -> 0, clamped
+    v = tl.where(v != v, 0.0, tl.minimum(tl.maximum(v, -top), top))
     if HI_BF16:
         tl.store(khi_ptr + hi, _bf16_rtne(k), mask=wmask)
         tl.store(vhi_ptr + hi, _bf16_rtne(v), mask=wmask)
