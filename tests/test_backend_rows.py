@@ -8,8 +8,10 @@ from mikv_vllm.vllm_glue.backend import MiKVMetadataBuilder
 
 
 def _build(qlens, ctxs, block_size=16, cols=12):
+    from mikv_vllm.config import preset
+
     builder = MiKVMetadataBuilder.__new__(MiKVMetadataBuilder)   # no engine config needed for build()
-    builder.block_size = block_size
+    builder.init_plans(preset("mikv"), block_size, 64, 9, 3, max_rows=max(len(qlens), 8), max_cols=cols, device="cpu")
     qsl = torch.tensor([0] + list(torch.tensor(qlens).cumsum(0)), dtype=torch.int32)
     seq = torch.tensor(ctxs) + torch.tensor(qlens)
     table = torch.arange(len(qlens) * cols, dtype=torch.int32).reshape(len(qlens), cols)
@@ -65,7 +67,7 @@ def test_capture_shaped_batch_takes_the_batched_path():
 
     from mikv_vllm.config import preset
     from mikv_vllm.core.layout import RegionLayout
-    from mikv_vllm.kernels import get_ops
+    from mikv_vllm.ops import get_ops
 
     meta, _ = _build([1] * 512, [0] * 512, block_size=128, cols=1)
     assert meta.chunks == [] and meta.decode.leading and meta.decode.pos.tolist() == [0] * 512

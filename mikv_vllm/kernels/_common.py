@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 try:  # triton is optional (CPU-only installs); the kernels are only defined when it imports
@@ -16,18 +14,7 @@ except Exception:  # pragma: no cover - exercised on installs without triton
     HAVE_TRITON = False
 
 
-OPS_ENV = "MIKV_VLLM_OPS"
-OPS_CHOICES = ("auto", "torch", "triton", "cpu")
-
-
-def ops_choice() -> str:
-    """``MIKV_VLLM_OPS``: ``auto`` (default; Triton on CUDA, the fused C++ op on CPU), ``torch``
-    (core.reference everywhere), ``triton`` (the Triton ops on any device; on CPU only under
-    ``TRITON_INTERPRET=1``) or ``cpu`` (the fused C++ op). Unknown values raise."""
-    value = os.environ.get(OPS_ENV, "auto").strip().lower() or "auto"
-    if value not in OPS_CHOICES:
-        raise ValueError(f"{OPS_ENV}={value!r}: must be one of {OPS_CHOICES}")
-    return value
+from ..ops.select import OPS_CHOICES, OPS_ENV, ops_choice  # noqa: E402,F401  (the switch lives in ops/)
 
 
 def interpreting() -> bool:

@@ -9,6 +9,7 @@ import torch
 
 from mikv_vllm.config import MiKVConfig
 from mikv_vllm.core import reference as ref
+from mikv_vllm.ops import torch_decode as tdec
 from mikv_vllm.core.importance import hi_budget
 from mikv_vllm.core.layout import RegionLayout
 from mikv_vllm.kernels import workspace as ws
@@ -76,7 +77,7 @@ def test_long_request_among_short_ones_stays_within_workspace():
         out = forward_decode(regions, layout, config, tables, ctxs, q, k, v, SCALE, workspace=budget)
     print(f"peak temporaries {tracker.peak / 2**20:.2f} MiB, workspace {budget >> 20} MiB")
     assert 0 < tracker.peak <= budget
-    want = ref.forward_decode(expected, layout, config, tables, ctxs, q, k, v, SCALE)
+    want = tdec.forward_decode(expected, layout, config, tables, ctxs, q, k, v, SCALE)
     torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
     assert_pages_match(expected, regions, layout)
 
