@@ -9,7 +9,7 @@ shape (9 query / 3 KV heads, head_dim 64, block 128). Timed per step (median of 
           attention, scores)
 * fast    the whole MiKV layer step: the C++ step with its incremental hi-set upkeep
           (``decode_step(..., config)``, what ``CpuOps.forward_decode`` runs)
-* ref     the torch reference ``tdec.forward_decode``
+* ref     the batched torch op set ``ops.torch_decode.forward_decode``
 
 Prints ms per layer-step and stock/MiKV ratios (>1 means MiKV is faster). Not a test. On a
 shared machine use ``--threads 1``: OpenMP regions of both sides stall when other processes hold

@@ -96,7 +96,8 @@ class PlanBuilder:
         host = torch.device("cpu")
         self._i64 = {name: torch.zeros(self.max_rows, dtype=torch.int64, device=host)
                      for name in ("pos", "d_own", "d_shi", "ctx", "c_own", "c_shi")}
-        self._pos_dev = torch.zeros(self.max_rows, dtype=torch.int64, device=self.device)
+        self._pos_dev = torch.zeros(self.max_rows if self.device.type != "cpu" else 0, dtype=torch.int64,
+                                    device=self.device)
         self._rows = torch.zeros(self.max_rows, 2, dtype=torch.int64, device=host)
         self._tables = {name: torch.zeros(self.max_rows * self.max_cols, dtype=torch.int32, device=self.device)
                         for name in ("decode", "chunks")}
@@ -142,8 +143,7 @@ class PlanBuilder:
         self._check(b, cols)
         p = self._i64["pos"][:b]
         p.copy_(pos)
-        pos_dev = self._pos_dev[:b]
-        pos_dev.copy_(p, non_blocking=True)
+        pos_dev = p if self.device.type == "cpu" else self._pos_dev[:b].copy_(p, non_blocking=True)
         own, shi = self._i64["d_own"][:b], self._i64["d_shi"][:b]
         shared = self._owned(own, shi, own_from, p)
         leading = bool(b and int(tokens[-1]) == b - 1)            # query rows 0..B-1 (tokens increasing)

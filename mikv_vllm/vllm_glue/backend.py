@@ -297,7 +297,7 @@ class MiKVAttentionImpl(AttentionImpl[MiKVMetadata]):
             if not MiKVAttentionImpl._layout_logged:
                 MiKVAttentionImpl._layout_logged = True
                 logger.info("MiKV layout: block %d, %d B/token/head (%s), ops %s", block_size,
-                            layout.content_bytes, layout.breakdown(), ops.name)
+                            layout.content_bytes, layout.breakdown(), ops.__name__)
         return self.layout
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
