@@ -168,7 +168,11 @@ def main() -> None:
     samples: dict[str, list[dict[str, float]]] = {p: [] for p in policies}
     for r in range(args.rounds):
         for policy in (policies if r % 2 == 0 else policies[::-1]):
-            samples[policy] += run(None if policy == "stock" else "mikv", args, timers)
+            got = run(None if policy == "stock" else "mikv", args, timers)
+            samples[policy] += got
+            part = {c: statistics.median(s[c] for s in got) for c in COMPONENTS} if got else {}
+            print(f"round {r} {policy}: {len(got)} steps, median ms " +
+                  ", ".join(f"{c} {v:.2f}" for c, v in part.items()), flush=True)
     import torch
 
     print(f"\n{' '.join(cpu.split())}; torch threads {torch.get_num_threads()}; batch {args.batch}, prompt "

@@ -100,8 +100,9 @@ class TritonOps(OpSet):
         out = []
         for g in groups:
             idx = torch.tensor(g, device=d.pos_dev.device)
-            out.append((idx.to(d.tokens.device), _group_plan(layout, config, d.block_table[idx.to(dev)], d.pos_dev[idx],
-                                                              max(ctx[i] for i in g), dims)))
+            top = max(ctx[i] for i in g)                      # the group's columns only (no padding copy)
+            table = d.block_table[:, : top // layout.block_size + 1][idx.to(dev)]
+            out.append((idx.to(d.tokens.device), _group_plan(layout, config, table, d.pos_dev[idx], top, dims)))
         d.kernel["triton_groups"] = out
 
     @classmethod

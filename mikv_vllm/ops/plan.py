@@ -99,8 +99,7 @@ class PlanBuilder:
         self._pos_dev = torch.zeros(self.max_rows if self.device.type != "cpu" else 0, dtype=torch.int64,
                                     device=self.device)
         self._rows = torch.zeros(self.max_rows, 2, dtype=torch.int64, device=host)
-        self._tables = {name: torch.zeros(self.max_rows * self.max_cols, dtype=torch.int32, device=self.device)
-                        for name in ("decode", "chunks")}
+        self._tables: dict[str, torch.Tensor] = {}   # "decode" / "chunks": allocated at first use
 
     def _check(self, rows: int, cols: int) -> None:
         if rows > self.max_rows or cols > self.max_cols:
@@ -109,8 +108,14 @@ class PlanBuilder:
 
     def _table(self, name: str, source: torch.Tensor, index: torch.Tensor | None, rows: int,
                cols: int) -> torch.Tensor:
-        out = self._tables[name][: rows * cols].view(rows, cols)
+        """Rows ``index`` (None: the first ``rows``) of ``source``, columns ``[0, cols)``, int32 and
+        contiguous: a view of ``source`` when that already is, else a copy into the step buffer."""
         src = source[:, :cols]
+        if index is None and src.dtype == torch.int32 and src[:rows].is_contiguous():
+            return src[:rows]
+        if name not in self._tables:
+            self._tables[name] = torch.zeros(self.max_rows * self.max_cols, dtype=torch.int32, device=self.device)
+        out = self._tables[name][: rows * cols].view(rows, cols)
         if src.dtype != torch.int32:
             src = src.to(torch.int32)
         if index is None:
