@@ -24,7 +24,7 @@ def main() -> None:
     os.environ["MIKV_VLLM_OPS"] = args.ops
     from mikv_vllm.config import preset
     from mikv_vllm.core.layout import RegionLayout
-    from mikv_vllm.kernels import get_ops
+    from mikv_vllm.ops import get_ops
 
     ops, cfg, n, d, hq, hkv = get_ops("cpu"), preset("mikv"), 128, 64, 9, 3
     lay = RegionLayout.build(cfg, n, d)

@@ -15,6 +15,7 @@ import torch
 
 from mikv_vllm.config import MiKVConfig
 from mikv_vllm.core import reference as ref
+from mikv_vllm.ops import torch_decode as tdec
 from mikv_vllm.core.layout import RegionLayout
 
 N, D, H, HQ = 128, 64, 3, 9
@@ -37,7 +38,7 @@ def run(config: MiKVConfig, context: int, batch: int, steps: int) -> tuple[float
                                 v[i:i + 1], D ** -0.5)
     t1 = time.perf_counter()
     for s in range(steps):
-        ref.forward_decode(regions, layout, config, table, [context + steps + s] * batch, q, k, v, D ** -0.5)
+        tdec.forward_decode(regions, layout, config, table, [context + steps + s] * batch, q, k, v, D ** -0.5)
     t2 = time.perf_counter()
     return 1e3 * (t1 - t0) / steps, 1e3 * (t2 - t1) / steps
 

@@ -9,7 +9,7 @@ shape (9 query / 3 KV heads, head_dim 64, block 128). Timed per step (median of 
           attention, scores)
 * fast    the whole MiKV layer step: the C++ step with its incremental hi-set upkeep
           (``decode_step(..., config)``, what ``CpuOps.forward_decode`` runs)
-* ref     the torch reference ``reference.forward_decode``
+* ref     the batched torch op set ``ops.torch_decode.forward_decode``
 
 Prints ms per layer-step, stock/MiKV ratios (>1 means MiKV is faster) and the GB/s of cache read
 on each side: bytes the step reads from the cache / median time (stock: the fp32 K and V of every
@@ -40,6 +40,7 @@ import torch
 
 from mikv_vllm.config import MiKVConfig
 from mikv_vllm.core import reference as ref
+from mikv_vllm.ops import torch_decode as tdec
 from mikv_vllm.core.layout import RegionLayout
 from mikv_vllm.cpu import CpuOps, decode_step
 
@@ -209,7 +210,7 @@ def run(config: MiKVConfig, context: int, batch: int, steps: int, with_ref: bool
         def step(s, regions=regions, name=name):
             pos = torch.full((batch,), context + s, dtype=torch.int64)
             if name == "ref":
-                ref.forward_decode(regions, layout, config, table, pos.tolist(), q, k, v, SCALE)
+                tdec.forward_decode(regions, layout, config, table, pos.tolist(), q, k, v, SCALE)
                 return
             decode_step(regions, layout, table, pos, q, k, v, SCALE, config if name == "fast" else None)
 

@@ -32,11 +32,21 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # semantics tests first (pytest -x stops at the first failure; later paths are deduplicated)
-TESTS = ["tests/core/test_importance.py", "tests/core/test_selection.py", "tests/core/test_reference.py",
+TESTS = ["tests/kernels/test_ops_contract.py", "tests/core/test_importance.py", "tests/core/test_selection.py", "tests/core/test_reference.py",
          "tests/core/test_decode_batch.py", "tests/core/test_shared_prefix.py", "tests/core/test_quant.py", "tests/cpu", "tests/kernels", "tests/core",
          "tests/test_ops_at_start.py"]
 
 REF = "mikv_vllm/core/reference.py"
+# The torch code of REF's edits since the op sets split off (core/page.py: the per-request page steps;
+# ops/torch_decode.py: the batched decode; ops/torch_chunks.py: the bounded chunk attention): an edit on
+# REF applies to every one of these files that holds its text (an older checkout: reference.py alone).
+PAGE = "mikv_vllm/core/page.py"
+TDEC = "mikv_vllm/ops/torch_decode.py"
+TCH = "mikv_vllm/ops/torch_chunks.py"
+TORCH = (REF, PAGE, TDEC, TCH)
+CPO = "mikv_vllm/cpu/ops.py"
+KOP = "mikv_vllm/kernels/ops.py"
+TOP = "mikv_vllm/ops/torch_ops.py"
 IMP = "mikv_vllm/core/importance.py"
 QNT = "mikv_vllm/core/quant.py"
 BAL = "mikv_vllm/core/balancer.py"
@@ -50,8 +60,6 @@ PRE = "mikv_vllm/cpu/mikv_prefill.cpp"
 BLD = "mikv_vllm/cpu/build.py"
 BKD = "mikv_vllm/vllm_glue/backend.py"
 QDT = "mikv_vllm/cpu/mikv_qdot.h"
-KOP = "mikv_vllm/kernels/ops.py"
-COP = "mikv_vllm/cpu/ops.py"
 
 
 @dataclass(frozen=True)
@@ -169,14 +177,23 @@ MUTATIONS = [
               (KUP, "    v = tl.where(v != v, 0.0,", "    v = tl.where(v != v, v,"))),
     Mutation("input-sanitize-removed", "the op sets take non-finite q/k/v as they come (0 * NaN reaches other rows)",
              ((REF, "    q, k, v = finite_inputs(q), finite_inputs(k), finite_inputs(v)\n", ""),
-              (KOP, "    q, k, v = finite_inputs(q), finite_inputs(k), finite_inputs(v)\n", ""),
-              (KOP, "    q, k, v = finite_inputs(q), finite_inputs(k), finite_inputs(v)    # non-finite inputs: as the reference\n", ""),
-              (COP, "    return finite_inputs(x.to(torch.float32)).contiguous()", "    return x.to(torch.float32).contiguous()"))),
+              (KOP, "        q, k, v = finite_inputs(q), finite_inputs(k), finite_inputs(v)   # non-finite inputs: docs/design.md\n", ""),
+              (TOP, "        q, k, v = finite_inputs(q), finite_inputs(k), finite_inputs(v)   # non-finite inputs: docs/design.md\n", ""),
+              (CPO, "    return finite_inputs(x.to(torch.float32)).contiguous()", "    return x.to(torch.float32).contiguous()"))),
     Mutation("layout-check-removed", "the C++ ops trust a layout meta whose sub-arrays leave the region",
              ((CPH, "  check_layout_extents(l);\n", ""),)),
     Mutation("selection-check-removed", "the C++ ops take a NaN / inf / negative hi ratio (undefined float -> int cast)",
              ((CPH, "  TORCH_CHECK(std::isfinite(ratio) && ratio >= 0 && ratio <= 1 && sinks >= 0 && window >= -1,",
                "  TORCH_CHECK(true || (std::isfinite(ratio) && ratio >= 0 && ratio <= 1 && sinks >= 0 && window >= -1),"),)),
+    # one per op set, each killed by the op contract test (tests/kernels/test_ops_contract.py)
+    Mutation("torch-ops-store-unbalanced", "the batched torch op set stores decode keys without the balancer (page bytes)",
+             ((TDEC, "    store_at(regions, layout, blk, pos % layout.block_size, k, v, b)\n",
+               "    store_at(regions, layout, blk, pos % layout.block_size, k, v, None)\n"),)),
+    Mutation("cpu-ops-wrong-scale", "the C++ op set's decode call gets a 1 % larger softmax scale (outputs, scores)",
+             ((CPO, "    return load().decode_step(regions, list(layout_meta(layout)), block_tables, pos, q, k, v, float(scale), True,",
+               "    return load().decode_step(regions, list(layout_meta(layout)), block_tables, pos, q, k, v, float(scale) * 1.01, True,"),)),
+    Mutation("triton-ops-store-unbalanced", "the Triton op set stores decode keys without the balancer (page bytes)",
+             ((KOP, "    store_tokens(regions, layout, blk, pos % n, k, v, bal)\n", "    store_tokens(regions, layout, blk, pos % n, k, v, None)\n"),)),
     Mutation("rotation-not-orthogonal", "the Hadamard rotation is scaled by 1/D instead of 1/sqrt(D)",
              ((ROT, "    return signs[:, None] * hadamard(d) / math.sqrt(d)", "    return signs[:, None] * hadamard(d) / d"),)),
     # issue #24: where and how the C++ op is built and chosen
@@ -192,8 +209,10 @@ MUTATIONS = [
 
 
 def edits_in(mutation: Mutation, files: list[str] | None) -> tuple[tuple[str, str, str], ...]:
-    """The mutation's edits, restricted to ``files`` (repo-relative paths) when given."""
-    return tuple(e for e in mutation.edits if not files or e[0] in files)
+    """The mutation's edits, restricted to ``files`` (repo-relative paths) when given (an edit on REF
+    counts for any of the :data:`TORCH` files)."""
+    return tuple(e for e in mutation.edits
+                 if not files or e[0] in files or (e[0] == REF and any(f in files for f in TORCH)))
 
 
 # The C++ prefill op's copy of each behaviour (mikv_prefill.cpp), added to the mutations above.
@@ -203,8 +222,11 @@ PRE_EDITS = {
     'hi-copy-ignored': ((PRE, '        if (tg > 0 && tg <= lim) hmap[tg - 1] = static_cast<int32_t>(j * R + r);', '        (void)tg;'),),
     'balancer-not-undone': ((PRE, '      for (int64_t d = 0; d < D; ++d) xk[d] *= binv[d];\n', ''),),
     'window-scorer-votes-all': ((PRE, '(obs_window >= 0 && T > 1) ? std::max<int64_t>(0, T - obs_window) : 0;', '(obs_window >= 0 && T > 1) ? 0 : 0;'),),
-    'evicted-tokens-attended': ((PRE, '      ch.ok[p] = 0;   // evicted: weight exactly 0', '      ch.ok[p] = 1;'),),
-    'shared-hi-unstable': ((PRE, 'const int64_t lim = j < own_from ? std::min(shared_hi, ctx) : ctx;', 'const int64_t lim = ctx;'),),
+    'evicted-tokens-attended': ((TCH, 'yield c0, kc, vc, (lambda i0, i1, ok=ok: ok[:, None, None, :])',
+                                 'yield c0, kc, vc, (lambda i0, i1, ok=ok: torch.ones_like(ok)[:, None, None, :])'),
+                                (PRE, '      ch.ok[p] = 0;   // evicted: weight exactly 0', '      ch.ok[p] = 1;'),),
+    'shared-hi-unstable': ((TCH, '    limit[: int(own_from) * r] = min(int(shared_hi), ctx_len)', '    limit[: int(own_from) * r] = ctx_len'),
+                           (PRE, 'const int64_t lim = j < own_from ? std::min(shared_hi, ctx) : ctx;', 'const int64_t lim = ctx;'),),
 }
 MUTATIONS = [dataclasses.replace(m, edits=m.edits + PRE_EDITS.get(m.name, ())) for m in MUTATIONS]
 
@@ -214,12 +236,16 @@ def apply(mutation: Mutation, root: Path, files: list[str] | None = None) -> lis
     that found no match."""
     missing = []
     for rel, old, new in edits_in(mutation, files):
-        path = root / rel
-        text = path.read_text() if path.exists() else ""
-        if old not in text:
+        targets = [f for f in TORCH if not files or f in files] if rel == REF else [rel]
+        hit = False
+        for target in targets:
+            path = root / target
+            text = path.read_text() if path.exists() else ""
+            if old in text:
+                path.write_text(text.replace(old, new))
+                hit = True
+        if not hit:
             missing.append(f"{rel}: {old.strip()[:60]!r}")
-            continue
-        path.write_text(text.replace(old, new))
     return missing
 
 

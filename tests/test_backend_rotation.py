@@ -22,9 +22,9 @@ def _impl(policy, mikv):
     return impl
 
 
-def _meta(qlen, ctx, cols=4):
+def _meta(config, qlen, ctx, cols=4):
     builder = MiKVMetadataBuilder.__new__(MiKVMetadataBuilder)
-    builder.block_size = N
+    builder.init_plans(config, N, D, HQ, HKV, max_rows=1, max_cols=cols, device="cpu")
     qsl = torch.tensor([0, qlen], dtype=torch.int32)
     m = SimpleNamespace(num_reqs=1, query_start_loc=qsl, query_start_loc_cpu=qsl, seq_lens=torch.tensor([ctx + qlen]).int(),
                         block_table_tensor=torch.tensor([[3, 0, 2, 1][:cols]], dtype=torch.int32),
@@ -41,7 +41,7 @@ def _run(impl, q, k, v, prefill=40):
         sl = slice(start, start + size)
         out = torch.empty(size, HQ * D)
         impl.forward(None, q[sl].reshape(size, -1), k[sl].reshape(size, -1), v[sl].reshape(size, -1), cache,
-                     _meta(size, start), out)
+                     _meta(impl.config, size, start), out)
         outs.append(out.view(size, HQ, D))
         start += size
     return torch.cat(outs)

@@ -4,12 +4,15 @@ from types import SimpleNamespace
 
 import torch
 
+from mikv_vllm.config import preset
 from mikv_vllm.vllm_glue.backend import MiKVMetadataBuilder
 
 
 def _build(qlens, ctxs, block_size=16, cols=12):
+    from mikv_vllm.config import preset
+
     builder = MiKVMetadataBuilder.__new__(MiKVMetadataBuilder)   # no engine config needed for build()
-    builder.block_size = block_size
+    builder.init_plans(preset("mikv"), block_size, 64, 9, 3, max_rows=max(len(qlens), 8), max_cols=cols, device="cpu")
     qsl = torch.tensor([0] + list(torch.tensor(qlens).cumsum(0)), dtype=torch.int32)
     seq = torch.tensor(ctxs) + torch.tensor(qlens)
     table = torch.arange(len(qlens) * cols, dtype=torch.int32).reshape(len(qlens), cols)
@@ -65,7 +68,7 @@ def test_capture_shaped_batch_takes_the_batched_path():
 
     from mikv_vllm.config import preset
     from mikv_vllm.core.layout import RegionLayout
-    from mikv_vllm.kernels import get_ops
+    from mikv_vllm.ops import get_ops
 
     meta, _ = _build([1] * 512, [0] * 512, block_size=128, cols=1)
     assert meta.chunks == [] and meta.decode.leading and meta.decode.pos.tolist() == [0] * 512
@@ -97,8 +100,11 @@ def test_engines_built_one_after_another_see_their_own_config():
 def _build_shared(qlens, ctxs, admitted, table, block_size=16):
     from mikv_vllm.vllm_glue import sharing
 
+    from mikv_vllm.config import preset
+
     builder = MiKVMetadataBuilder.__new__(MiKVMetadataBuilder)
-    builder.block_size, builder.prefix_caching = block_size, True
+    builder.init_plans(preset("mikv"), block_size, 64, 9, 3, max_rows=8, max_cols=table.shape[1], device="cpu")
+    builder.prefix_caching = True
     qsl = torch.tensor([0] + list(torch.tensor(qlens).cumsum(0)), dtype=torch.int32)
     seq = torch.tensor(ctxs) + torch.tensor(qlens)
     m = SimpleNamespace(num_reqs=len(qlens), query_start_loc=qsl, query_start_loc_cpu=qsl, seq_lens=seq.int(),
@@ -117,8 +123,11 @@ def test_rows_get_their_first_owned_block_from_admission():
     meta = _build_shared([1, 1, 4], [40, 20, 16], [32, 0, 16], table)
     assert meta.own_from == [2, 0, 1] and meta.serial is None
     assert meta.decode.own_from.tolist() == [2, 0] and meta.chunks == [(2, 2, 6, 16)]
+    sinks = preset("mikv").sink_tokens            # the stable hi copies of a shared prefix: its sinks
+    assert meta.decode.shared and meta.decode.shared_hi.tolist() == [sinks, 0]
+    assert meta.prefill.own_from.tolist() == [1] and meta.prefill.shared_hi.tolist() == [sinks]
     plain = _build_shared([1, 1], [40, 20], [0, 0], table[:2])
-    assert plain.own_from is None and plain.decode.own_from is None
+    assert plain.own_from is None and not plain.decode.shared and plain.decode.own_from.tolist() == [0, 0]
     dummy = _build_shared([1, 1], [40, 20], None, table[:2])   # dummy / profiling run
     assert dummy.own_from is None
 

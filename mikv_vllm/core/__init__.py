@@ -4,7 +4,8 @@ layout      RegionLayout: bytes of one (block, KV head) region, typed views
 quant       per-token asymmetric RTN, bit packing
 balancer    key channel balancer
 importance  hi-set selection (sinks, recent, heavy hitters)
-reference   page ops: write, gather, attend, score, maintain, forward_request
+page        per-request page steps: balancer, store, lo copies, scores, hi maintenance
+reference   the oracle (tests only): dense gather + attention, forward_request and its loops
 rotation    randomised Hadamard rotation of q/k/v (MiKVConfig.rotation)
 accounting  bytes/token tables
 """
@@ -18,8 +19,9 @@ from .layout import (RegionLayout, RegionViews, as_regions, dense_bytes_per_toke
 from .quant import (dequantize, dequantize_codes, fake_quantize, pack_codes, quantize, quantize_codes,
                     unpack_codes)
 from .rotation import Rotation, hadamard, rotation_for, rotation_matrix
-from .reference import (accumulate_scores, attention, first_voting_row, forward_request, gather_context,
-                        load_balancer, maintain_hi, store_balancer, token_slots, write_tokens)
+from .page import (accumulate_scores, first_voting_row, load_balancer, maintain_hi, store_balancer, token_slots,
+                   write_tokens)
+from .reference import attention, forward_request, gather_context
 
 __all__ = [
     "RegionLayout", "RegionViews", "as_regions", "dense_bytes_per_token", "hi_slots_per_block",

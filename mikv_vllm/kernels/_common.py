@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from .. import envs
-
 try:  # triton is optional (CPU-only installs); the kernels are only defined when it imports
     import triton
     import triton.language as tl
@@ -16,15 +14,7 @@ except Exception:  # pragma: no cover - exercised on installs without triton
     HAVE_TRITON = False
 
 
-OPS_ENV = envs.OPS
-OPS_CHOICES = envs.OPS_CHOICES
-
-
-def ops_choice() -> str:
-    """``MIKV_VLLM_OPS``: ``auto`` (default; Triton on CUDA, the fused C++ op on CPU), ``torch``
-    (core.reference everywhere), ``triton`` (the Triton ops on any device; on CPU only under
-    ``TRITON_INTERPRET=1``) or ``cpu`` (the fused C++ op). Unknown values raise."""
-    return envs.ops()
+from ..ops.select import OPS_CHOICES, OPS_ENV, ops_choice  # noqa: E402,F401  (the switch lives in ops/)
 
 
 def interpreting() -> bool:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..core.layout import RegionLayout
-from ..core.reference import token_slots
+from ..core.page import token_slots
 from ._common import f16_round_down, f16_round_up, next_pow2, tl, triton
 
 

@@ -129,8 +129,11 @@ def _upkeep_kernel(bt_ptr, bt_sb, pos_ptr, budget_ptr, rstart_ptr, tag_ptr, tg_s
 
 def maintain_hi_decode(regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig,
                        block_tables: torch.Tensor, pos: torch.Tensor, k_new: torch.Tensor,
-                       v_new: torch.Tensor, mass: torch.Tensor) -> None:
-    """Drop-in for ``reference.maintain_hi_decode`` (same arguments and page effects).
+                       v_new: torch.Tensor, mass: torch.Tensor, *, budget: torch.Tensor | None = None,
+                       rstart: torch.Tensor | None = None) -> None:
+    """Drop-in for ``ops.torch_decode.maintain_hi_decode`` (same arguments and page effects).
+    ``budget`` / ``rstart`` (int64 ``[B]``): each row's hi budget and first recent position, when
+    the step plan has them (else computed here).
 
     ``block_tables [B, M]`` must cover each request's blocks of positions ``[0, pos]``. ``mass``:
     the new token's attention mass, ``[B, H]`` (``decode_attention``'s ``new_mass``), or the
@@ -142,9 +145,10 @@ def maintain_hi_decode(regions: torch.Tensor, layout: RegionLayout, config: MiKV
     views, n, dev = layout.views(regions), layout.block_size, regions.device
     pos = pos.to(dev, torch.int64).contiguous()
     bt = block_tables.to(dev).contiguous()
-    length = pos + 1
-    budget = hi_budget(config, length, (pos // n + 1) * r).contiguous()
-    rstart = (length - recent_window(config, budget)).contiguous()
+    if budget is None or rstart is None:
+        length = pos + 1
+        budget = hi_budget(config, length, (pos // n + 1) * r).contiguous()
+        rstart = (length - recent_window(config, budget)).contiguous()
     k, v = k_new.to(dev), v_new.to(dev)
     bsz, h = pos.shape[0], regions.shape[1]
     mass = mass.to(dev, torch.float32)

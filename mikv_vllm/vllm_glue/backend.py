@@ -4,11 +4,12 @@ One file, vLLM-style: Backend (capabilities and page size), MetadataBuilder
 (per-step request rows on the host) and Impl (store + two-tier attention +
 score accumulation + hi-slot maintenance, one impl per layer). The page of
 every (block, KV head) is a :class:`~mikv_vllm.core.layout.RegionLayout`; the
-computation is the fused C++ step of :mod:`mikv_vllm.cpu` on CPU, the Triton kernels
-on CUDA, or :mod:`mikv_vllm.core.reference` (torch, ``MIKV_VLLM_OPS=torch``). The
-builder indexes the step's rows once (:class:`DecodeRows`, :class:`ChunkRows`); every layer
-reuses them. With prefix caching, each row's first owned block (``own_from``, from
-:mod:`.sharing`) goes to the ops: blocks before it are shared and only read.
+computation is an op set of :mod:`mikv_vllm.ops` (the fused C++ op on CPU, the Triton kernels
+on CUDA, batched torch with ``MIKV_VLLM_OPS=torch``). The builder makes the step's plan once
+(:class:`~mikv_vllm.ops.StepPlan`: rows, positions, block tables, shared-prefix bounds, the op
+set's launch plan) in buffers reused across steps; every layer reads it. With prefix caching,
+each row's first owned block (``own_from``, from :mod:`.sharing`) is in the plan: blocks before
+it are shared and only read.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from ..config import MiKVConfig
 from ..core.layout import RegionLayout, as_regions
 from ..core.rotation import rotation_for
 from ..kernels import reserve_workspace, use_triton
+from ..ops import ChunkPlan, DecodePlan, MiKVOps, PlanBuilder, StepPlan, get_ops
 from . import sharing
 from .stats import LayerStats, step_token_counts
 
@@ -110,66 +112,29 @@ class MiKVAttentionBackend(AttentionBackend):
 
 
 @dataclass
-class DecodeRows:
-    """The step's one-token rows (decode, and first tokens at context 0), indexed once per step in
-    the metadata builder and shared by every layer: ``tokens`` their query rows (int64), ``pos``
-    their context lengths = new-token positions (int64, CPU), ``block_table`` their block-table
-    rows (int32, contiguous, the columns holding positions ``[0, pos]``), ``leading`` whether the
-    rows are exactly query rows ``0..B-1`` (no gather / scatter needed), ``own_from`` their first
-    owned block (int64; None when every row owns all its blocks)."""
-
-    tokens: torch.Tensor
-    pos: torch.Tensor
-    block_table: torch.Tensor
-    leading: bool
-    own_from: torch.Tensor | None = None
-
-    @property
-    def size(self) -> int:
-        return self.pos.shape[0]
-
-
-@dataclass
-class ChunkRows:
-    """The step's multi-token chunks (prefill), indexed once per step in the metadata builder for
-    one ``ops.forward_chunks`` call per layer: the chunks cover query rows ``span[0]:span[1]``;
-    ``rows`` int64 ``[C, 2]`` each chunk's rows relative to ``span[0]``, ``ctx`` int64 ``[C]`` their
-    context lengths, ``block_table`` int32 ``[C, M]`` (contiguous) their block-table rows;
-    ``dense`` whether the chunks cover the span entirely, else ``tokens`` (absolute) and
-    ``local`` (relative to ``span[0]``) index their rows; ``own_from`` as in :class:`DecodeRows`."""
-
-    span: tuple[int, int]
-    rows: torch.Tensor
-    ctx: torch.Tensor
-    block_table: torch.Tensor
-    dense: bool
-    tokens: torch.Tensor | None = None
-    local: torch.Tensor | None = None
-    own_from: torch.Tensor | None = None   # int64 [C], first owned block (None: every block owned)
-
-
-@dataclass
 class MiKVMetadata:
-    """Host-side rows of one step: request i owns query rows
-    ``query_start_loc[i]:query_start_loc[i+1]`` and has ``seq_lens[i]`` tokens
-    (context + new). ``decode``: the one-token rows, batched; ``chunks``: the multi-token rows as
-    ``(request, start, end, ctx)``, indexed as ``prefill``; ``own_from``: per request its first owned
-    block (None: all 0). ``serial``: set instead of ``decode`` / ``prefill`` in a step where a row
-    reads shared blocks that another row writes in the same step (a hit on blocks scheduled in this
-    step): every row as ``(request, start, end, ctx)``, writers before their readers, run one at a
-    time."""
+    """One step: the :class:`~mikv_vllm.ops.StepPlan` parts every layer reads, built once by
+    :class:`MiKVMetadataBuilder`. Request i owns query rows ``query_start_loc[i]:query_start_loc[i+1]``
+    and has ``seq_lens[i]`` tokens (context + new). ``decode``: the one-token rows, batched
+    (:class:`~mikv_vllm.ops.DecodePlan`); ``prefill``: the multi-token chunks
+    (:class:`~mikv_vllm.ops.ChunkPlan`), also listed in ``chunks`` as ``(request, start, end, ctx)``;
+    ``own_from``: per request its first owned block (None: all 0). ``serial``: set instead of
+    ``decode`` / ``prefill`` in a step where a row reads shared blocks that another row writes in the
+    same step (a hit on blocks scheduled in this step): every row as ``(request, start, end, ctx)``,
+    writers before their readers, run one at a time. ``ops``: the op set the plan was prepared for."""
 
     num_actual_tokens: int
     query_start_loc: list[int]
     seq_lens: list[int]
     block_table: torch.Tensor
     slot_mapping: torch.Tensor
-    decode: DecodeRows | None = None
+    decode: DecodePlan | None = None
     chunks: list[tuple[int, int, int, int]] = dataclasses.field(default_factory=list)
     token_counts: tuple[int, int, int] = (0, 0, 0)   # (stored, prefill, decode) tokens, stats.step_token_counts
     own_from: list[int] | None = None
     serial: list[tuple[int, int, int, int]] | None = None
-    prefill: ChunkRows | None = None
+    prefill: ChunkPlan | None = None
+    ops: MiKVOps | None = None
 
 
 class MiKVMetadataBuilder(AttentionMetadataBuilder[MiKVMetadata]):
@@ -185,10 +150,24 @@ class MiKVMetadataBuilder(AttentionMetadataBuilder[MiKVMetadata]):
             raise RuntimeError("MiKV backend built without kv_cache_policy in additional_config")
         if vllm_config.speculative_config is not None:
             raise RuntimeError("MiKV does not support speculative decoding")
-        self.block_size = kv_cache_spec.block_size
         self.prefix_caching = bool(vllm_config.cache_config.enable_prefix_caching)
         if self.prefix_caching:
             sharing.install()   # records each request's shared prefix at admission (worker side)
+        model = vllm_config.model_config
+        block_size = kv_cache_spec.block_size
+        self.init_plans(config, block_size, kv_cache_spec.head_size,
+                        model.get_num_attention_heads(vllm_config.parallel_config), kv_cache_spec.num_kv_heads,
+                        max_rows=vllm_config.scheduler_config.max_num_seqs,
+                        max_cols=-(-model.max_model_len // block_size), device=device)
+
+    def init_plans(self, config: MiKVConfig, block_size: int, head_size: int, num_heads: int, num_kv_heads: int,
+                   max_rows: int, max_cols: int, device) -> None:
+        """The step-plan buffers (sized by the engine's bounds) and the op set the plans are for."""
+        self.config, self.block_size = config, block_size
+        self.layout = RegionLayout.build(config, block_size, head_size)
+        self.heads = (num_heads, num_kv_heads)
+        self.plans = PlanBuilder(config, self.layout, max_rows, max_cols, device)
+        self.ops = get_ops(device)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> MiKVMetadata:
@@ -198,66 +177,53 @@ class MiKVMetadataBuilder(AttentionMetadataBuilder[MiKVMetadata]):
         seq = m.seq_lens[:n].to("cpu", torch.int64)          # the step's one host sync (none on CPU)
         qlen = qsl[1:] - qsl[:-1]
         ctx = seq - qlen
+        own = self._own_from(n)
+        table, dev = m.block_table_tensor, m.query_start_loc.device
         one = torch.nonzero(qlen == 1).flatten()
-        decode = None
+        multi = torch.nonzero(qlen > 1).flatten()
+        plan = StepPlan()
         if one.numel():
-            pos = ctx[one].contiguous()
-            tokens = qsl[one]
-            max_blocks = int(pos.max()) // self.block_size + 1    # blocks holding positions [0, pos]
-            table = m.block_table_tensor[one.to(m.block_table_tensor.device), :max_blocks]
-            leading = bool(tokens[-1] == tokens.numel() - 1)       # rows 0..B-1 (qsl is increasing)
-            decode = DecodeRows(tokens.to(m.query_start_loc.device), pos,
-                                table.to(torch.int32).contiguous(), leading)
-        multi = torch.nonzero(qlen > 1).flatten().tolist()
-        chunks = [(i, int(qsl[i]), int(qsl[i + 1]), int(ctx[i])) for i in multi]
-        prefill = None
-        if chunks:
-            s0, s1 = chunks[0][1], chunks[-1][2]                  # qsl is increasing: chunks in row order
-            rows = torch.tensor([(s - s0, e - s0) for _, s, e, _ in chunks], dtype=torch.int64)
-            max_blocks = (int(seq[multi].max()) - 1) // self.block_size + 1   # blocks holding [0, seq)
-            table = m.block_table_tensor[torch.tensor(multi).to(m.block_table_tensor.device), :max_blocks]
-            dense = sum(e - s for _, s, e, _ in chunks) == s1 - s0
-            local = None if dense else torch.cat([torch.arange(s, e) for s, e in rows.tolist()])
-            prefill = ChunkRows((s0, s1), rows, ctx[multi].contiguous(), table.to(torch.int32).contiguous(), dense,
-                                None if dense else (local + s0).to(m.query_start_loc.device),
-                                None if dense else local.to(m.query_start_loc.device))
+            leading = int(one[-1]) == one.numel() - 1             # rows 0..B-1: no gather of the table
+            plan.decode = self.plans.decode(qsl[one], ctx[one], table, None if leading else one,
+                                            None if own is None else own[one], token_device=dev)
+        if multi.numel():
+            plan.chunks = self.plans.chunks(qsl[multi], qsl[multi + 1], ctx[multi], table, multi,
+                                            None if own is None else own[multi], token_device=dev)
         meta = MiKVMetadata(
             num_actual_tokens=m.num_actual_tokens,
             query_start_loc=qsl.tolist(),
             seq_lens=seq.tolist(),
-            block_table=m.block_table_tensor[:n],
+            block_table=table[:n],
             slot_mapping=m.slot_mapping,
-            decode=decode,
-            chunks=chunks,
+            decode=plan.decode,
+            chunks=[(i, int(qsl[i]), int(qsl[i + 1]), int(ctx[i])) for i in multi.tolist()],
             token_counts=step_token_counts(qlen),
-            prefill=prefill,
+            prefill=plan.chunks,
+            ops=self.ops,
         )
-        if getattr(self, "prefix_caching", False):
-            self._add_ownership(meta, sharing.step_rows(), ctx, seq, one, m.block_table_tensor)
+        if own is not None:
+            meta.own_from = own.tolist()
+            order = writers_first(meta.own_from, ctx.tolist(), meta.seq_lens, table[:n].cpu(), self.block_size)
+            if order is not None:
+                qs = meta.query_start_loc
+                meta.serial = [(i, qs[i], qs[i + 1], int(ctx[i])) for i in order]
+                meta.decode, meta.chunks, meta.prefill = None, [], None
+                return meta
+        self.ops.prepare(plan, self.layout, self.config, *self.heads)
         return meta
 
-    def _add_ownership(self, meta: MiKVMetadata, admitted: list[int] | None, ctx: torch.Tensor,
-                       seq: torch.Tensor, one: torch.Tensor, table: torch.Tensor) -> None:
-        """Set ``own_from`` from the tokens each row was admitted with (:mod:`.sharing`) and, in a
-        step where a row's shared blocks are written by another row, the ``serial`` order."""
-        n = ctx.shape[0]
+    def _own_from(self, n: int) -> torch.Tensor | None:
+        """Each row's first owned block (int64 ``[n]``) from the tokens it was admitted with
+        (:mod:`.sharing`); None when nothing is shared (or in dummy / profiling runs)."""
+        if not getattr(self, "prefix_caching", False):
+            return None
+        admitted = sharing.step_rows()
         if admitted is None:          # dummy / profiling run: nothing is shared
-            return
+            return None
         if len(admitted) != n:
             raise RuntimeError(f"MiKV prefix caching: {len(admitted)} admitted rows recorded for {n} request rows")
-        own = [a // self.block_size for a in admitted]
-        if not any(own):
-            return
-        meta.own_from = own
-        if meta.decode is not None:
-            meta.decode.own_from = torch.tensor([own[i] for i in one.tolist()], dtype=torch.int64)
-        if meta.prefill is not None:
-            meta.prefill.own_from = torch.tensor([own[i] for i, *_ in meta.chunks], dtype=torch.int64)
-        order = writers_first(own, ctx.tolist(), seq.tolist(), table[:n].cpu(), self.block_size)
-        if order is not None:
-            qsl = meta.query_start_loc
-            meta.serial = [(i, qsl[i], qsl[i + 1], int(ctx[i])) for i in order]
-            meta.decode, meta.chunks, meta.prefill = None, [], None
+        own = torch.tensor(admitted, dtype=torch.int64) // self.block_size
+        return own if bool(own.any()) else None
 
 
 def writers_first(own_from: list[int], ctx: list[int], seq: list[int], table: torch.Tensor,
@@ -331,15 +297,11 @@ class MiKVAttentionImpl(AttentionImpl[MiKVMetadata]):
         self.kv_cache_dtype = kv_cache_dtype
         self.rotation = rotation_for(head_size) if config.rotation else None  # core.rotation
         self.layout: RegionLayout | None = None
-        self.ops = None  # chosen with the layout, on the first forward
         self.stats = LayerStats()
         load_ops_at_start()
 
-    def _layout_for(self, kv_cache: torch.Tensor) -> RegionLayout:
+    def _layout_for(self, kv_cache: torch.Tensor, ops: MiKVOps) -> RegionLayout:
         if self.layout is None:
-            from ..kernels import get_ops
-
-            self.ops = get_ops(kv_cache.device)  # Triton on CUDA, the fused C++ op on CPU (or the reference)
             block_size = kv_cache.shape[2]
             layout = RegionLayout.build(self.config, block_size, self.head_size)
             as_regions(kv_cache, layout)  # self-check: page bytes match the layout
@@ -347,7 +309,7 @@ class MiKVAttentionImpl(AttentionImpl[MiKVMetadata]):
             if not MiKVAttentionImpl._layout_logged:
                 MiKVAttentionImpl._layout_logged = True
                 logger.info("MiKV layout: block %d, %d B/token/head (%s), ops %s", block_size,
-                            layout.content_bytes, layout.breakdown(), getattr(self.ops, "__name__", self.ops))
+                            layout.content_bytes, layout.breakdown(), ops.__name__)
         return self.layout
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
@@ -358,7 +320,8 @@ class MiKVAttentionImpl(AttentionImpl[MiKVMetadata]):
             if use_triton(query.device):
                 reserve_workspace(query.device)
             return output
-        layout = self._layout_for(kv_cache)
+        ops = attn_metadata.ops   # the op set the builder planned this step for
+        layout = self._layout_for(kv_cache, ops)
         regions = as_regions(kv_cache, layout)
         n_tok = attn_metadata.num_actual_tokens
         q_all = query[:n_tok].view(n_tok, self.num_heads, self.head_size)
@@ -371,9 +334,8 @@ class MiKVAttentionImpl(AttentionImpl[MiKVMetadata]):
         pre = attn_metadata.prefill
         if pre is not None:   # every multi-token chunk (prefill) in one call
             s0, s1 = pre.span
-            kwargs = {"own_from": pre.own_from} if pre.own_from is not None else {}
-            result = self.ops.forward_chunks(regions, layout, self.config, pre.block_table, pre.ctx, pre.rows,
-                                             q_all[s0:s1], k_all[s0:s1], v_all[s0:s1], self.scale, **kwargs)
+            result = ops.chunks(regions, layout, self.config, pre, q_all[s0:s1], k_all[s0:s1], v_all[s0:s1],
+                                self.scale)
             if pre.dense:
                 out[s0:s1] = result.to(out.dtype)
             else:
@@ -381,8 +343,8 @@ class MiKVAttentionImpl(AttentionImpl[MiKVMetadata]):
         own, n = attn_metadata.own_from, layout.block_size
         for i, start, end, ctx in attn_metadata.serial or []:   # shared blocks written this step: writers first
             row = attn_metadata.block_table[i, : (ctx + end - start + n - 1) // n]
-            result = self.ops.forward_request(regions, layout, self.config, row, ctx, q_all[start:end],
-                                              k_all[start:end], v_all[start:end], self.scale, own_from=own[i])
+            result = ops.request(regions, layout, self.config, row, ctx, q_all[start:end], k_all[start:end],
+                                 v_all[start:end], self.scale, own_from=own[i])
             out[start:end] = result.to(out.dtype)
         dec = attn_metadata.decode
         if dec is not None:   # every one-token row (decode and context 0) in one batched step
@@ -391,9 +353,7 @@ class MiKVAttentionImpl(AttentionImpl[MiKVMetadata]):
                 q, k, v = q_all[:b], k_all[:b], v_all[:b]
             else:
                 q, k, v = q_all[dec.tokens], k_all[dec.tokens], v_all[dec.tokens]
-            kwargs = {"own_from": dec.own_from} if dec.own_from is not None else {}
-            result = self.ops.forward_decode(regions, layout, self.config, dec.block_table, dec.pos,
-                                             q, k, v, self.scale, **kwargs)
+            result = ops.decode(regions, layout, self.config, dec, q, k, v, self.scale)
             if dec.leading:
                 out[: dec.size] = result.to(out.dtype)
             else:

@@ -1,4 +1,4 @@
-"""Batched decode step (``reference.forward_decode``) == the per-request step, request by request."""
+"""Batched decode step (``ops.torch_decode.forward_decode``, the torch op set) == the per-request step, request by request."""
 
 import math
 
@@ -7,7 +7,9 @@ import torch
 
 from mikv_vllm.config import MiKVConfig, preset
 from mikv_vllm.core.layout import RegionLayout
-from mikv_vllm.core.reference import forward_decode, forward_request
+from mikv_vllm.core.reference import forward_request
+from mikv_vllm.ops import torch_decode as tdec
+from mikv_vllm.ops.torch_decode import forward_decode
 
 from ._helpers import make_regions, structured_qkv
 
@@ -119,17 +121,15 @@ def test_batch_invariance(name):
 
 
 def test_large_batches_split_into_bounded_groups(monkeypatch):
-    import mikv_vllm.core.reference as ref
-
-    assert ref.decode_groups([5, 100, 7, 60], limit=130) == [[0, 2], [3], [1]]
-    assert ref.decode_groups([500], limit=10) == [[0]]
+    assert tdec.decode_groups([5, 100, 7, 60], limit=130) == [[0, 2], [3], [1]]
+    assert tdec.decode_groups([500], limit=10) == [[0]]
     cfg = CONFIGS["mikv"]
     lay, regions, table, qkv, _ = _setup(cfg, seed=3)
     one, split = regions.clone(), regions.clone()
     pos = list(PROMPTS)
     q, k, v = _step(qkv, pos)
     whole = forward_decode(one, lay, cfg, table, pos, q, k, v, SCALE)
-    monkeypatch.setattr(ref, "DECODE_TOKENS_PER_CALL", 70)
-    assert len(ref.decode_groups(pos)) > 2
+    monkeypatch.setattr(tdec, "DECODE_TOKENS_PER_CALL", 70)
+    assert len(tdec.decode_groups(pos)) > 2
     parts = forward_decode(split, lay, cfg, table, pos, q, k, v, SCALE)
     assert torch.equal(whole, parts) and torch.equal(one, split)

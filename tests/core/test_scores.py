@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from mikv_vllm.core import reference as ref
+from mikv_vllm.ops import torch_decode as tdec
 from mikv_vllm.core.layout import RegionLayout
 
 from ._helpers import INT3_R10, make_regions
@@ -55,6 +56,6 @@ def test_decode_scores_take_the_mass_of_the_slots_own_token():
     lay, regions = _page_with_tags([[3, 9], [0, None]])
     tables = torch.tensor([[0]], dtype=torch.int32)
     pos = torch.tensor([12])                                      # the new token sits at position 12
-    ref.accumulate_scores_decode(regions, lay, tables, pos, _mass(13)[None])
+    tdec.accumulate_scores_decode(regions, lay, tables, pos, _mass(13)[None])
     score = lay.views(regions).score[0].float()
     assert torch.equal(score, torch.tensor([[0.5 + 4, 0.5 + 10], [0.5 + 101, 0.5]]))

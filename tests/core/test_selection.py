@@ -12,7 +12,8 @@ import torch
 from mikv_vllm.config import MiKVConfig, preset
 from mikv_vllm.core.importance import hi_budget
 from mikv_vllm.core.layout import RegionLayout
-from mikv_vllm.core.reference import forward_decode, forward_request
+from mikv_vllm.core.reference import forward_request
+from mikv_vllm.ops.torch_decode import forward_decode
 
 from ._helpers import INT3_R10, dense_attention, make_regions, run_request, structured_qkv
 

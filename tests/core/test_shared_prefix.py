@@ -11,6 +11,7 @@ import torch
 
 from mikv_vllm.config import MiKVConfig, preset
 from mikv_vllm.core import reference as ref
+from mikv_vllm.ops import torch_decode as tdec
 from mikv_vllm.core.layout import RegionLayout
 
 from ._helpers import INT3_R10, dense_attention, make_regions, structured_qkv
@@ -139,7 +140,7 @@ def test_batched_decode_with_shared_rows_matches_per_request():
         want = torch.cat([
             ref.forward_request(solo, lay, cfg, a_row, pos[0], q[:1], k[:1], v[:1], SCALE),
             ref.forward_request(solo, lay, cfg, b_row, pos[1], q[1:], k[1:], v[1:], SCALE, own_from=SHARED)])
-        got = ref.forward_decode(batch, lay, cfg, table, pos, q, k, v, SCALE, own_from=[0, SHARED])
+        got = tdec.forward_decode(batch, lay, cfg, table, pos, q, k, v, SCALE, own_from=[0, SHARED])
         assert (got - want).abs().max().item() < 1e-5
         assert torch.equal(lay.views(batch).tag, lay.views(solo).tag)
 

@@ -7,6 +7,7 @@ import torch
 
 from mikv_vllm.config import MiKVConfig, preset
 from mikv_vllm.core import reference as ref
+from mikv_vllm.ops import torch_decode as tdec
 from mikv_vllm.core.importance import hi_budget
 from mikv_vllm.core.layout import RegionLayout
 from mikv_vllm.cpu import CpuOps, decode_step, load
@@ -63,12 +64,12 @@ def _step(qkv, pos):
 def _reference_step(regions, lay, table, pos, q, k, v, scale):
     """The reference decode step without hi maintenance (what the C++ op fuses without ``config``):
     output and the step's mass ``[B, H, S]`` (position-indexed)."""
-    b = ref.decode_balancer(regions, lay, table, pos, q, k)
+    b = tdec.decode_balancer(regions, lay, table, pos, q, k)
     blk = table.long().gather(1, (pos // lay.block_size)[:, None])[:, 0]
     ref.store_at(regions, lay, blk, pos % lay.block_size, k, v, b)
-    k_ctx, v_ctx, valid = ref.gather_decode(regions, lay, table, pos, b)
-    out, mass = ref.attention_decode(q, k_ctx, v_ctx, valid, pos, k, v, scale)
-    ref.accumulate_scores_decode(regions, lay, table, pos, mass)
+    k_ctx, v_ctx, valid = tdec.gather_decode(regions, lay, table, pos, b)
+    out, mass = tdec.attention_decode(q, k_ctx, v_ctx, valid, pos, k, v, scale)
+    tdec.accumulate_scores_decode(regions, lay, table, pos, mass)
     return out, mass
 
 
@@ -97,7 +98,7 @@ def test_forward_decode_steps_match_reference(name):
     for step in range(STEPS):
         pos = [p + step for p in PROMPTS]
         q, k, v = _step(qkv, pos)
-        want = ref.forward_decode(oracle, lay, cfg, table, pos, q, k, v, scale)
+        want = tdec.forward_decode(oracle, lay, cfg, table, pos, q, k, v, scale)
         got = CpuOps.forward_decode(mine, lay, cfg, table, pos, q, k, v, scale)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         assert torch.equal(lay.views(mine).tag, lay.views(oracle).tag), step    # same hi sets and slots
@@ -118,7 +119,7 @@ def test_shared_rows_match_reference(name):
     for step in range(STEPS):
         pos = [p + step for p in PROMPTS]
         q, k, v = _step(qkv, pos)
-        want = ref.forward_decode(oracle, lay, cfg, table, pos, q, k, v, scale, own_from)
+        want = tdec.forward_decode(oracle, lay, cfg, table, pos, q, k, v, scale, own_from)
         got = CpuOps.forward_decode(mine, lay, cfg, table, pos, q, k, v, scale, own_from)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         assert torch.equal(lay.views(mine).tag, lay.views(oracle).tag), step
@@ -177,7 +178,7 @@ def test_hi_roundtrip_fp8_matches_torch():
 
 
 # ------------------------------------------------------------------ hi-set upkeep in the C++ step
-# The C++ step's upkeep vs reference.maintain_hi_decode over hundreds of decode steps. The scores
+# The C++ step's upkeep vs tdec.maintain_hi_decode over hundreds of decode steps. The scores
 # of both sides agree to fp32 rounding only (summation order), so each step the reference takes the
 # C++ op's state before its upkeep (the same step run without upkeep: store, attention, slot scores,
 # checked against the reference's first) and the C++ mass of the new token (the score of the slot it
@@ -242,7 +243,7 @@ def _upkeep_steps(cfg, lay, regions, table, qkv, prompts, steps, d=32, plant=Non
         if lay.hi_slots:
             oracle.copy_(scored)
             before = oracle.clone()
-            ref.maintain_hi_decode(oracle, lay, cfg, table, pt, k, v, _promoted_mass(lay, mine, table, pt, mass))
+            tdec.maintain_hi_decode(oracle, lay, cfg, table, pt, k, v, _promoted_mass(lay, mine, table, pt, mass))
             if on_step is not None:
                 on_step(step, pos, before, oracle)
         diff = (mine != oracle).nonzero()

@@ -8,6 +8,7 @@ import torch
 
 from mikv_vllm.config import MiKVConfig, preset
 from mikv_vllm.core import reference as ref
+from mikv_vllm.ops import torch_decode as tdec
 from mikv_vllm.core.layout import RegionLayout
 from mikv_vllm.cpu import CpuOps
 
@@ -94,7 +95,7 @@ def test_prefill_chunks_then_decode_match_reference(name):
     for step in range(DECODE_STEPS):   # the page state continues: decode steps on both
         pos = [c + t + step for c, t in CHUNKS]
         qd, kd, vd = (torch.stack([qkv[i][j][p] for i, p in enumerate(pos)]) for j in range(3))
-        want = ref.forward_decode(oracle, lay, cfg, table, pos, qd, kd, vd, scale)
+        want = tdec.forward_decode(oracle, lay, cfg, table, pos, qd, kd, vd, scale)
         got = CpuOps.forward_decode(mine, lay, cfg, table, pos, qd, kd, vd, scale)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         assert_pages(lay, mine, oracle, f"decode step {step}")
@@ -191,7 +192,7 @@ def test_prefill_reading_shared_prefix_blocks_matches_reference(name):
     for step in range(3):
         pos = [50 + step, 45 + step]
         qd, kd, vd = (torch.stack([x0[pos[0]], x1[pos[1]]]) for x0, x1 in ((q0, q1), (k0, k1), (v0, v1)))
-        want = ref.forward_decode(oracle, lay, cfg, table, pos, qd, kd, vd, scale, own)
+        want = tdec.forward_decode(oracle, lay, cfg, table, pos, qd, kd, vd, scale, own)
         got = CpuOps.forward_decode(mine, lay, cfg, table, pos, qd, kd, vd, scale, own)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         assert_pages(lay, mine, oracle, f"decode step {step}")

@@ -46,7 +46,7 @@ def _run(model_dir, mikv, ops: str, capfd) -> list[list[int]]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-    want = "ops TritonOps" if ops == "triton" else "ops mikv_vllm.core.reference"
+    want = "ops TritonOps" if ops == "triton" else "ops TorchOps"
     assert want in logs, f"engine did not report {want!r}; log tail:\n{logs[-3000:]}"
     return [list(o.outputs[0].token_ids) for o in outs]
 

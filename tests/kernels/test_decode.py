@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from mikv_vllm.core import reference as ref
-from mikv_vllm.kernels import decode_attention, forward_decode, forward_request, get_ops, hi_slot_map, use_triton
+from mikv_vllm.ops import torch_decode as tdec
+from mikv_vllm.kernels import decode_attention, forward_decode, forward_request, hi_slot_map, use_triton
+from mikv_vllm.ops import get_ops
 
 from ._util import SCALE, assert_pages_match, build_batch, make_config, reference_decode, stored_balancers
 
@@ -70,11 +72,11 @@ def test_decode_score_accumulation_per_slot(bits, hi_ratio, group, head_dim, bal
     """``accumulate``: every hi slot whose tag is a context position gets its token's mass (planted
     duplicate tags: both slots), no other score changes (tags past the context, empty slots,
     other heads' and requests' slots); ``new_mass`` is the new token's mass. Against
-    reference.accumulate_scores_decode after the reference's store."""
+    tdec.accumulate_scores_decode after the reference's store."""
     config = make_config(bits, hi_ratio, balancer)
     layout, regions, tables, q, k, v = build_batch(config, block_size, head_dim, 2, group, CTXS, seed=bits + 1)
     pos = torch.tensor(CTXS)
-    bal = ref.decode_balancer(regions, layout, tables, pos, q, k)
+    bal = tdec.decode_balancer(regions, layout, tables, pos, q, k)
     ref.store_at(regions, layout, tables.long().gather(1, (pos // block_size)[:, None])[:, 0], pos % block_size,
                  k, v, bal)
     views, r = layout.views(regions), layout.hi_slots
@@ -94,9 +96,9 @@ def test_decode_score_accumulation_per_slot(bits, hi_ratio, group, head_dim, bal
                 planted += 1
     assert planted >= 2
     expected, before = regions.clone(), regions.clone()
-    k_ctx, v_ctx, valid = ref.gather_decode(expected, layout, tables, pos, bal)
-    want, mass = ref.attention_decode(q, k_ctx, v_ctx, valid, pos, k, v, SCALE)
-    ref.accumulate_scores_decode(expected, layout, tables, pos, mass)
+    k_ctx, v_ctx, valid = tdec.gather_decode(expected, layout, tables, pos, bal)
+    want, mass = tdec.attention_decode(q, k_ctx, v_ctx, valid, pos, k, v, SCALE)
+    tdec.accumulate_scores_decode(expected, layout, tables, pos, mass)
     new_mass = torch.full((len(CTXS), 2), float("nan"))
     out, _ = decode_attention(regions, layout, tables, pos, q, k, v, SCALE, bal, need_mass=False, accumulate=True,
                               new_mass=new_mass, tokens_per_split=16)
@@ -207,7 +209,8 @@ def test_switch_on_cpu(monkeypatch):
     with pytest.raises(RuntimeError, match="MIKV_VLLM_OPS=cpu"):
         get_ops("cuda")
     monkeypatch.setenv("MIKV_VLLM_OPS", "torch")
-    assert get_ops("cpu") is ref and get_ops("cuda") is ref
+    from mikv_vllm.ops.torch_ops import TorchOps
+    assert get_ops("cpu") is TorchOps and get_ops("cuda") is TorchOps
     monkeypatch.setenv("MIKV_VLLM_OPS", "triton")      # kernels are interpreted in this process
     assert get_ops("cpu") is TritonOps
     monkeypatch.setenv("MIKV_VLLM_OPS", "Fast")
@@ -222,24 +225,31 @@ def test_switch_triton_on_cpu_needs_the_interpreter():
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["MIKV_VLLM_OPS"] = "triton"
-    proc = subprocess.run([sys.executable, "-c", "from mikv_vllm.kernels import get_ops; get_ops('cpu')"],
+    proc = subprocess.run([sys.executable, "-c", "from mikv_vllm.ops import get_ops; get_ops('cpu')"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "needs TRITON_INTERPRET=1" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_triton_ops_contract():
-    """TritonOps exposes the reference contract with identical signatures."""
+    """TritonOps implements the op protocol, with the oracle's signatures for the unplanned calls."""
     import inspect
 
     from mikv_vllm.kernels import TritonOps
+    from mikv_vllm.ops import MiKVOps
 
-    for name in ("write_tokens", "gather_context", "attention", "accumulate_scores", "maintain_hi",
-                 "forward_request", "forward_chunks", "store_balancer", "load_balancer"):
-        assert inspect.signature(getattr(TritonOps, name)) == inspect.signature(getattr(ref, name)), name
+    assert isinstance(TritonOps, MiKVOps)
+    def params(fn):   # names, kinds and defaults (annotations may differ)
+        return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+
+    for name in ("forward_request", "forward_chunks", "forward_decode"):
+        assert params(getattr(TritonOps, name)) == params(getattr(ref, name)), name
 
 
-def test_unsupported_layout_falls_back_to_reference():
-    """head_dim 96 (group 48, not a power of two): forward_request is the reference, bit for bit."""
+def test_unsupported_layout_falls_back_to_the_torch_op_set():
+    """head_dim 96 (group 48, not a power of two): the Triton op set serves it with the batched torch
+    op set, bit for bit (which the op contract test compares with the oracle)."""
+    from mikv_vllm.ops.torch_ops import TorchOps
+
     config = make_config(2, 0.25, True)
     layout, regions, tables, *_ = build_batch(config, 16, 96, 1, 2, [0], seed=4, room=20)
     gen = torch.Generator().manual_seed(4)
@@ -247,7 +257,7 @@ def test_unsupported_layout_falls_back_to_reference():
     expected = regions.clone()
     for start, size in [(0, 18), (18, 1)]:
         sl = slice(start, start + size)
-        want = ref.forward_request(expected, layout, config, tables[0], start, q[sl], k[sl], v[sl], SCALE)
+        want = TorchOps.forward_request(expected, layout, config, tables[0], start, q[sl], k[sl], v[sl], SCALE)
         got = forward_request(regions, layout, config, tables[0], start, q[sl], k[sl], v[sl], SCALE)
         assert torch.equal(got, want) and torch.equal(regions, expected)
 

@@ -1,4 +1,4 @@
-"""The Triton hi-set upkeep kernel vs ``reference.maintain_hi_decode`` (interpreted), byte for byte."""
+"""The Triton hi-set upkeep kernel vs ``tdec.maintain_hi_decode`` (interpreted), byte for byte."""
 
 import math
 
@@ -9,6 +9,7 @@ import triton.language as tl
 
 from mikv_vllm.config import MiKVConfig, preset
 from mikv_vllm.core import reference as ref
+from mikv_vllm.ops import torch_decode as tdec
 from mikv_vllm.core.layout import RegionLayout
 from mikv_vllm.kernels.upkeep import _fp8e4m3_rtne, maintain_hi_decode
 
@@ -47,16 +48,16 @@ def _run(cfg, prompts, steps, seed=0, plant=None, poke_mass=None):
         q, k, v = (torch.stack([d[j][c] for d, c in zip(data, pos.tolist())]) for j in range(3))
         if plant is not None:
             plant(lay, regions, table, pos, step)
-        b = ref.decode_balancer(regions, lay, table, pos, q, k)
+        b = tdec.decode_balancer(regions, lay, table, pos, q, k)
         blk = table.long().gather(1, (pos // N)[:, None])[:, 0]
         ref.store_at(regions, lay, blk, pos % N, k, v, b)
-        k_ctx, v_ctx, valid = ref.gather_decode(regions, lay, table, pos, b)
-        _, mass = ref.attention_decode(q, k_ctx, v_ctx, valid, pos, k, v, SCALE)
-        ref.accumulate_scores_decode(regions, lay, table, pos, mass)
+        k_ctx, v_ctx, valid = tdec.gather_decode(regions, lay, table, pos, b)
+        _, mass = tdec.attention_decode(q, k_ctx, v_ctx, valid, pos, k, v, SCALE)
+        tdec.accumulate_scores_decode(regions, lay, table, pos, mass)
         if poke_mass is not None:
             poke_mass(mass, pos, step)
         mine = regions.clone()
-        ref.maintain_hi_decode(regions, lay, cfg, table, pos, k, v, mass)
+        tdec.maintain_hi_decode(regions, lay, cfg, table, pos, k, v, mass)
         new_mass = mass.gather(2, pos[:, None, None].expand(-1, HKV, 1))[..., 0]
         maintain_hi_decode(mine, lay, cfg, table, pos, k, v, new_mass if step % 2 == 0 else mass)
         diff = (mine != regions).nonzero()
@@ -118,7 +119,7 @@ def test_upkeep_kernel_stale_tags_several_losers_and_clamp():
     regions = torch.zeros_like(regions)
     want = regions.clone()
     mass = torch.full((1, HKV, 3), 0.25)
-    ref.maintain_hi_decode(want, lay, cfg, table[:1], pos, k, v, mass)
+    tdec.maintain_hi_decode(want, lay, cfg, table[:1], pos, k, v, mass)
     maintain_hi_decode(regions, lay, cfg, table[:1], pos, k, v, mass[:, :, 2])
     assert torch.equal(regions, want) and (lay.views(want).k_hi.float().abs() == 65504).any()
 

@@ -9,11 +9,13 @@ import torch
 
 from mikv_vllm.config import MiKVConfig
 from mikv_vllm.core import reference as ref
+from mikv_vllm.ops import torch_decode as tdec
 from mikv_vllm.core.importance import hi_budget
 from mikv_vllm.core.layout import RegionLayout
 from mikv_vllm.kernels import workspace as ws
 from mikv_vllm.kernels.decode import default_block_n, plan_splits
-from mikv_vllm.kernels.ops import _decode_group, chunked_attention, forward_decode, forward_request
+from mikv_vllm.kernels.ops import _decode_group, _group_plan, chunked_attention, forward_decode, forward_request
+from mikv_vllm.ops.plan import plan_for
 
 from ._memtrack import PeakTracker
 from ._util import SCALE, assert_pages_match, build_batch, make_config
@@ -76,7 +78,7 @@ def test_long_request_among_short_ones_stays_within_workspace():
         out = forward_decode(regions, layout, config, tables, ctxs, q, k, v, SCALE, workspace=budget)
     print(f"peak temporaries {tracker.peak / 2**20:.2f} MiB, workspace {budget >> 20} MiB")
     assert 0 < tracker.peak <= budget
-    want = ref.forward_decode(expected, layout, config, tables, ctxs, q, k, v, SCALE)
+    want = tdec.forward_decode(expected, layout, config, tables, ctxs, q, k, v, SCALE)
     torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
     assert_pages_match(expected, regions, layout)
 
@@ -115,8 +117,10 @@ def test_decode_estimate_bounds_measured_peak(bits, r, hq, hkv, d, n, ctxs):
     config = make_config(bits, r, bits > 0)
     layout, regions, tables = synthetic(config, ctxs, hkv, d, n)
     q, k, v = _next_token(len(ctxs), hq, hkv, d)
+    plan = plan_for(config, layout, tables, ctxs)      # the step plan: made once per step, not a layer temporary
+    group = _group_plan(layout, config, plan.block_table, plan.pos_dev, plan.max_pos, ws.Dims(hq, hkv, layout))
     with PeakTracker() as tracker:
-        _decode_group(regions, layout, config, tables, ctxs, q, k, v, SCALE)
+        _decode_group(regions, layout, config, group, q, k, v, SCALE)
     m = max(ctxs)
     splits = plan_splits(len(ctxs), hkv, m, default_block_n(CPU, d, m), CPU)[1]
     est = ws.decode_group_bytes(ws.Dims(hq, hkv, layout), len(ctxs), m, splits)
