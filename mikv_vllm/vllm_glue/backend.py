@@ -260,8 +260,6 @@ def load_ops_at_start() -> None:
     and a build failure is a startup error."""
     from vllm.platforms import current_platform
 
-    from ..kernels import get_ops
-
     get_ops(current_platform.device_type)
 
 

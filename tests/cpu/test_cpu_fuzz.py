@@ -171,7 +171,7 @@ BAD_PREFILL = BAD + ["rows past q"]
 
 
 def _meta_fault(lay, kind, amount):
-    meta = layout_meta(lay)
+    meta = list(layout_meta(lay))
     if kind == "meta slots":       # more hi slots than the region holds (or than the block)
         small = 0 < lay.hi_slots < lay.block_size and amount % 2 == 0
         meta[4] = lay.block_size if small else lay.block_size + amount    # a slot per position: past the page

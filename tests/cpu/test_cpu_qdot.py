@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from mikv_vllm.core import reference as ref
+from mikv_vllm.ops import torch_decode as tdec
 from mikv_vllm.core.quant import unpack_codes
 from mikv_vllm.cpu import decode_step
 
@@ -67,10 +68,10 @@ def hi_mask(regions, lay, table, pos):
 
 def model_step(regions, lay, cfg, table, pos, q, k, v, scale, upkeep):
     """The int8 path's decode step on ``regions`` (store, attention, scores, upkeep); returns out."""
-    bal = ref.decode_balancer(regions, lay, table, pos, q, k)
+    bal = tdec.decode_balancer(regions, lay, table, pos, q, k)
     blk = table.long().gather(1, (pos // lay.block_size)[:, None])[:, 0]
     ref.store_at(regions, lay, blk, pos % lay.block_size, k, v, bal)
-    k_ctx, v_ctx, valid = ref.gather_decode(regions, lay, table, pos, bal)
+    k_ctx, v_ctx, valid = tdec.gather_decode(regions, lay, table, pos, bal)
     bsz, hq, d = q.shape
     h = regions.shape[1]
     qs = (q.float() * scale).reshape(bsz, h, hq // h, d).double()
@@ -86,9 +87,9 @@ def model_step(regions, lay, cfg, table, pos, q, k, v, scale, upkeep):
         p = torch.softmax(lg.masked_fill(~ok[:, None], -math.inf), dim=-1)
         out[b] = torch.einsum("hgl,hld->hgd", p, torch.cat([v_ctx[b, :, :length], v[b][:, None]], 1).double())
         mass[b, :, : length + 1] = p.sum(1).float()
-    ref.accumulate_scores_decode(regions, lay, table, pos, mass)
+    tdec.accumulate_scores_decode(regions, lay, table, pos, mass)
     if upkeep:
-        ref.maintain_hi_decode(regions, lay, cfg, table, pos, k, v, mass)
+        tdec.maintain_hi_decode(regions, lay, cfg, table, pos, k, v, mass)
     return out.reshape(bsz, hq, d).float()
 
 

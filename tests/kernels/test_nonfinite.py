@@ -5,6 +5,7 @@ import torch
 
 from mikv_vllm.config import preset
 from mikv_vllm.core import reference as ref
+from mikv_vllm.ops import torch_decode as tdec
 from mikv_vllm.core.layout import RegionLayout
 from mikv_vllm.kernels import write_tokens
 from mikv_vllm.kernels.upkeep import maintain_hi_decode
@@ -49,7 +50,7 @@ def test_upkeep_kernel_hi_copy_of_nan_is_zero():
     regions = torch.zeros(2, 2, lay.region_bytes, dtype=torch.uint8)
     want = regions.clone()
     mass = torch.full((1, 2, 3), 0.25)
-    ref.maintain_hi_decode(want, lay, cfg, table, pos, k, v, mass)
+    tdec.maintain_hi_decode(want, lay, cfg, table, pos, k, v, mass)
     maintain_hi_decode(regions, lay, cfg, table, pos, k, v, mass[:, :, 2])
     assert torch.equal(regions, want)
     hi = lay.views(want).k_hi.float(), lay.views(want).v_hi.float()
