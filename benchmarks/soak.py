@@ -164,6 +164,17 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
+def process_info(pid: int) -> dict:
+    """Name of a server process (its title, e.g. ``VLLM::Worker``) and whether it runs on tcmalloc
+    (the library mapped: mikv-vllm preloads it into the engine processes, MIKV_CPU_MALLOC)."""
+    try:
+        name = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()[:80]
+        maps = Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return {"name": "?", "tcmalloc": None}
+    return {"name": name, "tcmalloc": "libtcmalloc" in maps}
+
+
 # ------------------------------------------------------------------------------------------ workload
 class Workload:
     """Token-id prompts: a few shared prefixes, mixed lengths up to max_model_len - max_tokens."""
@@ -334,6 +345,7 @@ def run(args) -> dict:
         if first.startswith("<probe failed"):
             raise RuntimeError(f"the first probe failed: {first}")
         state["probes"].append({"t": 0.0, "text": first})
+        processes = {str(p): process_info(p) for p in server_pids(root_pid)} if root_pid is not None else {}
         t0 = time.monotonic()
         asyncio.run(load(url, model, args, workload, root_pid, state))
         load_s = time.monotonic() - t0
@@ -378,6 +390,7 @@ def run(args) -> dict:
         "prefix_cache_queries": metric(body, "vllm:prefix_cache_queries_total"),
         "left_running": left, "probes": len(state["probes"]), "probe_changed": len(changed),
         "probe_text": first, "rss": rss, "cpu": cpu_model(), "failures": failed[:20],
+        "server_processes": processes,
     }
     checks = {"no failed request": not failed, "probe unchanged": not changed, "drained": left == 0,
               "preempted": summary["preemptions"] > 0, "prefix hits": summary["prefix_cache_hits"] > 0,
@@ -409,6 +422,8 @@ def markdown(s: dict) -> str:
              f"{r.get('rss_max_after_warmup_mib')} MiB ({(r['growth'] or 0) * 100:.2f} %) | "
              f"{r.get('max_process_growth', 0) * 100:.2f} % |", ""]
     lines += [f"- {'PASS' if ok else 'FAIL'}: {name}" for name, ok in s["checks"].items()]
+    lines += ["", "| pid | process | tcmalloc |", "|---|---|---|"] + [
+        f"| {pid} | `{p['name']}` | {p['tcmalloc']} |" for pid, p in s.get("server_processes", {}).items()]
     return "\n".join(lines) + "\n"
 
 

@@ -16,6 +16,7 @@ CACHE = "MIKV_VLLM_CACHE"
 CPU_ISA = "MIKV_CPU_ISA"
 CPU_BUILD_DIR = "MIKV_CPU_BUILD_DIR"
 CPU_BUILD_VERBOSE = "MIKV_CPU_BUILD_VERBOSE"
+CPU_MALLOC = "MIKV_CPU_MALLOC"
 STATS_LAYERS = "MIKV_STATS_LAYERS"
 STATS_INTERVAL = "MIKV_STATS_INTERVAL"
 CXX = "CXX"
@@ -23,6 +24,7 @@ CXX = "CXX"
 OPS_CHOICES = ("auto", "torch", "triton", "cpu")
 CPU_ISA_CHOICES = ("auto", "avx512", "avx2", "baseline")
 STATS_LAYERS_CHOICES = ("first", "all", "off")
+CPU_MALLOC_CHOICES = ("tcmalloc", "system")
 DEFAULT_WORKSPACE_MB = 512
 DEFAULT_STATS_INTERVAL = 5.0
 
@@ -34,6 +36,7 @@ SWITCHES: dict[str, tuple[str, str]] = {
     CPU_ISA: ("auto", "C++ op variant: auto (best this CPU runs), avx512, avx2, baseline"),
     CPU_BUILD_DIR: ("~/.cache/mikv-vllm/torch_extensions", "C++ op builds made at engine start (fallback)"),
     CPU_BUILD_VERBOSE: ("0", "1: print the compiler commands of C++ op builds"),
+    CPU_MALLOC: ("tcmalloc", "allocator of vLLM's CPU engine processes: tcmalloc (the system's, preloaded), system"),
     STATS_LAYERS: ("first", "layers counted by /mikv/stats: first, all, off"),
     STATS_INTERVAL: (str(DEFAULT_STATS_INTERVAL), "seconds between /mikv/stats polls of the workers"),
     CXX: ("c++", "C++ compiler of C++ op builds"),
@@ -84,6 +87,11 @@ def cpu_build_dir() -> Path:
 def cpu_build_verbose() -> bool:
     """``MIKV_CPU_BUILD_VERBOSE=1``: show the compiler commands."""
     return os.environ.get(CPU_BUILD_VERBOSE, "0").strip() == "1"
+
+
+def cpu_malloc() -> str:
+    """``MIKV_CPU_MALLOC``: tcmalloc (default) or system."""
+    return _choice(CPU_MALLOC, CPU_MALLOC_CHOICES)
 
 
 def cxx() -> str:

@@ -9,6 +9,8 @@
 # Env: VENV (default <repo>/.venv), PYTHON (default python3.11), MIKV_EXTRAS (default cpu,test),
 #      TORCH_SPEC (default torch==2.13.0), MIKV_SETUP_FORCE=1 to redo everything,
 #      MIKV_BUILD_OPS=0 to skip the C++ op (engines then build it at start, logged).
+# On CPU installs it also installs the system's tcmalloc (apt: libtcmalloc-minimal4, as vLLM's CPU
+# install guide does), which mikv-vllm preloads into the engine processes (MIKV_CPU_MALLOC).
 # Package work is skipped when the stamp in the venv matches a hash of pyproject.toml, this
 # script and the repo path; the op step always runs (it skips present builds).
 set -euo pipefail
@@ -30,11 +32,26 @@ build_ops() {   # the C++ CPU op into mikv_vllm/cpu/prebuilt (only on CPU instal
     log "C++ CPU op ready ($((SECONDS - t)) s)"
 }
 
+tcmalloc() {   # the engine processes' allocator (mikv_vllm/vllm_glue/allocator.py preloads it)
+    [[ ",$EXTRAS," == *",cpu,"* && "${MIKV_CPU_MALLOC:-tcmalloc}" == tcmalloc ]] || return 0
+    ldconfig -p 2>/dev/null | grep -q 'libtcmalloc\(_minimal\)\?\.so\.4' && return 0
+    if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+        log "apt-get install libtcmalloc-minimal4 (the engine processes' allocator)"
+        if (apt-get install -y --no-install-recommends libtcmalloc-minimal4 >/dev/null 2>&1 \
+            || { apt-get update >/dev/null 2>&1 && apt-get install -y --no-install-recommends libtcmalloc-minimal4 >/dev/null 2>&1; }); then
+            return 0
+        fi
+    fi
+    log "warning: no tcmalloc installed (apt-get install libtcmalloc-minimal4, or your distribution's gperftools"
+    log "  package): servers run on glibc malloc, whose worker RSS grows under long mixed load (docs/results.md)"
+}
+
 key="$( { cat "$ROOT/pyproject.toml" "${BASH_SOURCE[0]}"; echo "$ROOT|$EXTRAS|$TORCH_SPEC"; } | sha256sum | cut -c1-32)"
 
 if [[ "${MIKV_SETUP_FORCE:-0}" != 1 && -f "$STAMP" && "$(cat "$STAMP")" == "$key" && -x "$VENV/bin/python" ]] \
    && "$VENV/bin/python" -c "import mikv_vllm" 2>/dev/null; then
     log "environment up to date ($VENV)"
+    tcmalloc
     build_ops
     exit 0
 fi
@@ -87,5 +104,6 @@ print(f"[setup] python {sys.version.split()[0]}, torch {torch.__version__}, "
       f"vllm {getattr(vllm, '__version__', '?')}, mikv-vllm {mikv_vllm.__version__}", file=sys.stderr)
 PY
 echo "$key" > "$STAMP"
+tcmalloc
 build_ops
 log "done in $((SECONDS - t0)) s"

@@ -11,7 +11,7 @@ from mikv_vllm import envs
 
 ROOT = Path(__file__).resolve().parents[1]
 # reads of variables that are not mikv-vllm switches (set by others, read for their sake)
-FOREIGN = ("PROMETHEUS_MULTIPROC_DIR",)
+FOREIGN = ("PROMETHEUS_MULTIPROC_DIR", "LD_PRELOAD")
 READ = re.compile(r"os\.environ\.get\(|os\.getenv\(|os\.environ\[[^\]]+\](?!\s*=[^=])|\bin os\.environ\b")
 
 
@@ -39,7 +39,8 @@ def test_usage_doc_lists_every_switch():
 def test_bad_values_name_the_switch(monkeypatch):
     for name, reader, bad in ((envs.OPS, envs.ops, "gpu"), (envs.CPU_ISA, envs.cpu_isa, "sse9"),
                               (envs.STATS_LAYERS, envs.stats_layers, "some"), (envs.WORKSPACE_MB, envs.workspace_mb, "-1"),
-                              (envs.WORKSPACE_MB, envs.workspace_mb, "lots"), (envs.STATS_INTERVAL, envs.stats_interval, "x")):
+                              (envs.WORKSPACE_MB, envs.workspace_mb, "lots"), (envs.STATS_INTERVAL, envs.stats_interval, "x"),
+                              (envs.CPU_MALLOC, envs.cpu_malloc, "jemalloc")):
         monkeypatch.setenv(name, bad)
         with pytest.raises(ValueError, match=f"{name}="):
             reader()

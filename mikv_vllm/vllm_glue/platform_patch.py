@@ -67,3 +67,7 @@ def install() -> None:
         return path
 
     platform_cls.get_attn_backend_cls = classmethod(get_attn_backend_cls)
+    if is_cpu:
+        from .allocator import preload_tcmalloc
+
+        preload_tcmalloc()   # for the engine processes this one spawns (vLLM's CPU convention)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from mikv_vllm.vllm_glue.allocator import find_tcmalloc
+
 pytestmark = pytest.mark.engine
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,3 +32,6 @@ def test_two_minute_soak(model_dir, tmp_path):
     assert s["preemptions"] > 0 and s["prefix_cache_hits"] > 0, s     # the budget bit, the prefixes hit
     assert s["cancelled"] > 0 and 0 < s["streamed"] < s["requests"], s
     assert proc.returncode == 0, tail
+    if find_tcmalloc() is not None:      # the engine processes run on the system's tcmalloc (allocator.py)
+        workers = [p for p in s["server_processes"].values() if "Worker" in p["name"]]
+        assert workers and all(p["tcmalloc"] for p in workers), s["server_processes"]
