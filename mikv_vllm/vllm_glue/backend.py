@@ -167,7 +167,7 @@ class MiKVMetadataBuilder(AttentionMetadataBuilder[MiKVMetadata]):
         self.layout = RegionLayout.build(config, block_size, head_size)
         self.heads = (num_heads, num_kv_heads)
         self.plans = PlanBuilder(config, self.layout, max_rows, max_cols, device)
-        self.ops = get_ops(device)
+        self.ops = get_ops(device, self.layout)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> MiKVMetadata:
