@@ -110,10 +110,10 @@ def store_at(regions: torch.Tensor, layout: RegionLayout, blk: torch.Tensor, off
     views = layout.views(regions)
     if layout.hi_slots:
         views.tag[blk[off == 0]] = 0
-    if layout.bits:
+    if layout.has_lo:
         kb = balance_keys(k, balancer) if balancer is not None else k.float()
-        pk, sk = quantize(kb, layout.bits, layout.group)
-        pv, sv = quantize(v.float(), layout.bits, layout.group)
+        pk, sk = quantize(kb, layout.k_bits, layout.group)
+        pv, sv = quantize(v.float(), layout.v_bits, layout.group)
         views.k_lo[blk, :, off] = pk
         views.k_sz[blk, :, off] = sk
         views.v_lo[blk, :, off] = pv
@@ -129,16 +129,16 @@ def lo_context(regions: torch.Tensor, layout: RegionLayout, blocks: torch.Tensor
     lo_bits 0 every position is invalid with K = V = 0 (evicted unless a hi copy is laid over it).
     """
     h, d, dev = regions.shape[1], layout.head_dim, regions.device
-    if not layout.bits:
+    if not layout.has_lo:
         zeros = torch.zeros(h, length, d, device=dev)
         return zeros, zeros.clone(), torch.zeros(h, length, dtype=torch.bool, device=dev)
     views = layout.views(regions)
 
-    def lo(packed: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
-        x = dequantize(packed[blocks], sz[blocks], layout.bits, layout.group, d)   # [nb, H, N, D]
+    def lo(packed: torch.Tensor, sz: torch.Tensor, bits: int) -> torch.Tensor:
+        x = dequantize(packed[blocks], sz[blocks], bits, layout.group, d)   # [nb, H, N, D]
         return x.transpose(0, 1).reshape(h, -1, d)[:, :length]
 
-    k, v = lo(views.k_lo, views.k_sz), lo(views.v_lo, views.v_sz)
+    k, v = lo(views.k_lo, views.k_sz, layout.k_bits), lo(views.v_lo, views.v_sz, layout.v_bits)
     if balancer is not None:
         k = unbalance_keys(k, balancer[:, None, :])
     return k.contiguous(), v.contiguous(), torch.ones(h, length, dtype=torch.bool, device=dev)

@@ -61,11 +61,11 @@ def gather_decode(regions: torch.Tensor, layout: RegionLayout, block_tables: tor
     blocks, own = _blocks_for(block_tables, pos, n)
     lmax = int(pos.max()) if bsz else 0
     in_ctx = (torch.arange(lmax, device=pos.device)[None, :] < pos[:, None])[:, None].expand(bsz, h, lmax)
-    if layout.bits:
-        def lo(packed: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
-            return _per_head(dequantize(packed[blocks], sz[blocks], layout.bits, layout.group, d))[:, :, :lmax]
+    if layout.has_lo:
+        def lo(packed: torch.Tensor, sz: torch.Tensor, bits: int) -> torch.Tensor:
+            return _per_head(dequantize(packed[blocks], sz[blocks], bits, layout.group, d))[:, :, :lmax]
 
-        k, v = lo(views.k_lo, views.k_sz), lo(views.v_lo, views.v_sz)
+        k, v = lo(views.k_lo, views.k_sz, layout.k_bits), lo(views.v_lo, views.v_sz, layout.v_bits)
         if balancer is not None:
             k = unbalance_keys(k, balancer[:, :, None, :])
         # positions past a request's context may hold stale or foreign bytes (NaN included):
