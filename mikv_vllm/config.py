@@ -54,7 +54,8 @@ class MiKVConfig:
     balancer       per-channel key balancer b = sqrt(max|q| / max|k|).
     score_dtype    dtype of the per-token accumulated score (float32 only).
     rotation       rotate q, k, v of every KV head by a fixed randomised Hadamard matrix before
-                   the cache (outputs rotated back; core.rotation); needs a power-of-two head_dim.
+                   the cache (outputs rotated back; core.rotation) where the head_dim is a power of
+                   two; on any other head_dim the unrotated variant runs (:meth:`for_head_dim`).
     """
 
     name: str = "custom"
@@ -130,9 +131,18 @@ class MiKVConfig:
             g = self.group_for(head_dim)
             if head_dim % g:
                 raise MiKVConfigError("group_size", f"{g} does not divide head_dim {head_dim}")
-            if self.rotation and (head_dim <= 0 or head_dim & (head_dim - 1)):
-                raise MiKVConfigError("rotation", f"the Hadamard rotation needs a power-of-two head_dim, got {head_dim}")
         return self
+
+    def for_head_dim(self, head_dim: int) -> tuple["MiKVConfig", str | None]:
+        """The config a model of ``head_dim`` runs, and why it differs (None when it does not): a
+        rotation the head_dim cannot take (:func:`rotation_supported`) falls back to the unrotated
+        variant, not an error, so a rotated preset serves every model. Other fields are validated."""
+        self.validate(head_dim)
+        if self.rotation and not rotation_supported(head_dim):
+            return self.replace(rotation=False), (
+                f"MiKV config {self.name!r} asks for the Hadamard rotation, which needs a power-of-two "
+                f"head_dim; head_dim is {head_dim}: serving the unrotated variant")
+        return self, None
 
     # ----------------------------------------------------------------- derived
     @property
@@ -285,6 +295,11 @@ def _resolve_bits(config: MiKVConfig) -> None:
     object.__setattr__(config, "k_bits", k)
     object.__setattr__(config, "v_bits", v)
     object.__setattr__(config, "lo_bits", k if k == v else None)
+
+
+def rotation_supported(head_dim: int) -> bool:
+    """The Hadamard rotation (core.rotation) takes a power-of-two head_dim only."""
+    return head_dim > 0 and not head_dim & (head_dim - 1)
 
 
 def _check_type(name: str, value: Any, types: type | tuple[type, ...]) -> None:

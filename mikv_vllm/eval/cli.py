@@ -271,6 +271,7 @@ def tune_candidates(budget: float, head_dim: int, block_size: int):
     cache): mikv INT2 / 3 / 4 (:data:`TUNE_MIKV_FORMATS`), uniform rtn (:data:`TUNE_RTN_FORMATS`, the
     most bits that fit), h2o with fp8 copies."""
     from . import configs as C
+    from ..config import rotation_supported
     from ..core.layout import dense_bytes_per_token
 
     limit = budget * dense_bytes_per_token(head_dim, 2)
@@ -279,6 +280,8 @@ def tune_candidates(budget: float, head_dim: int, block_size: int):
     def best(cands):
         fit = []
         for c in cands:
+            if c.rotation and not rotation_supported(head_dim):
+                continue            # would run unrotated: the unrotated candidate is another row
             try:
                 fit.append((C.bytes_of(c, head_dim, block_size), c))
             except ValueError:      # a format this head_dim cannot take (group, rotation)
@@ -297,6 +300,8 @@ def tune_candidates(budget: float, head_dim: int, block_size: int):
         (default group head_dim / 2; the balancer back on)."""
         try:
             C.rtn_config(4, **{k: v for k, v in fmt.items() if k in ("group_size", "rotation")}).validate(head_dim)
+            if fmt.get("rotation") and not rotation_supported(head_dim):
+                raise ValueError("rotation needs a power-of-two head_dim")
             return fmt
         except ValueError:
             return {**{k: v for k, v in fmt.items() if k not in ("group_size", "rotation")}, "balancer": True}

@@ -28,7 +28,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
-from ..config import MiKVConfig, merge_settings, preset
+from ..config import MiKVConfig, merge_settings, preset, rotation_supported
 from ..core.layout import RegionLayout, dense_bytes_per_token, paper_cache_fraction
 
 STOCK = "stock"
@@ -335,6 +335,8 @@ def screen_configs(head_dim: int, block_size: int, lo_bits: Sequence[int] = SCRE
     for c, fam in cfgs:
         if c.has_lo and c.group_size is not None and head_dim % c.group_size:
             continue     # the grid's groups are exact (a smaller divisor would be another row's format)
+        if c.rotation and not rotation_supported(head_dim):
+            continue     # would run unrotated: another row's engine
         try:
             c.validate(head_dim)
         except ValueError:
