@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # semantics tests first (pytest -x stops at the first failure; later paths are deduplicated)
 TESTS = ["tests/kernels/test_ops_contract.py", "tests/core/test_importance.py", "tests/core/test_selection.py", "tests/core/test_reference.py",
          "tests/core/test_decode_batch.py", "tests/core/test_shared_prefix.py", "tests/core/test_quant.py", "tests/cpu", "tests/kernels", "tests/core",
-         "tests/test_ops_at_start.py"]
+         "tests/test_ops_at_start.py", "tests/test_ops_select_bits.py"]
 
 REF = "mikv_vllm/core/reference.py"
 # The torch code of REF's edits since the op sets split off (core/page.py: the per-request page steps;
@@ -207,6 +207,9 @@ MUTATIONS = [
              "a fake-quant reference or the byte offsets tell)",
              ((LAY, "        n, d, kb, vb = block_size, head_dim, config.k_bits, config.v_bits\n",
                "        n, d, kb, vb = block_size, head_dim, config.v_bits, config.k_bits\n"),)),
+    Mutation("split-bits-guard-bypassed", "the backend picks its op set without the layout: a C++ / Triton op set "
+             "would serve k_bits != v_bits it does not implement",
+             ((BKD, "        self.ops = get_ops(device, self.layout)\n", "        self.ops = get_ops(device)\n"),)),
     Mutation("rotation-not-orthogonal", "the Hadamard rotation is scaled by 1/D instead of 1/sqrt(D)",
              ((ROT, "    return signs[:, None] * hadamard(d) / math.sqrt(d)", "    return signs[:, None] * hadamard(d) / d"),)),
     # issue #24: where and how the C++ op is built and chosen
