@@ -20,6 +20,9 @@ SCORERS = ("accumulated", "window")
 # exceeds the per-step attention mass), which silently freezes the ranking of old tokens.
 SCORE_DTYPES = ("float32",)
 POLICIES = ("mikv", "rtn", "h2o")
+# per-group lo metadata: "fp16" = fp16 scale + fp16 zero (4 B per group); "fp8-scale" = the scale
+# rounded up to fp8 e5m2 + fp16 zero (3 B per group)
+GROUP_METAS = ("fp16", "fp8-scale")
 
 
 class MiKVConfigError(ValueError):
@@ -53,6 +56,8 @@ class MiKVConfig:
                    prefill chunk vote; decode rows always vote).
     balancer       per-channel key balancer b = sqrt(max|q| / max|k|).
     score_dtype    dtype of the per-token accumulated score (float32 only).
+    group_meta     per-group (scale, zero) storage: "fp16" (4 B per group) or "fp8-scale" (scale rounded
+                   up to fp8 e5m2, zero fp16: 3 B per group; torch op set only for now).
     rotation       rotate q, k, v of every KV head by a fixed randomised Hadamard matrix before
                    the cache (outputs rotated back; core.rotation) where the head_dim is a power of
                    two; on any other head_dim the unrotated variant runs (:meth:`for_head_dim`).
@@ -73,6 +78,7 @@ class MiKVConfig:
     balancer: bool = True
     score_dtype: str = "float32"
     rotation: bool = False
+    group_meta: str = "fp16"
 
     def __post_init__(self) -> None:
         _resolve_bits(self)
@@ -114,6 +120,8 @@ class MiKVConfig:
             raise MiKVConfigError("obs_window", f"must be positive, got {self.obs_window}")
         _check_type("balancer", self.balancer, bool)
         _check_type("rotation", self.rotation, bool)
+        if self.group_meta not in GROUP_METAS:
+            raise MiKVConfigError("group_meta", f"must be one of {GROUP_METAS}, got {self.group_meta!r}")
         if self.score_dtype == "float16":
             raise MiKVConfigError("score_dtype", "float16 is no longer supported (an fp16 running sum stops "
                                   "accumulating once scores are large); use float32")

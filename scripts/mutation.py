@@ -197,8 +197,8 @@ MUTATIONS = [
              ((KOP, "    store_tokens(regions, layout, blk, pos % n, k, v, bal)\n", "    store_tokens(regions, layout, blk, pos % n, k, v, None)\n"),)),
     # issue 26: keys and values at their own widths
     Mutation("kv-bits-swapped", "the oracle and the torch op set quantize / read keys at v_bits and values at k_bits",
-             ((PAGE, "        pk, sk = quantize(kb, layout.k_bits, layout.group)\n        pv, sv = quantize(v.float(), layout.v_bits, layout.group)\n",
-               "        pk, sk = quantize(kb, layout.v_bits, layout.group)\n        pv, sv = quantize(v.float(), layout.k_bits, layout.group)\n"),
+             ((PAGE, "        pk, sk = quantize(kb, layout.k_bits, layout.group, layout.scale_fp8)\n        pv, sv = quantize(v.float(), layout.v_bits, layout.group, layout.scale_fp8)\n",
+               "        pk, sk = quantize(kb, layout.v_bits, layout.group, layout.scale_fp8)\n        pv, sv = quantize(v.float(), layout.k_bits, layout.group, layout.scale_fp8)\n"),
               (PAGE, "    k, v = lo(views.k_lo, views.k_sz, layout.k_bits), lo(views.v_lo, views.v_sz, layout.v_bits)",
                "    k, v = lo(views.k_lo, views.k_sz, layout.v_bits), lo(views.v_lo, views.v_sz, layout.k_bits)"),
               (TDEC, "        k, v = lo(views.k_lo, views.k_sz, layout.k_bits), lo(views.v_lo, views.v_sz, layout.v_bits)",
@@ -207,6 +207,10 @@ MUTATIONS = [
              "a fake-quant reference or the byte offsets tell)",
              ((LAY, "        n, d, kb, vb = block_size, head_dim, config.k_bits, config.v_bits\n",
                "        n, d, kb, vb = block_size, head_dim, config.v_bits, config.k_bits\n"),)),
+    Mutation("fp8-scale-not-rounded", "fp8-scale pages store fp16 scales cut to their high byte (rounded down, "
+             "not up: codes no longer cover the group)",
+             ((PAGE, "        pk, sk = quantize(kb, layout.k_bits, layout.group, layout.scale_fp8)\n        pv, sv = quantize(v.float(), layout.v_bits, layout.group, layout.scale_fp8)\n",
+               "        pk, sk = quantize(kb, layout.k_bits, layout.group)\n        pv, sv = quantize(v.float(), layout.v_bits, layout.group)\n"),)),
     Mutation("split-bits-guard-bypassed", "the backend picks its op set without the layout: a C++ / Triton op set "
              "would serve k_bits != v_bits it does not implement",
              ((BKD, "        self.ops = get_ops(device, self.layout)\n", "        self.ops = get_ops(device)\n"),)),

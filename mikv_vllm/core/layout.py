@@ -41,6 +41,7 @@ HI_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float3
                    "float8_e4m3fn": torch.float8_e4m3fn}
 HI_BITS = {name: torch.finfo(dt).bits for name, dt in HI_TORCH_DTYPES.items()}
 SCORE_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+META_BYTES = {"fp16": 4, "fp8-scale": 3}
 
 
 def _align(n: int, a: int = ALIGN) -> int:
@@ -76,6 +77,17 @@ class RegionLayout:
     v_hi: int
     balancer: int
     region_bytes: int
+    group_meta: str = "fp16"      # config.GROUP_METAS: (scale, zero) storage per group
+
+    @property
+    def meta_bytes(self) -> int:
+        """Bytes of one group's (scale, zero): 4 (two fp16) or 3 (fp8 e5m2 scale, fp16 zero)."""
+        return META_BYTES[self.group_meta]
+
+    @property
+    def scale_fp8(self) -> bool:
+        """Scales are rounded to fp8 e5m2 and stored packed (``quant.pack_meta``)."""
+        return self.group_meta == "fp8-scale"
 
     # ---------------------------------------------------------------- build
     @classmethod
@@ -95,8 +107,9 @@ class RegionLayout:
         off = 0
         k_lo = off; off = _align(off + n * (d * kb // 8))
         v_lo = off; off = _align(off + n * (d * vb // 8))
-        k_sz = off; off = _align(off + n * groups * 4)
-        v_sz = off; off = _align(off + n * groups * 4)
+        mb = META_BYTES[config.group_meta]
+        k_sz = off; off = _align(off + n * groups * mb)
+        v_sz = off; off = _align(off + n * groups * mb)
         tag = off; off = _align(off + r * 4)
         score = off; off = _align(off + r * sc_es)
         k_hi = off; off = _align(off + r * d * hi_es)
@@ -105,7 +118,7 @@ class RegionLayout:
         balancer = off; off = _align(off + (d * 2 if has_bal else 0))
         per_token = math.ceil(off / n)  # C in whole bytes
         return cls(n, d, kb, vb, g, r, hi_dt, sc_dt, has_bal, k_lo, v_lo, k_sz, v_sz, score, tag, k_hi,
-                   v_hi, balancer, per_token * n)
+                   v_hi, balancer, per_token * n, config.group_meta)
 
     # ------------------------------------------------------------- accounting
     @property
@@ -150,7 +163,7 @@ class RegionLayout:
         n = self.block_size
         hi_es = torch.empty((), dtype=self.hi_dtype).element_size()
         sc_es = torch.empty((), dtype=self.score_dtype).element_size()
-        lo_kv = self.k_packed_bytes + self.v_packed_bytes + 2 * self.groups * 4
+        lo_kv = self.k_packed_bytes + self.v_packed_bytes + 2 * self.groups * self.meta_bytes
         hi_kv = self.hi_slots * 2 * self.head_dim * hi_es / n
         score = self.hi_slots * sc_es / n
         tags = self.hi_slots * 4 / n
@@ -186,8 +199,10 @@ class RegionLayout:
         return RegionViews(
             k_lo=typed(self.k_lo, n * pk, torch.uint8, (n, pk)),
             v_lo=typed(self.v_lo, n * pv, torch.uint8, (n, pv)),
-            k_sz=typed(self.k_sz, n * g * 4, torch.float16, (n, g, 2)),
-            v_sz=typed(self.v_sz, n * g * 4, torch.float16, (n, g, 2)),
+            k_sz=typed(self.k_sz, n * g * 4, torch.float16, (n, g, 2)) if not self.scale_fp8
+            else typed(self.k_sz, n * g * 3, torch.uint8, (n, g, 3)),
+            v_sz=typed(self.v_sz, n * g * 4, torch.float16, (n, g, 2)) if not self.scale_fp8
+            else typed(self.v_sz, n * g * 3, torch.uint8, (n, g, 3)),
             score=typed(self.score, r * sc_es, self.score_dtype, (r,)),
             tag=typed(self.tag, r * 4, torch.int32, (r,)),
             k_hi=typed(self.k_hi, r * d * hi_es, self.hi_dtype, (r, d)),
@@ -203,7 +218,7 @@ class RegionViews:
 
     k_lo: torch.Tensor      # [..., N, Pk] uint8
     v_lo: torch.Tensor      # [..., N, Pv] uint8
-    k_sz: torch.Tensor      # [..., N, G, 2] fp16 (scale, zero)
+    k_sz: torch.Tensor      # [..., N, G, 2] fp16 (scale, zero); fp8-scale: [..., N, G, 3] uint8 (quant.pack_meta)
     v_sz: torch.Tensor      # [..., N, G, 2] fp16
     tag: torch.Tensor       # [..., R] int32, position + 1, 0 = empty
     score: torch.Tensor     # [..., R] score dtype: accumulated mass of the slot's token
@@ -239,10 +254,10 @@ def paper_cache_fraction(config: MiKVConfig, head_dim: int) -> float:
 
 def lo_bits_per_element(config: MiKVConfig, head_dim: int) -> float:
     """Bits per element of the lo copy, K and V averaged: ``(k_bits + v_bits)/2 + 32/g``
-    (fp16 scale and zero per group of g); 0 for eviction."""
+    (fp16 scale and zero per group of g; 24/g with the fp8-scale metadata); 0 for eviction."""
     if not config.has_lo:
         return 0.0
-    return (config.k_bits + config.v_bits) / 2 + 32 / config.group_for(head_dim)
+    return (config.k_bits + config.v_bits) / 2 + 8 * META_BYTES[config.group_meta] / config.group_for(head_dim)
 
 
 def dense_bytes_per_token(head_dim: int, dtype_size: int = 2) -> int:

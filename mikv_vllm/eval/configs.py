@@ -308,6 +308,8 @@ def format_label(config: MiKVConfig, head_dim: int) -> str:
     parts = [f"g{config.group_for(head_dim)}"] if config.has_lo else []
     if config.hi_ratio and config.hi_dtype != "float16":
         parts.append({"float8_e4m3fn": "fp8"}.get(config.hi_dtype, config.hi_dtype))
+    if config.has_lo and config.group_meta != "fp16":
+        parts.append(config.group_meta)
     if config.rotation:
         parts.append("rot")
     if config.policy == "mikv" and not config.balancer:

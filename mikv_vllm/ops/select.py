@@ -16,12 +16,20 @@ OPS_CHOICES = envs.OPS_CHOICES
 NO_SPLIT_BITS = {"cpu", "triton"}
 
 
+# Op sets that store only fp16 (scale, zero) group metadata (issue 26's leaner metadata axis).
+FP16_META_ONLY = {"cpu", "triton"}
+
+
 def check_supports(layout: RegionLayout, op_set_name: str) -> None:
     """Raise a clear error when op set ``op_set_name`` cannot serve ``layout``."""
     if layout.k_bits != layout.v_bits and op_set_name in NO_SPLIT_BITS:
         raise RuntimeError(
             f"MiKV op set {op_set_name!r} does not support keys and values at different widths yet "
             f"(k_bits {layout.k_bits}, v_bits {layout.v_bits}); set {OPS_ENV}=torch for this config")
+    if layout.group_meta != "fp16" and layout.has_lo and op_set_name in FP16_META_ONLY:
+        raise RuntimeError(
+            f"MiKV op set {op_set_name!r} does not support group_meta {layout.group_meta!r} yet; "
+            f"set {OPS_ENV}=torch for this config")
 
 
 def ops_choice() -> str:

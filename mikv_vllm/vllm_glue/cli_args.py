@@ -12,7 +12,7 @@ import argparse
 import logging
 from typing import Any
 
-from ..config import (HI_DTYPES, LO_BITS, POLICIES, PRESETS, SCORE_DTYPES, SCORERS, MiKVConfig, MiKVConfigError,
+from ..config import (GROUP_METAS, HI_DTYPES, LO_BITS, POLICIES, PRESETS, SCORE_DTYPES, SCORERS, MiKVConfig, MiKVConfigError,
                       merge_settings)
 
 logger = logging.getLogger("vllm.mikv")  # child of vLLM's configured logger
@@ -33,6 +33,8 @@ FIELD_FLAGS: dict[str, dict[str, Any]] = {
     "obs_window": dict(type=int, help="Observation-window rows for scorer 'window'."),
     "balancer": dict(action=argparse.BooleanOptionalAction, help="Per-channel key outlier balancer."),
     "score_dtype": dict(type=str, help=f"Accumulated score dtype, one of {SCORE_DTYPES}."),
+    "group_meta": dict(type=str, help=f"Per-group (scale, zero) storage, one of {GROUP_METAS} (fp8-scale: 3 B "
+                       "per group instead of 4; torch op set only for now)."),
     "rotation": dict(action=argparse.BooleanOptionalAction,
                      help="Randomised Hadamard rotation of q/k/v per KV head (power-of-two head_dim)."),
 }
