@@ -20,6 +20,9 @@ SCORERS = ("accumulated", "window")
 # exceeds the per-step attention mass), which silently freezes the ranking of old tokens.
 SCORE_DTYPES = ("float32",)
 POLICIES = ("mikv", "rtn", "h2o")
+# per-group lo metadata: "fp16" = fp16 scale + fp16 zero (4 B per group); "fp8-scale" = the scale
+# rounded up to fp8 e5m2 + fp16 zero (3 B per group)
+GROUP_METAS = ("fp16", "fp8-scale")
 
 
 class MiKVConfigError(ValueError):
@@ -34,8 +37,11 @@ class MiKVConfigError(ValueError):
 class MiKVConfig:
     """Mixed-precision KV cache settings (one per engine, all layers alike).
 
-    lo_bits        bits of the low-precision copy every token gets (0 = no copy:
+    k_bits         bits of the low-precision copy of every token's key (0 = no copy:
                    tokens outside the hi set are evicted, i.e. H2O).
+    v_bits         the same for values; both 0 (eviction) or both > 0.
+    lo_bits        input alias that sets k_bits and v_bits alike; after construction it holds
+                   their common width, or None when they differ (never serialised by to_dict).
     group_size     at most this many channels per quantization group along head_dim: the largest
                    divisor of head_dim not above it (64 at head_dim 64 or 128, 48 at 96, 40 at
                    80); None = head_dim / 2.
@@ -50,13 +56,18 @@ class MiKVConfig:
                    prefill chunk vote; decode rows always vote).
     balancer       per-channel key balancer b = sqrt(max|q| / max|k|).
     score_dtype    dtype of the per-token accumulated score (float32 only).
+    group_meta     per-group (scale, zero) storage: "fp16" (4 B per group) or "fp8-scale" (scale rounded
+                   up to fp8 e5m2, zero fp16: 3 B per group; torch op set only for now).
     rotation       rotate q, k, v of every KV head by a fixed randomised Hadamard matrix before
-                   the cache (outputs rotated back; core.rotation); needs a power-of-two head_dim.
+                   the cache (outputs rotated back; core.rotation) where the head_dim is a power of
+                   two; on any other head_dim the unrotated variant runs (:meth:`for_head_dim`).
     """
 
     name: str = "custom"
     policy: str = "mikv"
-    lo_bits: int = 2
+    k_bits: int | None = None
+    v_bits: int | None = None
+    lo_bits: int | None = None
     group_size: int | None = None
     hi_dtype: str = "float16"
     hi_ratio: float = 0.2
@@ -67,8 +78,10 @@ class MiKVConfig:
     balancer: bool = True
     score_dtype: str = "float32"
     rotation: bool = False
+    group_meta: str = "fp16"
 
     def __post_init__(self) -> None:
+        _resolve_bits(self)
         self.validate()
 
     # ------------------------------------------------------------------ checks
@@ -77,9 +90,13 @@ class MiKVConfig:
         _check_type("name", self.name, str)
         if self.policy not in POLICIES:
             raise MiKVConfigError("policy", f"must be one of {POLICIES}, got {self.policy!r}")
-        _check_type("lo_bits", self.lo_bits, int)
-        if self.lo_bits not in LO_BITS:
-            raise MiKVConfigError("lo_bits", f"must be one of {LO_BITS}, got {self.lo_bits}")
+        for name in ("k_bits", "v_bits"):
+            _check_type(name, getattr(self, name), int)
+            if getattr(self, name) not in LO_BITS:
+                raise MiKVConfigError(name, f"must be one of {LO_BITS}, got {getattr(self, name)}")
+        if (self.k_bits == 0) != (self.v_bits == 0):
+            raise MiKVConfigError("v_bits", f"keys and values are both evicted (0 bits) or both kept; got "
+                                  f"k_bits {self.k_bits}, v_bits {self.v_bits}")
         if self.group_size is not None:
             _check_type("group_size", self.group_size, int)
             if self.group_size <= 0:
@@ -103,28 +120,49 @@ class MiKVConfig:
             raise MiKVConfigError("obs_window", f"must be positive, got {self.obs_window}")
         _check_type("balancer", self.balancer, bool)
         _check_type("rotation", self.rotation, bool)
+        if self.group_meta not in GROUP_METAS:
+            raise MiKVConfigError("group_meta", f"must be one of {GROUP_METAS}, got {self.group_meta!r}")
         if self.score_dtype == "float16":
             raise MiKVConfigError("score_dtype", "float16 is no longer supported (an fp16 running sum stops "
                                   "accumulating once scores are large); use float32")
         if self.score_dtype not in SCORE_DTYPES:
             raise MiKVConfigError("score_dtype", f"must be one of {SCORE_DTYPES}, got {self.score_dtype!r}")
-        if self.lo_bits == 0 and self.hi_ratio == 0:
+        if self.k_bits == 0 and self.hi_ratio == 0:
             raise MiKVConfigError("hi_ratio", "lo_bits 0 (eviction) with hi_ratio 0 would keep no token")
         if self.policy == "rtn" and self.hi_ratio != 0:
             raise MiKVConfigError("hi_ratio", f"policy 'rtn' (uniform low-bit) needs hi_ratio 0, got {self.hi_ratio}")
-        if self.policy == "h2o" and self.lo_bits != 0:
-            raise MiKVConfigError("lo_bits", f"policy 'h2o' (eviction) needs lo_bits 0, got {self.lo_bits}")
-        if self.policy == "mikv" and (self.lo_bits == 0 or self.hi_ratio == 0):
+        if self.policy == "h2o" and self.k_bits != 0:
+            raise MiKVConfigError("lo_bits", f"policy 'h2o' (eviction) needs lo_bits 0, got k_bits {self.k_bits}")
+        if self.policy == "mikv" and (self.k_bits == 0 or self.hi_ratio == 0):
             raise MiKVConfigError("policy", "'mikv' needs lo_bits > 0 and hi_ratio > 0 (use 'h2o' or 'rtn')")
         if head_dim is not None:
             g = self.group_for(head_dim)
             if head_dim % g:
                 raise MiKVConfigError("group_size", f"{g} does not divide head_dim {head_dim}")
-            if self.rotation and (head_dim <= 0 or head_dim & (head_dim - 1)):
-                raise MiKVConfigError("rotation", f"the Hadamard rotation needs a power-of-two head_dim, got {head_dim}")
         return self
 
+    def for_head_dim(self, head_dim: int) -> tuple["MiKVConfig", str | None]:
+        """The config a model of ``head_dim`` runs, and why it differs (None when it does not): a
+        rotation the head_dim cannot take (:func:`rotation_supported`) falls back to the unrotated
+        variant, not an error, so a rotated preset serves every model. Other fields are validated."""
+        self.validate(head_dim)
+        if self.rotation and not rotation_supported(head_dim):
+            return self.replace(rotation=False), (
+                f"MiKV config {self.name!r} asks for the Hadamard rotation, which needs a power-of-two "
+                f"head_dim; head_dim is {head_dim}: serving the unrotated variant")
+        return self, None
+
     # ----------------------------------------------------------------- derived
+    @property
+    def has_lo(self) -> bool:
+        """Every token keeps a low-precision copy (False: eviction, h2o)."""
+        return self.k_bits > 0
+
+    @property
+    def bits_label(self) -> str:
+        """``int4`` when keys and values share a width, else ``k4v3``."""
+        return f"int{self.k_bits}" if self.k_bits == self.v_bits else f"k{self.k_bits}v{self.v_bits}"
+
     def group_for(self, head_dim: int) -> int:
         """Quantization group size for ``head_dim``: the largest divisor of ``head_dim`` not above
         ``group_size`` (default head_dim / 2)."""
@@ -161,9 +199,9 @@ class MiKVConfig:
         for key in data:
             if key not in known:
                 raise MiKVConfigError(key, f"unknown key; valid keys: {sorted(known | {'preset'})}")
-        values = dataclasses.asdict(base)
-        overrides = {k: v for k, v in data.items() if values.get(k) != v or k == "name"}
-        values.update(data)
+        values = base.to_dict()
+        overrides = {k: v for k, v in data.items() if getattr(base, k) != v or k == "name"}
+        values = merge_settings(values, data)
         if "name" not in data:
             values["name"] = base_name if not overrides else f"{base_name}+custom"
         return cls(**values)
@@ -219,10 +257,57 @@ class MiKVConfig:
         raise MiKVConfigError("<value>", f"{text!r} is neither JSON, an existing file nor a preset {sorted(PRESETS)}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """All fields but the ``lo_bits`` alias (``k_bits``/``v_bits`` carry it)."""
+        d = dataclasses.asdict(self)
+        d.pop("lo_bits")
+        return d
 
     def replace(self, **changes: Any) -> "MiKVConfig":
-        return dataclasses.replace(self, **changes)
+        """A copy with ``changes``; ``lo_bits`` sets both widths unless k_bits/v_bits are also given."""
+        return type(self)(**merge_settings(self.to_dict(), changes))
+
+
+def merge_settings(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` updated by ``override`` (both mappings of config fields), with the ``lo_bits``
+    alias resolved: a ``lo_bits`` in ``override`` replaces base's k_bits/v_bits, a ``k_bits`` or
+    ``v_bits`` in ``override`` replaces base's ``lo_bits`` (its other width stays). A ``lo_bits``
+    that contradicts an explicit k_bits/v_bits of ``override`` stays for the constructor to refuse."""
+    out = dict(base)
+    lo = out.pop("lo_bits", None)
+    if lo is not None:
+        out.setdefault("k_bits", lo)
+        out.setdefault("v_bits", lo)
+    if "lo_bits" in override:
+        out.pop("k_bits", None)
+        out.pop("v_bits", None)
+    out.update(override)
+    return out
+
+
+def _resolve_bits(config: MiKVConfig) -> None:
+    """Fill k_bits/v_bits from the ``lo_bits`` alias (default 2) and set ``lo_bits`` to their common
+    width (None when they differ). A ``lo_bits`` that contradicts k_bits/v_bits is an error."""
+    lo = config.lo_bits
+    if lo is not None:
+        _check_type("lo_bits", lo, int)
+        if lo not in LO_BITS:
+            raise MiKVConfigError("lo_bits", f"must be one of {LO_BITS}, got {lo}")
+        for name in ("k_bits", "v_bits"):
+            given = getattr(config, name)
+            if given is not None and given != lo:
+                raise MiKVConfigError("lo_bits", f"lo_bits {lo} sets keys and values alike but {name} is "
+                                      f"{given}; give either lo_bits or k_bits/v_bits")
+    default = 2 if lo is None else lo
+    k = config.k_bits if config.k_bits is not None else default
+    v = config.v_bits if config.v_bits is not None else default
+    object.__setattr__(config, "k_bits", k)
+    object.__setattr__(config, "v_bits", v)
+    object.__setattr__(config, "lo_bits", k if k == v else None)
+
+
+def rotation_supported(head_dim: int) -> bool:
+    """The Hadamard rotation (core.rotation) takes a power-of-two head_dim only."""
+    return head_dim > 0 and not head_dim & (head_dim - 1)
 
 
 def _check_type(name: str, value: Any, types: type | tuple[type, ...]) -> None:

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # semantics tests first (pytest -x stops at the first failure; later paths are deduplicated)
 TESTS = ["tests/kernels/test_ops_contract.py", "tests/core/test_importance.py", "tests/core/test_selection.py", "tests/core/test_reference.py",
          "tests/core/test_decode_batch.py", "tests/core/test_shared_prefix.py", "tests/core/test_quant.py", "tests/cpu", "tests/kernels", "tests/core",
-         "tests/test_ops_at_start.py"]
+         "tests/test_ops_at_start.py", "tests/test_ops_select_bits.py"]
 
 REF = "mikv_vllm/core/reference.py"
 # The torch code of REF's edits since the op sets split off (core/page.py: the per-request page steps;
@@ -59,6 +59,7 @@ ROT = "mikv_vllm/core/rotation.py"
 PRE = "mikv_vllm/cpu/mikv_prefill.cpp"
 BLD = "mikv_vllm/cpu/build.py"
 BKD = "mikv_vllm/vllm_glue/backend.py"
+LAY = "mikv_vllm/core/layout.py"
 QDT = "mikv_vllm/cpu/mikv_qdot.h"
 
 
@@ -194,6 +195,25 @@ MUTATIONS = [
                "    return load().decode_step(regions, list(layout_meta(layout)), block_tables, pos, q, k, v, float(scale) * 1.01, True,"),)),
     Mutation("triton-ops-store-unbalanced", "the Triton op set stores decode keys without the balancer (page bytes)",
              ((KOP, "    store_tokens(regions, layout, blk, pos % n, k, v, bal)\n", "    store_tokens(regions, layout, blk, pos % n, k, v, None)\n"),)),
+    # issue 26: keys and values at their own widths
+    Mutation("kv-bits-swapped", "the oracle and the torch op set quantize / read keys at v_bits and values at k_bits",
+             ((PAGE, "        pk, sk = quantize(kb, layout.k_bits, layout.group, layout.scale_fp8)\n        pv, sv = quantize(v.float(), layout.v_bits, layout.group, layout.scale_fp8)\n",
+               "        pk, sk = quantize(kb, layout.v_bits, layout.group, layout.scale_fp8)\n        pv, sv = quantize(v.float(), layout.k_bits, layout.group, layout.scale_fp8)\n"),
+              (PAGE, "    k, v = lo(views.k_lo, views.k_sz, layout.k_bits), lo(views.v_lo, views.v_sz, layout.v_bits)",
+               "    k, v = lo(views.k_lo, views.k_sz, layout.v_bits), lo(views.v_lo, views.v_sz, layout.k_bits)"),
+              (TDEC, "        k, v = lo(views.k_lo, views.k_sz, layout.k_bits), lo(views.v_lo, views.v_sz, layout.v_bits)",
+               "        k, v = lo(views.k_lo, views.k_sz, layout.v_bits), lo(views.v_lo, views.v_sz, layout.k_bits)"))),
+    Mutation("kv-bits-swapped-layout", "the page layout gives keys v_bits and values k_bits (self-consistent: only "
+             "a fake-quant reference or the byte offsets tell)",
+             ((LAY, "        n, d, kb, vb = block_size, head_dim, config.k_bits, config.v_bits\n",
+               "        n, d, kb, vb = block_size, head_dim, config.v_bits, config.k_bits\n"),)),
+    Mutation("fp8-scale-not-rounded", "fp8-scale pages store fp16 scales cut to their high byte (rounded down, "
+             "not up: codes no longer cover the group)",
+             ((PAGE, "        pk, sk = quantize(kb, layout.k_bits, layout.group, layout.scale_fp8)\n        pv, sv = quantize(v.float(), layout.v_bits, layout.group, layout.scale_fp8)\n",
+               "        pk, sk = quantize(kb, layout.k_bits, layout.group)\n        pv, sv = quantize(v.float(), layout.v_bits, layout.group)\n"),)),
+    Mutation("split-bits-guard-bypassed", "the backend picks its op set without the layout: a C++ / Triton op set "
+             "would serve k_bits != v_bits it does not implement",
+             ((BKD, "        self.ops = get_ops(device, self.layout)\n", "        self.ops = get_ops(device)\n"),)),
     Mutation("rotation-not-orthogonal", "the Hadamard rotation is scaled by 1/D instead of 1/sqrt(D)",
              ((ROT, "    return signs[:, None] * hadamard(d) / math.sqrt(d)", "    return signs[:, None] * hadamard(d) / d"),)),
     # issue #24: where and how the C++ op is built and chosen

@@ -65,11 +65,23 @@ def test_rotation_cuts_the_output_error_of_low_bit_keys():
     assert err[True] < 0.7 * err[False], err
 
 
-def test_rotation_needs_a_power_of_two_head_dim():
+def test_rotation_falls_back_on_a_head_dim_it_cannot_take(caplog, monkeypatch):
+    """A rotated preset on head_dim 96 (not a power of two) serves the unrotated variant, with one log
+    line per process (not one per layer), not an error."""
+    import logging
+
     from vllm.config import VllmConfig, set_current_vllm_config
 
-    from mikv_vllm.config import MiKVConfigError
+    from mikv_vllm.vllm_glue import backend
 
-    with set_current_vllm_config(VllmConfig(additional_config={"kv_cache_policy": "rtn", "mikv": {"rotation": True}})):
-        with pytest.raises(MiKVConfigError, match="power-of-two"):
-            MiKVAttentionImpl(6, 96, 0.1, 2)
+    caplog.set_level(logging.WARNING, logger="vllm.mikv")
+    monkeypatch.setattr(logging.getLogger("vllm.mikv"), "propagate", True)   # vLLM's logger config may stop it
+    monkeypatch.setattr(backend.MiKVAttentionImpl, "_fallback_logged", False)
+    extra = {"kv_cache_policy": "mikv", "mikv": {"preset": "mikv", "rotation": True}}
+    with set_current_vllm_config(VllmConfig(additional_config=extra)):
+        impls = [MiKVAttentionImpl(6, 96, 0.1, 2) for _ in range(3)]
+        rotated = MiKVAttentionImpl(6, 64, 0.1, 2)
+    assert all(i.rotation is None and i.config.rotation is False for i in impls)
+    assert rotated.rotation is not None and rotated.config.rotation is True
+    lines = [r.getMessage() for r in caplog.records if "unrotated" in r.getMessage()]
+    assert len(lines) == 1 and "head_dim is 96" in lines[0], lines

@@ -118,7 +118,7 @@ def test_sweep_cells_are_real_layouts_near_their_targets():
         frac = RegionLayout.build(c.config(), 128, 64).content_bytes / 256
         assert abs(frac - c.target) <= C.TARGET_TOLERANCE * c.target, (c.label, frac, c.target)
     rtn20 = [c for c in cells if c.policy == "rtn" and c.target == 0.2]
-    assert rtn20 and rtn20[0].mikv["lo_bits"] == 2
+    assert rtn20 and rtn20[0].mikv["k_bits"] == rtn20[0].mikv["v_bits"] == 2
 
 
 def test_full_suite_dedupes_shared_configs():
@@ -331,16 +331,18 @@ def test_screen_grid_covers_every_page_format_axis():
 
     cfgs = suite_configs("screen", 64, 128)
     assert cfgs[0].policy == "stock" and len({c.key() for c in cfgs}) == len(cfgs)
-    got = {(c.policy, c.mikv["lo_bits"], c.mikv["hi_ratio"], c.mikv["group_size"], c.mikv["hi_dtype"],
-            c.mikv["rotation"], c.mikv["balancer"]) for c in cfgs[1:]}
-    mikv = {("mikv", b, r, g, dt, rot, bal) for b, r, g, dt, rot, bal in itertools.product(
+    got = {(c.policy, (c.mikv["k_bits"], c.mikv["v_bits"]), c.mikv["hi_ratio"], c.mikv["group_size"],
+            c.mikv["hi_dtype"], c.mikv["rotation"], c.mikv["balancer"]) for c in cfgs[1:]}
+    mikv = {("mikv", (b, b), r, g, dt, rot, bal) for b, r, g, dt, rot, bal in itertools.product(
         (2, 3, 4), (0.05, 0.1), (32, 64), ("float16", "float8_e4m3fn"), (False, True), (True, False))
         if bal or rot}                                                     # balancer off only when rotated
+    kv = [(2, 2), (3, 3), (4, 4), (4, 3), (4, 2)]                          # keys and values apart (issue 26)
     mikv |= {("mikv", b, 0.03, 64, "float8_e4m3fn", rot, bal)               # the lean small-r rows
-             for b, rot, bal in itertools.product((2, 3, 4), (False, True), (True, False)) if bal or rot}
-    rtn = {("rtn", b, 0.0, g, "float16", rot, False)
+             for b, rot, bal in itertools.product(kv, (False, True), (True, False)) if bal or rot}
+    rtn = {("rtn", (b, b), 0.0, g, "float16", rot, False)
            for b, g, rot in itertools.product((2, 3, 4), (32, 64), (False, True))}
-    h2o = {("h2o", 0, r, None, dt, False, False) for r in (0.2, 0.3, 0.4) for dt in ("float16", "float8_e4m3fn")}
+    rtn |= {("rtn", b, 0.0, 64, "float16", rot, False) for b, rot in itertools.product(kv[3:], (False, True))}
+    h2o = {("h2o", (0, 0), r, None, dt, False, False) for r in (0.2, 0.3, 0.4) for dt in ("float16", "float8_e4m3fn")}
     assert got == mikv | rtn | h2o
     sizes = [RegionLayout.build(c.config(), 128, 64).content_bytes for c in cfgs[1:]]
     assert sizes == sorted(sizes)                                          # cheapest first
@@ -353,6 +355,57 @@ def test_screen_grid_covers_every_page_format_axis():
     assert odd and not any(c.mikv["rotation"] or c.mikv["group_size"] == 64 for c in odd)
     w = Workload(**SCREEN_WORKLOAD)
     assert w.ppl_chunk == 16 and w.needle_trials == 0 and w.agree_prompts == 0
+
+
+def test_split_width_configs_names_families_and_bytes():
+    """Issue 26's candidates in the screen and the frontier, named k4v3-style, with bytes per token per KV
+    head worked by hand at head_dim 64, block 128: K codes 32 B, V codes 24 (INT3) or 16 (INT2), one fp16
+    (scale, zero) = 4 B each; mikv r 0.03: 4 fp8 slots x 2 x 64 B / 128 = 4, tags + scores (16 + 16) / 128,
+    balancer 128 / 128, rounded up to whole bytes."""
+    from mikv_vllm.eval import configs as C
+
+    screen = {c.label: c for c in C.screen_configs(64, 128)}
+    want = {"rtn-k4v3-g64-rot": 64, "rtn-k4v2-g64-rot": 56, "rtn-k4v3-g64": 64,
+            "mikv-k4v3-r0.03-g64-fp8": 70, "mikv-k4v3-r0.03-g64-fp8-rot-nobal": 69,
+            "mikv-k4v2-r0.03-g64-fp8": 62, "mikv-k4v2-r0.03-g64-fp8-rot-nobal": 61}
+    assert {label: C.bytes_of(screen[label].config(), 64, 128) for label in want} == want
+    cfg = screen["mikv-k4v3-r0.03-g64-fp8"]
+    assert (cfg.mikv["k_bits"], cfg.mikv["v_bits"], cfg.family) == (4, 3, "mikv K4/V3 g64-fp8")
+    assert cfg.config() == preset_mikv_with(v_bits=3, name=cfg.label)     # the default's values at 3 bits
+    assert C.cache_cost(cfg, 64, 128).bytes_per_token == 70
+    frontier = {c.label: c for c in C.frontier_configs_from_screen([], 64, 128)}
+    assert {"rtn-k4v3-g64-rot", "rtn-k4v2-g64-rot"} <= set(frontier)
+    assert "rtn-k4v3-g64-rot" not in {c.label for c in C.frontier_configs_from_screen([], 96, 16)}   # no rotation
+
+
+def preset_mikv_with(**changes):
+    from mikv_vllm.config import preset
+
+    return preset("mikv").replace(**changes)
+
+
+def test_tune_searches_keys_and_values_apart():
+    from mikv_vllm.eval import configs as C
+    from mikv_vllm.eval.cli import tune_candidates
+
+    cands = tune_candidates(0.27, 64, 128)                                 # 69 B of 256
+    split = {(c.mikv["k_bits"], c.mikv["v_bits"]) for c in cands}
+    assert {(4, 3), (4, 2)} <= split
+    assert all(C.bytes_of(c.config(), 64, 128) <= 0.27 * 256 for c in cands)
+    k4v3 = next(c for c in cands if c.policy == "mikv" and (c.mikv["k_bits"], c.mikv["v_bits"]) == (4, 3))
+    assert k4v3.family == "mikv K4/V3" and k4v3.label.startswith("mikv-k4v3-r")
+
+
+def test_results_stored_before_k_and_v_bits_stay_cached():
+    """A stored result written with ``lo_bits`` (before k_bits / v_bits) is the same engine."""
+    from mikv_vllm.config import preset
+    from mikv_vllm.eval.configs import EvalConfig
+
+    now = EvalConfig.from_mikv(preset("mikv"))
+    stored = {k: v for k, v in now.mikv.items() if k not in ("k_bits", "v_bits")} | {"lo_bits": 4}
+    old = EvalConfig.from_dict({**now.to_dict(), "mikv": stored})
+    assert old.key() == now.key() and old.config() == now.config()
+    assert EvalConfig.from_mikv(preset("mikv").replace(v_bits=3)).key() != now.key()
 
 
 def test_results_stored_before_a_new_config_field_stay_cached():

@@ -18,7 +18,7 @@ from ..config import MiKVConfig
 from .balancer import balance_keys, compute_balancer, from_storage, to_storage, unbalance_keys
 from .importance import select_hi
 from .layout import RegionLayout
-from .quant import dequantize, quantize, to_hi
+from .quant import dequantize, pack_meta, quantize, to_hi, unpack_meta
 
 
 def _num_blocks(length: int, block_size: int) -> int:
@@ -110,16 +110,23 @@ def store_at(regions: torch.Tensor, layout: RegionLayout, blk: torch.Tensor, off
     views = layout.views(regions)
     if layout.hi_slots:
         views.tag[blk[off == 0]] = 0
-    if layout.bits:
+    if layout.has_lo:
         kb = balance_keys(k, balancer) if balancer is not None else k.float()
-        pk, sk = quantize(kb, layout.bits, layout.group)
-        pv, sv = quantize(v.float(), layout.bits, layout.group)
+        pk, sk = quantize(kb, layout.k_bits, layout.group, layout.scale_fp8)
+        pv, sv = quantize(v.float(), layout.v_bits, layout.group, layout.scale_fp8)
+        if layout.scale_fp8:
+            sk, sv = pack_meta(sk), pack_meta(sv)
         views.k_lo[blk, :, off] = pk
         views.k_sz[blk, :, off] = sk
         views.v_lo[blk, :, off] = pv
         views.v_sz[blk, :, off] = sv
 
 # ------------------------------------------------------------------- gather
+def read_meta(layout: RegionLayout, sz: torch.Tensor) -> torch.Tensor:
+    """fp16 (scale, zero) ``[..., G, 2]`` of a ``k_sz`` / ``v_sz`` view (unpacked for fp8-scale)."""
+    return unpack_meta(sz) if layout.scale_fp8 else sz
+
+
 def lo_context(regions: torch.Tensor, layout: RegionLayout, blocks: torch.Tensor, length: int,
                balancer: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Lo copies of the first ``length`` positions held by ``blocks`` (1-D block ids, in order):
@@ -129,16 +136,16 @@ def lo_context(regions: torch.Tensor, layout: RegionLayout, blocks: torch.Tensor
     lo_bits 0 every position is invalid with K = V = 0 (evicted unless a hi copy is laid over it).
     """
     h, d, dev = regions.shape[1], layout.head_dim, regions.device
-    if not layout.bits:
+    if not layout.has_lo:
         zeros = torch.zeros(h, length, d, device=dev)
         return zeros, zeros.clone(), torch.zeros(h, length, dtype=torch.bool, device=dev)
     views = layout.views(regions)
 
-    def lo(packed: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
-        x = dequantize(packed[blocks], sz[blocks], layout.bits, layout.group, d)   # [nb, H, N, D]
+    def lo(packed: torch.Tensor, sz: torch.Tensor, bits: int) -> torch.Tensor:
+        x = dequantize(packed[blocks], read_meta(layout, sz[blocks]), bits, layout.group, d)   # [nb, H, N, D]
         return x.transpose(0, 1).reshape(h, -1, d)[:, :length]
 
-    k, v = lo(views.k_lo, views.k_sz), lo(views.v_lo, views.v_sz)
+    k, v = lo(views.k_lo, views.k_sz, layout.k_bits), lo(views.v_lo, views.v_sz, layout.v_bits)
     if balancer is not None:
         k = unbalance_keys(k, balancer[:, None, :])
     return k.contiguous(), v.contiguous(), torch.ones(h, length, dtype=torch.bool, device=dev)

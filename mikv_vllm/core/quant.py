@@ -122,13 +122,18 @@ def finite_for_lo(x: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(x.float(), nan=0.0).clamp(-FP16_MAX, FP16_MAX)
 
 
-def quantize_codes(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unpacked variant of :func:`quantize`: (uint8 codes ``[..., D]``, fp16 sz ``[..., G, 2]``)."""
+def quantize_codes(x: torch.Tensor, bits: int, group: int,
+                   scale_fp8: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unpacked variant of :func:`quantize`: (uint8 codes ``[..., D]``, fp16 sz ``[..., G, 2]``).
+    ``scale_fp8``: the scale is rounded up once more, to fp8 e5m2 (:func:`e5m2_round_up`), before
+    the codes are computed from it (the ``fp8-scale`` group metadata; the error bound still holds)."""
     _check_bits(bits)
     xg = _grouped(finite_for_lo(x), group)                           # [..., G, g]
     qmax = (1 << bits) - 1
     zero = fp16_round_down(xg.amin(-1))                              # [..., G] fp16
     scale = fp16_round_up((xg.amax(-1) - zero.float()) / qmax)
+    if scale_fp8:
+        scale = e5m2_round_up(scale)
     z, s = zero.float().unsqueeze(-1), scale.float().unsqueeze(-1)
     t = torch.where(s > 0, (xg - z) / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(xg))
     codes = torch.floor(t + 0.5).clamp_(0, qmax).to(torch.uint8)
@@ -136,10 +141,39 @@ def quantize_codes(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor
     return codes.reshape(x.shape), sz
 
 
-def quantize(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize(x: torch.Tensor, bits: int, group: int, scale_fp8: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``x[..., D]`` -> (packed uint8 ``[..., D*bits/8]``, fp16 (scale, zero) ``[..., D/group, 2]``)."""
-    codes, sz = quantize_codes(x, bits, group)
+    codes, sz = quantize_codes(x, bits, group, scale_fp8)
     return pack_codes(codes, bits), sz
+
+
+# ------------------------------------------------------- lean group metadata
+def e5m2_round_up(scale: torch.Tensor) -> torch.Tensor:
+    """Smallest fp8 e5m2 value >= ``scale`` (fp16, >= 0), as fp16: e5m2 is the high byte of an fp16,
+    so this clears the low byte, carrying up when it was not 0. A lo scale is at most 2 * 65504 / 3
+    (2 bits), below e5m2's largest finite value 57344, so nothing overflows."""
+    bits = scale.to(torch.float16).view(torch.int16).to(torch.int32)
+    up = ((bits + 0xFF) & 0x7F00).to(torch.int16)
+    return up.view(torch.float16)
+
+
+def pack_meta(sz: torch.Tensor) -> torch.Tensor:
+    """fp16 (scale, zero) ``[..., G, 2]`` whose scales are e5m2 values -> uint8 ``[..., G, 3]``: the zero's
+    two bytes (little-endian fp16), then the scale's high byte (its e5m2 bit pattern)."""
+    if sz.numel() == 0:
+        return torch.empty(*sz.shape[:-1], 3, dtype=torch.uint8, device=sz.device)
+    zero = sz[..., 1].contiguous().view(torch.uint8).reshape(*sz.shape[:-1], 2)
+    scale = sz[..., 0].contiguous().view(torch.uint8).reshape(*sz.shape[:-1], 2)[..., 1:]
+    return torch.cat([zero, scale], dim=-1)
+
+
+def unpack_meta(meta: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_meta`: uint8 ``[..., G, 3]`` -> fp16 (scale, zero) ``[..., G, 2]``."""
+    if meta.numel() == 0:    # (empty views have strides a dtype view refuses)
+        return torch.empty(*meta.shape[:-1], 2, dtype=torch.float16, device=meta.device)
+    zero = meta[..., :2].contiguous().view(torch.float16)
+    scale = torch.stack([torch.zeros_like(meta[..., 2]), meta[..., 2]], dim=-1).view(torch.float16)
+    return torch.cat([scale, zero], dim=-1)
 
 
 def dequantize_codes(codes: torch.Tensor, sz: torch.Tensor, group: int) -> torch.Tensor:

@@ -260,17 +260,23 @@ def run_eval(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ tune
 # tune: per family, the page formats that led the measured frontier (docs/quality.md); each gets the
 # most bytes the budget allows (mikv: the largest hi ratio in whole slots per block)
-TUNE_MIKV_FORMATS = {4: dict(group_size=64, hi_dtype="float8_e4m3fn"),
-                     3: dict(group_size=64, hi_dtype="float8_e4m3fn", rotation=True, balancer=False),
-                     2: dict(group_size=64, hi_dtype="float8_e4m3fn", rotation=True)}
+# keyed by (k_bits, v_bits): keys and values at their own widths are searched too (issue 26)
+TUNE_MIKV_FORMATS = {(4, 4): dict(group_size=64, hi_dtype="float8_e4m3fn"),
+                     (4, 3): dict(group_size=64, hi_dtype="float8_e4m3fn", rotation=True, balancer=False),
+                     (4, 2): dict(group_size=64, hi_dtype="float8_e4m3fn", rotation=True, balancer=False),
+                     (3, 3): dict(group_size=64, hi_dtype="float8_e4m3fn", rotation=True, balancer=False),
+                     (2, 2): dict(group_size=64, hi_dtype="float8_e4m3fn", rotation=True)}
 TUNE_RTN_FORMATS = (dict(group_size=32, rotation=True), dict(group_size=64, rotation=True))
+# uniform widths searched for rtn: (k_bits, v_bits), keys never below values
+TUNE_RTN_BITS = ((2, 2), (3, 2), (3, 3), (4, 2), (4, 3), (4, 4), (8, 4), (8, 8))
 
 
 def tune_candidates(budget: float, head_dim: int, block_size: int):
     """Per family the largest config of its page format that fits ``budget`` (fraction of a 16-bit
-    cache): mikv INT2 / 3 / 4 (:data:`TUNE_MIKV_FORMATS`), uniform rtn (:data:`TUNE_RTN_FORMATS`, the
-    most bits that fit), h2o with fp8 copies."""
+    cache): mikv INT2 / 3 / 4 and K4/V3, K4/V2 (:data:`TUNE_MIKV_FORMATS`), uniform rtn
+    (:data:`TUNE_RTN_FORMATS`, the most bytes of :data:`TUNE_RTN_BITS` that fit), h2o with fp8 copies."""
     from . import configs as C
+    from ..config import rotation_supported
     from ..core.layout import dense_bytes_per_token
 
     limit = budget * dense_bytes_per_token(head_dim, 2)
@@ -279,6 +285,8 @@ def tune_candidates(budget: float, head_dim: int, block_size: int):
     def best(cands):
         fit = []
         for c in cands:
+            if c.rotation and not rotation_supported(head_dim):
+                continue            # would run unrotated: the unrotated candidate is another row
             try:
                 fit.append((C.bytes_of(c, head_dim, block_size), c))
             except ValueError:      # a format this head_dim cannot take (group, rotation)
@@ -297,16 +305,19 @@ def tune_candidates(budget: float, head_dim: int, block_size: int):
         (default group head_dim / 2; the balancer back on)."""
         try:
             C.rtn_config(4, **{k: v for k, v in fmt.items() if k in ("group_size", "rotation")}).validate(head_dim)
+            if fmt.get("rotation") and not rotation_supported(head_dim):
+                raise ValueError("rotation needs a power-of-two head_dim")
             return fmt
         except ValueError:
             return {**{k: v for k, v in fmt.items() if k not in ("group_size", "rotation")}, "balancer": True}
 
     steps = [round(k / block_size, 6) for k in range(1, block_size + 1)]
-    for lo, fmt in TUNE_MIKV_FORMATS.items():
-        add(best([C.mikv_config(lo, r, **usable(fmt)) for r in steps]), f"mikv INT{lo}")
+    for (kb, vb), fmt in TUNE_MIKV_FORMATS.items():
+        c = best([C.mikv_config(kb, r, v_bits=vb, **usable(fmt)) for r in steps])
+        add(c, f"mikv {C.family_bits(c)}" if c is not None else "")
     for fmt in TUNE_RTN_FORMATS:
         rtn = {k: v for k, v in usable(fmt).items() if k != "balancer"}
-        add(best([C.rtn_config(b, name=f"rtn-int{b}", **rtn) for b in (2, 3, 4, 8)]), "rtn")
+        add(best([C.rtn_config(kb, v_bits=vb, name=f"rtn-{C.bits_name(kb, vb)}", **rtn) for kb, vb in TUNE_RTN_BITS]), "rtn")
     add(best([C.h2o_config(r, hi_dtype="float8_e4m3fn") for r in steps]), "h2o")
     return C.dedupe(out)
 

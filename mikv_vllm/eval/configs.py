@@ -15,8 +15,9 @@ sweep, the frontier and the ablations runs once):
 * :func:`frontier_configs` - lo bits x r grid plus H2O ratios.
 * :func:`ablation_configs` - one-knob changes of ``mikv-paper``.
 * :func:`screen_configs` - page formats (issue 14): lo bits x r x quant group x hi dtype x
-  rotation, RTN with the same group / rotation options, H2O ratios (a screening grid, run with a
-  reduced workload).
+  rotation, RTN with the same group / rotation options, keys and values at their own widths
+  (issue 26: K4/V3, K4/V2 as uniform RTN and lean mikv rows), H2O ratios (a screening grid, run
+  with a reduced workload).
 
 Framework-free (no vllm import).
 """
@@ -28,7 +29,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
-from ..config import MiKVConfig, preset
+from ..config import MiKVConfig, merge_settings, preset, rotation_supported
 from ..core.layout import RegionLayout, dense_bytes_per_token, paper_cache_fraction
 
 STOCK = "stock"
@@ -50,6 +51,11 @@ SCREEN_H2O_RATIOS = (0.2, 0.3, 0.4)
 # per head vector, fp8 hi copies), each lo bits and rotation setting: the small-r end that a
 # per-slot score makes cheap (a few bytes on top of the uniform page).
 SCREEN_LEAN = ((0.03, 64, "float8_e4m3fn"),)
+# Keys and values at their own widths (issue 26): (k_bits, v_bits) pairs screened as uniform rtn in
+# groups of 64 (rotated and not) and on the lean mikv rows (r 0.03, g64, fp8; each rotation and
+# balancer setting). A fake-quant simulation put values at 3 bits almost free, at 2 bits not.
+SCREEN_SPLIT = ((4, 3), (4, 2))
+SCREEN_SPLIT_RTN_GROUP = 64
 # A sweep cell is dropped when the closest reachable size is further than this
 # (relative) from the target: e.g. mikv cannot go below its rtn floor.
 TARGET_TOLERANCE = 0.15
@@ -138,7 +144,13 @@ def default_family(config: MiKVConfig) -> str:
         return "rtn"
     if config.policy == "h2o":
         return "h2o"
-    return f"mikv INT{config.lo_bits}"
+    return f"mikv {family_bits(config)}"
+
+
+def family_bits(config: MiKVConfig) -> str:
+    """``INT4`` when keys and values share a width, else ``K4/V3``."""
+    k, v = config.k_bits, config.v_bits
+    return f"INT{k}" if k == v else f"K{k}/V{v}"
 
 
 # --------------------------------------------------------------------- bytes
@@ -200,22 +212,27 @@ def _r_label(r: float) -> str:
     return f"{r:.3f}".rstrip("0").rstrip(".")
 
 
-def mikv_config(lo_bits: int, hi_ratio: float, name: str | None = None, **extra: Any) -> MiKVConfig:
+def mikv_config(lo_bits: int, hi_ratio: float, name: str | None = None, v_bits: int | None = None,
+                **extra: Any) -> MiKVConfig:
     """A mikv-policy config on the ``mikv-paper`` base (r = 0 gives the rtn policy with the same
     lo bits and balancer, i.e. 'uniform low-bit + balancer'; use :func:`rtn_config` for the
-    paper's RTN)."""
-    base = preset("mikv-paper").to_dict()
-    base.update(extra)
-    base.update(lo_bits=lo_bits, hi_ratio=hi_ratio)
-    base["name"] = name or f"mikv-int{lo_bits}-r{_r_label(hi_ratio)}"
+    paper's RTN). ``v_bits`` stores values at their own width (keys at ``lo_bits``); named
+    ``mikv-k4v3-r...`` then."""
+    bits = {"k_bits": lo_bits, "v_bits": lo_bits if v_bits is None else v_bits}
+    base = merge_settings(preset("mikv-paper").to_dict(), {**extra, **bits, "hi_ratio": hi_ratio})
+    base["name"] = name or f"mikv-{bits_name(**bits)}-r{_r_label(hi_ratio)}"
     return MiKVConfig(**base)
 
 
-def rtn_config(lo_bits: int, name: str | None = None, **extra: Any) -> MiKVConfig:
-    base = preset("rtn").to_dict()
-    base.update(extra)
-    base.update(lo_bits=lo_bits, name=name or ("rtn" if lo_bits == 2 else f"rtn-int{lo_bits}"))
-    return MiKVConfig(**base)
+def rtn_config(lo_bits: int, name: str | None = None, v_bits: int | None = None, **extra: Any) -> MiKVConfig:
+    """The paper's RTN (uniform low-bit, no hi tier, no balancer); ``v_bits`` as in :func:`mikv_config`."""
+    bits = {"k_bits": lo_bits, "v_bits": lo_bits if v_bits is None else v_bits}
+    default = "rtn" if bits["k_bits"] == bits["v_bits"] == 2 else f"rtn-{bits_name(**bits)}"
+    return MiKVConfig(**merge_settings(preset("rtn").to_dict(), {**extra, **bits, "name": name or default}))
+
+
+def bits_name(k_bits: int, v_bits: int) -> str:
+    return f"int{k_bits}" if k_bits == v_bits else f"k{k_bits}v{v_bits}"
 
 
 def h2o_config(hi_ratio: float, name: str | None = None, **extra: Any) -> MiKVConfig:
@@ -281,16 +298,18 @@ def frontier_configs(lo_bits: Sequence[int] = FRONTIER_LO_BITS, ratios: Sequence
     the low-byte end of the frontier, where the families differ most, for every family."""
     cfgs = [rtn_config(b) if r == 0 else mikv_config(b, r) for b in lo_bits for r in ratios]
     cfgs += [h2o_config(r) for r in h2o_ratios]
-    cfgs.sort(key=lambda c: c.lo_bits + 16 * c.hi_ratio)     # stable: ties keep grid order
+    cfgs.sort(key=lambda c: (c.k_bits + c.v_bits) / 2 + 16 * c.hi_ratio)     # stable: ties keep grid order
     return [EvalConfig.from_mikv(c, groups=("frontier",)) for c in cfgs]
 
 
 def format_label(config: MiKVConfig, head_dim: int) -> str:
     """``g<group>``, ``fp8`` (hi copies, when a hi tier exists), ``rot`` and ``nobal`` (mikv without
     the balancer) parts of a screening label."""
-    parts = [f"g{config.group_for(head_dim)}"] if config.lo_bits else []
+    parts = [f"g{config.group_for(head_dim)}"] if config.has_lo else []
     if config.hi_ratio and config.hi_dtype != "float16":
         parts.append({"float8_e4m3fn": "fp8"}.get(config.hi_dtype, config.hi_dtype))
+    if config.has_lo and config.group_meta != "fp16":
+        parts.append(config.group_meta)
     if config.rotation:
         parts.append("rot")
     if config.policy == "mikv" and not config.balancer:
@@ -303,7 +322,8 @@ def screen_configs(head_dim: int, block_size: int, lo_bits: Sequence[int] = SCRE
                    hi_dtypes: Sequence[str] = SCREEN_HI_DTYPES, rotation: Sequence[bool] = SCREEN_ROTATION,
                    h2o_ratios: Sequence[float] = SCREEN_H2O_RATIOS,
                    rotated_balancer: Sequence[bool] = SCREEN_ROTATED_BALANCER,
-                   lean: Sequence[tuple[float, int, str]] = SCREEN_LEAN) -> list[EvalConfig]:
+                   lean: Sequence[tuple[float, int, str]] = SCREEN_LEAN,
+                   split: Sequence[tuple[int, int]] = SCREEN_SPLIT) -> list[EvalConfig]:
     """Page-format screening grid: mikv lo bits x r x group x hi dtype x rotation (rotated rows
     with each of ``rotated_balancer``), plus each ``lean`` (r, group, hi dtype) with every lo bits and
     rotation setting; r = 0 rows are
@@ -327,11 +347,20 @@ def screen_configs(head_dim: int, block_size: int, lo_bits: Sequence[int] = SCRE
                 for bal in (rotated_balancer if rot else (True,)):
                     cfgs.append((mikv_config(b, r, hi_dtype=dt, balancer=bal, group_size=g, rotation=rot),
                                  f"mikv INT{b}"))
+    for kb, vb in split:
+        for rot in rotation:
+            cfgs.append((rtn_config(kb, v_bits=vb, group_size=SCREEN_SPLIT_RTN_GROUP, rotation=rot), "rtn"))
+            for r, g, dt in lean:
+                for bal in (rotated_balancer if rot else (True,)):
+                    c = mikv_config(kb, r, v_bits=vb, hi_dtype=dt, balancer=bal, group_size=g, rotation=rot)
+                    cfgs.append((c, f"mikv {family_bits(c)}"))
     cfgs += [(h2o_config(r, hi_dtype=dt), "h2o") for r in h2o_ratios for dt in hi_dtypes]
     out = []
     for c, fam in cfgs:
-        if c.lo_bits and c.group_size is not None and head_dim % c.group_size:
+        if c.has_lo and c.group_size is not None and head_dim % c.group_size:
             continue     # the grid's groups are exact (a smaller divisor would be another row's format)
+        if c.rotation and not rotation_supported(head_dim):
+            continue     # would run unrotated: another row's engine
         try:
             c.validate(head_dim)
         except ValueError:
@@ -388,61 +417,6 @@ def dedupe(configs: Iterable[EvalConfig]) -> list[EvalConfig]:
     return list(seen.values())
 
 
-
-# ------------------------------------------------------------ frontier from a screen
-SCREEN_NOISE = (0.8, 0.003)   # a PPL excess (ratio - 1) beaten only below 0.8 x it - 0.003: the screen's noise
-SCREEN_MAX_BYTES = 96          # screened candidates up to the bytes of the previous default (INT3 r 0.1)
-SCREEN_MAX_PPL = 1.2           # screened rows above this PPL ratio (the bar is 1.03) cannot decide anything
-# the frontier's baselines: uniform INT3 / INT4 rotated with each group (vLLM's int4_per_token_head is
-# rotated INT4), plus plain INT4 in groups of 32 (the earlier reports' "uniform INT4"); H2O with fp8
-# slots (the screen measured the same quality as fp16 slots at half the bytes)
-FRONTIER_RTN = ((3, 64, True), (3, 32, True), (4, 64, True), (4, 32, True), (4, 32, False))
-
-
-def _beats(s: dict, r: dict, noise: tuple[float, float] = SCREEN_NOISE) -> bool:
-    """Screen row ``s`` has no more bytes, at least ``r``'s passkeys, and a PPL excess (ratio - 1)
-    clearly below ``r``'s (``< factor * excess - slack``), or the same PPL at fewer bytes."""
-    if s["bytes_per_token_per_head"] > r["bytes_per_token_per_head"] or s["passkey_correct"] < r["passkey_correct"]:
-        return False
-    ps, pr = s.get("ppl_ratio"), r.get("ppl_ratio")
-    if ps is None or pr is None:
-        return False
-    factor, slack = noise
-    if ps - 1 < factor * (pr - 1) - slack:
-        return True
-    return ps <= pr and s["bytes_per_token_per_head"] < r["bytes_per_token_per_head"]
-
-
-def frontier_candidates(rows: Sequence[dict], max_bytes: float = SCREEN_MAX_BYTES,
-                        max_ppl: float = SCREEN_MAX_PPL) -> list[dict]:
-    """Rows of a screen summary (``summary.json``'s ``summary.rows``) near their policy's frontier: at most
-    ``max_bytes``, a PPL ratio of at most ``max_ppl`` and no row of the same policy beats them
-    (:func:`_beats`). Stock and ablations are left out."""
-    rows = [r for r in rows if r["policy"] in ("mikv", "rtn", "h2o") and not r.get("ablation")
-            and r["bytes_per_token_per_head"] <= max_bytes]
-    near = [r for r in rows if not any(s is not r and s["policy"] == r["policy"] and _beats(s, r) for s in rows)]
-    return [r for r in near if r.get("ppl_ratio") is not None and r["ppl_ratio"] <= max_ppl]
-
-
-def frontier_configs_from_screen(rows: Sequence[dict], head_dim: int, block_size: int,
-                                 headline: Sequence[dict] = ()) -> list[EvalConfig]:
-    """The frontier suite: the screen's near-frontier configs (:func:`frontier_candidates`), the screen
-    rows in ``headline`` (the best of each family at the headline budgets, whatever their PPL: the
-    paper's 80 %-compression point is reported even where it collapses), the baselines
-    (:data:`FRONTIER_RTN`, H2O r 0.2 / 0.3 / 0.4 with fp8 slots), the points of the paper grid cut from the last full run (INT3 / INT4 r 0.2), the shipped ``mikv`` preset and
-    ``mikv-paper``; cheapest real bytes first."""
-    picked = [EvalConfig.from_mikv(MiKVConfig(**r["config"]), label=r["label"], family=r["family"],
-                                   groups=("frontier", "screened"))
-              for r in [*frontier_candidates(rows), *headline]]
-    base = [EvalConfig.from_mikv(rtn_config(b, name=f"rtn-int{b}-g{g}{'-rot' if rot else ''}", group_size=g,
-                                            rotation=rot), family="rtn", groups=("frontier", "baseline"))
-            for b, g, rot in FRONTIER_RTN if head_dim % g == 0]
-    base += [EvalConfig.from_mikv(h2o_config(r, name=f"h2o-r{_r_label(r)}-fp8", hi_dtype="float8_e4m3fn"),
-                                  groups=("frontier", "baseline"))
-             for r in FRONTIER_H2O_RATIOS]
-    base += [EvalConfig.from_mikv(mikv_config(b, 0.2), groups=("frontier", "grid")) for b in (3, 4)]
-    base += [EvalConfig.from_mikv(preset("mikv").replace(name="mikv (shipped)"), groups=("frontier", "preset")),
-             EvalConfig.from_mikv(preset("mikv-paper"), groups=("frontier", "preset"))]
-    out = dedupe([*picked, *base])
-    out.sort(key=lambda e: bytes_of(e.config(), head_dim, block_size))
-    return out
+# the frontier suite from a screen lives in .frontier (re-exported here)
+from .frontier import (FRONTIER_RTN, FRONTIER_RTN_SPLIT, SCREEN_MAX_BYTES, SCREEN_MAX_PPL,  # noqa: E402
+                       SCREEN_NOISE, frontier_candidates, frontier_configs_from_screen)

@@ -14,7 +14,7 @@ from ..config import MiKVConfig
 from ..core.balancer import compute_balancer, from_storage, to_storage, unbalance_keys
 from ..core.importance import select_hi
 from ..core.layout import RegionLayout
-from ..core.page import store_at
+from ..core.page import read_meta, store_at
 from ..core.quant import dequantize, to_hi
 
 # One decode step (T = 1) of B requests at once: the per-request ops above, vectorised over
@@ -61,11 +61,12 @@ def gather_decode(regions: torch.Tensor, layout: RegionLayout, block_tables: tor
     blocks, own = _blocks_for(block_tables, pos, n)
     lmax = int(pos.max()) if bsz else 0
     in_ctx = (torch.arange(lmax, device=pos.device)[None, :] < pos[:, None])[:, None].expand(bsz, h, lmax)
-    if layout.bits:
-        def lo(packed: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
-            return _per_head(dequantize(packed[blocks], sz[blocks], layout.bits, layout.group, d))[:, :, :lmax]
+    if layout.has_lo:
+        def lo(packed: torch.Tensor, sz: torch.Tensor, bits: int) -> torch.Tensor:
+            sz = read_meta(layout, sz[blocks])
+            return _per_head(dequantize(packed[blocks], sz, bits, layout.group, d))[:, :, :lmax]
 
-        k, v = lo(views.k_lo, views.k_sz), lo(views.v_lo, views.v_sz)
+        k, v = lo(views.k_lo, views.k_sz, layout.k_bits), lo(views.v_lo, views.v_sz, layout.v_bits)
         if balancer is not None:
             k = unbalance_keys(k, balancer[:, :, None, :])
         # positions past a request's context may hold stale or foreign bytes (NaN included):

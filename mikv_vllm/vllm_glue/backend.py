@@ -167,7 +167,7 @@ class MiKVMetadataBuilder(AttentionMetadataBuilder[MiKVMetadata]):
         self.layout = RegionLayout.build(config, block_size, head_size)
         self.heads = (num_heads, num_kv_heads)
         self.plans = PlanBuilder(config, self.layout, max_rows, max_cols, device)
-        self.ops = get_ops(device)
+        self.ops = get_ops(device, self.layout)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> MiKVMetadata:
@@ -265,6 +265,7 @@ def load_ops_at_start() -> None:
 
 class MiKVAttentionImpl(AttentionImpl[MiKVMetadata]):
     _layout_logged: ClassVar[bool] = False  # log the page layout once per process
+    _fallback_logged: ClassVar[bool] = False  # log a rotation fallback once per process
 
     def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int | None = None,
                  alibi_slopes=None, sliding_window=None, kv_cache_dtype: str = "auto",
@@ -285,7 +286,10 @@ class MiKVAttentionImpl(AttentionImpl[MiKVMetadata]):
         config = MiKVConfig.from_additional_config(get_current_vllm_config().additional_config)
         if config is None:
             raise RuntimeError("MiKV backend selected but no kv_cache_policy in additional_config")
-        config.validate(head_size)
+        config, fallback = config.for_head_dim(head_size)
+        if fallback and not MiKVAttentionImpl._fallback_logged:   # once per process, not per layer
+            MiKVAttentionImpl._fallback_logged = True
+            logger.warning(fallback)
         _publish(config)
         self.config = config
         self.num_heads = num_heads

@@ -130,7 +130,7 @@ def assert_confined(lay, table, clean, bad, fixed):
     assert torch.equal(out_b[:POISON], out_c[:POISON])
     # every other token's lo copy is byte-identical to the clean run's; the poisoned token's is finite
     views_b, views_c = lay.views(pages_b), lay.views(pages_c)
-    if lay.bits:
+    if lay.has_lo:
         for name in ("k_lo", "v_lo", "k_sz", "v_sz"):
             got, want = getattr(views_b, name)[table.long()], getattr(views_c, name)[table.long()]
             got, want = got.transpose(0, 1).flatten(1, 2), want.transpose(0, 1).flatten(1, 2)   # [H, positions, ...]

@@ -74,8 +74,10 @@ def test_rotated_page_attention_equals_plain_attention_when_lossless():
 def test_config_key_and_validation():
     cfg = MiKVConfig.from_dict({"preset": "rtn-int4", "rotation": True, "group_size": 32})
     assert cfg.rotation and cfg.validate(64) is cfg
-    with pytest.raises(MiKVConfigError, match="power-of-two head_dim"):
-        cfg.validate(96)
+    assert cfg.validate(96) is cfg                          # not an error: the engine runs it unrotated
+    assert cfg.for_head_dim(64) == (cfg, None)
+    unrotated, why = cfg.for_head_dim(96)
+    assert unrotated == cfg.replace(rotation=False) and "power-of-two" in why and "96" in why
     with pytest.raises(MiKVConfigError, match="rotation"):
         MiKVConfig(rotation="yes")
     assert MiKVConfig(group_size=48).validate(96)                                # no rotation: any head_dim

@@ -24,6 +24,14 @@ from mikv_vllm.ops import MiKVOps
 N, HKV, GROUP, D = 16, 2, 3, 64
 SCALE = 1 / math.sqrt(D)
 PRESETS = ["mikv", "mikv-paper", "rtn-int4", "h2o"]
+# keys and values at their own widths (issue 26): name -> config
+SPLIT = {"mikv-k4v3": lambda: preset("mikv").replace(v_bits=3, name="mikv-k4v3"),
+         "rtn-k4v2": lambda: preset("rtn-int4").replace(v_bits=2, name="rtn-k4v2"),
+         "mikv-paper-k2v4": lambda: preset("mikv-paper").replace(k_bits=2, v_bits=4, name="mikv-paper-k2v4"),
+         # leaner group metadata (fp8 e5m2 scale, fp16 zero): also torch only for now
+         "mikv-k4v3-fp8-scale": lambda: preset("mikv").replace(v_bits=3, group_meta="fp8-scale", name="k4v3-fp8-scale")}
+# op sets that do not store k_bits != v_bits yet (ops.select.NO_SPLIT_BITS); whoever adds support un-skips
+SPLIT_NOT_YET = {"cpu", "triton"}
 DECODE_STEPS = 4
 
 
@@ -59,12 +67,24 @@ def _check(lay, got_out, want_out, got_pages, want_pages, what):
     assert_pages(lay, got_pages, want_pages, what)
 
 
-@pytest.mark.parametrize("preset_name", PRESETS)
+def _config(name: str):
+    if name in SPLIT:
+        return SPLIT[name]()
+    return preset(name)
+
+
+def _skip_split(ops_name: str, name: str) -> None:
+    if name in SPLIT and ops_name in SPLIT_NOT_YET:
+        pytest.skip("not yet: this op set refuses k_bits != v_bits and fp8-scale metadata (ops.select.check_supports)")
+
+
+@pytest.mark.parametrize("preset_name", PRESETS + list(SPLIT))
 @pytest.mark.parametrize("ops_name", OP_SETS)
 def test_op_set_matches_the_oracle(ops_name, preset_name):
+    _skip_split(ops_name, preset_name)
     ops = op_set(ops_name)
     assert isinstance(ops, MiKVOps)
-    cfg = preset(preset_name)
+    cfg = _config(preset_name)
     lay, regions, table = _pages(cfg, seed=1)
     mine, oracle = regions.clone(), regions.clone()
     qkv = [structured_qkv(60, GROUP * HKV, HKV, D, seed=10 + i) for i in range(3)]
@@ -92,14 +112,15 @@ def test_op_set_matches_the_oracle(ops_name, preset_name):
         pos = [p + 1 for p in pos]
 
 
-@pytest.mark.parametrize("preset_name", ["mikv", "h2o"])
+@pytest.mark.parametrize("preset_name", ["mikv", "h2o", "mikv-k4v3"])
 @pytest.mark.parametrize("ops_name", OP_SETS)
 def test_op_set_reads_shared_prefix_blocks_as_the_oracle(ops_name, preset_name):
     """Request 1 reads request 0's first two blocks (a prefix-cache hit, ``own_from`` 2): its chunk and
     its decode rows match the oracle; nothing in the shared blocks changes. Triton raises (the engine
     keeps prefix caching off on CUDA)."""
+    _skip_split(ops_name, preset_name)
     ops = op_set(ops_name)
-    cfg = preset(preset_name)
+    cfg = _config(preset_name)
     lay, regions, table = _pages(cfg, seed=2)
     table[1, :2] = table[0, :2]                       # the shared prefix blocks
     qkv = [structured_qkv(60, GROUP * HKV, HKV, D, seed=20 + i) for i in range(2)]
