@@ -31,6 +31,7 @@ from ._common import supported
 from .decode import decode_attention, default_block_n, plan_splits
 from .store import store_tokens, write_tokens
 from .upkeep import maintain_hi_decode
+from .step import DecodeBuffers, decode_step
 from .workspace import Dims, plan_decode_groups, workspace_bytes
 
 
@@ -81,46 +82,36 @@ class TritonOps(OpSet):
     @classmethod
     def prepare(cls, plan: StepPlan, layout: RegionLayout, config: MiKVConfig, num_heads: int,
                 num_kv_heads: int, workspace: int | None = None) -> None:
+        """Once per step: the decode rows' lengths, hi budgets and block table into the persistent
+        :class:`step.DecodeBuffers` (made at the first step, sized by the plan builder's bounds)."""
         d = plan.decode
         if d is None or d.shared or not supported(layout):
             if d is not None and not supported(layout):
                 TorchOps.prepare(plan, layout, config, num_heads, num_kv_heads)
             return
-        dims = Dims(num_heads, num_kv_heads, layout)
-        dev = d.block_table.device
-        ctx = d.pos.tolist()
-
-        def splits_for(n_req: int, max_ctx: int) -> int:
-            return plan_splits(n_req, dims.h, max_ctx, default_block_n(dev, layout.head_dim, max_ctx), dev)[1]
-
-        budget = workspace if workspace is not None else (cls.workspace or workspace_bytes())
-        groups = plan_decode_groups(dims, ctx, budget, splits_for)
-        if len(groups) == 1:
-            d.kernel["triton_groups"] = [(None, _group_plan(layout, config, d.block_table, d.pos_dev, d.max_pos, dims))]
-            return
-        out = []
-        for g in groups:
-            idx = torch.tensor(g, device=d.pos_dev.device)
-            top = max(ctx[i] for i in g)                      # the group's columns only (no padding copy)
-            table = d.block_table[:, : top // layout.block_size + 1][idx.to(dev)]
-            out.append((idx.to(d.tokens.device), _group_plan(layout, config, table, d.pos_dev[idx], top, dims)))
-        d.kernel["triton_groups"] = out
+        table = d.full_table if d.full_table is not None else d.block_table
+        if table.stride(-1) != 1:
+            table = table.contiguous()
+        rows = max(d.size, d.state.get("max_rows", 0))
+        max_pos = table.shape[1] * layout.block_size
+        buf = d.state.get("triton_decode")
+        if (buf is None or buf.rows < d.size or buf.max_pos < max_pos or buf.out.shape[1:] != (num_heads, layout.head_dim)
+                or buf.new_mass.shape[1] != num_kv_heads):
+            buf = DecodeBuffers.make(layout, num_heads, num_kv_heads, rows, max_pos, table.device)
+            d.state["triton_decode"] = buf
+        buf.fill(layout, config, d.pos_dev + 1)
+        d.kernel["triton_step"] = (buf, table)
 
     @classmethod
     def decode(cls, regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig, plan: DecodePlan,
                q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """Six launches, no torch op (``step.decode_step``); inputs are sanitized in the kernels."""
         if plan.shared:
             raise NotImplementedError(SHARED_UNSUPPORTED)
         if not supported(layout):
             return TorchOps.decode(regions, layout, config, plan, q, k, v, scale)
-        q, k, v = finite_inputs(q), finite_inputs(k), finite_inputs(v)   # non-finite inputs: docs/design.md
-        groups = plan.kernel["triton_groups"]
-        if len(groups) == 1:
-            return _decode_group(regions, layout, config, groups[0][1], q, k, v, scale)
-        out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-        for idx, g in groups:
-            out[idx] = _decode_group(regions, layout, config, g, q[idx], k[idx], v[idx], scale)
-        return out
+        buf, table = plan.kernel["triton_step"]
+        return decode_step(regions, layout, config, buf, table, q, k, v, scale)
 
     @classmethod
     def chunks(cls, regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig, plan: ChunkPlan,

@@ -138,10 +138,16 @@ class MiKVMetadata:
 
 
 class MiKVMetadataBuilder(AttentionMetadataBuilder[MiKVMetadata]):
-    # CUDA graphs: declared NEVER (vLLM then runs attention eagerly between captured pieces).
-    # The step plans on the host (ctx lists, decode groups) and syncs in hi-set upkeep, so a
-    # captured replay would be wrong; docs/gpu.md lists what UNIFORM_SINGLE_TOKEN_DECODE needs.
-    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+    # CUDA graphs: pure-decode batches are captured whole on the Triton op set (kernels/step.py:
+    # fixed launches on persistent buffers, padded rows are no-ops, no host read in a layer); other
+    # op sets (torch, C++) plan and sync on the host and stay eager (NEVER, get_cudagraph_support).
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
+        from vllm.platforms import current_platform
+
+        return cls._cudagraph_support if use_triton(current_platform.device_type) else AttentionCGSupport.NEVER
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
@@ -168,20 +174,36 @@ class MiKVMetadataBuilder(AttentionMetadataBuilder[MiKVMetadata]):
         self.heads = (num_heads, num_kv_heads)
         self.plans = PlanBuilder(config, self.layout, max_rows, max_cols, device)
         self.ops = get_ops(device)
+        self.capturable = use_triton(device)   # the Triton op set: decode rows keep vLLM's padding
+
+    def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata) -> MiKVMetadata:
+        """A capture batch (one token per row, padded rows at seq_len 0): built as every decode
+        step, into the same persistent buffers, so the graph replays on the next steps' metadata."""
+        m = common_attn_metadata
+        if m.max_query_len > 1:
+            raise RuntimeError(f"MiKV captures uniform single-token decode only, got max_query_len {m.max_query_len}")
+        return self.build(0, m)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> MiKVMetadata:
         m = common_attn_metadata
         n = m.num_reqs
         qsl = m.query_start_loc_cpu[: n + 1].to(torch.int64)
-        seq = m.seq_lens[:n].to("cpu", torch.int64)          # the step's one host sync (none on CPU)
+        host_seq = m.seq_lens_cpu_upper_bound   # exact without speculative decoding (refused at start)
+        seq = (host_seq[:n] if host_seq is not None else m.seq_lens[:n]).to("cpu", torch.int64)
         qlen = qsl[1:] - qsl[:-1]
         ctx = seq - qlen
         own = self._own_from(n)
         table, dev = m.block_table_tensor, m.query_start_loc.device
-        one = torch.nonzero(qlen == 1).flatten()
-        multi = torch.nonzero(qlen > 1).flatten()
         plan = StepPlan()
+        if self.capturable and own is None and n and m.max_query_len <= 1:
+            # uniform decode (what vLLM captures): every row, padded ones (seq_len 0) included, row i =
+            # query token i; pos = seq_len - 1 (-1: padding, a no-op in every kernel)
+            one = multi = torch.zeros(0, dtype=torch.int64)
+            plan.decode = self.plans.decode(torch.arange(n), seq - 1, table, None, None, token_device=dev)
+        else:
+            one = torch.nonzero(qlen == 1).flatten()
+            multi = torch.nonzero(qlen > 1).flatten()
         if one.numel():
             leading = int(one[-1]) == one.numel() - 1             # rows 0..B-1: no gather of the table
             plan.decode = self.plans.decode(qsl[one], ctx[one], table, None if leading else one,
@@ -328,7 +350,9 @@ class MiKVAttentionImpl(AttentionImpl[MiKVMetadata]):
         out = output[:n_tok].view(n_tok, self.num_heads, self.head_size)
         if self.rotation is not None:   # the page and the ops see rotated heads; q.k is unchanged
             q_all, k_all, v_all = (self.rotation.rotate(x) for x in (q_all, k_all, v_all))
-        probe = self.stats.begin_step(layer, regions, layout, attn_metadata)  # stats (see stats.py)
+        # stats read pages on the host: not inside a CUDA-graph capture (replays skip them)
+        capturing = query.is_cuda and torch.cuda.is_current_stream_capturing()
+        probe = None if capturing else self.stats.begin_step(layer, regions, layout, attn_metadata)
         pre = attn_metadata.prefill
         if pre is not None:   # every multi-token chunk (prefill) in one call
             s0, s1 = pre.span
@@ -346,17 +370,22 @@ class MiKVAttentionImpl(AttentionImpl[MiKVMetadata]):
             out[start:end] = result.to(out.dtype)
         dec = attn_metadata.decode
         if dec is not None:   # every one-token row (decode and context 0) in one batched step
-            if dec.leading:
+            if dec.leading:   # rows 0..B-1 (B may count a captured batch's padded rows)
                 b = dec.size
-                q, k, v = q_all[:b], k_all[:b], v_all[:b]
+                q = query[:b].view(b, self.num_heads, self.head_size)
+                k = key[:b].view(b, self.num_kv_heads, self.head_size)
+                v = value[:b].view(b, self.num_kv_heads, self.head_size)
+                if self.rotation is not None:
+                    q, k, v = (self.rotation.rotate(x) for x in (q, k, v))
             else:
                 q, k, v = q_all[dec.tokens], k_all[dec.tokens], v_all[dec.tokens]
             result = ops.decode(regions, layout, self.config, dec, q, k, v, self.scale)
             if dec.leading:
-                out[: dec.size] = result.to(out.dtype)
+                output[: dec.size].view(dec.size, self.num_heads, self.head_size).copy_(result)
             else:
                 out[dec.tokens] = result.to(out.dtype)
         if self.rotation is not None:   # outputs back from the rotated value space
             out.copy_(self.rotation.unrotate(out))
-        self.stats.end_step(probe, regions, layout, attn_metadata)  # stats (see stats.py)
+        if not capturing:
+            self.stats.end_step(probe, regions, layout, attn_metadata)  # stats (see stats.py)
         return output
