@@ -1,11 +1,9 @@
-"""The Triton op set (``TritonOps``; no vllm import), in a bounded workspace (:mod:`.workspace`).
+"""The Triton op set (``TritonOps``; no vllm import).
 
-* decode (one token per request): requests grouped by context length so each group's buffers
-  fit the workspace (planned once per step in :meth:`TritonOps.prepare`: groups, device index and
-  position tensors, block-table slices, split sizes, hi budgets); per group Triton store +
-  :func:`decode.decode_attention` with the hi slots' scores accumulated in-kernel (the new token's
-  mass to a ``[B, H]`` buffer), then the incremental hi-set upkeep kernel
-  (:func:`upkeep.maintain_hi_decode`, one program per (request, KV head)) reading that buffer.
+* decode (one token per request): :func:`step.decode_step`, six launches on the persistent
+  :class:`step.DecodeBuffers` that :meth:`TritonOps.prepare` makes at the first step (sized by the
+  plan builder's bounds) and refills once per step (row lengths, hi budgets); no torch op, no
+  host read, padded rows (seq_len 0) are no-ops: what a captured CUDA graph replays.
 * prefill / multi-token chunks: Triton store, then the bounded torch chunked attention of
   ``ops.torch_chunks`` and the page steps of ``core.page``.
 * layouts outside :func:`_common.supported` are served by the batched torch op set.
@@ -19,56 +17,19 @@ from __future__ import annotations
 import torch
 
 from ..config import MiKVConfig
-from ..core.importance import hi_budget, recent_window
 from ..core.layout import RegionLayout
 from ..core.quant import finite_inputs
 from ..ops.base import OpSet
 from ..ops.plan import ChunkPlan, DecodePlan, StepPlan
 from ..ops.torch_chunks import chunked_attention  # noqa: F401  (re-exported: tests, benchmarks)
-from ..ops.torch_decode import decode_balancer
 from ..ops.torch_ops import TorchOps, chunk_step
 from ._common import supported
-from .decode import decode_attention, default_block_n, plan_splits
-from .store import store_tokens, write_tokens
-from .upkeep import maintain_hi_decode
+from .store import write_tokens
 from .step import DecodeBuffers, decode_step
-from .workspace import Dims, plan_decode_groups, workspace_bytes
 
 
 SHARED_UNSUPPORTED = ("MiKV Triton ops: rows reading shared prefix blocks (own_from > 0) are not implemented; "
                       "serve with --no-enable-prefix-caching on CUDA (docs/usage.md)")
-
-
-def _group_plan(layout: RegionLayout, config: MiKVConfig, bt: torch.Tensor, pos: torch.Tensor, max_ctx: int,
-                dims: Dims) -> dict:
-    """What every layer's launch of one decode group needs, computed once per step."""
-    dev, n = bt.device, layout.block_size
-    bt = bt[:, : max_ctx // n + 1].contiguous()          # blocks of positions [0, ctx] of the longest
-    block_n = default_block_n(dev, layout.head_dim, max_ctx)
-    tps, _ = plan_splits(pos.shape[0], dims.h, max_ctx, block_n, dev)
-    plan = {"bt": bt, "pos": pos, "ctx32": pos.to(torch.int32), "max_ctx": max_ctx, "block_n": block_n, "tps": tps}
-    if layout.hi_slots:
-        length = pos + 1
-        plan["budget"] = hi_budget(config, length, (pos // n + 1) * layout.hi_slots).contiguous()
-        plan["rstart"] = (length - recent_window(config, plan["budget"])).contiguous()
-    return plan
-
-
-def _decode_group(regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig, g: dict, q: torch.Tensor,
-                  k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    dev, n, pos, bt = regions.device, layout.block_size, g["pos"], g["bt"]
-    bal = decode_balancer(regions, layout, bt, pos, q, k)
-    blk = bt.long().gather(1, (pos // n)[:, None])[:, 0]
-    store_tokens(regions, layout, blk, pos % n, k, v, bal)
-    # the new token's mass of this step ([B, H] fp32, within the group's workspace estimate): its
-    # score as a candidate of the upkeep, and its slot's score if it is promoted
-    new_mass = torch.empty(pos.shape[0], k.shape[1], device=dev, dtype=torch.float32) if layout.hi_slots else None
-    out, _ = decode_attention(regions, layout, bt, g["ctx32"], q, k, v, scale, bal, max_ctx=g["max_ctx"],
-                              need_mass=False, accumulate=True, new_mass=new_mass, tokens_per_split=g["tps"],
-                              block_n=g["block_n"])
-    if new_mass is not None:
-        maintain_hi_decode(regions, layout, config, bt, pos, k, v, new_mass, budget=g["budget"], rstart=g["rstart"])
-    return out
 
 
 class TritonOps(OpSet):
@@ -132,8 +93,8 @@ class TritonOps(OpSet):
 def forward_decode(regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig, block_tables: torch.Tensor,
                    ctx_lens, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, own_from=None, *,
                    workspace: int | None = None) -> torch.Tensor:
-    """``reference.forward_decode``'s signature on the Triton op set; ``workspace`` overrides the
-    byte budget of this call's temporaries."""
+    """``reference.forward_decode``'s signature on the Triton op set (``workspace``: accepted and
+    unused: the decode step's buffers are sized by the plan's bounds, :class:`step.DecodeBuffers`)."""
     from ..ops.plan import plan_for
 
     plan = plan_for(config, layout, block_tables, ctx_lens, own_from)

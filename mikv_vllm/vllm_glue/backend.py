@@ -189,14 +189,14 @@ class MiKVMetadataBuilder(AttentionMetadataBuilder[MiKVMetadata]):
         m = common_attn_metadata
         n = m.num_reqs
         qsl = m.query_start_loc_cpu[: n + 1].to(torch.int64)
-        host_seq = m.seq_lens_cpu_upper_bound   # exact without speculative decoding (refused at start)
+        host_seq = getattr(m, "seq_lens_cpu_upper_bound", None)   # exact without speculative decoding (refused at start)
         seq = (host_seq[:n] if host_seq is not None else m.seq_lens[:n]).to("cpu", torch.int64)
         qlen = qsl[1:] - qsl[:-1]
         ctx = seq - qlen
         own = self._own_from(n)
         table, dev = m.block_table_tensor, m.query_start_loc.device
         plan = StepPlan()
-        if self.capturable and own is None and n and m.max_query_len <= 1:
+        if getattr(self, "capturable", False) and own is None and n and getattr(m, "max_query_len", 2) <= 1:
             # uniform decode (what vLLM captures): every row, padded ones (seq_len 0) included, row i =
             # query token i; pos = seq_len - 1 (-1: padding, a no-op in every kernel)
             one = multi = torch.zeros(0, dtype=torch.int64)
@@ -348,7 +348,9 @@ class MiKVAttentionImpl(AttentionImpl[MiKVMetadata]):
         k_all = key[:n_tok].view(n_tok, self.num_kv_heads, self.head_size)
         v_all = value[:n_tok].view(n_tok, self.num_kv_heads, self.head_size)
         out = output[:n_tok].view(n_tok, self.num_heads, self.head_size)
-        if self.rotation is not None:   # the page and the ops see rotated heads; q.k is unchanged
+        dec = attn_metadata.decode
+        rows_all = attn_metadata.prefill is not None or attn_metadata.serial or (dec is not None and not dec.leading)
+        if self.rotation is not None and rows_all:   # the page and the ops see rotated heads; q.k is unchanged
             q_all, k_all, v_all = (self.rotation.rotate(x) for x in (q_all, k_all, v_all))
         # stats read pages on the host: not inside a CUDA-graph capture (replays skip them)
         capturing = query.is_cuda and torch.cuda.is_current_stream_capturing()
@@ -368,23 +370,27 @@ class MiKVAttentionImpl(AttentionImpl[MiKVMetadata]):
             result = ops.request(regions, layout, self.config, row, ctx, q_all[start:end], k_all[start:end],
                                  v_all[start:end], self.scale, own_from=own[i])
             out[start:end] = result.to(out.dtype)
-        dec = attn_metadata.decode
         if dec is not None:   # every one-token row (decode and context 0) in one batched step
             if dec.leading:   # rows 0..B-1 (B may count a captured batch's padded rows)
                 b = dec.size
-                q = query[:b].view(b, self.num_heads, self.head_size)
-                k = key[:b].view(b, self.num_kv_heads, self.head_size)
-                v = value[:b].view(b, self.num_kv_heads, self.head_size)
-                if self.rotation is not None:
-                    q, k, v = (self.rotation.rotate(x) for x in (q, k, v))
+                if rows_all:   # a mixed step: q_all (rotated) covers the rows
+                    q, k, v = q_all[:b], k_all[:b], v_all[:b]
+                else:          # decode only: the rows straight from the inputs (no n_tok slice)
+                    q = query[:b].view(b, self.num_heads, self.head_size)
+                    k = key[:b].view(b, self.num_kv_heads, self.head_size)
+                    v = value[:b].view(b, self.num_kv_heads, self.head_size)
+                    if self.rotation is not None:
+                        q, k, v = (self.rotation.rotate(x) for x in (q, k, v))
             else:
                 q, k, v = q_all[dec.tokens], k_all[dec.tokens], v_all[dec.tokens]
             result = ops.decode(regions, layout, self.config, dec, q, k, v, self.scale)
+            if dec.leading and self.rotation is not None and not rows_all:   # back from the rotated value space
+                result = self.rotation.unrotate(result)
             if dec.leading:
                 output[: dec.size].view(dec.size, self.num_heads, self.head_size).copy_(result)
             else:
                 out[dec.tokens] = result.to(out.dtype)
-        if self.rotation is not None:   # outputs back from the rotated value space
+        if self.rotation is not None and rows_all:   # outputs back from the rotated value space
             out.copy_(self.rotation.unrotate(out))
         if not capturing:
             self.stats.end_step(probe, regions, layout, attn_metadata)  # stats (see stats.py)
