@@ -53,6 +53,7 @@ BAL = "mikv_vllm/core/balancer.py"
 KST = "mikv_vllm/kernels/store.py"
 KDE = "mikv_vllm/kernels/decode.py"
 KUP = "mikv_vllm/kernels/upkeep.py"
+KSP = "mikv_vllm/kernels/step.py"
 CPP = "mikv_vllm/cpu/mikv_decode.cpp"
 CPH = "mikv_vllm/cpu/mikv_common.h"
 ROT = "mikv_vllm/core/rotation.py"
@@ -179,7 +180,12 @@ MUTATIONS = [
              ((REF, "    q, k, v = finite_inputs(q), finite_inputs(k), finite_inputs(v)\n", ""),
               (KOP, "        q, k, v = finite_inputs(q), finite_inputs(k), finite_inputs(v)   # non-finite inputs: docs/design.md\n", ""),
               (TOP, "        q, k, v = finite_inputs(q), finite_inputs(k), finite_inputs(v)   # non-finite inputs: docs/design.md\n", ""),
-              (CPO, "    return finite_inputs(x.to(torch.float32)).contiguous()", "    return x.to(torch.float32).contiguous()"))),
+              (CPO, "    return finite_inputs(x.to(torch.float32)).contiguous()", "    return x.to(torch.float32).contiguous()"),
+              (KSP, "    return tl.where(x != x, 0.0, tl.minimum(tl.maximum(x, -65504.0), 65504.0))", "    return x"),
+              (KDE, "        q = tl.where(qf != qf, 0.0, tl.minimum(tl.maximum(qf, -65504.0), 65504.0)).to(q.dtype)",
+               "        q = qf.to(q.dtype)"),
+              (KUP, "            k = tl.where(k != k, 0.0, tl.minimum(tl.maximum(k, -65504.0), 65504.0))",
+               "            k = tl.where(k != k, k, tl.minimum(tl.maximum(k, -65504.0), 65504.0))"))),
     Mutation("layout-check-removed", "the C++ ops trust a layout meta whose sub-arrays leave the region",
              ((CPH, "  check_layout_extents(l);\n", ""),)),
     Mutation("selection-check-removed", "the C++ ops take a NaN / inf / negative hi ratio (undefined float -> int cast)",
@@ -193,7 +199,20 @@ MUTATIONS = [
              ((CPO, "    return load().decode_step(regions, list(layout_meta(layout)), block_tables, pos, q, k, v, float(scale), True,",
                "    return load().decode_step(regions, list(layout_meta(layout)), block_tables, pos, q, k, v, float(scale) * 1.01, True,"),)),
     Mutation("triton-ops-store-unbalanced", "the Triton op set stores decode keys without the balancer (page bytes)",
-             ((KOP, "    store_tokens(regions, layout, blk, pos % n, k, v, bal)\n", "    store_tokens(regions, layout, blk, pos % n, k, v, None)\n"),)),
+             ((KSP, "                k = k * tl.load(baddr).to(tl.float32)\n", "                k = k\n"),)),
+    # issue 25: the CUDA-graph-capturable decode step (tests/kernels/test_layer_probe.py, test_capture.py,
+    # test_nonfinite.py)
+    Mutation("layer-host-sync", "the Triton decode reads a device value on the host inside the layer",
+             ((KOP, "        buf, table = plan.kernel[\"triton_step\"]\n",
+               "        buf, table = plan.kernel[\"triton_step\"]\n        assert int(buf.seq.max()) >= 0\n"),)),
+    Mutation("layer-data-dependent-shape", "the Triton decode selects its live rows with nonzero (a data-dependent shape)",
+             ((KOP, "        buf, table = plan.kernel[\"triton_step\"]\n",
+               "        buf, table = plan.kernel[\"triton_step\"]\n        table = table[torch.nonzero(buf.seq[: table.shape[0]] >= 0).flatten()]\n"),)),
+    Mutation("nan-score-ranked-high", "the Triton upkeep ranks a NaN score above every other (a NaN heavy hitter stays forever)",
+             ((KUP, "        sc = tl.where(sc != sc, -float(\"inf\"), sc)", "        sc = tl.where(sc != sc, float(\"inf\"), sc)"),)),
+    Mutation("padded-rows-write", "rows of a captured batch's padding (seq_len 0) store into the page",
+             ((KSP, "    if seq > 0:                                          # seq 0: a padded row, no-op",
+               "    if seq >= 0:                                          # seq 0: a padded row, no-op"),)),
     Mutation("rotation-not-orthogonal", "the Hadamard rotation is scaled by 1/D instead of 1/sqrt(D)",
              ((ROT, "    return signs[:, None] * hadamard(d) / math.sqrt(d)", "    return signs[:, None] * hadamard(d) / d"),)),
     # issue #24: where and how the C++ op is built and chosen

@@ -121,8 +121,8 @@ def _upkeep_kernel(bt_ptr, bt_sb, pos_ptr, budget_ptr, rstart_ptr, tag_ptr, tg_s
         k = tl.load(k_ptr + b * skb + h * skh + d).to(tl.float32)
         v = tl.load(v_ptr + b * svb + h * svh + d).to(tl.float32)
         if FROM_SEQ:   # quant.finite_inputs first (NaN -> 0, +-65504), as every op set's entry
-            k = tl.minimum(tl.maximum(k, -65504.0), 65504.0)
-            v = tl.minimum(tl.maximum(v, -65504.0), 65504.0)
+            k = tl.where(k != k, 0.0, tl.minimum(tl.maximum(k, -65504.0), 65504.0))   # min / max may drop NaN
+            v = tl.where(v != v, 0.0, tl.minimum(tl.maximum(v, -65504.0), 65504.0))
         k = tl.where(k != k, 0.0, tl.minimum(tl.maximum(k, -top), top))    # quant.to_hi: NaN -> 0, clamped
         v = tl.where(v != v, 0.0, tl.minimum(tl.maximum(v, -top), top))
         if HI_BF16:
