@@ -9,9 +9,9 @@ One layer's decode of B one-token rows is six launches and no torch op (:func:`d
 2. ``_map_kernel`` (row, KV head): the row's positions -> hi slot map, refilled (``decode.hi_slot_map``);
 3. ``decode._split_kernel`` (row, KV head, split): split-K attention over both tiers, ``SPLITS``
    fixed at start-up, each row's context cut into SPLITS equal tile-aligned ranges on the device;
-4. ``_merge_kernel`` (row, query head): exact log-sum-exp merge with the new token, (max, sum) and
+4. ``_step_merge_kernel`` (row, query head): exact log-sum-exp merge with the new token, (max, sum) and
    the new token's probability per query head;
-5. ``_score_kernel`` (row, KV head, slot tile): every live hi slot's logit recomputed from its hi
+5. ``_slot_score_kernel`` (row, KV head, slot tile): every live hi slot's logit recomputed from its hi
    copy (no logits scratch), its mass added to its score (saturating, NaN kept as the reference),
    the new token's mass summed over the group;
 6. ``upkeep._upkeep_kernel`` (row, KV head): the hi-set upkeep.
@@ -112,7 +112,7 @@ def _map_kernel(seq_ptr, bt_ptr, sbtb, tag_ptr, tg_sb, tg_sh, map_ptr, smb, smh,
 
 
 @triton.jit
-def _merge_kernel(q_ptr, sqb, sqh, kn_ptr, sknb, sknh, vn_ptr, svnb, svnh, seq_ptr,
+def _step_merge_kernel(q_ptr, sqb, sqh, kn_ptr, sknb, sknh, vn_ptr, svnb, svnh, seq_ptr,
                   pm_ptr, pl_ptr, psb, psh, pacc_ptr, pab, pah, pas, out_ptr, sob, soh,
                   mx_ptr, sm_ptr, pn_ptr, hq_total, qk_scale,
                   G: tl.constexpr, D: tl.constexpr, SP: tl.constexpr, SPLITS: tl.constexpr):
@@ -145,7 +145,7 @@ def _merge_kernel(q_ptr, sqb, sqh, kn_ptr, sknb, sknh, vn_ptr, svnb, svnh, seq_p
 
 
 @triton.jit
-def _score_kernel(q_ptr, sqb, sqh, seq_ptr, mx_ptr, sm_ptr, pn_ptr, hq_total, bt_ptr, sbtb, tag_ptr, tg_sb, tg_sh,
+def _slot_score_kernel(q_ptr, sqb, sqh, seq_ptr, mx_ptr, sm_ptr, pn_ptr, hq_total, bt_ptr, sbtb, tag_ptr, tg_sb, tg_sh,
                   score_ptr, sc_sb, sc_sh, khi, hi_sb, hi_sh, hi_sr, nm_ptr, snmb, qk_scale, top,
                   N: tl.constexpr, R: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                   BLOCK: tl.constexpr, DOT: tl.constexpr):
@@ -314,7 +314,7 @@ def decode_step(regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig,
         N=n, R=r, G=grp, GP=gp, D=d, BITS=layout.bits, GS=layout.group, BLOCK_N=buf.block_n,
         HAS_BAL=layout.has_balancer, NEED_LOGITS=False, DOT=dot, STEP=True, num_warps=4)
     out = buf.out
-    _merge_kernel[(bsz, hq)](
+    _step_merge_kernel[(bsz, hq)](
         q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1), seq,
         buf.pmax, buf.psum, buf.pmax.stride(0), buf.pmax.stride(1), buf.pacc, buf.pacc.stride(0),
         buf.pacc.stride(1), buf.pacc.stride(2), out, out.stride(0), out.stride(1), buf.mx, buf.sm, buf.pnew, hq,
@@ -323,7 +323,7 @@ def decode_step(regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig,
         slots = (buf.max_pos // n + 1) * r
         blk = 128 if regions.device.type == "cuda" else max(16, min(1024, next_pow2(slots)))
         gp2 = max(16, next_pow2(grp))
-        _score_kernel[(bsz, h, -(-slots // blk))](
+        _slot_score_kernel[(bsz, h, -(-slots // blk))](
             q, q.stride(0), q.stride(1), seq, buf.mx, buf.sm, buf.pnew, hq, bt, bt.stride(0), tag, tag.stride(0),
             tag.stride(1), views.score, views.score.stride(0), views.score.stride(1), hi_k, *hi_k.stride()[:3],
             buf.new_mass, buf.new_mass.stride(0), qk_scale, float(torch.finfo(layout.score_dtype).max),

@@ -33,6 +33,7 @@ def _bench():
 
 BENCH = _bench()
 PRESETS = BENCH.shipped_presets()
+assert PRESETS, f"no shipped presets found in {ROOT / 'configs'}"
 
 
 def test_probe_flags_syncs_shapes_and_host_data():
