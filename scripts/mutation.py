@@ -54,6 +54,7 @@ KST = "mikv_vllm/kernels/store.py"
 KDE = "mikv_vllm/kernels/decode.py"
 KUP = "mikv_vllm/kernels/upkeep.py"
 KSP = "mikv_vllm/kernels/step.py"
+KUT = "mikv_vllm/kernels/upkeep_tiled.py"
 CPP = "mikv_vllm/cpu/mikv_decode.cpp"
 CPH = "mikv_vllm/cpu/mikv_common.h"
 ROT = "mikv_vllm/core/rotation.py"
@@ -175,7 +176,8 @@ MUTATIONS = [
               (CPH, "auto clamp = [top](float v) { return std::isnan(v) ? 0.f :", "auto clamp = [top](float v) { return std::isnan(v) ? v :"),
               (KST, "tl.where(x != x, 0.0, x)", "x"),
               (KUP, "    k = tl.where(k != k, 0.0,", "    k = tl.where(k != k, k,"),
-              (KUP, "    v = tl.where(v != v, 0.0,", "    v = tl.where(v != v, v,"))),
+              (KUP, "    v = tl.where(v != v, 0.0,", "    v = tl.where(v != v, v,"),
+              (KUT, "            v = tl.where(v != v, 0.0,", "            v = tl.where(v != v, v,"))),
     Mutation("input-sanitize-removed", "the op sets take non-finite q/k/v as they come (0 * NaN reaches other rows)",
              ((REF, "    q, k, v = finite_inputs(q), finite_inputs(k), finite_inputs(v)\n", ""),
               (KOP, "        q, k, v = finite_inputs(q), finite_inputs(k), finite_inputs(v)   # non-finite inputs: docs/design.md\n", ""),
@@ -184,8 +186,7 @@ MUTATIONS = [
               (KSP, "    return tl.where(x != x, 0.0, tl.minimum(tl.maximum(x, -65504.0), 65504.0))", "    return x"),
               (KDE, "        q = tl.where(qf != qf, 0.0, tl.minimum(tl.maximum(qf, -65504.0), 65504.0)).to(q.dtype)",
                "        q = qf.to(q.dtype)"),
-              (KUP, "            k = tl.where(k != k, 0.0, tl.minimum(tl.maximum(k, -65504.0), 65504.0))",
-               "            k = tl.where(k != k, k, tl.minimum(tl.maximum(k, -65504.0), 65504.0))"))),
+              (KUT, "            k = tl.where(k != k, 0.0, tl.minimum(", "            k = tl.where(k != k, k, tl.minimum("))),
     Mutation("layout-check-removed", "the C++ ops trust a layout meta whose sub-arrays leave the region",
              ((CPH, "  check_layout_extents(l);\n", ""),)),
     Mutation("selection-check-removed", "the C++ ops take a NaN / inf / negative hi ratio (undefined float -> int cast)",
@@ -209,7 +210,12 @@ MUTATIONS = [
              ((KOP, "        buf, table = plan.kernel[\"triton_step\"]\n",
                "        buf, table = plan.kernel[\"triton_step\"]\n        table = table[torch.nonzero(buf.seq[: table.shape[0]] >= 0).flatten()]\n"),)),
     Mutation("nan-score-ranked-high", "the Triton upkeep ranks a NaN score above every other (a NaN heavy hitter stays forever)",
-             ((KUP, "        sc = tl.where(sc != sc, -float(\"inf\"), sc)", "        sc = tl.where(sc != sc, float(\"inf\"), sc)"),)),
+             ((KUP, "    sc = tl.where(sc != sc, -float(\"inf\"), sc)", "    sc = tl.where(sc != sc, float(\"inf\"), sc)"),
+              (KUT, "sc_key = tl.where(heavy, tl.where(sc != sc, -float(\"inf\"), sc), 0.0)",
+               "sc_key = tl.where(heavy, tl.where(sc != sc, float(\"inf\"), sc), 0.0)"),
+              (KUT, "tl.where(new_sc != new_sc, -float(\"inf\"), new_sc)", "tl.where(new_sc != new_sc, float(\"inf\"), new_sc)"))),
+    Mutation("upkeep-tiles-misranked", "the tiled upkeep keeps the higher-scored heavy hitter of two tiles as the loser",
+             ((KUT, "(s_min < bs_)", "(s_min > bs_)"),)),
     Mutation("padded-rows-write", "rows of a captured batch's padding (seq_len 0) store into the page",
              ((KSP, "    if seq > 0:                                          # seq 0: a padded row, no-op",
                "    if seq >= 0:                                          # seq 0: a padded row, no-op"),)),

@@ -14,7 +14,8 @@ One layer's decode of B one-token rows is six launches and no torch op (:func:`d
 5. ``_slot_score_kernel`` (row, KV head, slot tile): every live hi slot's logit recomputed from its hi
    copy (no logits scratch), its mass added to its score (saturating, NaN kept as the reference),
    the new token's mass summed over the group;
-6. ``upkeep._upkeep_kernel`` (row, KV head): the hi-set upkeep.
+6. ``upkeep_tiled._tiled_upkeep_kernel`` (row, KV head): the hi-set upkeep, tiled over the row's
+   slots with a constant tile.
 
 Every grid and buffer is sized by bounds fixed when the :class:`DecodeBuffers` are made (rows
 per step, KV / query heads, head dim, positions per row, splits): nothing depends on this step's
@@ -35,7 +36,7 @@ from ..core.layout import RegionLayout
 from ._common import next_pow2, tl, triton
 from .decode import LOG2E, _split_kernel, check_hi_dtype, default_block_n
 from .store import _quant_pack_store
-from .upkeep import _upkeep_kernel
+from .upkeep_tiled import _tiled_upkeep_kernel
 
 FP16_MAX = 65504.0
 
@@ -225,7 +226,7 @@ class DecodeBuffers:
         dev = torch.device(device)
         d, hq, h = layout.head_dim, num_heads, num_kv_heads
         block_n = default_block_n(dev, d, max_pos)
-        splits = splits or max(1, min(16, -(-max_pos // block_n)))
+        splits = splits or max(1, min(MAX_STEP_SPLITS, -(-max_pos // block_n)))
         f32 = dict(device=dev, dtype=torch.float32)
         r = layout.hi_slots
         return DecodeBuffers(
@@ -252,6 +253,18 @@ class DecodeBuffers:
             budget = hi_budget(config, length, ((length - 1).clamp(min=0) // layout.block_size + 1) * layout.hi_slots)
             self.budget.copy_(budget)
             self.rstart.copy_(length - recent_window(config, budget))
+
+
+MAX_STEP_SPLITS = 16
+UPKEEP_TILE: int | None = None   # slots per upkeep tile (None: 128 on CUDA); tests set it small
+
+
+def decode_buffer_bytes(num_heads: int, num_kv_heads: int, head_dim: int, rows: int, max_pos: int,
+                        hi_slots: bool = True) -> int:
+    """Upper bound of :meth:`DecodeBuffers.make`'s bytes (splits <= 16): what the engine's memory
+    profile must leave free for them (``backend``: reserved in the profiling run)."""
+    per_row = 4 * 3 * 8 + num_heads * (MAX_STEP_SPLITS * (head_dim + 2) + head_dim + 3) * 4 + num_kv_heads * 4
+    return rows * (per_row + (num_kv_heads * max_pos * 4 if hi_slots else 0))
 
 
 _VIEWS: dict = {}
@@ -329,12 +342,12 @@ def decode_step(regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig,
             buf.new_mass, buf.new_mass.stride(0), qk_scale, float(torch.finfo(layout.score_dtype).max),
             N=n, R=r, G=grp, GP=gp2, D=d, BLOCK=blk, DOT=dot, num_warps=4)
         nm = buf.new_mass
-        _upkeep_kernel[(bsz, h)](
+        tile = UPKEEP_TILE or (128 if regions.device.type == "cuda" else max(16, min(256, next_pow2(slots))))
+        _tiled_upkeep_kernel[(bsz, h)](
             bt, bt.stride(0), seq, buf.budget, buf.rstart, tag, tag.stride(0), tag.stride(1),
-            views.score, views.score.stride(0), views.score.stride(1), nm, nm.stride(0), nm.stride(1),
+            views.score, views.score.stride(0), views.score.stride(1), nm, nm.stride(0),
             hi_k, hi_v, *hi_k.stride()[:3], k, v, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             float(torch.finfo(layout.hi_dtype).max), float(torch.finfo(layout.score_dtype).max),
-            int(config.sink_tokens), N=n, R=r, D=d, SLOTS=next_pow2(min(bt.shape[1], buf.max_pos // n) * r + 1),
-            HI_BF16=layout.hi_dtype == torch.bfloat16, HI_FP8=layout.hi_dtype == torch.float8_e4m3fn,
-            FROM_SEQ=True, num_warps=4)
+            int(config.sink_tokens), N=n, R=r, D=d, TILE=tile, HI_BF16=layout.hi_dtype == torch.bfloat16,
+            HI_FP8=layout.hi_dtype == torch.float8_e4m3fn, num_warps=4)
     return out[:bsz]

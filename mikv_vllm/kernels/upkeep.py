@@ -63,77 +63,68 @@ def _upkeep_kernel(bt_ptr, bt_sb, pos_ptr, budget_ptr, rstart_ptr, tag_ptr, tg_s
                    score_ptr, sc_sb, sc_sh, nm_ptr, snmb, snmh, khi_ptr, vhi_ptr, hi_sb, hi_sh, hi_sr,
                    k_ptr, v_ptr, skb, skh, svb, svh, top, sc_top, sinks,
                    N: tl.constexpr, R: tl.constexpr, D: tl.constexpr, SLOTS: tl.constexpr, HI_BF16: tl.constexpr,
-                   HI_FP8: tl.constexpr, FROM_SEQ: tl.constexpr = False):
-    """FROM_SEQ (``step.decode_step``): ``pos_ptr`` holds seq = pos + 1, 0 for a padded row (a no-op),
-    and the raw k / v are sanitized as ``quant.finite_inputs``."""
+                   HI_FP8: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
-    if FROM_SEQ:
-        pos = tl.load(pos_ptr + b).to(tl.int64) - 1
+    pos = tl.load(pos_ptr + b).to(tl.int64)
+    budget = tl.load(budget_ptr + b).to(tl.int64)
+    rstart = tl.load(rstart_ptr + b).to(tl.int64)
+    num_slots = (pos // N + 1) * R
+    s = tl.arange(0, SLOTS).to(tl.int64)                     # slot index; num_slots = the new token
+    own = s < num_slots
+    blk = tl.load(bt_ptr + b * bt_sb + s // R, mask=own, other=0).to(tl.int64)
+    tag_addr = tag_ptr + blk * tg_sb + h * tg_sh + s % R
+    tags = tl.load(tag_addr, mask=own, other=0)
+    tagged = own & (tags > 0) & (tags <= pos)
+    is_new = s == num_slots
+    valid = tagged | is_new
+    p = tl.where(tagged, tags.to(tl.int64) - 1, tl.where(is_new, pos, -1))
+    tier = tl.where(p < sinks, 2, tl.where(p >= rstart, 1, 0))
+    heavy = valid & (tier == 0)
+    sc_addr = score_ptr + blk * sc_sb + h * sc_sh + s % R
+    sc = tl.load(sc_addr, mask=heavy & tagged, other=0.0).to(tl.float32)      # a hi token: its slot's score
+    new_sc = tl.load(nm_ptr + b * snmb + h * snmh).to(tl.float32)
+    new_sc = tl.where(new_sc > sc_top, sc_top, new_sc)       # the new token: its mass (clamp keeps NaN)
+    sc = tl.where(is_new, new_sc, sc)
+    sc = tl.where(sc != sc, -float("inf"), sc)               # NaN ranks as -inf
+    sc_key = tl.where(heavy, sc, 0.0)                        # within-tier key of heavy hitters only
+    p_key = tl.where(tier == 2, -p, p)                       # lowest priority = smallest key
+    big = 1 << 62
+    alive = valid
+    n_lose = tl.maximum(tl.sum(valid.to(tl.int64)) - budget, 0)
+    for _ in range(0, n_lose):                               # one pass per loser (one in a normal step)
+        t_min = tl.min(tl.where(alive, tier, 3))
+        m = alive & (tier == t_min)
+        s_min = tl.min(tl.where(m, sc_key, float("inf")))
+        m = m & (sc_key == s_min)
+        k_min = tl.min(tl.where(m, p_key, big))
+        m = m & (p_key == k_min)
+        worst = tl.max(tl.where(m, s, -1))                   # full tie: the higher index loses
+        alive = alive & (s != worst)
+    new_tags = tl.where(alive & tagged, tags, 0)
+    new_kept = tl.sum((alive & is_new).to(tl.int32)) > 0
+    free = tl.min(tl.where(own & (new_tags == 0), s, big))   # lowest free slot
+    new_tags = tl.where(new_kept & (s == free), (pos + 1).to(tl.int32), new_tags)
+    tl.store(tag_addr, new_tags, mask=own)
+    fslot = tl.minimum(free, num_slots - 1)
+    fblk = tl.load(bt_ptr + b * bt_sb + fslot // R).to(tl.int64)
+    tl.store(score_ptr + fblk * sc_sb + h * sc_sh + fslot % R, new_sc.to(score_ptr.dtype.element_ty), mask=new_kept)
+    d = tl.arange(0, D)
+    hi = fblk * hi_sb + h * hi_sh + (fslot % R) * hi_sr + d
+    wmask = (tl.zeros((D,), tl.int32) + new_kept.to(tl.int32)) > 0
+    k = tl.load(k_ptr + b * skb + h * skh + d).to(tl.float32)
+    v = tl.load(v_ptr + b * svb + h * svh + d).to(tl.float32)
+    k = tl.where(k != k, 0.0, tl.minimum(tl.maximum(k, -top), top))    # quant.to_hi: NaN -> 0, clamped
+    v = tl.where(v != v, 0.0, tl.minimum(tl.maximum(v, -top), top))
+    if HI_BF16:
+        tl.store(khi_ptr + hi, _bf16_rtne(k), mask=wmask)
+        tl.store(vhi_ptr + hi, _bf16_rtne(v), mask=wmask)
+    elif HI_FP8:
+        tl.store(khi_ptr + hi, _fp8e4m3_rtne(k), mask=wmask)
+        tl.store(vhi_ptr + hi, _fp8e4m3_rtne(v), mask=wmask)
     else:
-        pos = tl.load(pos_ptr + b).to(tl.int64)
-    if pos >= 0:
-        budget = tl.load(budget_ptr + b).to(tl.int64)
-        rstart = tl.load(rstart_ptr + b).to(tl.int64)
-        num_slots = (pos // N + 1) * R
-        s = tl.arange(0, SLOTS).to(tl.int64)                     # slot index; num_slots = the new token
-        own = s < num_slots
-        blk = tl.load(bt_ptr + b * bt_sb + s // R, mask=own, other=0).to(tl.int64)
-        tag_addr = tag_ptr + blk * tg_sb + h * tg_sh + s % R
-        tags = tl.load(tag_addr, mask=own, other=0)
-        tagged = own & (tags > 0) & (tags <= pos)
-        is_new = s == num_slots
-        valid = tagged | is_new
-        p = tl.where(tagged, tags.to(tl.int64) - 1, tl.where(is_new, pos, -1))
-        tier = tl.where(p < sinks, 2, tl.where(p >= rstart, 1, 0))
-        heavy = valid & (tier == 0)
-        sc_addr = score_ptr + blk * sc_sb + h * sc_sh + s % R
-        sc = tl.load(sc_addr, mask=heavy & tagged, other=0.0).to(tl.float32)      # a hi token: its slot's score
-        new_sc = tl.load(nm_ptr + b * snmb + h * snmh).to(tl.float32)
-        new_sc = tl.where(new_sc > sc_top, sc_top, new_sc)       # the new token: its mass (clamp keeps NaN)
-        sc = tl.where(is_new, new_sc, sc)
-        sc = tl.where(sc != sc, -float("inf"), sc)               # NaN ranks as -inf
-        sc_key = tl.where(heavy, sc, 0.0)                        # within-tier key of heavy hitters only
-        p_key = tl.where(tier == 2, -p, p)                       # lowest priority = smallest key
-        big = 1 << 62
-        alive = valid
-        n_lose = tl.maximum(tl.sum(valid.to(tl.int64)) - budget, 0)
-        for _ in range(0, n_lose):                               # one pass per loser (one in a normal step)
-            t_min = tl.min(tl.where(alive, tier, 3))
-            m = alive & (tier == t_min)
-            s_min = tl.min(tl.where(m, sc_key, float("inf")))
-            m = m & (sc_key == s_min)
-            k_min = tl.min(tl.where(m, p_key, big))
-            m = m & (p_key == k_min)
-            worst = tl.max(tl.where(m, s, -1))                   # full tie: the higher index loses
-            alive = alive & (s != worst)
-        new_tags = tl.where(alive & tagged, tags, 0)
-        new_kept = tl.sum((alive & is_new).to(tl.int32)) > 0
-        free = tl.min(tl.where(own & (new_tags == 0), s, big))   # lowest free slot
-        new_tags = tl.where(new_kept & (s == free), (pos + 1).to(tl.int32), new_tags)
-        tl.store(tag_addr, new_tags, mask=own)
-        fslot = tl.minimum(free, num_slots - 1)
-        fblk = tl.load(bt_ptr + b * bt_sb + fslot // R).to(tl.int64)
-        tl.store(score_ptr + fblk * sc_sb + h * sc_sh + fslot % R, new_sc.to(score_ptr.dtype.element_ty), mask=new_kept)
-        d = tl.arange(0, D)
-        hi = fblk * hi_sb + h * hi_sh + (fslot % R) * hi_sr + d
-        wmask = (tl.zeros((D,), tl.int32) + new_kept.to(tl.int32)) > 0
-        k = tl.load(k_ptr + b * skb + h * skh + d).to(tl.float32)
-        v = tl.load(v_ptr + b * svb + h * svh + d).to(tl.float32)
-        if FROM_SEQ:   # quant.finite_inputs first (NaN -> 0, +-65504), as every op set's entry
-            k = tl.where(k != k, 0.0, tl.minimum(tl.maximum(k, -65504.0), 65504.0))   # min / max may drop NaN
-            v = tl.where(v != v, 0.0, tl.minimum(tl.maximum(v, -65504.0), 65504.0))
-        k = tl.where(k != k, 0.0, tl.minimum(tl.maximum(k, -top), top))    # quant.to_hi: NaN -> 0, clamped
-        v = tl.where(v != v, 0.0, tl.minimum(tl.maximum(v, -top), top))
-        if HI_BF16:
-            tl.store(khi_ptr + hi, _bf16_rtne(k), mask=wmask)
-            tl.store(vhi_ptr + hi, _bf16_rtne(v), mask=wmask)
-        elif HI_FP8:
-            tl.store(khi_ptr + hi, _fp8e4m3_rtne(k), mask=wmask)
-            tl.store(vhi_ptr + hi, _fp8e4m3_rtne(v), mask=wmask)
-        else:
-            tl.store(khi_ptr + hi, k.to(khi_ptr.dtype.element_ty), mask=wmask)
-            tl.store(vhi_ptr + hi, v.to(vhi_ptr.dtype.element_ty), mask=wmask)
+        tl.store(khi_ptr + hi, k.to(khi_ptr.dtype.element_ty), mask=wmask)
+        tl.store(vhi_ptr + hi, v.to(vhi_ptr.dtype.element_ty), mask=wmask)
 
 
 def maintain_hi_decode(regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig,

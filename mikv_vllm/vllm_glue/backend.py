@@ -36,7 +36,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 from ..config import MiKVConfig
 from ..core.layout import RegionLayout, as_regions
 from ..core.rotation import rotation_for
-from ..kernels import reserve_workspace, use_triton
+from ..kernels import reserve_workspace, use_triton, workspace_bytes
 from ..ops import ChunkPlan, DecodePlan, MiKVOps, PlanBuilder, StepPlan, get_ops
 from . import sharing
 from .stats import LayerStats, step_token_counts
@@ -276,6 +276,19 @@ def writers_first(own_from: list[int], ctx: list[int], seq: list[int], table: to
     return order
 
 
+def current_device_type() -> str:
+    from vllm.platforms import current_platform
+
+    return current_platform.device_type
+
+
+def decode_buffer_bytes(*args) -> int:
+    """``kernels.step.decode_buffer_bytes`` (imported only where triton is)."""
+    from ..kernels.step import decode_buffer_bytes as nbytes
+
+    return nbytes(*args)
+
+
 def load_ops_at_start() -> None:
     """Load this platform's op set now, as vLLM builds the model (engine start, before /health): on CPU
     the C++ op is imported, or built (logged) when no build exists, so no request waits for a compiler
@@ -304,7 +317,8 @@ class MiKVAttentionImpl(AttentionImpl[MiKVMetadata]):
         bad = [k for k, v in unsupported.items() if v]
         if bad:
             raise NotImplementedError(f"MiKV attention does not support: {', '.join(bad)}")
-        config = MiKVConfig.from_additional_config(get_current_vllm_config().additional_config)
+        vllm_config = get_current_vllm_config()
+        config = MiKVConfig.from_additional_config(vllm_config.additional_config)
         if config is None:
             raise RuntimeError("MiKV backend selected but no kv_cache_policy in additional_config")
         config.validate(head_size)
@@ -319,6 +333,13 @@ class MiKVAttentionImpl(AttentionImpl[MiKVMetadata]):
         self.layout: RegionLayout | None = None
         self.stats = LayerStats()
         load_ops_at_start()
+        # the Triton decode step's persistent buffers (made at the first step, after vLLM sized the
+        # KV cache): reserved with the workspace in the profiling run so the memory profile leaves them free
+        self.decode_reserve = 0
+        if use_triton(current_device_type()):
+            self.decode_reserve = decode_buffer_bytes(
+                num_heads, self.num_kv_heads, head_size, vllm_config.scheduler_config.max_num_seqs,
+                vllm_config.model_config.max_model_len + 256, config.hi_ratio > 0)
 
     def _layout_for(self, kv_cache: torch.Tensor, ops: MiKVOps) -> RegionLayout:
         if self.layout is None:
@@ -338,7 +359,7 @@ class MiKVAttentionImpl(AttentionImpl[MiKVMetadata]):
             raise NotImplementedError("MiKV attention does not support fused output quantization")
         if attn_metadata is None:  # profiling run: attention is skipped, reserve the Triton workspace
             if use_triton(query.device):
-                reserve_workspace(query.device)
+                reserve_workspace(query.device, workspace_bytes() + getattr(self, "decode_reserve", 0))
             return output
         ops = attn_metadata.ops   # the op set the builder planned this step for
         layout = self._layout_for(kv_cache, ops)

@@ -44,10 +44,16 @@ def _common(seq: list[int], table: torch.Tensor) -> CommonAttentionMetadata:
         seq_lens_cpu_upper_bound=seq_t.clone())
 
 
-@pytest.mark.parametrize("preset_name", ["mikv", "h2o"])
-def test_capture_batch_with_padded_rows(preset_name, monkeypatch):
+@pytest.mark.parametrize("preset_name,tile", [("mikv", None), ("h2o", 4), ("mikv", 1)])
+def test_capture_batch_with_padded_rows(preset_name, tile, monkeypatch):
+    """``tile`` (4, 1): the upkeep walks each row's slots in several tiles."""
+    from mikv_vllm.kernels import step
+
     monkeypatch.setenv("MIKV_VLLM_OPS", "triton")
+    monkeypatch.setattr(step, "UPKEEP_TILE", tile)
     cfg = preset(preset_name)
+    if tile:
+        assert RegionLayout.build(cfg, N, D).hi_slots * 2 >= 2 * tile   # rows hold >= 2 blocks
     assert MiKVMetadataBuilder._cudagraph_support == AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
     lay = RegionLayout.build(cfg, N, D)
     regions = make_regions(lay, 24, HKV, garbage=True, seed=3)

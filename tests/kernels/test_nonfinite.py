@@ -110,13 +110,20 @@ def test_nan_score_and_non_finite_inputs_agree_in_oracle_cpp_and_triton(policy):
     q[1, 0, :3] = NAN
     q[1, 2, 5] = INF
     k[1, 1, 7], v[1, 0, 9] = -INF, NAN
+    from mikv_vllm.kernels import step
+
     pages, outs = {}, {}
-    for name, ops in (("oracle", None), ("cpp", CpuOps), ("triton", TritonOps)):
+    for name, ops, tile in (("oracle", None, None), ("cpp", CpuOps, None), ("triton", TritonOps, None),
+                            ("triton-tiles-of-2", TritonOps, 2)):
         pages[name] = regions.clone()
         fwd = ref.forward_decode if ops is None else ops.forward_decode
-        outs[name] = fwd(pages[name], lay, cfg, table, ctx, q, k, v, scale)
+        step.UPKEEP_TILE = tile           # 2: the upkeep walks each row's slots in several tiles
+        try:
+            outs[name] = fwd(pages[name], lay, cfg, table, ctx, q, k, v, scale)
+        finally:
+            step.UPKEEP_TILE = None
     assert planted not in lay.views(pages["oracle"]).tag[table[0].long(), 0].flatten().tolist()   # NaN: evicted
-    for name in ("cpp", "triton"):
+    for name in ("cpp", "triton", "triton-tiles-of-2"):
         assert torch.isfinite(outs[name]).all(), name
         torch.testing.assert_close(outs[name], outs["oracle"], rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
         assert_pages(lay, pages[name], pages["oracle"], name)
