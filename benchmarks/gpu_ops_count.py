@@ -68,7 +68,8 @@ def decode_metadata(builder, ctxs: list[int], table: torch.Tensor, padded: int =
     seq = torch.tensor([c + 1 for c in ctxs] + [0] * padded, dtype=torch.int32)
     n = seq.shape[0]
     qsl = torch.tensor([0] + [min(i + 1, len(ctxs)) for i in range(n)], dtype=torch.int32)
-    m = SimpleNamespace(num_reqs=n, query_start_loc=qsl, query_start_loc_cpu=qsl, seq_lens=seq,
+    m = SimpleNamespace(num_reqs=n, query_start_loc=qsl.to(table.device), query_start_loc_cpu=qsl,
+                        seq_lens=seq.to(table.device),
                         seq_lens_cpu_upper_bound=seq.clone(), block_table_tensor=table, max_query_len=1,
                         slot_mapping=torch.zeros(n, dtype=torch.int64), num_actual_tokens=n, max_seq_len=int(seq.max()))
     return builder.build(0, m)
@@ -83,17 +84,18 @@ def run_layer(config, rows: int = 4, ctx: int = 40, probe=None, seed: int = 0, p
 
     impl, builder = make_layer(config)
     cols = -(-(ctx + 4) // BLOCK)
-    builder.init_plans(config, BLOCK, HEAD_DIM, HEADS, KV_HEADS, max_rows=rows + padded, max_cols=cols, device="cpu")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    builder.init_plans(config, BLOCK, HEAD_DIM, HEADS, KV_HEADS, max_rows=rows + padded, max_cols=cols, device=dev)
     layout = RegionLayout.build(config, BLOCK, HEAD_DIM)
     gen = torch.Generator().manual_seed(seed)
     nb = (rows + padded) * cols + 1
     cache = torch.randint(0, 256, (nb, KV_HEADS, BLOCK, layout.region_bytes // BLOCK), dtype=torch.uint8,
-                          generator=gen)
-    table = torch.randperm(nb, generator=gen)[: (rows + padded) * cols].reshape(rows + padded, cols).int()
+                          generator=gen).to(dev)
+    table = torch.randperm(nb, generator=gen)[: (rows + padded) * cols].reshape(rows + padded, cols).int().to(dev)
     ctxs = [max(0, ctx - 3 * i) for i in range(rows)]
     t = rows + padded
-    qkv = [torch.randn(t, h * HEAD_DIM, generator=gen).to(dtype) for h in (HEADS, KV_HEADS, KV_HEADS)]
-    out = torch.empty(t, HEADS * HEAD_DIM, dtype=dtype)
+    qkv = [torch.randn(t, h * HEAD_DIM, generator=gen).to(dev, dtype) for h in (HEADS, KV_HEADS, KV_HEADS)]
+    out = torch.empty(t, HEADS * HEAD_DIM, dtype=dtype, device=dev)
     impl.forward(None, *qkv, cache, decode_metadata(builder, ctxs, table, padded), out)   # warm-up (layout, compile)
     meta = decode_metadata(builder, [c + 1 for c in ctxs], table, padded)               # built outside the layer
     if hook is not None:
