@@ -189,7 +189,7 @@ def mikv_bytes(layout: RegionLayout, regions: torch.Tensor, table: torch.Tensor,
     (scale, zero) pairs of K and V of every context token, the hi copies (K and V) of its tagged
     tokens, and the tags and scores of its blocks."""
     hi_es = torch.empty((), dtype=layout.hi_dtype).element_size()
-    per_token = 2 * layout.packed_bytes + 2 * layout.groups * 4 if layout.bits else 0
+    per_token = layout.k_packed_bytes + layout.v_packed_bytes + 2 * layout.groups * 4
     nb = -(-context // N)
     total = 0
     for row in table:

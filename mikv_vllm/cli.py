@@ -237,15 +237,21 @@ def _bytes_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     p.add_argument("--block-sizes", type=int, nargs="+", default=[16, 128])
     p.add_argument("--presets", nargs="+", default=None, help="preset names (default: all)")
+    p.add_argument("--configs", nargs="+", default=None, metavar="CONFIG",
+                   help="configs as inline JSON, YAML file or preset name, e.g. '{\"preset\": \"mikv\", "
+                        "\"v_bits\": 3}' (replaces --presets)")
 
 
 def _run_bytes(args: argparse.Namespace) -> int:
+    from .config import MiKVConfig
     from .core.accounting import bytes_table, to_markdown
+
+    configs = [MiKVConfig.parse(text) for text in args.configs] if args.configs else args.presets
 
     print("Bytes per token per KV head. In-page = what vLLM allocates (lo copy of every token, hi slots,")
     print("score/tag/balancer/padding). Paper % = r*bpe(hi) + (1-r)*bpe(lo) (no lo copy of hi tokens,")
     print("no bookkeeping); paper + lo copy % = r*bpe(hi) + bpe(lo). fp16 dense = 4*head_dim bytes.\n")
-    print(to_markdown(bytes_table(args.presets, args.head_dims, args.block_sizes)))
+    print(to_markdown(bytes_table(configs, args.head_dims, args.block_sizes)))
     return 0
 
 

@@ -34,8 +34,11 @@ class MiKVConfigError(ValueError):
 class MiKVConfig:
     """Mixed-precision KV cache settings (one per engine, all layers alike).
 
-    lo_bits        bits of the low-precision copy every token gets (0 = no copy:
+    k_bits         bits of the low-precision copy of every token's key (0 = no copy:
                    tokens outside the hi set are evicted, i.e. H2O).
+    v_bits         the same for values; both 0 (eviction) or both > 0.
+    lo_bits        input alias that sets k_bits and v_bits alike; after construction it holds
+                   their common width, or None when they differ (never serialised by to_dict).
     group_size     at most this many channels per quantization group along head_dim: the largest
                    divisor of head_dim not above it (64 at head_dim 64 or 128, 48 at 96, 40 at
                    80); None = head_dim / 2.
@@ -56,7 +59,9 @@ class MiKVConfig:
 
     name: str = "custom"
     policy: str = "mikv"
-    lo_bits: int = 2
+    k_bits: int | None = None
+    v_bits: int | None = None
+    lo_bits: int | None = None
     group_size: int | None = None
     hi_dtype: str = "float16"
     hi_ratio: float = 0.2
@@ -69,6 +74,7 @@ class MiKVConfig:
     rotation: bool = False
 
     def __post_init__(self) -> None:
+        _resolve_bits(self)
         self.validate()
 
     # ------------------------------------------------------------------ checks
@@ -77,9 +83,13 @@ class MiKVConfig:
         _check_type("name", self.name, str)
         if self.policy not in POLICIES:
             raise MiKVConfigError("policy", f"must be one of {POLICIES}, got {self.policy!r}")
-        _check_type("lo_bits", self.lo_bits, int)
-        if self.lo_bits not in LO_BITS:
-            raise MiKVConfigError("lo_bits", f"must be one of {LO_BITS}, got {self.lo_bits}")
+        for name in ("k_bits", "v_bits"):
+            _check_type(name, getattr(self, name), int)
+            if getattr(self, name) not in LO_BITS:
+                raise MiKVConfigError(name, f"must be one of {LO_BITS}, got {getattr(self, name)}")
+        if (self.k_bits == 0) != (self.v_bits == 0):
+            raise MiKVConfigError("v_bits", f"keys and values are both evicted (0 bits) or both kept; got "
+                                  f"k_bits {self.k_bits}, v_bits {self.v_bits}")
         if self.group_size is not None:
             _check_type("group_size", self.group_size, int)
             if self.group_size <= 0:
@@ -108,13 +118,13 @@ class MiKVConfig:
                                   "accumulating once scores are large); use float32")
         if self.score_dtype not in SCORE_DTYPES:
             raise MiKVConfigError("score_dtype", f"must be one of {SCORE_DTYPES}, got {self.score_dtype!r}")
-        if self.lo_bits == 0 and self.hi_ratio == 0:
+        if self.k_bits == 0 and self.hi_ratio == 0:
             raise MiKVConfigError("hi_ratio", "lo_bits 0 (eviction) with hi_ratio 0 would keep no token")
         if self.policy == "rtn" and self.hi_ratio != 0:
             raise MiKVConfigError("hi_ratio", f"policy 'rtn' (uniform low-bit) needs hi_ratio 0, got {self.hi_ratio}")
-        if self.policy == "h2o" and self.lo_bits != 0:
-            raise MiKVConfigError("lo_bits", f"policy 'h2o' (eviction) needs lo_bits 0, got {self.lo_bits}")
-        if self.policy == "mikv" and (self.lo_bits == 0 or self.hi_ratio == 0):
+        if self.policy == "h2o" and self.k_bits != 0:
+            raise MiKVConfigError("lo_bits", f"policy 'h2o' (eviction) needs lo_bits 0, got k_bits {self.k_bits}")
+        if self.policy == "mikv" and (self.k_bits == 0 or self.hi_ratio == 0):
             raise MiKVConfigError("policy", "'mikv' needs lo_bits > 0 and hi_ratio > 0 (use 'h2o' or 'rtn')")
         if head_dim is not None:
             g = self.group_for(head_dim)
@@ -125,6 +135,16 @@ class MiKVConfig:
         return self
 
     # ----------------------------------------------------------------- derived
+    @property
+    def has_lo(self) -> bool:
+        """Every token keeps a low-precision copy (False: eviction, h2o)."""
+        return self.k_bits > 0
+
+    @property
+    def bits_label(self) -> str:
+        """``int4`` when keys and values share a width, else ``k4v3``."""
+        return f"int{self.k_bits}" if self.k_bits == self.v_bits else f"k{self.k_bits}v{self.v_bits}"
+
     def group_for(self, head_dim: int) -> int:
         """Quantization group size for ``head_dim``: the largest divisor of ``head_dim`` not above
         ``group_size`` (default head_dim / 2)."""
@@ -161,9 +181,9 @@ class MiKVConfig:
         for key in data:
             if key not in known:
                 raise MiKVConfigError(key, f"unknown key; valid keys: {sorted(known | {'preset'})}")
-        values = dataclasses.asdict(base)
-        overrides = {k: v for k, v in data.items() if values.get(k) != v or k == "name"}
-        values.update(data)
+        values = base.to_dict()
+        overrides = {k: v for k, v in data.items() if getattr(base, k) != v or k == "name"}
+        values = merge_settings(values, data)
         if "name" not in data:
             values["name"] = base_name if not overrides else f"{base_name}+custom"
         return cls(**values)
@@ -219,10 +239,52 @@ class MiKVConfig:
         raise MiKVConfigError("<value>", f"{text!r} is neither JSON, an existing file nor a preset {sorted(PRESETS)}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """All fields but the ``lo_bits`` alias (``k_bits``/``v_bits`` carry it)."""
+        d = dataclasses.asdict(self)
+        d.pop("lo_bits")
+        return d
 
     def replace(self, **changes: Any) -> "MiKVConfig":
-        return dataclasses.replace(self, **changes)
+        """A copy with ``changes``; ``lo_bits`` sets both widths unless k_bits/v_bits are also given."""
+        return type(self)(**merge_settings(self.to_dict(), changes))
+
+
+def merge_settings(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` updated by ``override`` (both mappings of config fields), with the ``lo_bits``
+    alias resolved: a ``lo_bits`` in ``override`` replaces base's k_bits/v_bits, a ``k_bits`` or
+    ``v_bits`` in ``override`` replaces base's ``lo_bits`` (its other width stays). A ``lo_bits``
+    that contradicts an explicit k_bits/v_bits of ``override`` stays for the constructor to refuse."""
+    out = dict(base)
+    lo = out.pop("lo_bits", None)
+    if lo is not None:
+        out.setdefault("k_bits", lo)
+        out.setdefault("v_bits", lo)
+    if "lo_bits" in override:
+        out.pop("k_bits", None)
+        out.pop("v_bits", None)
+    out.update(override)
+    return out
+
+
+def _resolve_bits(config: MiKVConfig) -> None:
+    """Fill k_bits/v_bits from the ``lo_bits`` alias (default 2) and set ``lo_bits`` to their common
+    width (None when they differ). A ``lo_bits`` that contradicts k_bits/v_bits is an error."""
+    lo = config.lo_bits
+    if lo is not None:
+        _check_type("lo_bits", lo, int)
+        if lo not in LO_BITS:
+            raise MiKVConfigError("lo_bits", f"must be one of {LO_BITS}, got {lo}")
+        for name in ("k_bits", "v_bits"):
+            given = getattr(config, name)
+            if given is not None and given != lo:
+                raise MiKVConfigError("lo_bits", f"lo_bits {lo} sets keys and values alike but {name} is "
+                                      f"{given}; give either lo_bits or k_bits/v_bits")
+    default = 2 if lo is None else lo
+    k = config.k_bits if config.k_bits is not None else default
+    v = config.v_bits if config.v_bits is not None else default
+    object.__setattr__(config, "k_bits", k)
+    object.__setattr__(config, "v_bits", v)
+    object.__setattr__(config, "lo_bits", k if k == v else None)
 
 
 def _check_type(name: str, value: Any, types: type | tuple[type, ...]) -> None:

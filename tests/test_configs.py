@@ -135,6 +135,24 @@ def test_page_format_flags_and_yaml_keys(tmp_path):
     assert off["mikv"]["rotation"] is False
 
 
+def test_split_widths_flags_and_yaml_keys(tmp_path):
+    """--mikv-k-bits / --mikv-v-bits and k_bits / v_bits in a --config file reach additional_config;
+    --mikv-lo-bits after a split config sets both widths (issue 26)."""
+    from mikv_vllm.config import MiKVConfig
+
+    engine_args = serve_engine_args(["serve", MODEL, "--kv-cache-policy", "mikv", "--mikv-config", "mikv",
+                                     "--mikv-v-bits", "3"])
+    got = MiKVConfig.from_additional_config(engine_args.additional_config)
+    assert (got.k_bits, got.v_bits, got.hi_ratio) == (4, 3, 0.03)
+    assert "lo_bits" not in engine_args.additional_config["mikv"]
+    path = tmp_path / "k4v2.yaml"
+    path.write_text("kv-cache-policy: mikv\nmikv-config: {preset: mikv, k_bits: 4, v_bits: 2}\n")
+    got = MiKVConfig.from_additional_config(serve_engine_args(["serve", MODEL, "--config", str(path)]).additional_config)
+    assert (got.k_bits, got.v_bits) == (4, 2)
+    both = serve_engine_args(["serve", MODEL, "--config", str(path), "--mikv-lo-bits", "3"]).additional_config
+    assert (both["mikv"]["k_bits"], both["mikv"]["v_bits"]) == (3, 3)
+
+
 @pytest.mark.parametrize("stem", sorted(EXPECTED))
 def test_no_false_booleans(stem):
     # Under `vllm serve`, vLLM's --config loader turns `key: false` into
@@ -180,6 +198,9 @@ BAD = [
     ("kv-cache-policy: mikv\nmikv-config: {lo_bits: 5}\n", "lo_bits"),
     ("kv-cache-policy: mikv\nmikv-hi-ratio: 2\n", "hi_ratio"),
     ("kv-cache-policy: mikv\nmikv-lo-bits: 5\n", "lo_bits"),
+    ("kv-cache-policy: mikv\nmikv-k-bits: 5\n", "k_bits"),
+    ("kv-cache-policy: mikv\nmikv-v-bits: 0\n", "v_bits"),
+    ("kv-cache-policy: mikv\nmikv-config: {lo_bits: 4, v_bits: 3}\n", "lo_bits"),
     ("kv-cache-policy: rtn\nmikv-config: rtn-int4\nmikv-hi-ratio: 0.2\n", "hi_ratio"),
     ("kv-cache-policy: mikv\nmikv-lo-bitz: 3\n", "--mikv-lo-bitz"),
     ("kv-cache-polcy: mikv\n", "--kv-cache-polcy"),

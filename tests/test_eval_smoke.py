@@ -118,7 +118,7 @@ def test_sweep_cells_are_real_layouts_near_their_targets():
         frac = RegionLayout.build(c.config(), 128, 64).content_bytes / 256
         assert abs(frac - c.target) <= C.TARGET_TOLERANCE * c.target, (c.label, frac, c.target)
     rtn20 = [c for c in cells if c.policy == "rtn" and c.target == 0.2]
-    assert rtn20 and rtn20[0].mikv["lo_bits"] == 2
+    assert rtn20 and rtn20[0].mikv["k_bits"] == rtn20[0].mikv["v_bits"] == 2
 
 
 def test_full_suite_dedupes_shared_configs():
@@ -331,7 +331,7 @@ def test_screen_grid_covers_every_page_format_axis():
 
     cfgs = suite_configs("screen", 64, 128)
     assert cfgs[0].policy == "stock" and len({c.key() for c in cfgs}) == len(cfgs)
-    got = {(c.policy, c.mikv["lo_bits"], c.mikv["hi_ratio"], c.mikv["group_size"], c.mikv["hi_dtype"],
+    got = {(c.policy, c.config().lo_bits, c.mikv["hi_ratio"], c.mikv["group_size"], c.mikv["hi_dtype"],
             c.mikv["rotation"], c.mikv["balancer"]) for c in cfgs[1:]}
     mikv = {("mikv", b, r, g, dt, rot, bal) for b, r, g, dt, rot, bal in itertools.product(
         (2, 3, 4), (0.05, 0.1), (32, 64), ("float16", "float8_e4m3fn"), (False, True), (True, False))

@@ -195,7 +195,10 @@ def test_collector_exports_the_last_stats():
     assert "# TYPE mikv_tokens_stored_total counter" in text and "# TYPE mikv_capacity_ratio gauge" in text
     assert "mikv_capacity_tokens" not in text  # absent from the stats: not exported
     assert text.count("mikv_policy_info{") == 1
-    assert 'mikv_policy_info{hi_ratio="0.1",lo_bits="3",policy="mikv",preset="mikv"} 1.0' in text
+    assert 'mikv_policy_info{hi_ratio="0.1",k_bits="3",lo_bits="3",policy="mikv",preset="mikv",v_bits="3"} 1.0' in text
+    collector.update({**stats, "config": {"k_bits": 4, "v_bits": 3, "hi_ratio": 0.03}})
+    text = generate_latest(registry).decode()
+    assert 'mikv_policy_info{hi_ratio="0.03",k_bits="4",lo_bits="",policy="mikv",preset="mikv",v_bits="3"} 1.0' in text
     assert endpoints.metrics() is endpoints.metrics()  # registered once per process
     plugin = endpoints.MiKVEndpointPlugin()
     assert plugin.name == "mikv" and plugin.required_tasks == ("generate",)
@@ -385,8 +388,10 @@ def test_prometheus_series_follow_stats(server, traffic):
         ("mikv_capacity_ratio", ()): stats["capacity_ratio"],
         ("mikv_capacity_tokens", ()): stats["capacity_tokens"],
         ("mikv_policy_info", (("hi_ratio", str(stats["config"]["hi_ratio"])),
-                              ("lo_bits", str(stats["config"]["lo_bits"])),
-                              ("policy", "mikv"), ("preset", "mikv-paper"))): 1.0,
+                              ("k_bits", str(stats["config"]["k_bits"])),
+                              ("lo_bits", str(stats["config"]["k_bits"])),
+                              ("policy", "mikv"), ("preset", "mikv-paper"),
+                              ("v_bits", str(stats["config"]["v_bits"])))): 1.0,
     }
     deadline = time.monotonic() + METRICS_TIMEOUT_S
     while True:  # the poller refreshes every POLL_INTERVAL_S

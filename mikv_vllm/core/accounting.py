@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 from ..config import PRESETS, MiKVConfig, preset
-from .layout import HI_BITS, RegionLayout, dense_bytes_per_token, paper_cache_fraction
+from .layout import HI_BITS, RegionLayout, dense_bytes_per_token, lo_bits_per_element, paper_cache_fraction
 
 HEAD_DIMS = (64, 128)
 BLOCK_SIZES = (16, 128)
@@ -20,9 +20,7 @@ BLOCK_SIZES = (16, 128)
 
 def paper_fraction_with_lo_copy(config: MiKVConfig, head_dim: int) -> float:
     """``(r*bpe(hi) + bpe(lo)) / 16``: paper accounting plus the lo copy of hi tokens."""
-    g = config.group_for(head_dim)
-    lo = config.lo_bits + 32 / g if config.lo_bits else 0.0
-    return (config.hi_ratio * HI_BITS[config.hi_dtype] + lo) / 16
+    return (config.hi_ratio * HI_BITS[config.hi_dtype] + lo_bits_per_element(config, head_dim)) / 16
 
 
 def bytes_row(config: MiKVConfig, head_dim: int, block_size: int) -> dict:
@@ -32,6 +30,8 @@ def bytes_row(config: MiKVConfig, head_dim: int, block_size: int) -> dict:
     dense = dense_bytes_per_token(head_dim)
     return {
         "preset": config.name,
+        "k_bits": config.k_bits,
+        "v_bits": config.v_bits,
         "head_dim": head_dim,
         "block_size": block_size,
         "hi_slots": lay.hi_slots,
@@ -47,19 +47,27 @@ def bytes_row(config: MiKVConfig, head_dim: int, block_size: int) -> dict:
 
 
 def bytes_table(presets=None, head_dims=HEAD_DIMS, block_sizes=BLOCK_SIZES) -> list[dict]:
-    """Rows for every preset (default: all of ``config.PRESETS``) x head_dim x block_size."""
+    """Rows for every config x head_dim x block_size; ``presets`` holds preset names or
+    :class:`MiKVConfig` objects (default: all of ``config.PRESETS``)."""
     names = list(PRESETS) if presets is None else list(presets)
-    return [bytes_row(preset(name), d, n) for name in names for d in head_dims for n in block_sizes]
+    configs = [c if isinstance(c, MiKVConfig) else preset(c) for c in names]
+    return [bytes_row(c, d, n) for c in configs for d in head_dims for n in block_sizes]
+
+
+def bits_label(row: dict) -> str:
+    """``4`` when keys and values share a width, else ``K4/V3``."""
+    k, v = row["k_bits"], row["v_bits"]
+    return f"{k}" if k == v else f"K{k}/V{v}"
 
 
 def to_markdown(rows: list[dict]) -> str:
     """Render rows as a Markdown table (bytes per token per KV head)."""
-    head = ("| preset | head_dim | block | R | B/token in page | lo K+V | hi K+V | bookkeeping "
+    head = ("| preset | lo bits | head_dim | block | R | B/token in page | lo K+V | hi K+V | bookkeeping "
             "| in-page % of fp16 | paper % | paper + lo copy % |")
-    lines = [head, "|" + "---|" * 11]
+    lines = [head, "|" + "---|" * 12]
     for r in rows:
         lines.append(
-            f"| {r['preset']} | {r['head_dim']} | {r['block_size']} | {r['hi_slots']} "
+            f"| {r['preset']} | {bits_label(r)} | {r['head_dim']} | {r['block_size']} | {r['hi_slots']} "
             f"| {r['bytes_per_token']:.0f} | {r['lo_kv']:.2f} | {r['hi_kv']:.2f} | {r['bookkeeping']:.2f} "
             f"| {100 * r['in_page_fraction']:.2f} | {100 * r['paper_fraction']:.2f} "
             f"| {100 * r['paper_with_lo_copy']:.2f} |")

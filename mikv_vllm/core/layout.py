@@ -7,7 +7,8 @@ that region, for all N token positions of the block::
     [K_lo N*Pk][V_lo N*Pv][K s/z N*G*2 fp16][V s/z N*G*2 fp16][tag R i32][score R f32]
     [K_hi R*D][V_hi R*D][balancer D fp16][pad]
 
-* ``K_lo``/``V_lo``: per-token packed codes, ``bits`` each, little-endian bit
+* ``K_lo``/``V_lo``: per-token packed codes, ``k_bits`` / ``v_bits`` each (``Pk = D*k_bits/8``,
+  ``Pv = D*v_bits/8``; one shared group size), little-endian bit
   stream (element j occupies stream bits ``[j*b, (j+1)*b)``; stream bit
   ``8*m + k`` is bit k of byte m). Keys are multiplied by the balancer first.
 * ``s/z``: fp16 (scale, zero) per group of ``G = D / group`` groups per token.
@@ -57,7 +58,8 @@ class RegionLayout:
 
     block_size: int
     head_dim: int
-    bits: int
+    k_bits: int
+    v_bits: int
     group: int
     hi_slots: int
     hi_dtype: torch.dtype
@@ -79,41 +81,64 @@ class RegionLayout:
     @classmethod
     def build(cls, config: MiKVConfig, block_size: int, head_dim: int) -> "RegionLayout":
         config.validate(head_dim)
-        n, d, b = block_size, head_dim, config.lo_bits
+        n, d, kb, vb = block_size, head_dim, config.k_bits, config.v_bits
         g = config.group_for(head_dim)
         r = hi_slots_per_block(config, block_size)
         hi_dt = HI_TORCH_DTYPES[config.hi_dtype]
         sc_dt = SCORE_TORCH_DTYPES[config.score_dtype]
         hi_es = torch.empty((), dtype=hi_dt).element_size()
         sc_es = torch.empty((), dtype=sc_dt).element_size()
-        if (d * b) % 8:
-            raise ValueError(f"head_dim {d} * lo_bits {b} is not a whole number of bytes")
-        packed = d * b // 8 if b else 0
-        groups = d // g if b else 0
+        for name, b in (("k_bits", kb), ("v_bits", vb)):
+            if (d * b) % 8:
+                raise ValueError(f"head_dim {d} * {name} {b} is not a whole number of bytes")
+        groups = d // g if kb else 0
         off = 0
-        k_lo = off; off = _align(off + n * packed)
-        v_lo = off; off = _align(off + n * packed)
+        k_lo = off; off = _align(off + n * (d * kb // 8))
+        v_lo = off; off = _align(off + n * (d * vb // 8))
         k_sz = off; off = _align(off + n * groups * 4)
         v_sz = off; off = _align(off + n * groups * 4)
         tag = off; off = _align(off + r * 4)
         score = off; off = _align(off + r * sc_es)
         k_hi = off; off = _align(off + r * d * hi_es)
         v_hi = off; off = _align(off + r * d * hi_es)
-        has_bal = config.balancer and b > 0
+        has_bal = config.balancer and kb > 0
         balancer = off; off = _align(off + (d * 2 if has_bal else 0))
         per_token = math.ceil(off / n)  # C in whole bytes
-        return cls(n, d, b, g, r, hi_dt, sc_dt, has_bal, k_lo, v_lo, k_sz, v_sz, score, tag, k_hi,
+        return cls(n, d, kb, vb, g, r, hi_dt, sc_dt, has_bal, k_lo, v_lo, k_sz, v_sz, score, tag, k_hi,
                    v_hi, balancer, per_token * n)
 
     # ------------------------------------------------------------- accounting
     @property
+    def bits(self) -> int:
+        """Transitional: the common lo width of keys and values; ValueError when they differ
+        (read ``k_bits`` / ``v_bits``)."""
+        if self.k_bits != self.v_bits:
+            raise ValueError(f"layout has k_bits {self.k_bits} != v_bits {self.v_bits}: read k_bits / v_bits")
+        return self.k_bits
+
+    @property
+    def has_lo(self) -> bool:
+        """Every token has lo copies (False: eviction)."""
+        return self.k_bits > 0
+
+    @property
+    def k_packed_bytes(self) -> int:
+        """Bytes of one token's packed K codes."""
+        return self.head_dim * self.k_bits // 8
+
+    @property
+    def v_packed_bytes(self) -> int:
+        """Bytes of one token's packed V codes."""
+        return self.head_dim * self.v_bits // 8
+
+    @property
     def packed_bytes(self) -> int:
-        """Bytes of one token's packed K (or V) codes."""
+        """Transitional: bytes of one token's packed K (= V) codes; ValueError when widths differ."""
         return self.head_dim * self.bits // 8
 
     @property
     def groups(self) -> int:
-        return self.head_dim // self.group if self.bits else 0
+        return self.head_dim // self.group if self.k_bits else 0
 
     @property
     def content_bytes(self) -> int:
@@ -125,7 +150,7 @@ class RegionLayout:
         n = self.block_size
         hi_es = torch.empty((), dtype=self.hi_dtype).element_size()
         sc_es = torch.empty((), dtype=self.score_dtype).element_size()
-        lo_kv = 2 * self.packed_bytes + 2 * self.groups * 4
+        lo_kv = self.k_packed_bytes + self.v_packed_bytes + 2 * self.groups * 4
         hi_kv = self.hi_slots * 2 * self.head_dim * hi_es / n
         score = self.hi_slots * sc_es / n
         tags = self.hi_slots * 4 / n
@@ -150,7 +175,8 @@ class RegionLayout:
         if regions.dtype != torch.uint8 or regions.shape[-1] != self.region_bytes:
             raise ValueError(f"expected uint8 [..., {self.region_bytes}], got {regions.dtype} {tuple(regions.shape)}")
         lead = regions.shape[:-1]
-        n, d, r, p, g = self.block_size, self.head_dim, self.hi_slots, self.packed_bytes, self.groups
+        n, d, r, g = self.block_size, self.head_dim, self.hi_slots, self.groups
+        pk, pv = self.k_packed_bytes, self.v_packed_bytes
         hi_es = torch.empty((), dtype=self.hi_dtype).element_size()
         sc_es = torch.empty((), dtype=self.score_dtype).element_size()
 
@@ -158,8 +184,8 @@ class RegionLayout:
             return self._slice(regions, off, nbytes).view(dtype).view(*lead, *shape)
 
         return RegionViews(
-            k_lo=typed(self.k_lo, n * p, torch.uint8, (n, p)),
-            v_lo=typed(self.v_lo, n * p, torch.uint8, (n, p)),
+            k_lo=typed(self.k_lo, n * pk, torch.uint8, (n, pk)),
+            v_lo=typed(self.v_lo, n * pv, torch.uint8, (n, pv)),
             k_sz=typed(self.k_sz, n * g * 4, torch.float16, (n, g, 2)),
             v_sz=typed(self.v_sz, n * g * 4, torch.float16, (n, g, 2)),
             score=typed(self.score, r * sc_es, self.score_dtype, (r,)),
@@ -204,13 +230,19 @@ def paper_cache_fraction(config: MiKVConfig, head_dim: int) -> float:
     """Cache size relative to fp16 with the paper's accounting (mikv-paper.md §7).
 
     ``(r*bpe(hi) + (1-r)*bpe(lo)) / 16`` with ``bpe(b) = b + 32/g`` (fp16 scale
-    and zero per group); no lo copy of hi tokens, no bookkeeping.
+    and zero per group) and ``b`` the mean of k_bits and v_bits; no lo copy of hi tokens, no
+    bookkeeping.
     """
-    g = config.group_for(head_dim)
     r = config.hi_ratio
-    hi = HI_BITS[config.hi_dtype]
-    lo = config.lo_bits + 32 / g if config.lo_bits else 0.0
-    return (r * hi + (1 - r) * lo) / 16
+    return (r * HI_BITS[config.hi_dtype] + (1 - r) * lo_bits_per_element(config, head_dim)) / 16
+
+
+def lo_bits_per_element(config: MiKVConfig, head_dim: int) -> float:
+    """Bits per element of the lo copy, K and V averaged: ``(k_bits + v_bits)/2 + 32/g``
+    (fp16 scale and zero per group of g); 0 for eviction."""
+    if not config.has_lo:
+        return 0.0
+    return (config.k_bits + config.v_bits) / 2 + 32 / config.group_for(head_dim)
 
 
 def dense_bytes_per_token(head_dim: int, dtype_size: int = 2) -> int:

@@ -28,7 +28,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
-from ..config import MiKVConfig, preset
+from ..config import MiKVConfig, merge_settings, preset
 from ..core.layout import RegionLayout, dense_bytes_per_token, paper_cache_fraction
 
 STOCK = "stock"
@@ -138,7 +138,13 @@ def default_family(config: MiKVConfig) -> str:
         return "rtn"
     if config.policy == "h2o":
         return "h2o"
-    return f"mikv INT{config.lo_bits}"
+    return f"mikv {family_bits(config)}"
+
+
+def family_bits(config: MiKVConfig) -> str:
+    """``INT4`` when keys and values share a width, else ``K4/V3``."""
+    k, v = config.k_bits, config.v_bits
+    return f"INT{k}" if k == v else f"K{k}/V{v}"
 
 
 # --------------------------------------------------------------------- bytes
@@ -204,17 +210,14 @@ def mikv_config(lo_bits: int, hi_ratio: float, name: str | None = None, **extra:
     """A mikv-policy config on the ``mikv-paper`` base (r = 0 gives the rtn policy with the same
     lo bits and balancer, i.e. 'uniform low-bit + balancer'; use :func:`rtn_config` for the
     paper's RTN)."""
-    base = preset("mikv-paper").to_dict()
-    base.update(extra)
-    base.update(lo_bits=lo_bits, hi_ratio=hi_ratio)
+    base = merge_settings(preset("mikv-paper").to_dict(), {**extra, "lo_bits": lo_bits, "hi_ratio": hi_ratio})
     base["name"] = name or f"mikv-int{lo_bits}-r{_r_label(hi_ratio)}"
     return MiKVConfig(**base)
 
 
 def rtn_config(lo_bits: int, name: str | None = None, **extra: Any) -> MiKVConfig:
-    base = preset("rtn").to_dict()
-    base.update(extra)
-    base.update(lo_bits=lo_bits, name=name or ("rtn" if lo_bits == 2 else f"rtn-int{lo_bits}"))
+    base = merge_settings(preset("rtn").to_dict(), {**extra, "lo_bits": lo_bits,
+                                                    "name": name or ("rtn" if lo_bits == 2 else f"rtn-int{lo_bits}")})
     return MiKVConfig(**base)
 
 
@@ -281,14 +284,14 @@ def frontier_configs(lo_bits: Sequence[int] = FRONTIER_LO_BITS, ratios: Sequence
     the low-byte end of the frontier, where the families differ most, for every family."""
     cfgs = [rtn_config(b) if r == 0 else mikv_config(b, r) for b in lo_bits for r in ratios]
     cfgs += [h2o_config(r) for r in h2o_ratios]
-    cfgs.sort(key=lambda c: c.lo_bits + 16 * c.hi_ratio)     # stable: ties keep grid order
+    cfgs.sort(key=lambda c: (c.k_bits + c.v_bits) / 2 + 16 * c.hi_ratio)     # stable: ties keep grid order
     return [EvalConfig.from_mikv(c, groups=("frontier",)) for c in cfgs]
 
 
 def format_label(config: MiKVConfig, head_dim: int) -> str:
     """``g<group>``, ``fp8`` (hi copies, when a hi tier exists), ``rot`` and ``nobal`` (mikv without
     the balancer) parts of a screening label."""
-    parts = [f"g{config.group_for(head_dim)}"] if config.lo_bits else []
+    parts = [f"g{config.group_for(head_dim)}"] if config.has_lo else []
     if config.hi_ratio and config.hi_dtype != "float16":
         parts.append({"float8_e4m3fn": "fp8"}.get(config.hi_dtype, config.hi_dtype))
     if config.rotation:
@@ -330,7 +333,7 @@ def screen_configs(head_dim: int, block_size: int, lo_bits: Sequence[int] = SCRE
     cfgs += [(h2o_config(r, hi_dtype=dt), "h2o") for r in h2o_ratios for dt in hi_dtypes]
     out = []
     for c, fam in cfgs:
-        if c.lo_bits and c.group_size is not None and head_dim % c.group_size:
+        if c.has_lo and c.group_size is not None and head_dim % c.group_size:
             continue     # the grid's groups are exact (a smaller divisor would be another row's format)
         try:
             c.validate(head_dim)

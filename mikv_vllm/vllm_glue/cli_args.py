@@ -12,13 +12,17 @@ import argparse
 import logging
 from typing import Any
 
-from ..config import HI_DTYPES, LO_BITS, POLICIES, PRESETS, SCORE_DTYPES, SCORERS, MiKVConfig, MiKVConfigError
+from ..config import (HI_DTYPES, LO_BITS, POLICIES, PRESETS, SCORE_DTYPES, SCORERS, MiKVConfig, MiKVConfigError,
+                      merge_settings)
 
 logger = logging.getLogger("vllm.mikv")  # child of vLLM's configured logger
 
 # (MiKVConfig field, argparse kwargs) for the individual --mikv-* flags.
 FIELD_FLAGS: dict[str, dict[str, Any]] = {
-    "lo_bits": dict(type=int, help=f"Bits of every token's low-precision copy, one of {LO_BITS} (0 = evict)."),
+    "lo_bits": dict(type=int, help=f"Bits of every token's low-precision copy, keys and values alike, one of {LO_BITS} "
+                    "(0 = evict)."),
+    "k_bits": dict(type=int, help=f"Bits of every token's low-precision key copy, one of {LO_BITS} (instead of lo_bits)."),
+    "v_bits": dict(type=int, help=f"Bits of every token's low-precision value copy, one of {LO_BITS} (instead of lo_bits)."),
     "hi_ratio": dict(type=float, help="Share r of a request's tokens also kept at high precision, in [0, 1]."),
     "hi_dtype": dict(type=str, help=f"High-precision tier dtype, one of {HI_DTYPES}."),
     "group_size": dict(type=int, help="At most this many channels per quantization group: the largest divisor of head_dim "
@@ -77,10 +81,9 @@ def additional_config_from_args(args: argparse.Namespace, additional: dict | Non
         if parsed.name in PRESETS:  # keep the preset's name unless flags change it
             section["preset"] = parsed.name
         policy = policy or parsed.policy
-    for name in FIELD_FLAGS:
-        value = getattr(args, "mikv_" + name, None)
-        if value is not None:
-            section[name] = value
+    flags = {name: getattr(args, "mikv_" + name) for name in FIELD_FLAGS
+             if getattr(args, "mikv_" + name, None) is not None}
+    section = merge_settings(section, flags)
     if policy is None:
         if section:
             raise MiKVConfigError("kv_cache_policy", "--mikv-* options need --kv-cache-policy")
@@ -89,7 +92,7 @@ def additional_config_from_args(args: argparse.Namespace, additional: dict | Non
     if merged.get("kv_cache_policy") not in (None, policy):
         logger.warning("--kv-cache-policy %s overrides additional_config %r", policy, merged["kv_cache_policy"])
     if isinstance(merged.get("mikv"), dict):
-        section = {**merged["mikv"], **section}
+        section = merge_settings(merged["mikv"], section)
     merged["kv_cache_policy"] = policy
     config = MiKVConfig.from_dict(section, policy=policy)
     merged["mikv"] = config.to_dict()

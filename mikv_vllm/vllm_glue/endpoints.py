@@ -146,7 +146,16 @@ SERIES = (
     ("mikv_capacity_tokens", "gauge", "capacity_tokens", "Tokens the allocated KV cache can hold"),
     ("mikv_sampled_layers", "gauge", "sampled_layers", "Attention layers the hi-tier counters are measured on"),
 )
-INFO_LABELS = ("policy", "preset", "lo_bits", "hi_ratio")
+INFO_LABELS = ("policy", "preset", "lo_bits", "k_bits", "v_bits", "hi_ratio")
+
+
+def _bits_labels(config: dict[str, Any]) -> list[str]:
+    """(lo_bits, k_bits, v_bits) labels: lo_bits is the common width ("" when keys and values differ);
+    a config written with lo_bits only gives it to both."""
+    lo = config.get("lo_bits")
+    k, v = config.get("k_bits", lo), config.get("v_bits", lo)
+    common = k if k == v else None
+    return ["" if x is None else str(x) for x in (common, k, v)]
 
 
 class MiKVCollector(Collector):
@@ -174,7 +183,7 @@ class MiKVCollector(Collector):
         if stats is not None:
             config = stats.get("config") or {}
             info.add_metric([str(stats.get("policy", "")), str(stats.get("preset", "")),
-                             str(config.get("lo_bits", "")), str(config.get("hi_ratio", ""))], 1)
+                             *_bits_labels(config), str(config.get("hi_ratio", ""))], 1)
         yield info
 
     def describe(self):

@@ -74,7 +74,7 @@ def prefix_caching(config: MiKVConfig, requested: bool | None, on_cuda: bool | N
 
     choice = ops_choice()
     reason = None
-    if config.lo_bits == 0:
+    if not config.has_lo:
         reason = f"policy {config.policy} keeps no lo copies (evicted tokens cannot be shared)"
     elif choice == "triton" or (choice == "auto" and on_cuda):
         reason = "the Triton ops do not implement shared prefix blocks yet"

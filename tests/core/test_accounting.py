@@ -85,3 +85,19 @@ def test_page_format_rows_hand_computed():
     assert row["paper_with_lo_copy"] == pytest.approx((0.05 * 8 + 3.5) / 16)
     g64 = bytes_row(preset("rtn-int4").replace(group_size=64), 64, 128)
     assert (g64["bytes_per_token"], g64["lo_kv"]) == (72, 72)              # rtn-int4 g32: 80
+
+
+def test_split_width_rows_and_cli(capsys):
+    """K4/V3 and K4/V2 of the default (issue 26's candidates) at D = 64, N = 128: lo K 32 + 4 B s/z,
+    lo V 24 (INT3) or 16 (INT2) + 4 B s/z, hi and bookkeeping as the default -> 70 and 62 B."""
+    from mikv_vllm.cli import main
+
+    k4v3 = bytes_row(preset("mikv").replace(v_bits=3), 64, 128)
+    assert (k4v3["bytes_per_token"], k4v3["lo_kv"], k4v3["hi_kv"], k4v3["k_bits"], k4v3["v_bits"]) == (70, 64, 4, 4, 3)
+    assert bytes_row(preset("mikv").replace(v_bits=2), 64, 128)["bytes_per_token"] == 62
+    # paper accounting averages the two widths: bpe(lo) = 3.5 + 32/64
+    assert k4v3["paper_fraction"] == pytest.approx((0.03 * 8 + 0.97 * 4.0) / 16)
+    assert main(["bytes", "--head-dims", "64", "--block-sizes", "128",
+                 "--configs", "mikv", '{"preset": "mikv", "v_bits": 3}']) == 0
+    out = capsys.readouterr().out
+    assert "| mikv | 4 | 64 | 128 | 4 | 78 |" in out and "| mikv+custom | K4/V3 | 64 | 128 | 4 | 70 |" in out

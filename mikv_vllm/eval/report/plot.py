@@ -19,7 +19,11 @@ def plot_family(row: dict) -> str:
     """Plot line of a row: ``mikv INT<b>`` by lo bits, ``rtn``, ``h2o``, or ``ablation``."""
     if row["family"] == "ablation" or row["policy"] not in ("mikv", "rtn", "h2o"):
         return row["family"]
-    return f"mikv INT{row['config']['lo_bits']}" if row["policy"] == "mikv" else row["policy"]
+    if row["policy"] != "mikv":
+        return row["policy"]
+    cfg = row["config"]
+    k, v = cfg.get("k_bits", cfg.get("lo_bits")), cfg.get("v_bits", cfg.get("lo_bits"))
+    return f"mikv INT{k}" if k == v else f"mikv K{k}/V{v}"
 
 
 def envelope(points: Sequence[tuple[float, float]], lower_is_better: bool) -> list[tuple[float, float]]:
