@@ -253,7 +253,15 @@ PRE_EDITS = {
     'shared-hi-unstable': ((TCH, '    limit[: int(own_from) * r] = min(int(shared_hi), ctx_len)', '    limit[: int(own_from) * r] = ctx_len'),
                            (PRE, 'const int64_t lim = j < own_from ? std::min(shared_hi, ctx) : ctx;', 'const int64_t lim = ctx;'),),
 }
-MUTATIONS = [dataclasses.replace(m, edits=m.edits + PRE_EDITS.get(m.name, ())) for m in MUTATIONS]
+# The Triton decode step's copy of each behaviour (kernels/step.py, kernels/upkeep_tiled.py).
+STEP_EDITS = {
+    'promoted-score-stale': ((KUT, "            tl.store(score_ptr + fblk * sc_sb + h * sc_sh + fslot % R, new_sc.to(score_ptr.dtype.element_ty))\n", ""),),
+    'new-token-score-lost': ((KUT, "        new_sc = tl.load(nm_ptr + b * snmb + h).to(tl.float32)\n", "        new_sc = tl.load(nm_ptr + b * snmb + h).to(tl.float32) * 0.0\n"),),
+    'tag-reset-removed': ((KSP, "mask=(ri < R) & (ri + off == ri))", "mask=(ri < R) & (ri + off == ri) & (ri < 0))"),),
+    'scores-not-accumulated': ((KSP, "        new = cur + mass\n", "        new = cur + 0.0 * mass\n"),),
+}
+MUTATIONS = [dataclasses.replace(m, edits=m.edits + PRE_EDITS.get(m.name, ()) + STEP_EDITS.get(m.name, ()))
+             for m in MUTATIONS]
 
 
 def apply(mutation: Mutation, root: Path, files: list[str] | None = None) -> list[str]:
