@@ -12,6 +12,7 @@ from mikv_vllm.core import reference as ref
 from mikv_vllm.ops import torch_decode as tdec
 from mikv_vllm.core.importance import hi_budget
 from mikv_vllm.core.layout import RegionLayout
+from mikv_vllm.kernels import step
 from mikv_vllm.kernels import workspace as ws
 from mikv_vllm.kernels.ops import TritonOps, chunked_attention, forward_request
 from mikv_vllm.ops.plan import StepPlan, plan_for
@@ -73,6 +74,7 @@ def test_decode_step_allocates_nothing_per_call():
     expected = regions.clone()
     plan = plan_for(config, layout, tables, ctxs)
     TritonOps.prepare(StepPlan(decode=plan), layout, config, hq, hkv)
+    step._views(regions, layout)     # a layer's page views: made at its first call (two scalar dtype probes)
     with PeakTracker() as tracker:
         out = TritonOps.decode(regions, layout, config, plan, q, k, v, SCALE)
     assert tracker.peak == 0, tracker.peak
