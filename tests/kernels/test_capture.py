@@ -62,10 +62,12 @@ def test_capture_batch_with_padded_rows(preset_name, tile, monkeypatch):
     table[:REAL] = perm[: REAL * COLS].reshape(REAL, COLS).int()
     table[REAL:] = table[0]                        # padded rows point at request 0's live blocks
     qkv = [structured_qkv(40, GROUP * HKV, HKV, D, seed=20 + i) for i in range(REAL)]
-    ctx = [21, 9, 0]
+    ctx = [31, 9, 0]                               # request 0 enters a new block at step 1 (position 32)
     for i, c in enumerate(ctx):                    # prefill with the oracle
         if c:
             ref.forward_request(regions, lay, cfg, table[i], 0, *(x[:c] for x in qkv[i]), SCALE)
+    if lay.hi_slots:                               # stale tags of an earlier owner in that block: reset at offset 0
+        lay.views(regions).tag[int(table[0, 2])] = torch.arange(1, lay.hi_slots + 1, dtype=torch.int32)
     builder = _builder(cfg)
     mine, oracle = regions.clone(), regions.clone()
     buffers = None
