@@ -60,7 +60,7 @@ class TritonOps(OpSet):
                 or buf.new_mass.shape[1] != num_kv_heads):
             buf = DecodeBuffers.make(layout, num_heads, num_kv_heads, rows, max_pos, table.device)
             d.state["triton_decode"] = buf
-        buf.fill(layout, config, d.pos_dev + 1)
+        buf.fill(layout, config, d.pos)
         d.kernel["triton_step"] = (buf, table)
 
     @classmethod

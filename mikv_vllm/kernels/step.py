@@ -240,19 +240,22 @@ class DecodeBuffers:
             sm=torch.ones(rows, hq, **f32), pnew=torch.zeros(rows, hq, **f32), new_mass=torch.zeros(rows, h, **f32),
             out=torch.zeros(rows, hq, d, **f32))
 
-    def fill(self, layout: RegionLayout, config: MiKVConfig, seq: torch.Tensor) -> None:
-        """Once per step (outside the layers): each row's ``seq`` (int, device or host; 0 = padded)
-        into the buffers, with its hi budget and recent-window start (device ops, no host read)."""
-        b = seq.shape[0]
+    def fill(self, layout: RegionLayout, config: MiKVConfig, pos: torch.Tensor) -> None:
+        """Once per step (outside the layers): each row's position ``pos`` (int64, host; -1 = a padded
+        row) with its hi budget and recent-window start, computed on the host and copied into the
+        device buffers (no device allocation, no read of device data)."""
+        b = pos.shape[0]
         if b > self.rows:
             raise ValueError(f"MiKV decode step: {b} rows exceed the {self.rows} rows the buffers were sized for")
-        self.seq[:b].copy_(seq, non_blocking=True)
-        self.seq[b:].zero_()
+        if pos.device.type != "cpu":
+            raise ValueError("DecodeBuffers.fill takes the host positions of the step plan")
+        length = torch.zeros(self.rows, dtype=torch.int64)
+        length[:b] = pos + 1
+        self.seq.copy_(length, non_blocking=True)
         if layout.hi_slots:
-            length = self.seq.long()
             budget = hi_budget(config, length, ((length - 1).clamp(min=0) // layout.block_size + 1) * layout.hi_slots)
-            self.budget.copy_(budget)
-            self.rstart.copy_(length - recent_window(config, budget))
+            self.budget.copy_(budget, non_blocking=True)
+            self.rstart.copy_(length - recent_window(config, budget), non_blocking=True)
 
 
 MAX_STEP_SPLITS = 16
