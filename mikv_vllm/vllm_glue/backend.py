@@ -36,7 +36,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 from ..config import MiKVConfig
 from ..core.layout import RegionLayout, as_regions
 from ..core.rotation import rotation_for
-from ..kernels import reserve_workspace, use_triton
+from ..kernels import reserve_workspace, use_triton, workspace_bytes
 from ..ops import ChunkPlan, DecodePlan, MiKVOps, PlanBuilder, StepPlan, get_ops
 from . import sharing
 from .stats import LayerStats, step_token_counts
@@ -138,10 +138,16 @@ class MiKVMetadata:
 
 
 class MiKVMetadataBuilder(AttentionMetadataBuilder[MiKVMetadata]):
-    # CUDA graphs: declared NEVER (vLLM then runs attention eagerly between captured pieces).
-    # The step plans on the host (ctx lists, decode groups) and syncs in hi-set upkeep, so a
-    # captured replay would be wrong; docs/gpu.md lists what UNIFORM_SINGLE_TOKEN_DECODE needs.
-    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+    # CUDA graphs: pure-decode batches are captured whole on the Triton op set (kernels/step.py:
+    # fixed launches on persistent buffers, padded rows are no-ops, no host read in a layer); other
+    # op sets (torch, C++) plan and sync on the host and stay eager (NEVER, get_cudagraph_support).
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
+        from vllm.platforms import current_platform
+
+        return cls._cudagraph_support if use_triton(current_platform.device_type) else AttentionCGSupport.NEVER
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
@@ -168,20 +174,36 @@ class MiKVMetadataBuilder(AttentionMetadataBuilder[MiKVMetadata]):
         self.heads = (num_heads, num_kv_heads)
         self.plans = PlanBuilder(config, self.layout, max_rows, max_cols, device)
         self.ops = get_ops(device, self.layout)
+        self.capturable = use_triton(device)   # the Triton op set: decode rows keep vLLM's padding
+
+    def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata) -> MiKVMetadata:
+        """A capture batch (one token per row, padded rows at seq_len 0): built as every decode
+        step, into the same persistent buffers, so the graph replays on the next steps' metadata."""
+        m = common_attn_metadata
+        if m.max_query_len > 1:
+            raise RuntimeError(f"MiKV captures uniform single-token decode only, got max_query_len {m.max_query_len}")
+        return self.build(0, m)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> MiKVMetadata:
         m = common_attn_metadata
         n = m.num_reqs
         qsl = m.query_start_loc_cpu[: n + 1].to(torch.int64)
-        seq = m.seq_lens[:n].to("cpu", torch.int64)          # the step's one host sync (none on CPU)
+        host_seq = getattr(m, "seq_lens_cpu_upper_bound", None)   # exact without speculative decoding (refused at start)
+        seq = (host_seq[:n] if host_seq is not None else m.seq_lens[:n]).to("cpu", torch.int64)
         qlen = qsl[1:] - qsl[:-1]
         ctx = seq - qlen
         own = self._own_from(n)
         table, dev = m.block_table_tensor, m.query_start_loc.device
-        one = torch.nonzero(qlen == 1).flatten()
-        multi = torch.nonzero(qlen > 1).flatten()
         plan = StepPlan()
+        if getattr(self, "capturable", False) and own is None and n and getattr(m, "max_query_len", 2) <= 1:
+            # uniform decode (what vLLM captures): every row, padded ones (seq_len 0) included, row i =
+            # query token i; pos = seq_len - 1 (-1: padding, a no-op in every kernel)
+            one = multi = torch.zeros(0, dtype=torch.int64)
+            plan.decode = self.plans.decode(torch.arange(n), seq - 1, table, None, None, token_device=dev)
+        else:
+            one = torch.nonzero(qlen == 1).flatten()
+            multi = torch.nonzero(qlen > 1).flatten()
         if one.numel():
             leading = int(one[-1]) == one.numel() - 1             # rows 0..B-1: no gather of the table
             plan.decode = self.plans.decode(qsl[one], ctx[one], table, None if leading else one,
@@ -254,6 +276,19 @@ def writers_first(own_from: list[int], ctx: list[int], seq: list[int], table: to
     return order
 
 
+def current_device_type() -> str:
+    from vllm.platforms import current_platform
+
+    return current_platform.device_type
+
+
+def decode_buffer_bytes(*args) -> int:
+    """``kernels.step.decode_buffer_bytes`` (imported only where triton is)."""
+    from ..kernels.step import decode_buffer_bytes as nbytes
+
+    return nbytes(*args)
+
+
 def load_ops_at_start() -> None:
     """Load this platform's op set now, as vLLM builds the model (engine start, before /health): on CPU
     the C++ op is imported, or built (logged) when no build exists, so no request waits for a compiler
@@ -283,7 +318,8 @@ class MiKVAttentionImpl(AttentionImpl[MiKVMetadata]):
         bad = [k for k, v in unsupported.items() if v]
         if bad:
             raise NotImplementedError(f"MiKV attention does not support: {', '.join(bad)}")
-        config = MiKVConfig.from_additional_config(get_current_vllm_config().additional_config)
+        vllm_config = get_current_vllm_config()
+        config = MiKVConfig.from_additional_config(vllm_config.additional_config)
         if config is None:
             raise RuntimeError("MiKV backend selected but no kv_cache_policy in additional_config")
         config, fallback = config.for_head_dim(head_size)
@@ -301,6 +337,13 @@ class MiKVAttentionImpl(AttentionImpl[MiKVMetadata]):
         self.layout: RegionLayout | None = None
         self.stats = LayerStats()
         load_ops_at_start()
+        # the Triton decode step's persistent buffers (made at the first step, after vLLM sized the
+        # KV cache): reserved with the workspace in the profiling run so the memory profile leaves them free
+        self.decode_reserve = 0
+        if use_triton(current_device_type()):
+            self.decode_reserve = decode_buffer_bytes(
+                num_heads, self.num_kv_heads, head_size, vllm_config.scheduler_config.max_num_seqs,
+                vllm_config.model_config.max_model_len + 256, config.hi_ratio > 0)
 
     def _layout_for(self, kv_cache: torch.Tensor, ops: MiKVOps) -> RegionLayout:
         if self.layout is None:
@@ -320,7 +363,7 @@ class MiKVAttentionImpl(AttentionImpl[MiKVMetadata]):
             raise NotImplementedError("MiKV attention does not support fused output quantization")
         if attn_metadata is None:  # profiling run: attention is skipped, reserve the Triton workspace
             if use_triton(query.device):
-                reserve_workspace(query.device)
+                reserve_workspace(query.device, workspace_bytes() + getattr(self, "decode_reserve", 0))
             return output
         ops = attn_metadata.ops   # the op set the builder planned this step for
         layout = self._layout_for(kv_cache, ops)
@@ -330,9 +373,13 @@ class MiKVAttentionImpl(AttentionImpl[MiKVMetadata]):
         k_all = key[:n_tok].view(n_tok, self.num_kv_heads, self.head_size)
         v_all = value[:n_tok].view(n_tok, self.num_kv_heads, self.head_size)
         out = output[:n_tok].view(n_tok, self.num_heads, self.head_size)
-        if self.rotation is not None:   # the page and the ops see rotated heads; q.k is unchanged
+        dec = attn_metadata.decode
+        rows_all = attn_metadata.prefill is not None or attn_metadata.serial or (dec is not None and not dec.leading)
+        if self.rotation is not None and rows_all:   # the page and the ops see rotated heads; q.k is unchanged
             q_all, k_all, v_all = (self.rotation.rotate(x) for x in (q_all, k_all, v_all))
-        probe = self.stats.begin_step(layer, regions, layout, attn_metadata)  # stats (see stats.py)
+        # stats read pages on the host: not inside a CUDA-graph capture (replays skip them)
+        capturing = query.is_cuda and torch.cuda.is_current_stream_capturing()
+        probe = None if capturing else self.stats.begin_step(layer, regions, layout, attn_metadata)
         pre = attn_metadata.prefill
         if pre is not None:   # every multi-token chunk (prefill) in one call
             s0, s1 = pre.span
@@ -348,19 +395,28 @@ class MiKVAttentionImpl(AttentionImpl[MiKVMetadata]):
             result = ops.request(regions, layout, self.config, row, ctx, q_all[start:end], k_all[start:end],
                                  v_all[start:end], self.scale, own_from=own[i])
             out[start:end] = result.to(out.dtype)
-        dec = attn_metadata.decode
         if dec is not None:   # every one-token row (decode and context 0) in one batched step
-            if dec.leading:
+            if dec.leading:   # rows 0..B-1 (B may count a captured batch's padded rows)
                 b = dec.size
-                q, k, v = q_all[:b], k_all[:b], v_all[:b]
+                if rows_all:   # a mixed step: q_all (rotated) covers the rows
+                    q, k, v = q_all[:b], k_all[:b], v_all[:b]
+                else:          # decode only: the rows straight from the inputs (no n_tok slice)
+                    q = query[:b].view(b, self.num_heads, self.head_size)
+                    k = key[:b].view(b, self.num_kv_heads, self.head_size)
+                    v = value[:b].view(b, self.num_kv_heads, self.head_size)
+                    if self.rotation is not None:
+                        q, k, v = (self.rotation.rotate(x) for x in (q, k, v))
             else:
                 q, k, v = q_all[dec.tokens], k_all[dec.tokens], v_all[dec.tokens]
             result = ops.decode(regions, layout, self.config, dec, q, k, v, self.scale)
+            if dec.leading and self.rotation is not None and not rows_all:   # back from the rotated value space
+                result = self.rotation.unrotate(result)
             if dec.leading:
-                out[: dec.size] = result.to(out.dtype)
+                output[: dec.size].view(dec.size, self.num_heads, self.head_size).copy_(result)
             else:
                 out[dec.tokens] = result.to(out.dtype)
-        if self.rotation is not None:   # outputs back from the rotated value space
+        if self.rotation is not None and rows_all:   # outputs back from the rotated value space
             out.copy_(self.rotation.unrotate(out))
-        self.stats.end_step(probe, regions, layout, attn_metadata)  # stats (see stats.py)
+        if not capturing:
+            self.stats.end_step(probe, regions, layout, attn_metadata)  # stats (see stats.py)
         return output

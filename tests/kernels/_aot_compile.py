@@ -72,7 +72,38 @@ for bits, r, d, g, qdt, hdt in CASES[: int(os.environ.get("AOT_CASES", len(CASES
     decode_attention(regions, lay, tables, torch.tensor([40, 33]), q, k, v, 0.1, bal, max_ctx=40, block_n=32,
                      accumulate=True, new_mass=nm)
     maintain_hi_decode(regions, lay, cfg, tables, torch.tensor([40, 33]), k, v, nm)
+# every shipped preset (configs/*.yaml) through the decode step of the Triton op set (kernels/step.py),
+# bf16 activations, head_dim 64 and 128
+import yaml  # noqa: E402
+
+from mikv_vllm.config import preset  # noqa: E402
+from mikv_vllm.kernels._common import supported  # noqa: E402
+from mikv_vllm.kernels.ops import TritonOps  # noqa: E402
+from mikv_vllm.ops.plan import StepPlan, plan_for  # noqa: E402
+
+CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "configs")
+presets_done = []
+for fname in sorted(os.listdir(CONFIGS)):
+    if not fname.endswith(".yaml"):
+        continue
+    with open(os.path.join(CONFIGS, fname)) as fh:
+        data = yaml.safe_load(fh) or {}
+    fields = {k[len("mikv-"):].replace("-", "_"): v for k, v in data.items() if k.startswith("mikv-") and k != "mikv-config"}
+    cfg = preset(data["mikv-config"]).replace(**fields)
+    for d, g in ((64, 3), (128, 4)):
+        lay = RegionLayout.build(cfg, 16, d)
+        if not supported(lay):
+            continue
+        regions = torch.zeros(8, 2, lay.region_bytes, dtype=torch.uint8)
+        tables = torch.arange(8, dtype=torch.int32).view(2, 4)
+        q, k, v = torch.randn(2, 2 * g, d).bfloat16(), torch.randn(2, 2, d).bfloat16(), torch.randn(2, 2, d).bfloat16()
+        plan = plan_for(cfg, lay, tables, [40, 33])
+        TritonOps.prepare(StepPlan(decode=plan), lay, cfg, 2 * g, 2)
+        TritonOps.decode(regions, lay, cfg, plan, q, k, v, 0.1)
+        presets_done.append(f"{fname[:-5]}/d{d}")
+print(f"decode step compiled for the shipped presets: {presets_done}")
 names = sorted({n for n, _, _ in compiled})
 bad = [c for c in compiled if not c[1]]
 print(f"compiled {len(compiled)} launches of {names} for sm_{arch}; without cubin: {bad}")
-sys.exit(1 if bad or len(names) < 6 else 0)
+step_kernels = {"_row_store_kernel", "_map_kernel", "_step_merge_kernel", "_slot_score_kernel"}
+sys.exit(1 if bad or len(names) < 6 or not step_kernels <= set(names) or len(presets_done) < 12 else 0)

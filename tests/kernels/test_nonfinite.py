@@ -1,6 +1,7 @@
 """Non-finite K/V in the Triton store and upkeep kernels (interpreted): the oracle's semantics
 (core.quant: NaN -> 0 and +-inf -> +-65504 before quantizing, hi copies NaN -> 0), byte for byte."""
 
+import pytest
 import torch
 
 from mikv_vllm.config import preset
@@ -66,3 +67,63 @@ def test_poisoned_token_is_confined_in_the_triton_ops():
     name = "int3-fp16-hi-r0.3"
     assert supported(LAYOUTS[id(CONFIGS[name])])       # the kernels run, not the reference fallback
     assert_confined(*poisoned_vs_sanitized(TritonOps, name))
+
+
+def _plant_nan_score(regions, lay, cfg, row, ctx):
+    """NaN into the score of a live heavy-tier hi slot of ``row`` (KV head 0); returns (block, slot)."""
+    from mikv_vllm.core.importance import hi_budget, recent_window
+
+    views, n, r = lay.views(regions), lay.block_size, lay.hi_slots
+    budget = hi_budget(cfg, ctx + 1, (ctx // n + 1) * r)
+    rstart = ctx + 1 - recent_window(cfg, budget)
+    for j in range(-(-ctx // n)):
+        blk = int(row[j])
+        for s in range(r):
+            tag = int(views.tag[blk, 0, s])
+            if 0 < tag <= ctx and cfg.sink_tokens <= tag - 1 < rstart:
+                views.score[blk, 0, s] = float("nan")
+                return blk, s
+    raise AssertionError("no heavy hi slot to poison")
+
+
+@pytest.mark.parametrize("policy", ["mikv", "h2o"])
+def test_nan_score_and_non_finite_inputs_agree_in_oracle_cpp_and_triton(policy):
+    """(d) A NaN score ranks last (the token is evicted first) and NaN / inf in q / k / v give the same
+    outputs, scores, selection and page bytes in the oracle, the C++ op and the Triton decode step."""
+    from core._helpers import assert_pages, make_regions, structured_qkv
+    from mikv_vllm.cpu import CpuOps, load
+    from mikv_vllm.kernels.ops import TritonOps
+
+    load()
+    cfg = preset(policy).replace(hi_ratio=0.25)
+    n, hkv, grp, d, scale = 16, 2, 2, 64, 0.125
+    lay = RegionLayout.build(cfg, n, d)
+    regions = make_regions(lay, 12, hkv, garbage=True, seed=5)
+    table = torch.randperm(12, generator=torch.Generator().manual_seed(5))[:8].reshape(2, 4).int()
+    ctx = [41, 41]                       # budget floor(0.25 * 42) = floor(0.25 * 41): one hi token loses
+    qkv = [structured_qkv(50, grp * hkv, hkv, d, seed=30 + i) for i in range(2)]
+    for i, c in enumerate(ctx):
+        ref.forward_request(regions, lay, cfg, table[i], 0, *(x[:c] for x in qkv[i]), scale)
+    blk, slot = _plant_nan_score(regions, lay, cfg, table[0], ctx[0])
+    planted = int(lay.views(regions).tag[blk, 0, slot])
+    q, k, v = (torch.stack([x[c] for x, c in zip(part, ctx)]) for part in zip(*qkv))
+    q[1, 0, :3] = NAN
+    q[1, 2, 5] = INF
+    k[1, 1, 7], v[1, 0, 9] = -INF, NAN
+    from mikv_vllm.kernels import step
+
+    pages, outs = {}, {}
+    for name, ops, tile in (("oracle", None, None), ("cpp", CpuOps, None), ("triton", TritonOps, None),
+                            ("triton-tiles-of-2", TritonOps, 2)):
+        pages[name] = regions.clone()
+        fwd = ref.forward_decode if ops is None else ops.forward_decode
+        step.UPKEEP_TILE = tile           # 2: the upkeep walks each row's slots in several tiles
+        try:
+            outs[name] = fwd(pages[name], lay, cfg, table, ctx, q, k, v, scale)
+        finally:
+            step.UPKEEP_TILE = None
+    assert planted not in lay.views(pages["oracle"]).tag[table[0].long(), 0].flatten().tolist()   # NaN: evicted
+    for name in ("cpp", "triton", "triton-tiles-of-2"):
+        assert torch.isfinite(outs[name]).all(), name
+        torch.testing.assert_close(outs[name], outs["oracle"], rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+        assert_pages(lay, pages[name], pages["oracle"], name)

@@ -12,6 +12,7 @@ from mikv_vllm.core import reference as ref
 from mikv_vllm.ops import torch_decode as tdec
 from mikv_vllm.core.layout import RegionLayout
 from mikv_vllm.kernels.upkeep import _fp8e4m3_rtne, maintain_hi_decode
+from mikv_vllm.kernels.upkeep_tiled import maintain_hi_tiled
 
 HKV, N, D = 2, 8, 16
 SCALE = 1 / math.sqrt(D)
@@ -59,9 +60,14 @@ def _run(cfg, prompts, steps, seed=0, plant=None, poke_mass=None):
         mine = regions.clone()
         tdec.maintain_hi_decode(regions, lay, cfg, table, pos, k, v, mass)
         new_mass = mass.gather(2, pos[:, None, None].expand(-1, HKV, 1))[..., 0]
+        tiled = mine.clone()
         maintain_hi_decode(mine, lay, cfg, table, pos, k, v, new_mass if step % 2 == 0 else mass)
         diff = (mine != regions).nonzero()
         assert diff.numel() == 0, f"step {step}: {diff.shape[0]} bytes differ, first at {diff[:3].tolist()}"
+        # the decode step's tiled upkeep (kernels/upkeep_tiled.py), tiles of 2 slots
+        maintain_hi_tiled(tiled, lay, cfg, table, pos, k, v, new_mass, tile=2)
+        diff = (tiled != regions).nonzero()
+        assert diff.numel() == 0, f"tiled, step {step}: {diff.shape[0]} bytes differ, first at {diff[:3].tolist()}"
     return lay, regions, table
 
 

@@ -1,0 +1,356 @@
+"""The decode step as a fixed set of Triton launches on the step plan (CUDA-graph capturable).
+
+One layer's decode of B one-token rows is six launches and no torch op (:func:`decode_step`):
+
+1. ``_row_store_kernel`` (row, KV head): q / k / v sanitized on load (``quant.finite_inputs``),
+   the balancer computed from the row's own q / k at position 0 and stored in its first block, else
+   loaded (``ops.torch_decode.decode_balancer``), K*b / V quantized into the lo tier (``store``'s
+   ``_quant_pack_store``), the block's tags reset at offset 0;
+2. ``_map_kernel`` (row, KV head): the row's positions -> hi slot map, refilled (``decode.hi_slot_map``);
+3. ``decode._split_kernel`` (row, KV head, split): split-K attention over both tiers, ``SPLITS``
+   fixed at start-up, each row's context cut into SPLITS equal tile-aligned ranges on the device;
+4. ``_step_merge_kernel`` (row, query head): exact log-sum-exp merge with the new token, (max, sum) and
+   the new token's probability per query head;
+5. ``_slot_score_kernel`` (row, KV head, slot tile): every live hi slot's logit recomputed from its hi
+   copy (no logits scratch), its mass added to its score (saturating, NaN kept as the reference),
+   the new token's mass summed over the group;
+6. ``upkeep_tiled._tiled_upkeep_kernel`` (row, KV head): the hi-set upkeep, tiled over the row's
+   slots with a constant tile.
+
+Every grid and buffer is sized by bounds fixed when the :class:`DecodeBuffers` are made (rows
+per step, KV / query heads, head dim, positions per row, splits): nothing depends on this step's
+data, nothing is read back to the host, nothing is allocated per call. A row whose ``seq`` is 0
+(vLLM's padding of a captured batch) is a no-op in every kernel: no page byte is written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import MiKVConfig
+from ..core.balancer import B_MAX, B_MIN
+from ..core.importance import hi_budget, recent_window
+from ..core.layout import RegionLayout
+from ._common import next_pow2, tl, triton
+from .decode import LOG2E, _split_kernel, check_hi_dtype, default_block_n
+from .store import _quant_pack_store
+from .upkeep_tiled import _tiled_upkeep_kernel
+
+FP16_MAX = 65504.0
+
+
+@triton.jit
+def _finite(x):
+    """fp32 ``x`` as ``quant.finite_inputs`` leaves it: NaN -> 0, clamped to +-65504 (explicit
+    ``where`` on the original value: compiled min / max may drop NaN)."""
+    return tl.where(x != x, 0.0, tl.minimum(tl.maximum(x, -65504.0), 65504.0))
+
+
+@triton.jit
+def _row_store_kernel(seq_ptr, bt_ptr, sbtb, q_ptr, sqb, sqh, k_ptr, skb, skh, v_ptr, svb, svh,
+                      bal_ptr, bal_sb, bal_sh, klo, vlo, lo_sb, lo_sh, lo_sn, ksz, vsz, sz_sb, sz_sh, sz_sn,
+                      tag_ptr, tg_sb, tg_sh, b_min, b_max,
+                      N: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
+                      GS: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, HAS_BAL: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    seq = tl.load(seq_ptr + b)
+    if seq > 0:                                          # seq 0: a padded row, no-op
+        pos = (seq - 1).to(tl.int64)
+        blk = tl.load(bt_ptr + b * sbtb + pos // N).to(tl.int64)
+        off = pos % N
+        if R > 0:
+            ri = tl.arange(0, RP)
+            tl.store(tag_ptr + blk * tg_sb + h * tg_sh + ri, tl.zeros((RP,), tl.int32), mask=(ri < R) & (ri + off == ri))
+        if BITS > 0:
+            d = tl.arange(0, D)
+            k = _finite(tl.load(k_ptr + b * skb + h * skh + d).to(tl.float32))
+            v = _finite(tl.load(v_ptr + b * svb + h * svh + d).to(tl.float32))
+            if HAS_BAL:
+                first = tl.load(bt_ptr + b * sbtb).to(tl.int64)
+                baddr = bal_ptr + first * bal_sb + h * bal_sh + d
+                if pos == 0:                              # core.balancer.compute_balancer + to_storage
+                    g = tl.arange(0, GP)
+                    qg = tl.load(q_ptr + b * sqb + (h * G + g)[:, None] * sqh + d[None, :], mask=(g < G)[:, None],
+                                 other=0.0).to(tl.float32)
+                    qmax = tl.max(tl.abs(_finite(qg)), axis=0)
+                    kmax = tl.abs(k)
+                    ok = (qmax > 0) & (kmax > 0)
+                    ratio = tl.where(ok, tl.math.div_rn(qmax, tl.where(ok, kmax, 1.0)), 1.0)
+                    bb = tl.math.sqrt_rn(ratio)
+                    bb = tl.where((bb > 0) & (bb < float("inf")), bb, 1.0)
+                    bb = tl.minimum(tl.maximum(bb, b_min), b_max)
+                    tl.store(baddr, bb.to(tl.float16))
+                k = k * tl.load(baddr).to(tl.float32)
+            lo = blk * lo_sb + h * lo_sh + off * lo_sn
+            sz = blk * sz_sb + h * sz_sh + off * sz_sn
+            _quant_pack_store(k, klo + lo, ksz + sz, D, BITS, GS)
+            _quant_pack_store(v, vlo + lo, vsz + sz, D, BITS, GS)
+
+
+@triton.jit
+def _map_kernel(seq_ptr, bt_ptr, sbtb, tag_ptr, tg_sb, tg_sh, map_ptr, smb, smh,
+                N: tl.constexpr, R: tl.constexpr, FILL: tl.constexpr, SB: tl.constexpr):
+    """map[b, h, p] = global hi slot of position p < ctx, -1 when none (``decode.hi_slot_map``)."""
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    ctx = (tl.load(seq_ptr + b) - 1).to(tl.int64)
+    base = map_ptr + b * smb + h * smh
+    for p0 in range(0, ctx, FILL):
+        p = p0 + tl.arange(0, FILL)
+        tl.store(base + p, tl.full((FILL,), -1, tl.int32), mask=p < ctx)
+    tl.debug_barrier()
+    nslots = (ctx + N - 1) // N * R                      # slots of the blocks of positions [0, ctx)
+    for s0 in range(0, nslots, SB):
+        s = s0 + tl.arange(0, SB)
+        m = s < nslots
+        blk = tl.load(bt_ptr + b * sbtb + s // R, mask=m, other=0).to(tl.int64)
+        tag = tl.load(tag_ptr + blk * tg_sb + h * tg_sh + s % R, mask=m, other=0)
+        ok = m & (tag > 0) & (tag <= ctx)
+        tl.store(base + tl.where(ok, tag - 1, 0), (blk * R + s % R).to(tl.int32), mask=ok)
+
+
+@triton.jit
+def _step_merge_kernel(q_ptr, sqb, sqh, kn_ptr, sknb, sknh, vn_ptr, svnb, svnh, seq_ptr,
+                  pm_ptr, pl_ptr, psb, psh, pacc_ptr, pab, pah, pas, out_ptr, sob, soh,
+                  mx_ptr, sm_ptr, pn_ptr, hq_total, qk_scale,
+                  G: tl.constexpr, D: tl.constexpr, SP: tl.constexpr, SPLITS: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    hq = tl.program_id(1)
+    h = hq // G
+    d = tl.arange(0, D)
+    seq = tl.load(seq_ptr + b)
+    if seq > 0:
+        q = _finite(tl.load(q_ptr + b * sqb + hq * sqh + d).to(tl.float32))
+        kn = _finite(tl.load(kn_ptr + b * sknb + h * sknh + d).to(tl.float32))
+        vn = _finite(tl.load(vn_ptr + b * svnb + h * svnh + d).to(tl.float32))
+        s_new = tl.sum(q * kn, axis=0) * qk_scale
+        si = tl.arange(0, SP)
+        sm = si < SPLITS
+        ms = tl.load(pm_ptr + b * psb + hq * psh + si, mask=sm, other=-float("inf"))
+        ls = tl.load(pl_ptr + b * psb + hq * psh + si, mask=sm, other=0.0)
+        m = tl.maximum(tl.max(ms, axis=0), s_new)          # s_new is finite: m is
+        w = tl.exp2(ms - m)
+        w_new = tl.exp2(s_new - m)
+        l_tot = tl.sum(w * ls, axis=0) + w_new
+        accs = tl.load(pacc_ptr + b * pab + hq * pah + si[:, None] * pas + d[None, :], mask=sm[:, None], other=0.0)
+        o = (tl.sum(w[:, None] * accs, axis=0) + w_new * vn) / l_tot
+        tl.store(out_ptr + b * sob + hq * soh + d, o)
+        tl.store(mx_ptr + b * hq_total + hq, m)
+        tl.store(sm_ptr + b * hq_total + hq, l_tot)
+        tl.store(pn_ptr + b * hq_total + hq, w_new / l_tot)
+    else:
+        tl.store(out_ptr + b * sob + hq * soh + d, tl.zeros((D,), tl.float32))
+
+
+@triton.jit
+def _slot_score_kernel(q_ptr, sqb, sqh, seq_ptr, mx_ptr, sm_ptr, pn_ptr, hq_total, bt_ptr, sbtb, tag_ptr, tg_sb, tg_sh,
+                  score_ptr, sc_sb, sc_sh, khi, hi_sb, hi_sh, hi_sr, nm_ptr, snmb, qk_scale, top,
+                  N: tl.constexpr, R: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                  BLOCK: tl.constexpr, DOT: tl.constexpr):
+    """``reference.accumulate_scores_decode`` on the slots: each slot whose tag is a context
+    position adds that position's mass (its logit recomputed from the slot's hi copy, as the split
+    kernel read it) to its score; the new token's mass goes to ``nm [B, H]``."""
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    t = tl.program_id(2)
+    seq = tl.load(seq_ptr + b).to(tl.int64)
+    ctx = seq - 1
+    nslots = tl.where(seq > 0, (ctx // N + 1) * R, 0)    # blocks of positions [0, ctx]
+    s = t.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    own = s < nslots
+    g = tl.arange(0, GP)
+    gm = g < G
+    hq = h * G + g
+    if tl.sum(own.to(tl.int32)) > 0:
+        d = tl.arange(0, D)
+        q = _finite(tl.load(q_ptr + b * sqb + hq[:, None] * sqh + d[None, :], mask=gm[:, None],
+                            other=0.0).to(tl.float32))
+        if DOT == 1:
+            q = q.to(tl.float16)
+        m = tl.load(mx_ptr + b * hq_total + hq, mask=gm, other=0.0)
+        inv_l = 1.0 / tl.load(sm_ptr + b * hq_total + hq, mask=gm, other=1.0)
+        blk = tl.load(bt_ptr + b * sbtb + s // R, mask=own, other=0).to(tl.int64)
+        tags = tl.load(tag_ptr + blk * tg_sb + h * tg_sh + s % R, mask=own, other=0)
+        live = own & (tags > 0) & (tags <= ctx)
+        hoff = blk * hi_sb + h * hi_sh + (s % R) * hi_sr
+        kx = tl.load(khi + hoff[:, None] + d[None, :], mask=live[:, None], other=0.0).to(tl.float32)
+        if DOT == 0:
+            qk = tl.dot(q, tl.trans(kx), input_precision="ieee")
+        elif DOT == 2:
+            qk = tl.dot(q, tl.trans(kx), input_precision="tf32")
+        else:
+            kx = tl.minimum(tl.maximum(kx, -65504.0), 65504.0)
+            qk = tl.dot(q, tl.trans(kx.to(tl.float16)))
+        lg = tl.where(gm[:, None] & live[None, :], qk * qk_scale, -float("inf"))
+        mass = tl.sum(tl.exp2(lg - m[:, None]) * inv_l[:, None], axis=0)
+        ptr = score_ptr + blk * sc_sb + h * sc_sh + s % R
+        cur = tl.load(ptr, mask=live, other=0.0).to(tl.float32)
+        new = cur + mass
+        new = tl.where(new > top, top, new)               # saturate; NaN stays NaN (ranked last by the upkeep)
+        tl.store(ptr, new.to(score_ptr.dtype.element_ty), mask=live)
+    if (t == 0) & (seq > 0):
+        pn = tl.load(pn_ptr + b * hq_total + hq, mask=gm, other=0.0)
+        tl.store(nm_ptr + b * snmb + h, tl.sum(pn, axis=0))
+
+
+# --------------------------------------------------------------------- host side
+@dataclass
+class DecodeBuffers:
+    """Every device buffer of the decode step, allocated once from the engine's bounds."""
+
+    rows: int
+    splits: int
+    block_n: int
+    max_pos: int
+    seq: torch.Tensor       # int32 [rows]: context + 1 per row, 0 = padded
+    budget: torch.Tensor    # int64 [rows]
+    rstart: torch.Tensor    # int64 [rows]
+    hi_map: torch.Tensor    # int32 [rows, H, max_pos] (or [1, 1, 1] without hi slots)
+    pmax: torch.Tensor      # fp32 [rows, Hq, splits]
+    psum: torch.Tensor
+    pacc: torch.Tensor      # fp32 [rows, Hq, splits, D]
+    mx: torch.Tensor        # fp32 [rows, Hq]
+    sm: torch.Tensor
+    pnew: torch.Tensor      # fp32 [rows, Hq]: the new token's probability
+    new_mass: torch.Tensor  # fp32 [rows, H]
+    out: torch.Tensor       # fp32 [rows, Hq, D]
+
+    @staticmethod
+    def make(layout: RegionLayout, num_heads: int, num_kv_heads: int, rows: int, max_pos: int,
+             device: torch.device | str, splits: int | None = None) -> "DecodeBuffers":
+        """Buffers for ``rows`` rows of at most ``max_pos`` positions each (the block-table width
+        times the block size); ``splits`` (default: up to 16, one tile each at least) fixes the grid."""
+        dev = torch.device(device)
+        d, hq, h = layout.head_dim, num_heads, num_kv_heads
+        block_n = default_block_n(dev, d, max_pos)
+        splits = splits or max(1, min(MAX_STEP_SPLITS, -(-max_pos // block_n)))
+        f32 = dict(device=dev, dtype=torch.float32)
+        r = layout.hi_slots
+        return DecodeBuffers(
+            rows, splits, block_n, max_pos,
+            seq=torch.zeros(rows, device=dev, dtype=torch.int32),
+            budget=torch.zeros(rows, device=dev, dtype=torch.int64),
+            rstart=torch.zeros(rows, device=dev, dtype=torch.int64),
+            hi_map=torch.full((rows, h, max_pos) if r else (1, 1, 1), -1, device=dev, dtype=torch.int32),
+            pmax=torch.zeros(rows, hq, splits, **f32), psum=torch.zeros(rows, hq, splits, **f32),
+            pacc=torch.zeros(rows, hq, splits, d, **f32), mx=torch.zeros(rows, hq, **f32),
+            sm=torch.ones(rows, hq, **f32), pnew=torch.zeros(rows, hq, **f32), new_mass=torch.zeros(rows, h, **f32),
+            out=torch.zeros(rows, hq, d, **f32))
+
+    def fill(self, layout: RegionLayout, config: MiKVConfig, pos: torch.Tensor) -> None:
+        """Once per step (outside the layers): each row's position ``pos`` (int64, host; -1 = a padded
+        row) with its hi budget and recent-window start, computed on the host and copied into the
+        device buffers (no device allocation, no read of device data)."""
+        b = pos.shape[0]
+        if b > self.rows:
+            raise ValueError(f"MiKV decode step: {b} rows exceed the {self.rows} rows the buffers were sized for")
+        if pos.device.type != "cpu":
+            raise ValueError("DecodeBuffers.fill takes the host positions of the step plan")
+        length = torch.zeros(self.rows, dtype=torch.int64)
+        length[:b] = pos + 1
+        self.seq.copy_(length, non_blocking=True)
+        if layout.hi_slots:
+            budget = hi_budget(config, length, ((length - 1).clamp(min=0) // layout.block_size + 1) * layout.hi_slots)
+            self.budget.copy_(budget, non_blocking=True)
+            self.rstart.copy_(length - recent_window(config, budget), non_blocking=True)
+
+
+MAX_STEP_SPLITS = 16
+UPKEEP_TILE: int | None = None   # slots per upkeep tile (None: 128 on CUDA); tests set it small
+
+
+def decode_buffer_bytes(num_heads: int, num_kv_heads: int, head_dim: int, rows: int, max_pos: int,
+                        hi_slots: bool = True) -> int:
+    """Upper bound of :meth:`DecodeBuffers.make`'s bytes (splits <= 16): what the engine's memory
+    profile must leave free for them (``backend``: reserved in the profiling run)."""
+    per_row = 4 * 3 * 8 + num_heads * (MAX_STEP_SPLITS * (head_dim + 2) + head_dim + 3) * 4 + num_kv_heads * 4
+    return rows * (per_row + (num_kv_heads * max_pos * 4 if hi_slots else 0))
+
+
+_VIEWS: dict = {}
+
+
+def _views(regions: torch.Tensor, layout: RegionLayout):
+    """The typed views of a layer's page (made once per cache tensor: no view op per step)."""
+    key = (regions.data_ptr(), tuple(regions.shape), layout)
+    views = _VIEWS.get(key)
+    if views is None:
+        if len(_VIEWS) > 4096:
+            _VIEWS.clear()
+        views = _VIEWS[key] = layout.views(regions)
+    return views
+
+
+def decode_step(regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig, buf: DecodeBuffers,
+                block_table: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                scale: float) -> torch.Tensor:
+    """One layer's decode of ``B = q.shape[0]`` rows at ``buf.seq[:B] - 1`` (see module doc).
+    ``block_table`` int32 ``[B, >= buf.max_pos // N]`` (columns past a row's blocks unread).
+    Returns ``buf.out[:B]`` (fp32 ``[B, Hq, D]``; rows of padding are zeros), valid until the next
+    call."""
+    bsz, hq, d = q.shape
+    h = k.shape[1]
+    if bsz == 0:
+        return buf.out[:0]
+    views = _views(regions, layout)
+    n, r, grp = layout.block_size, layout.hi_slots, hq // h
+    if r:
+        check_hi_dtype(layout, regions.device)
+    dot = {torch.float16: 1, torch.bfloat16: 2}.get(q.dtype, 0)
+    gp = max(16, next_pow2(grp))
+    bal = views.balancer if layout.has_balancer else regions
+    lo_k, lo_v, sz_k, sz_v = ((views.k_lo, views.v_lo, views.k_sz, views.v_sz) if layout.bits
+                              else (regions, regions, regions, regions))
+    tag = views.tag if r else regions
+    hi_k, hi_v = (views.k_hi, views.v_hi) if r else (regions, regions)
+    bt, seq = block_table, buf.seq
+    _row_store_kernel[(bsz, h)](
+        seq, bt, bt.stride(0), q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1),
+        bal, bal.stride(0), bal.stride(1), lo_k, lo_v, *lo_k.stride()[:3], sz_k, sz_v, *sz_k.stride()[:3],
+        tag, tag.stride(0), tag.stride(1), B_MIN, B_MAX, N=n, G=grp, GP=gp, D=d, BITS=layout.bits,
+        GS=layout.group, R=r, RP=max(1, next_pow2(r)), HAS_BAL=layout.has_balancer, num_warps=1,
+        enable_fp_fusion=False)
+    hmap = buf.hi_map
+    if r:
+        fill = 1024 if regions.device.type == "cuda" else min(4096, next_pow2(buf.max_pos))
+        _map_kernel[(bsz, h)](seq, bt, bt.stride(0), tag, tag.stride(0), tag.stride(1), hmap, hmap.stride(0),
+                              hmap.stride(1), N=n, R=r, FILL=fill, SB=max(16, min(1024, next_pow2(buf.max_pos // n * r))),
+                              num_warps=4)
+    # the split kernel's per-row range: ctx cut into `splits` tile-aligned parts (tps < 0: per row)
+    qk_scale = float(scale) * LOG2E
+    _split_kernel[(bsz, h, buf.splits)](
+        q, q.stride(0), q.stride(1), bt, bt.stride(0), seq, hmap, hmap.stride(0), hmap.stride(1),
+        bal, bal.stride(0), bal.stride(1), lo_k, lo_v, *lo_k.stride()[:3], sz_k, sz_v, *sz_k.stride()[:3],
+        hi_k, hi_v, *hi_k.stride()[:3], buf.pmax, 0, 0,
+        buf.pmax, buf.psum, buf.pmax.stride(0), buf.pmax.stride(1), buf.pacc, buf.pacc.stride(0),
+        buf.pacc.stride(1), buf.pacc.stride(2), qk_scale, buf.splits,
+        N=n, R=r, G=grp, GP=gp, D=d, BITS=layout.bits, GS=layout.group, BLOCK_N=buf.block_n,
+        HAS_BAL=layout.has_balancer, NEED_LOGITS=False, DOT=dot, STEP=True, num_warps=4)
+    out = buf.out
+    _step_merge_kernel[(bsz, hq)](
+        q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1), seq,
+        buf.pmax, buf.psum, buf.pmax.stride(0), buf.pmax.stride(1), buf.pacc, buf.pacc.stride(0),
+        buf.pacc.stride(1), buf.pacc.stride(2), out, out.stride(0), out.stride(1), buf.mx, buf.sm, buf.pnew, hq,
+        qk_scale, G=grp, D=d, SP=max(2, next_pow2(buf.splits)), SPLITS=buf.splits, num_warps=4)
+    if r:
+        slots = (buf.max_pos // n + 1) * r
+        blk = 128 if regions.device.type == "cuda" else max(16, min(1024, next_pow2(slots)))
+        gp2 = max(16, next_pow2(grp))
+        _slot_score_kernel[(bsz, h, -(-slots // blk))](
+            q, q.stride(0), q.stride(1), seq, buf.mx, buf.sm, buf.pnew, hq, bt, bt.stride(0), tag, tag.stride(0),
+            tag.stride(1), views.score, views.score.stride(0), views.score.stride(1), hi_k, *hi_k.stride()[:3],
+            buf.new_mass, buf.new_mass.stride(0), qk_scale, float(torch.finfo(layout.score_dtype).max),
+            N=n, R=r, G=grp, GP=gp2, D=d, BLOCK=blk, DOT=dot, num_warps=4)
+        nm = buf.new_mass
+        tile = UPKEEP_TILE or (128 if regions.device.type == "cuda" else max(16, min(256, next_pow2(slots))))
+        _tiled_upkeep_kernel[(bsz, h)](
+            bt, bt.stride(0), seq, buf.budget, buf.rstart, tag, tag.stride(0), tag.stride(1),
+            views.score, views.score.stride(0), views.score.stride(1), nm, nm.stride(0),
+            hi_k, hi_v, *hi_k.stride()[:3], k, v, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            float(torch.finfo(layout.hi_dtype).max), float(torch.finfo(layout.score_dtype).max),
+            int(config.sink_tokens), N=n, R=r, D=d, TILE=tile, HI_BF16=layout.hi_dtype == torch.bfloat16,
+            HI_FP8=layout.hi_dtype == torch.float8_e4m3fn, num_warps=4)
+    return out[:bsz]
