@@ -1,11 +1,12 @@
 // Python bindings of the MiKV C++ CPU ops (sources: mikv_decode.cpp, mikv_prefill.cpp; shared code:
-// mikv_common.h).
+// mikv_*.h).
 #include <torch/extension.h>
 
 #include <string>
 #include <vector>
 
-#include "mikv_common.h"
+#include "mikv_fp.h"
+#include "mikv_layout.h"
 
 #ifndef MIKV_ISA
 #define MIKV_ISA unknown
@@ -25,7 +26,7 @@ torch::Tensor prefill_step(torch::Tensor regions, std::vector<int64_t> meta, tor
 }  // namespace mikv
 
 namespace {
-// Hi-tier conversions of mikv_common.h (store_hi then load_hi), exposed for tests: x float32 [M, D].
+// Hi-tier conversions of mikv_fp.h (store_hi then load_hi), exposed for tests: x float32 [M, D].
 std::vector<torch::Tensor> hi_roundtrip(torch::Tensor x, int64_t dtype) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "hi_roundtrip: x float32 [M, D]");
   TORCH_CHECK(dtype >= 0 && dtype <= 3, "hi_roundtrip: dtype code ", dtype);

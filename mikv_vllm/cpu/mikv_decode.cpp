@@ -11,6 +11,8 @@
 // Shared prefix blocks (prefix caching): columns j < own_from[b] are read-only for request b: their
 // hi slots count only with tags <= shared_hi[b] (reference.shared_hi_limit), their scores are not
 // written (reference: own_from / shared_hi of gather_decode and accumulate_scores_decode).
+#include <ATen/Parallel.h>
+
 #include "mikv_qdot.h"
 
 namespace {

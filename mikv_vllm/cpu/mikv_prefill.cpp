@@ -12,7 +12,11 @@
 // touches only the regions (blk, h) of its own chunk's blocks. Scores live in the hi slots: each hi
 // token's slot gets its mass, and the chunk's tokens compete for the hi set with their own mass of
 // this step.
-#include "mikv_common.h"
+#include <ATen/Parallel.h>
+
+#include "mikv_codes.h"
+#include "mikv_math.h"
+#include "mikv_select.h"
 
 namespace {
 

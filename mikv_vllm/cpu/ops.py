@@ -32,7 +32,7 @@ _SCORE = {torch.float32: 0}   # the only score dtype (config.SCORE_DTYPES)
 
 @functools.lru_cache(maxsize=64)
 def layout_meta(layout: RegionLayout) -> tuple[int, ...]:
-    """The layout as the flat int list the C++ op takes (order of ``Layout`` in mikv_common.h),
+    """The layout as the flat int list the C++ op takes (order of ``Layout`` in mikv_layout.h),
     computed once per layout.
 
     ``score`` is the offset of the R fp32 slot scores (one per hi slot, next to the R tags)."""
