@@ -58,6 +58,7 @@ CLY = "mikv_vllm/cpu/mikv_layout.h"
 CFP = "mikv_vllm/cpu/mikv_fp.h"
 CCD = "mikv_vllm/cpu/mikv_codes.h"
 CSL = "mikv_vllm/cpu/mikv_select.h"
+CST = "mikv_vllm/cpu/mikv_steps.h"   # the steps decode and prefill share
 ROT = "mikv_vllm/core/rotation.py"
 PRE = "mikv_vllm/cpu/mikv_prefill.cpp"
 BLD = "mikv_vllm/cpu/build.py"
@@ -86,7 +87,7 @@ MUTATIONS = [
     Mutation("tag-reset-removed", "a reused block keeps the previous request's hi tags",
              ((REF, "        views.tag[blk[off == 0]] = 0\n", ""),
               (KST, "mask=(ri < R) & (ri + off == ri))", "mask=(ri < R) & (ri + off == ri) & (ri < 0))"),
-              (CPP, "      if (off == 0) std::memset(reg + L.tag, 0, R * sizeof(int32_t));\n", ""))),
+              (CST, "      if (off == 0) std::memset(reg + L.tag, 0, R * sizeof(int32_t));\n", ""))),
     Mutation("score-off-by-one", "each hi token's score gets the next position's attention mass",
              ((REF, "    add = mass.float().gather(1, torch.where(live, tags - 1, 0))", "    add = mass.float().gather(1, torch.where(live, tags, 0))"),
               (REF, "    add = mass.float().gather(2, torch.where(live, tags - 1, 0))", "    add = mass.float().gather(2, torch.where(live, tags, 0))"),
@@ -116,7 +117,7 @@ MUTATIONS = [
     Mutation("demotion-skipped", "tokens that lose the selection keep their hi tag",
              ((REF, "new_tags = torch.where(keep[:, :num_slots], tags, torch.zeros_like(tags))", "new_tags = tags.clone()"),
               (REF, "new_tags = torch.where(keep[..., :num_slots], tags, torch.zeros_like(tags))", "new_tags = tags.clone()"),
-              (CPP, "    else slot_tags(L, region(c.idx / R))[c.idx % R] = 0;\n", "    else {}\n"))),
+              (CST, "    if (!keep[s]) tags[s] = 0;\n", "    (void)keep[s];\n"))),
     Mutation("hi-copy-ignored", "attention reads the lo copy of hi tokens",
              ((REF, "hh, slot = torch.nonzero((tags > 0) & (tags <= limit), as_tuple=True)",
                "hh, slot = torch.nonzero((tags < 0), as_tuple=True)"),
@@ -124,12 +125,12 @@ MUTATIONS = [
                "bb, hh, ss = torch.nonzero(slot_own & (tags < 0), as_tuple=True)"),
               (KDE, "            is_hi = slot >= 0\n            lo_m = pm & (slot < 0)",
                "            is_hi = slot < -1\n            lo_m = pm"),
-              (CPP, "        if (t > 0 && t <= lim) hmap[t - 1] = static_cast<int32_t>(j * R + r);", "        (void)t;"))),
+              (CST, "      if (t > 0 && t <= lim) hmap[t - 1] = static_cast<int32_t>(j * R + r);", "      (void)t;"))),
     Mutation("shared-hi-unstable", "a reader uses every hi copy of shared blocks, also ones the writer changes later",
              ((REF, "        limit[: int(own_from) * layout.hi_slots] = min(int(shared_hi), ctx_len)    # shared blocks\n", ""),
               (REF, "            limit = torch.where(shared, torch.minimum(limit, shared_hi.to(pos.device)[:, None]), limit)\n",
                "            limit = torch.where(shared, limit, limit)\n"),
-              (CPP, "const int64_t lim = j < own_from ? std::min(shared_hi, pos) : pos;", "const int64_t lim = pos;"))),
+              (CST, "const int64_t lim = j < own_from ? std::min(shared_hi, ctx) : ctx;", "const int64_t lim = ctx;"))),
     Mutation("shared-scores-written", "a reader adds its attention mass to the scores of shared blocks",
              ((REF, "    blocks = block_row.to(regions.device).long()[int(own_from):_num_blocks(length, n)]",
                "    blocks = block_row.to(regions.device).long()[:_num_blocks(length, n)]"),
@@ -218,18 +219,15 @@ def edits_in(mutation: Mutation, files: list[str] | None) -> tuple[tuple[str, st
                  if not files or e[0] in files or (e[0] == REF and any(f in files for f in TORCH)))
 
 
-# The C++ prefill op's copy of each behaviour (mikv_prefill.cpp), added to the mutations above.
+# The C++ prefill op's own code of a behaviour (mikv_prefill.cpp; the steps it shares with decode are in
+# mikv_steps.h, mutated above) and the torch chunk path's, added to the mutations above.
 PRE_EDITS = {
-    'tag-reset-removed': ((PRE, '      if (off == 0) std::memset(reg + L.tag, 0, R * sizeof(int32_t));\n', ''),),
-    'demotion-skipped': ((PRE, '    if (!keep[s]) tags[s] = 0;\n', '    (void)keep[s];\n'),),
-    'hi-copy-ignored': ((PRE, '        if (tg > 0 && tg <= lim) hmap[tg - 1] = static_cast<int32_t>(j * R + r);', '        (void)tg;'),),
     'balancer-not-undone': ((PRE, '      for (int64_t d = 0; d < D; ++d) xk[d] *= binv[d];\n', ''),),
     'window-scorer-votes-all': ((PRE, '(obs_window >= 0 && T > 1) ? std::max<int64_t>(0, T - obs_window) : 0;', '(obs_window >= 0 && T > 1) ? 0 : 0;'),),
     'evicted-tokens-attended': ((TCH, 'yield c0, kc, vc, (lambda i0, i1, ok=ok: ok[:, None, None, :])',
                                  'yield c0, kc, vc, (lambda i0, i1, ok=ok: torch.ones_like(ok)[:, None, None, :])'),
                                 (PRE, '      ch.ok[p] = 0;   // evicted: weight exactly 0', '      ch.ok[p] = 1;'),),
-    'shared-hi-unstable': ((TCH, '    limit[: int(own_from) * r] = min(int(shared_hi), ctx_len)', '    limit[: int(own_from) * r] = ctx_len'),
-                           (PRE, 'const int64_t lim = j < own_from ? std::min(shared_hi, ctx) : ctx;', 'const int64_t lim = ctx;'),),
+    'shared-hi-unstable': ((TCH, '    limit[: int(own_from) * r] = min(int(shared_hi), ctx_len)', '    limit[: int(own_from) * r] = ctx_len'),),
 }
 MUTATIONS = [dataclasses.replace(m, edits=m.edits + PRE_EDITS.get(m.name, ())) for m in MUTATIONS]
 

@@ -61,4 +61,17 @@ Layout parse_layout(const std::vector<int64_t>& m) {
 inline int32_t* slot_tags(const Layout& L, uint8_t* reg) { return reinterpret_cast<int32_t*>(reg + L.tag); }
 inline float* slot_scores(const Layout& L, uint8_t* reg) { return reinterpret_cast<float*>(reg + L.score); }
 
+// The regions (block row[j], KV head h) of one request's blocks j = 0, 1, ...
+struct Regions {
+  uint8_t* base;
+  const int32_t* row;
+  int64_t H, h, bytes;
+  uint8_t* operator()(int64_t j) const { return base + (static_cast<int64_t>(row[j]) * H + h) * bytes; }
+};
+
+// Hi copy (K: off = L.k_hi, V: off = L.v_hi) of hi slot j * R + r of a request's regions.
+inline const uint8_t* hi_copy(const Layout& L, const Regions& region, int64_t slot, int64_t off) {
+  return region(slot / L.R) + off + (slot % L.R) * L.D * L.hi_elem();
+}
+
 }  // namespace
