@@ -201,11 +201,10 @@ void decode_dispatch(const Layout& L, const Regions& region, int64_t pos, const 
 namespace mikv {
 
 // One decode step for B requests (one token each at position pos[b]); returns out [B, Hq, D] fp32.
-torch::Tensor decode_step(torch::Tensor regions, std::vector<int64_t> meta, torch::Tensor block_tables,
+torch::Tensor decode_step(torch::Tensor regions, const Layout& L, torch::Tensor block_tables,
                           torch::Tensor pos, torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale,
                           bool do_store, bool upkeep, double hi_ratio, int64_t sink_tokens, int64_t recent_window,
                           torch::Tensor own_from, torch::Tensor shared_hi) {
-  const Layout L = parse_layout(meta);
   const Selection sel = upkeep ? checked_selection(hi_ratio, sink_tokens, recent_window) : Selection{0, 0, -1};
   const StepTensors st = check_step_tensors(L, regions, block_tables, q, k, v, own_from, shared_hi);
   TORCH_CHECK(pos.scalar_type() == torch::kInt64 && pos.dim() == 1 && pos.is_contiguous(), "mikv_cpu: pos int64 [B]");

@@ -6,49 +6,60 @@
 #include <cstdint>
 #include <vector>
 
-namespace {
+namespace mikv {
 
 // Page layout (byte offsets inside one (block, KV head) region), see core/layout.py:
 // [K_lo N*Pk][V_lo N*Pv][K s/z][V s/z][tag R i32][score R f32][K_hi R*D][V_hi R*D][balancer D fp16][pad].
 // `score` holds one fp32 per hi slot (the accumulated mass of the slot's token, meaningful while the
-// slot's tag is set), not one per position.
-struct Layout {
+// slot's tag is set), not one per position. Built from named fields and checked once (checked_layout,
+// the Python binding's constructor); the ops trust it. Outside the anonymous namespace: one type for
+// the binding and every op source.
+struct __attribute__((visibility("hidden"))) Layout {   // hidden: as pybind11's own types
   int64_t N, D, bits, group, R, region_bytes;
   int64_t k_lo, v_lo, k_sz, v_sz, score, tag, k_hi, v_hi, balancer;
   int64_t hi_dtype;     // 0 fp16, 1 bf16, 2 fp32, 3 fp8 e4m3fn
   int64_t score_dtype;  // 0 fp32 (the only score dtype; config.SCORE_DTYPES)
-  int64_t has_bal;
+  bool has_bal;
   int64_t packed() const { return D * bits / 8; }
   int64_t groups() const { return bits ? D / group : 0; }
   int64_t hi_elem() const { return hi_dtype == 2 ? 4 : hi_dtype == 3 ? 1 : 2; }  // bytes of one hi element
 };
 
-constexpr int kMetaLen = 18;
+}  // namespace mikv
 
-// Every sub-array of the meta lies inside the region, so no tag, slot, code or header read through a
-// valid block id can leave its region (the ops trust these offsets in their inner loops).
+namespace {
+
+using mikv::Layout;
+
+// Every sub-array lies inside the region and starts aligned for its element type, so no tag, slot,
+// code or header read through a valid block id can leave its region (the ops trust these offsets
+// in their inner loops).
 inline void check_layout_extents(const Layout& l) {
   TORCH_CHECK(l.N > 0 && l.D > 0 && l.R >= 0 && l.R <= l.N && l.region_bytes > 0 && (l.bits == 0 || l.group > 0),
-              "mikv_cpu: bad layout meta (block ", l.N, ", head_dim ", l.D, ", slots ", l.R, ", group ", l.group,
+              "mikv_cpu: bad layout (block ", l.N, ", head_dim ", l.D, ", slots ", l.R, ", group ", l.group,
               ", region ", l.region_bytes, " bytes)");
-  const int64_t hi = l.D * (l.hi_dtype == 2 ? 4 : l.hi_dtype == 3 ? 1 : 2);
+  const int64_t hi = l.D * l.hi_elem();
   const int64_t sz = l.bits ? l.N * (l.D / l.group) * 4 : 0;
-  const struct { const char* name; int64_t off, bytes; } parts[] = {
-      {"k_lo", l.k_lo, l.N * l.D * l.bits / 8}, {"v_lo", l.v_lo, l.N * l.D * l.bits / 8}, {"k_sz", l.k_sz, sz},
-      {"v_sz", l.v_sz, sz}, {"tag", l.tag, l.R * 4}, {"score", l.score, l.R * 4}, {"k_hi", l.k_hi, l.R * hi},
-      {"v_hi", l.v_hi, l.R * hi}, {"balancer", l.balancer, l.has_bal ? l.D * 2 : 0}};
-  for (const auto& p : parts)
+  const struct { const char* name; int64_t off, bytes, align; } parts[] = {
+      {"k_lo", l.k_lo, l.N * l.D * l.bits / 8, 1}, {"v_lo", l.v_lo, l.N * l.D * l.bits / 8, 1},
+      {"k_sz", l.k_sz, sz, 2}, {"v_sz", l.v_sz, sz, 2}, {"tag", l.tag, l.R * 4, 4}, {"score", l.score, l.R * 4, 4},
+      {"k_hi", l.k_hi, l.R * hi, l.hi_elem()}, {"v_hi", l.v_hi, l.R * hi, l.hi_elem()},
+      {"balancer", l.balancer, l.has_bal ? l.D * 2 : 0, 2}};
+  for (const auto& p : parts) {
     TORCH_CHECK(p.bytes == 0 || (p.off >= 0 && p.off + p.bytes <= l.region_bytes),
-                "mikv_cpu: layout meta puts ", p.name, " (", p.bytes, " bytes at offset ", p.off,
+                "mikv_cpu: layout puts ", p.name, " (", p.bytes, " bytes at offset ", p.off,
                 ") outside the region of ", l.region_bytes, " bytes");
+    TORCH_CHECK(p.bytes == 0 || p.off % p.align == 0, "mikv_cpu: layout puts ", p.name, " at offset ", p.off,
+                ", not a multiple of its element size ", p.align);
+  }
 }
 
-Layout parse_layout(const std::vector<int64_t>& m) {
-  TORCH_CHECK(static_cast<int>(m.size()) == kMetaLen, "mikv_cpu: layout meta needs ", kMetaLen, " entries");
-  Layout l{m[0], m[1], m[2], m[3], m[4], m[5], m[6], m[7], m[8], m[9], m[10], m[11], m[12], m[13], m[14],
-           m[15], m[16], m[17]};
+// The checks of a layout's fields: known widths and dtype codes, head_dim and group that the codes
+// tile, 4-byte aligned regions, every sub-array inside its region.
+inline Layout checked_layout(const Layout& l) {
   TORCH_CHECK(l.bits == 0 || l.bits == 2 || l.bits == 3 || l.bits == 4 || l.bits == 8, "mikv_cpu: bits ", l.bits);
-  TORCH_CHECK(l.bits == 0 || (l.D % 8 == 0 && l.D % l.group == 0), "mikv_cpu: D ", l.D, " group ", l.group);
+  TORCH_CHECK(l.bits == 0 || (l.D % 8 == 0 && l.group > 0 && l.D % l.group == 0), "mikv_cpu: head_dim ", l.D,
+              " group ", l.group);
   TORCH_CHECK(l.hi_dtype >= 0 && l.hi_dtype <= 3, "mikv_cpu: hi dtype code ", l.hi_dtype);
   TORCH_CHECK(l.score_dtype == 0, "mikv_cpu: score dtype code ", l.score_dtype, " (only float32 scores, code 0)");
   TORCH_CHECK(l.region_bytes % 4 == 0, "mikv_cpu: region of ", l.region_bytes,

@@ -269,11 +269,10 @@ namespace mikv {
 
 // All multi-token chunks of one step: chunk c covers rows [rows[c,0], rows[c,1]) of q/k/v at
 // positions [ctx[c], ctx[c] + T). Returns out [Tq, Hq, D] fp32 (rows outside every chunk are 0).
-torch::Tensor prefill_step(torch::Tensor regions, std::vector<int64_t> meta, torch::Tensor block_tables,
+torch::Tensor prefill_step(torch::Tensor regions, const Layout& L, torch::Tensor block_tables,
                            torch::Tensor ctx, torch::Tensor rows, torch::Tensor q, torch::Tensor k, torch::Tensor v,
                            double scale, double hi_ratio, int64_t sink_tokens, int64_t recent_window,
                            int64_t obs_window, torch::Tensor own_from, torch::Tensor shared_hi) {
-  const Layout L = parse_layout(meta);
   const StepTensors st = check_step_tensors(L, regions, block_tables, q, k, v, own_from, shared_hi);
   TORCH_CHECK(ctx.scalar_type() == torch::kInt64 && ctx.dim() == 1 && ctx.is_contiguous(), "mikv_cpu: ctx int64 [C]");
   TORCH_CHECK(rows.scalar_type() == torch::kInt64 && rows.dim() == 2 && rows.size(1) == 2 && rows.is_contiguous(),

@@ -56,7 +56,7 @@ inline void check_row(const Layout& L, const int32_t* row, int64_t M, int64_t nu
     TORCH_CHECK(row[j] >= 0 && row[j] < num_blocks, "mikv_cpu: block id ", row[j], " out of range");
 }
 
-// f(std::integral_constant<int, B>{}) for the lo width B = bits (0: no lo copies; parse_layout
+// f(std::integral_constant<int, B>{}) for the lo width B = bits (0: no lo copies; checked_layout
 // admits 0, 2, 3, 4, 8 only).
 template <class F>
 inline void with_bits(int64_t bits, F&& f) {
