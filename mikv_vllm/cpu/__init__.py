@@ -6,7 +6,7 @@ runs and raises :class:`build.CpuOpBuildError` with the cause when it cannot.
 """
 
 from .build import CpuOpBuildError, load
-from .ops import CpuOps, decode_step, forward_chunks, forward_decode, forward_request, layout_meta, prefill_step
+from .ops import CpuOps, decode_step, forward_chunks, forward_decode, forward_request, cpp_layout, layout_fields, prefill_step
 
-__all__ = ["CpuOpBuildError", "CpuOps", "decode_step", "forward_chunks", "forward_decode", "forward_request", "layout_meta",
+__all__ = ["CpuOpBuildError", "CpuOps", "decode_step", "forward_chunks", "forward_decode", "forward_request", "cpp_layout", "layout_fields",
            "load", "prefill_step"]

@@ -1,5 +1,5 @@
 """Build and load the C++ CPU op (``mikv_cpu.cpp`` bindings, ``mikv_decode.cpp``, ``mikv_prefill.cpp``,
-shared ``mikv_common.h``): one complete extension module per ISA variant (:mod:`.variants`).
+shared ``mikv_*.h`` headers): one complete extension module per ISA variant (:mod:`.variants`).
 
 Where the loader finds a build, first match wins:
 

@@ -12,7 +12,12 @@
 // touches only the regions (blk, h) of its own chunk's blocks. Scores live in the hi slots: each hi
 // token's slot gets its mass, and the chunk's tokens compete for the hi set with their own mass of
 // this step.
-#include "mikv_common.h"
+#include <ATen/Parallel.h>
+
+#include "mikv_codes.h"
+#include "mikv_math.h"
+#include "mikv_select.h"
+#include "mikv_steps.h"
 
 namespace {
 
@@ -124,8 +129,8 @@ inline float exp_shift_sum(float* __restrict x, int64_t n, float mx) {
 // values row-major, fp32; hi copy where tagged, else the lo codes), the chunk's raw keys
 // transposed, and the score mass of each query block's voting rows.
 struct ChunkHead {
-  int64_t h = 0, ctx = 0, T = 0, S = 0, CP = 0, TP = 0, QB = 0, nqb = 0, own_from = 0, shared_hi = 0;
-  const int32_t* row = nullptr;
+  Regions region{};
+  int64_t ctx = 0, T = 0, S = 0, CP = 0, TP = 0, QB = 0, nqb = 0, own_from = 0, shared_hi = 0;
   const float *q = nullptr, *kn = nullptr, *vn = nullptr;   // row 0 of the chunk (q: head h * G)
   float* out = nullptr;
   std::vector<float> kT, vc, knT, mass;   // [D, CP], [ctx, D], [D, TP], [nqb, S]
@@ -135,56 +140,20 @@ struct ChunkHead {
 
 // Phase 1 of a (chunk, KV head): balancer, store of the chunk's lo copies, its context decoded.
 template <int BITS>
-void prefill_prepare(const Layout& L, uint8_t* regions, int64_t H, int64_t G, int64_t q_stride, int64_t kv_stride,
-                     ChunkHead& ch) {
+void prefill_prepare(const Layout& L, int64_t G, int64_t q_stride, int64_t kv_stride, ChunkHead& ch) {
   const int64_t N = L.N, D = L.D, R = L.R, P = L.packed(), NG = L.groups(), ctx = ch.ctx, T = ch.T;
-  const int64_t h = ch.h, own_from = ch.own_from, shared_hi = ch.shared_hi;
-  const float *q = ch.q, *kn = ch.kn, *vn = ch.vn;
-  auto region = [&](int64_t j) { return regions + (static_cast<int64_t>(ch.row[j]) * H + h) * L.region_bytes; };
-  const int64_t hi_es = L.hi_elem();
-  auto hi_ptr = [&](int64_t slot, int64_t off_base) { return region(slot / R) + off_base + (slot % R) * D * hi_es; };
-  std::vector<float> bal(D, 1.f), binv(D), xk(D);
+  const Regions& region = ch.region;
+  std::vector<float> bal(D), binv(D), xk(D);
   std::vector<uint8_t> codes(D);
+  std::vector<int32_t> hmap;
 
   // 1. balancer: computed from the first min(T, N) tokens at context 0 and stored; loaded otherwise
-  if (L.has_bal) {
-    uint16_t* bs = reinterpret_cast<uint16_t*>(region(0) + L.balancer);
-    if (ctx == 0) balancer_to_storage(q, q_stride, G, kn, kv_stride, std::min(T, N), D, bs);
-    for (int64_t d = 0; d < D; ++d) bal[d] = half_to_float(bs[d]);
-  }
+  request_balancer(L, region(0), ctx == 0, ch.q, q_stride, G, ch.kn, kv_stride, std::min(T, N), bal.data());
   for (int64_t d = 0; d < D; ++d) binv[d] = 1.f / bal[d];
 
-  // 2. store the new tokens: lo copies (K * b); tags of blocks whose offset 0 is written cleared (scores
-  // belong to the slots)
-  for (int64_t t = 0; t < T; ++t) {
-    const int64_t p = ctx + t, off = p % N;
-    uint8_t* reg = region(p / N);
-    if (R) {
-      if (off == 0) std::memset(reg + L.tag, 0, R * sizeof(int32_t));
-    }
-    if (BITS) {
-      const float* kt = kn + t * kv_stride;
-      for (int64_t d = 0; d < D; ++d) xk[d] = kt[d] * bal[d];
-      quantize_token(xk.data(), D, BITS, L.group, reg + L.k_lo + off * P,
-                     reinterpret_cast<uint16_t*>(reg + L.k_sz) + off * NG * 2, codes.data());
-      quantize_token(vn + t * kv_stride, D, BITS, L.group, reg + L.v_lo + off * P,
-                     reinterpret_cast<uint16_t*>(reg + L.v_sz) + off * NG * 2, codes.data());
-    }
-  }
-
-  // 3. hi slot map of the context: position -> j * R + r (tags in (0, ctx])
-  const int64_t nb_ctx = (ctx + N - 1) / N;
-  std::vector<int32_t> hmap(R ? ctx : 0, -1);
-  if (R) {
-    for (int64_t j = 0; j < nb_ctx; ++j) {
-      const int32_t* tags = reinterpret_cast<const int32_t*>(region(j) + L.tag);
-      const int64_t lim = j < own_from ? std::min(shared_hi, ctx) : ctx;   // shared: stable hi copies only
-      for (int64_t r = 0; r < R; ++r) {
-        const int32_t tg = tags[r];
-        if (tg > 0 && tg <= lim) hmap[tg - 1] = static_cast<int32_t>(j * R + r);
-      }
-    }
-  }
+  // 2. store the new tokens (lo copies, fresh blocks' tags cleared), 3. the hi slot map of the context
+  store_tokens<BITS>(L, region, ctx, T, ch.kn, ch.vn, kv_stride, bal.data(), xk.data(), codes.data());
+  hi_slot_map(L, region, ctx, ch.own_from, ch.shared_hi, hmap);
 
   // 4. the context, decoded once: kT [D, CP] (lo keys divided by the balancer), vc [ctx, D]
   ch.kT.assign(static_cast<size_t>(D) * ch.CP, 0.f);
@@ -195,8 +164,8 @@ void prefill_prepare(const Layout& L, uint8_t* regions, int64_t H, int64_t G, in
     float* vr = ch.vc.data() + p * D;
     const int32_t slot = R ? hmap[p] : -1;
     if (slot >= 0) {
-      load_hi(hi_ptr(slot, L.k_hi), L.hi_dtype, D, xk.data());
-      load_hi(hi_ptr(slot, L.v_hi), L.hi_dtype, D, vr);
+      load_hi(hi_copy(L, region, slot, L.k_hi), L.hi_dtype, D, xk.data());
+      load_hi(hi_copy(L, region, slot, L.v_hi), L.hi_dtype, D, vr);
     } else if (BITS) {
       const uint8_t* reg = region(p / N);
       const int64_t o = p % N;
@@ -214,7 +183,7 @@ void prefill_prepare(const Layout& L, uint8_t* regions, int64_t H, int64_t G, in
   }
   ch.knT.assign(static_cast<size_t>(D) * ch.TP, 0.f);
   for (int64_t t = 0; t < T; ++t)
-    for (int64_t d = 0; d < D; ++d) ch.knT[d * ch.TP + t] = kn[t * kv_stride + d];
+    for (int64_t d = 0; d < D; ++d) ch.knT[d * ch.TP + t] = ch.kn[t * kv_stride + d];
   ch.mass.assign(static_cast<size_t>(ch.nqb) * ch.S, 0.f);
 }
 
@@ -280,51 +249,14 @@ inline void prefill_attend(const Layout& L, int64_t G, int64_t q_stride, int64_t
 }
 
 // Phase 3: the score mass summed over the query blocks, the hi slots' scores, the hi-set upkeep.
-inline void prefill_finish(const Layout& L, const Selection& sel, uint8_t* regions, int64_t H, int64_t kv_stride,
-                           ChunkHead& ch, std::vector<Cand>& cands) {
-  const int64_t N = L.N, R = L.R, ctx = ch.ctx, T = ch.T, S = ch.S, own_from = ch.own_from, h = ch.h;
-  if (!R) return;
-  auto region = [&](int64_t j) { return regions + (static_cast<int64_t>(ch.row[j]) * H + h) * L.region_bytes; };
+inline void prefill_finish(const Layout& L, const Selection& sel, int64_t kv_stride, ChunkHead& ch,
+                           UpkeepScratch& ws) {
   float* mass = ch.mass.data();
   for (int64_t b = 1; b < ch.nqb; ++b)
-    for (int64_t p = 0; p < S; ++p) mass[p] += ch.mass[b * S + p];
-  const float *kn = ch.kn, *vn = ch.vn;
-
-  // 6. scores: each hi slot of the owned blocks whose token is in the context (tag in (0, ctx]) gets
-  // that token's mass (the chunk's tokens hold no slot yet: their mass goes to the selection)
-  const int64_t nb = (S + N - 1) / N, num_slots = nb * R, first = own_from * R;
-  accumulate_slot_scores(L, region, own_from, nb, ctx, mass);
-
-  // 7. hi maintenance (core.importance.select_hi over tagged + new tokens; reference.maintain_hi), in
-  // the owned blocks' slots [own_from * R, num_slots) only
-  std::vector<int32_t> tags(static_cast<size_t>(num_slots));
-  for (int64_t j = own_from; j < nb; ++j) std::memcpy(&tags[j * R], region(j) + L.tag, R * sizeof(int32_t));
-  const int64_t budget = hi_budget(sel, S, num_slots - first);
-  const int64_t recent_from = recent_start(sel, S, budget);
-  std::vector<uint8_t> keep(static_cast<size_t>(num_slots + T), 0);
-  cands.clear();
-  for (int64_t s = first; s < num_slots; ++s)
-    if (tags[s] > 0 && tags[s] <= ctx) {
-      cands.push_back(make_cand(sel, recent_from, tags[s] - 1, s, slot_scores(L, region(s / R))[s % R]));
-      keep[s] = 1;
-    }
-  for (int64_t t = 0; t < T; ++t) {
-    cands.push_back(make_cand(sel, recent_from, ctx + t, num_slots + t, new_token_score(mass[ctx + t])));
-    keep[num_slots + t] = 1;
-  }
-  select_losers(cands, budget, [&](const Cand& c) { keep[c.idx] = 0; });
-  for (int64_t s = first; s < num_slots; ++s)
-    if (!keep[s]) tags[s] = 0;
-  int64_t next_free = first;   // selected new tokens take the lowest free slots, in position order
-  for (int64_t t = 0; t < T; ++t) {
-    if (!keep[num_slots + t]) continue;
-    while (next_free < num_slots && tags[next_free] != 0) ++next_free;
-    TORCH_CHECK(next_free < num_slots, "mikv_cpu: no free hi slot (budget exceeds the slots)");
-    const int64_t slot = next_free;
-    tags[slot] = static_cast<int32_t>(ctx + t + 1);
-    fill_slot(L, region(slot / R), slot % R, new_token_score(mass[ctx + t]), kn + t * kv_stride, vn + t * kv_stride);
-  }
-  for (int64_t j = own_from; j < nb; ++j) std::memcpy(region(j) + L.tag, &tags[j * R], R * sizeof(int32_t));
+    for (int64_t p = 0; p < ch.S; ++p) mass[p] += ch.mass[b * ch.S + p];
+  // 6. scores of the hi slots (the chunk's tokens hold no slot yet: their mass goes to the selection),
+  // 7. hi-set upkeep over the tagged and the chunk's tokens
+  update_hi_set(L, sel, ch.region, ch.ctx, ch.T, ch.own_from, mass, ch.kn, ch.vn, kv_stride, true, ws);
 }
 
 // Task k of n in an order that spreads the costly ones (late query blocks see more keys) over the
@@ -337,52 +269,25 @@ namespace mikv {
 
 // All multi-token chunks of one step: chunk c covers rows [rows[c,0], rows[c,1]) of q/k/v at
 // positions [ctx[c], ctx[c] + T). Returns out [Tq, Hq, D] fp32 (rows outside every chunk are 0).
-torch::Tensor prefill_step(torch::Tensor regions, std::vector<int64_t> meta, torch::Tensor block_tables,
+torch::Tensor prefill_step(torch::Tensor regions, const Layout& L, torch::Tensor block_tables,
                            torch::Tensor ctx, torch::Tensor rows, torch::Tensor q, torch::Tensor k, torch::Tensor v,
                            double scale, double hi_ratio, int64_t sink_tokens, int64_t recent_window,
                            int64_t obs_window, torch::Tensor own_from, torch::Tensor shared_hi) {
-  const Layout L = parse_layout(meta);
-  TORCH_CHECK(regions.device().is_cpu() && regions.scalar_type() == torch::kUInt8 && regions.dim() == 3 &&
-                  regions.is_contiguous() && regions.size(2) == L.region_bytes,
-              "mikv_cpu: regions must be contiguous uint8 [blocks, H, ", L.region_bytes, "] on CPU");
-  TORCH_CHECK(block_tables.scalar_type() == torch::kInt32 && block_tables.dim() == 2 && block_tables.is_contiguous(),
-              "mikv_cpu: block_tables must be contiguous int32 [C, M]");
+  const StepTensors st = check_step_tensors(L, regions, block_tables, q, k, v, own_from, shared_hi);
   TORCH_CHECK(ctx.scalar_type() == torch::kInt64 && ctx.dim() == 1 && ctx.is_contiguous(), "mikv_cpu: ctx int64 [C]");
   TORCH_CHECK(rows.scalar_type() == torch::kInt64 && rows.dim() == 2 && rows.size(1) == 2 && rows.is_contiguous(),
               "mikv_cpu: rows int64 [C, 2]");
-  for (const auto* t : {&q, &k, &v})
-    TORCH_CHECK(t->scalar_type() == torch::kFloat32 && t->dim() == 3 && t->is_contiguous() && t->size(2) == L.D,
-                "mikv_cpu: q/k/v must be contiguous fp32 [T, heads, ", L.D, "]");
-  const int64_t Tq = q.size(0), Hq = q.size(1), H = regions.size(1), D = L.D, C = ctx.size(0);
-  TORCH_CHECK(k.size(0) == Tq && v.size(0) == Tq && k.size(1) == H && v.size(1) == H && Hq % H == 0 &&
-                  block_tables.size(0) == C && rows.size(0) == C,
-              "mikv_cpu: inconsistent shapes");
-  const int64_t G = Hq / H, M = block_tables.size(1), NBLK = regions.size(0);
+  const int64_t Tq = q.size(0), H = st.H, G = st.G, Hq = H * G, D = L.D, C = ctx.size(0), M = st.M;
+  TORCH_CHECK(block_tables.size(0) == C && rows.size(0) == C, "mikv_cpu: block_tables / rows need C = ", C, " rows");
   const int64_t* cp = ctx.data_ptr<int64_t>();
   const int64_t* rp = rows.data_ptr<int64_t>();
-  for (const auto* t : {&own_from, &shared_hi})
-    TORCH_CHECK(t->scalar_type() == torch::kInt64 && t->dim() == 1 && t->is_contiguous() && t->size(0) == C,
-                "mikv_cpu: own_from / shared_hi must be contiguous int64 [C]");
-  const int64_t* ofp = own_from.data_ptr<int64_t>();
-  const int64_t* shp = shared_hi.data_ptr<int64_t>();
-  const int32_t* bt = block_tables.data_ptr<int32_t>();
-  for (int64_t c = 0; c < C; ++c) {   // bounds: a bad table must raise, not corrupt memory
+  for (int64_t c = 0; c < C; ++c) {
     const int64_t s = rp[2 * c], e = rp[2 * c + 1];
     TORCH_CHECK(0 <= s && s <= e && e <= Tq, "mikv_cpu: chunk rows [", s, ", ", e, ") outside [0, ", Tq, ")");
-    TORCH_CHECK(cp[c] >= 0, "mikv_cpu: negative context");
-    TORCH_CHECK(ofp[c] >= 0 && ofp[c] * L.N <= cp[c], "mikv_cpu: own_from ", ofp[c], " past context ", cp[c]);
-    if (e == s) continue;
-    const int64_t last = (cp[c] + e - s - 1) / L.N;
-    TORCH_CHECK(last < M, "mikv_cpu: position ", cp[c] + e - s - 1, " outside the block table");
-    for (int64_t j = 0; j <= last; ++j)
-      TORCH_CHECK(bt[c * M + j] >= 0 && bt[c * M + j] < NBLK, "mikv_cpu: block id ", bt[c * M + j], " out of range");
+    check_row(L, st.block_tables + c * M, M, regions.size(0), cp[c], cp[c] + e - s - 1, st.own_from[c]);
   }
   const Selection sel = checked_selection(hi_ratio, sink_tokens, recent_window);
   auto out = torch::zeros({Tq, Hq, D}, q.options());
-  uint8_t* rg = regions.data_ptr<uint8_t>();
-  const float* qp = q.data_ptr<float>();
-  const float* kp = k.data_ptr<float>();
-  const float* vp = v.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const float sc = static_cast<float>(scale);
   // (chunk, KV head) pairs with rows, and their query blocks (at most kLogitBudget logits each)
@@ -393,7 +298,7 @@ torch::Tensor prefill_step(torch::Tensor regions, std::vector<int64_t> meta, tor
     if (T == 0) continue;
     for (int64_t h = 0; h < H; ++h) {
       ChunkHead ch;
-      ch.h = h;
+      ch.region = Regions{st.regions, st.block_tables + c * M, H, h, L.region_bytes};
       ch.ctx = cp[c];
       ch.T = T;
       ch.S = cp[c] + T;
@@ -402,12 +307,11 @@ torch::Tensor prefill_step(torch::Tensor regions, std::vector<int64_t> meta, tor
       const int64_t LS = (ch.S + kKeyTile + 15) / 16 * 16;
       ch.QB = std::max<int64_t>(1, std::min(kQueryVecs, kLogitBudget / LS) / G);
       ch.nqb = (T + ch.QB - 1) / ch.QB;
-      ch.own_from = ofp[c];
-      ch.shared_hi = shp[c];
-      ch.row = bt + c * M;
-      ch.q = qp + (s * Hq + h * G) * D;
-      ch.kn = kp + (s * H + h) * D;
-      ch.vn = vp + (s * H + h) * D;
+      ch.own_from = st.own_from[c];
+      ch.shared_hi = st.shared_hi[c];
+      ch.q = st.q + (s * Hq + h * G) * D;
+      ch.kn = st.k + (s * H + h) * D;
+      ch.vn = st.v + (s * H + h) * D;
       ch.out = op + (s * Hq + h * G) * D;
       for (int64_t b = 0; b < ch.nqb; ++b) blocks.emplace_back(static_cast<int64_t>(heads.size()), b);
       heads.push_back(std::move(ch));
@@ -418,13 +322,7 @@ torch::Tensor prefill_step(torch::Tensor regions, std::vector<int64_t> meta, tor
   at::parallel_for(0, NH, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       ChunkHead& ch = heads[i];
-      switch (L.bits) {
-        case 0: prefill_prepare<0>(L, rg, H, G, q_stride, kv_stride, ch); break;
-        case 2: prefill_prepare<2>(L, rg, H, G, q_stride, kv_stride, ch); break;
-        case 3: prefill_prepare<3>(L, rg, H, G, q_stride, kv_stride, ch); break;
-        case 4: prefill_prepare<4>(L, rg, H, G, q_stride, kv_stride, ch); break;
-        default: prefill_prepare<8>(L, rg, H, G, q_stride, kv_stride, ch); break;
-      }
+      with_bits(L.bits, [&](auto bits) { prefill_prepare<decltype(bits)::value>(L, G, q_stride, kv_stride, ch); });
     }
   });
   at::parallel_for(0, NB, 1, [&](int64_t begin, int64_t end) {
@@ -438,8 +336,8 @@ torch::Tensor prefill_step(torch::Tensor regions, std::vector<int64_t> meta, tor
     }
   });
   at::parallel_for(0, NH, 1, [&](int64_t begin, int64_t end) {
-    std::vector<Cand> cands;
-    for (int64_t i = begin; i < end; ++i) prefill_finish(L, sel, rg, H, kv_stride, heads[i], cands);
+    UpkeepScratch ws;
+    for (int64_t i = begin; i < end; ++i) prefill_finish(L, sel, kv_stride, heads[i], ws);
   });
   return out;
 }

@@ -13,7 +13,9 @@
 #pragma once
 #include <cstdlib>
 
-#include "mikv_common.h"
+#include "mikv_codes.h"
+#include "mikv_math.h"
+#include "mikv_select.h"
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define MIKV_QDOT_AVX512 1

@@ -30,18 +30,27 @@ _HI = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float8_e4m3f
 _SCORE = {torch.float32: 0}   # the only score dtype (config.SCORE_DTYPES)
 
 
-@functools.lru_cache(maxsize=64)
-def layout_meta(layout: RegionLayout) -> tuple[int, ...]:
-    """The layout as the flat int list the C++ op takes (order of ``Layout`` in mikv_common.h),
-    computed once per layout.
-
-    ``score`` is the offset of the R fp32 slot scores (one per hi slot, next to the R tags)."""
+def layout_fields(layout: RegionLayout) -> dict[str, int | bool]:
+    """The keyword fields of the C++ op's ``Layout`` (mikv_layout.h) for ``layout``: sizes, byte
+    offsets of the sub-arrays, dtype codes (``score``: the R fp32 slot scores, one per hi slot)."""
     if layout.score_dtype not in _SCORE:
         raise ValueError(f"the C++ CPU op keeps fp32 scores only, not {layout.score_dtype}")
-    return (layout.block_size, layout.head_dim, layout.bits, layout.group, layout.hi_slots, layout.region_bytes,
-            layout.k_lo, layout.v_lo, layout.k_sz, layout.v_sz, layout.score, layout.tag, layout.k_hi,
-            layout.v_hi, layout.balancer, _HI[layout.hi_dtype], _SCORE[layout.score_dtype],
-            int(layout.has_balancer))
+    return dict(block_size=layout.block_size, head_dim=layout.head_dim, bits=layout.bits, group=layout.group,
+                hi_slots=layout.hi_slots, region_bytes=layout.region_bytes, k_lo=layout.k_lo, v_lo=layout.v_lo,
+                k_sz=layout.k_sz, v_sz=layout.v_sz, tag=layout.tag, score=layout.score, k_hi=layout.k_hi,
+                v_hi=layout.v_hi, balancer=layout.balancer, hi_dtype=_HI[layout.hi_dtype],
+                score_dtype=_SCORE[layout.score_dtype], has_balancer=bool(layout.has_balancer))
+
+
+def cpp_layout(layout: RegionLayout, module=None):
+    """``layout`` as the C++ ``Layout`` of ``module`` (default: the loaded op), checked once in C++
+    at construction and cached per (module, layout): each ISA variant's module has its own class."""
+    return _cpp_layout(load() if module is None else module, layout)
+
+
+@functools.lru_cache(maxsize=64)
+def _cpp_layout(module, layout: RegionLayout):
+    return module.Layout(**layout_fields(layout))
 
 
 @functools.lru_cache(maxsize=64)
@@ -54,13 +63,15 @@ def _selection(config: MiKVConfig) -> tuple[float, int, int, int]:
 
 def _decode_call(regions, layout, block_tables, pos, q, k, v, scale, upkeep, selection, own_from, shared_hi):
     ratio, sinks, recent, _ = selection
-    return load().decode_step(regions, list(layout_meta(layout)), block_tables, pos, q, k, v, float(scale), True,
+    module = load()
+    return module.decode_step(regions, cpp_layout(layout, module), block_tables, pos, q, k, v, float(scale), True,
                               upkeep, ratio, sinks, recent, own_from, shared_hi)
 
 
 def _prefill_call(regions, layout, block_tables, ctx, rows, q, k, v, scale, selection, own_from, shared_hi):
     ratio, sinks, recent, window = selection
-    return load().prefill_step(regions, list(layout_meta(layout)), block_tables, ctx, rows, q, k, v, float(scale),
+    module = load()
+    return module.prefill_step(regions, cpp_layout(layout, module), block_tables, ctx, rows, q, k, v, float(scale),
                                ratio, sinks, recent, window, own_from, shared_hi)
 
 

@@ -22,7 +22,7 @@ from mikv_vllm.config import MiKVConfig, preset
 from mikv_vllm.core import reference as ref
 from mikv_vllm.core.layout import RegionLayout
 from mikv_vllm.cpu import CpuOps, load
-from mikv_vllm.cpu.ops import layout_meta
+from mikv_vllm.cpu.ops import cpp_layout, layout_fields
 
 from core._helpers import assert_pages, make_regions, structured_qkv
 
@@ -171,18 +171,20 @@ BAD_PREFILL = BAD + ["rows past q"]
 
 
 def _meta_fault(lay, kind, amount):
-    meta = list(layout_meta(lay))
+    """The layout's C++ fields with one fault (its constructor must raise)."""
+    fields = layout_fields(lay)
     if kind == "meta slots":       # more hi slots than the region holds (or than the block)
         small = 0 < lay.hi_slots < lay.block_size and amount % 2 == 0
-        meta[4] = lay.block_size if small else lay.block_size + amount    # a slot per position: past the page
+        fields["hi_slots"] = lay.block_size if small else lay.block_size + amount    # a slot per position: past the page
     elif kind == "meta offset":    # one sub-array starts near or past the region's end
-        field = [i for i, (off, live) in enumerate([(6, lay.bits), (7, lay.bits), (8, lay.bits), (9, lay.bits),
-                                                    (10, lay.hi_slots), (11, lay.hi_slots), (12, lay.hi_slots),
-                                                    (13, lay.hi_slots), (14, lay.has_balancer)]) if live]
-        meta[6 + field[amount % len(field)]] = lay.region_bytes - 1 - amount % 3 if amount % 4 else -4 * amount
+        live = [(name, on) for name, on in [("k_lo", lay.bits), ("v_lo", lay.bits), ("k_sz", lay.bits),
+                                            ("v_sz", lay.bits), ("score", lay.hi_slots), ("tag", lay.hi_slots),
+                                            ("k_hi", lay.hi_slots), ("v_hi", lay.hi_slots),
+                                            ("balancer", lay.has_balancer)] if on]
+        fields[live[amount % len(live)][0]] = lay.region_bytes - 1 - amount % 3 if amount % 4 else -4 * amount
     else:                          # block size 0 (a division by zero in every position)
-        meta[0] = 0
-    return meta
+        fields["block_size"] = 0
+    return fields
 
 
 @pytest.mark.parametrize("kind,prefill", [(k, False) for k in BAD] + [(k, True) for k in BAD_PREFILL])
@@ -193,7 +195,7 @@ def test_invalid_calls_raise_before_writing(kind, prefill, state, amount):
     n, pos = lay.block_size, list(state[5])
     q, k, v = (torch.cat([s[j] for s in step]) for j in range(3))
     b = len(pos)
-    meta, ratio = layout_meta(lay), float(cfg.hi_ratio)
+    fields, ratio = layout_fields(lay), float(cfg.hi_ratio)
     table = table.clone()
     own = torch.tensor(own_from, dtype=torch.int64)
     if kind == "block id high":
@@ -205,13 +207,14 @@ def test_invalid_calls_raise_before_writing(kind, prefill, state, amount):
     elif kind == "own_from past position":
         own[0] = pos[0] // n + amount
     elif kind.startswith("meta"):
-        meta = _meta_fault(lay, kind, amount)
+        fields = _meta_fault(lay, kind, amount)
     elif kind == "hi ratio":
         ratio = [float("nan"), float("inf"), -amount / 1000][amount % 3]
     event(f"invalid: {kind} ({'prefill' if prefill else 'decode'})")
     before = pages.clone()
     sinks, window = int(cfg.sink_tokens), -1 if cfg.recent_window is None else int(cfg.recent_window)
     with pytest.raises(RuntimeError, match="mikv_cpu"):
+        meta = load().Layout(**fields)   # a bad field raises here, at construction
         if prefill:
             rows = torch.stack([torch.arange(b), torch.arange(b) + 1], 1)
             if kind == "rows past q":

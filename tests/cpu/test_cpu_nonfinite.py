@@ -13,7 +13,7 @@ from mikv_vllm.core import reference as ref
 from mikv_vllm.core.layout import RegionLayout
 from mikv_vllm.core.quant import quantize, to_hi
 from mikv_vllm.cpu import CpuOps, load
-from mikv_vllm.cpu.ops import layout_meta
+from mikv_vllm.cpu.ops import cpp_layout
 
 from core._helpers import assert_pages, make_regions
 from core.test_nonfinite import CONFIGS, assert_confined, poisoned_vs_sanitized
@@ -56,7 +56,7 @@ def test_raw_cpp_store_of_non_finite_is_defined(bits, entry):
     q = torch.randn(1, 1, d, generator=torch.Generator().manual_seed(4))
     pages = make_regions(lay, 2, 1, garbage=True, seed=2)
     table = torch.tensor([[1, 0]], dtype=torch.int32)
-    meta = layout_meta(lay)
+    meta = cpp_layout(lay)
     zero = torch.zeros(1, dtype=torch.int64)
     if entry == "decode":
         load().decode_step(pages, meta, table, zero, q, k, v, 0.1, True, True, 1.0, 4, -1, zero, zero)
@@ -95,9 +95,9 @@ def test_selection_parameters_are_checked_before_any_write():
     q = k = v = torch.ones(1, 1, 32)
     for ratio in (NAN, INF, -0.5):
         with pytest.raises(RuntimeError, match="selection parameters"):
-            load().decode_step(pages, layout_meta(lay), table, zero, q, k, v, 0.1, True, True, ratio, 4, -1, zero,
+            load().decode_step(pages, cpp_layout(lay), table, zero, q, k, v, 0.1, True, True, ratio, 4, -1, zero,
                                zero)
         with pytest.raises(RuntimeError, match="selection parameters"):
-            load().prefill_step(pages, layout_meta(lay), table, zero, torch.tensor([[0, 1]]), q, k, v, 0.1, ratio,
+            load().prefill_step(pages, cpp_layout(lay), table, zero, torch.tensor([[0, 1]]), q, k, v, 0.1, ratio,
                                 4, -1, -1, zero, zero)
     assert torch.equal(pages, before)

@@ -1,0 +1,116 @@
+// fp32 math of the attention: dot products (one and several rows), exp for softmax arguments <= 0,
+// the softmax of one row. Lane-parallel, so they vectorise without reassociation flags.
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+// Lane-parallel dot product (vectorises without reassociation flags).
+inline float dot(const float* __restrict a, const float* __restrict b, int64_t D) {
+  constexpr int L = 16;
+  float acc[L] = {0};
+  int64_t d = 0;
+  for (; d + L <= D; d += L)
+    for (int l = 0; l < L; ++l) acc[l] += a[d + l] * b[d + l];
+  float s = 0.f;
+  for (; d < D; ++d) s += a[d] * b[d];
+  for (int l = 0; l < L; ++l) s += acc[l];
+  return s;
+}
+
+// out[g] = a[g, :] . x for g < G (a row-major [G, D]); lane-parallel, x read once per lane block.
+// GT > 0: G is the compile-time constant GT.
+template <int GT>
+inline void dots(const float* __restrict a, int64_t G_rt, const float* __restrict x, int64_t D, float* __restrict out,
+                 int64_t out_stride) {
+  constexpr int L = 16;
+  const int64_t G = GT > 0 ? GT : G_rt;
+#ifdef __AVX512F__
+  if (G <= 8 && D % L == 0) {
+    __m512 acc[8];
+    for (int64_t g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += L) {
+      const __m512 xv = _mm512_loadu_ps(x + d);
+      for (int64_t g = 0; g < G; ++g) acc[g] = _mm512_fmadd_ps(_mm512_loadu_ps(a + g * D + d), xv, acc[g]);
+    }
+    for (int64_t g = 0; g < G; ++g) out[g * out_stride] = _mm512_reduce_add_ps(acc[g]);
+    return;
+  }
+#endif
+  if (G <= 8 && D % L == 0) {
+    float acc[8][L];
+    for (int64_t g = 0; g < G; ++g)
+      for (int l = 0; l < L; ++l) acc[g][l] = 0.f;
+    for (int64_t d = 0; d < D; d += L)
+      for (int64_t g = 0; g < G; ++g)
+        for (int l = 0; l < L; ++l) acc[g][l] += a[g * D + d + l] * x[d + l];
+    for (int64_t g = 0; g < G; ++g) {
+      float s = 0.f;
+      for (int l = 0; l < L; ++l) s += acc[g][l];
+      out[g * out_stride] = s;
+    }
+    return;
+  }
+  for (int64_t g = 0; g < G; ++g) out[g * out_stride] = dot(a + g * D, x, D);
+}
+
+// exp(x) for softmax arguments x <= 0 (Cephes expf polynomial, rel. error ~2e-7); x < -87 -> 0
+// (exp(-inf) = 0 exactly). Branch-free, so loops over it vectorise.
+inline float exp_nonpos(float x) {
+  const float xc = std::max(x, -87.f);
+  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
+  float r = xc - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.f;
+  const int32_t e = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &e, sizeof(scale));
+  return x < -87.f ? 0.f : y * scale;
+}
+
+// In place: l[0..S) -> softmax(l) (max, exp, 1/sum), lane-parallel reductions.
+inline void softmax_row(float* __restrict l, int64_t S) {
+  constexpr int L = 16;
+  float mx[L], sm[L];
+  for (int i = 0; i < L; ++i) {
+    mx[i] = -std::numeric_limits<float>::infinity();
+    sm[i] = 0.f;
+  }
+  int64_t t = 0;
+  for (; t + L <= S; t += L)
+    for (int i = 0; i < L; ++i) mx[i] = l[t + i] > mx[i] ? l[t + i] : mx[i];
+  float m = -std::numeric_limits<float>::infinity();
+  for (; t < S; ++t) m = std::max(m, l[t]);
+  for (int i = 0; i < L; ++i) m = std::max(m, mx[i]);
+  t = 0;
+  for (; t + L <= S; t += L)
+    for (int i = 0; i < L; ++i) {
+      const float e = exp_nonpos(l[t + i] - m);
+      l[t + i] = e;
+      sm[i] += e;
+    }
+  float sum = 0.f;
+  for (; t < S; ++t) {
+    l[t] = exp_nonpos(l[t] - m);
+    sum += l[t];
+  }
+  for (int i = 0; i < L; ++i) sum += sm[i];
+  const float inv = 1.f / sum;
+  for (t = 0; t < S; ++t) l[t] *= inv;
+}
+
+}  // namespace
