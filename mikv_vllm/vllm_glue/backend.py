@@ -340,7 +340,7 @@ class MiKVAttentionImpl(AttentionImpl[MiKVMetadata]):
         # the Triton decode step's persistent buffers (made at the first step, after vLLM sized the
         # KV cache): reserved with the workspace in the profiling run so the memory profile leaves them free
         self.decode_reserve = 0
-        if use_triton(current_device_type()):
+        if use_triton(current_device_type()) and vllm_config.model_config is not None:   # None: no engine
             self.decode_reserve = decode_buffer_bytes(
                 num_heads, self.num_kv_heads, head_size, vllm_config.scheduler_config.max_num_seqs,
                 vllm_config.model_config.max_model_len + 256, config.hi_ratio > 0)
