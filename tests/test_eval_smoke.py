@@ -282,6 +282,7 @@ def test_default_pick_skips_configs_a_baseline_beats():
 
 def test_frontier_suite_takes_the_screens_near_frontier_configs():
     from mikv_vllm.eval import configs as C
+    from mikv_vllm.eval import frontier as F
 
     def row(label, policy, b, pk, ppl, **cfg):
         c = (C.rtn_config(cfg.pop("lo_bits"), **cfg) if policy == "rtn" else C.mikv_config(cfg.pop("lo_bits"),
@@ -292,7 +293,7 @@ def test_frontier_suite_takes_the_screens_near_frontier_configs():
             row("c", "mikv", 70, 8, 1.080, lo_bits=2, r=0.1), row("d", "mikv", 78, 8, 1.001, lo_bits=4, r=0.03),
             row("e", "mikv", 79, 7, 1.000, lo_bits=4, r=0.05), row("f", "rtn", 64, 8, 1.07, lo_bits=3),
             row("g", "mikv", 200, 8, 1.0, lo_bits=4, r=0.5), row("h", "mikv", 50, 8, 1.3, lo_bits=2, r=0.1)]
-    near = {r["label"] for r in C.frontier_candidates(rows)}
+    near = {r["label"] for r in F.frontier_candidates(rows)}
     # b: within the noise of a (cheaper) -> kept; c: clearly beaten by a; e: fewer passkeys than d -> kept;
     # f: another policy, not compared with mikv; g: above SCREEN_MAX_BYTES; h: PPL above SCREEN_MAX_PPL
     assert near == {"a", "b", "d", "e", "f"}
@@ -300,10 +301,10 @@ def test_frontier_suite_takes_the_screens_near_frontier_configs():
     # the best of each family within 20 % of a 16-bit cache (51.2 B) and within uniform INT4's 80 B:
     # h (the only mikv row <= 51 B, PPL 1.3 or not), d (most passkeys, then lowest PPL <= 80 B), f
     assert [r["label"] for r in headline_rows(rows, 64)] == ["h", "d", "f"]
-    suite = C.frontier_configs_from_screen(rows, 64, 128, headline=headline_rows(rows, 64))
+    suite = F.frontier_configs_from_screen(rows, 64, 128, headline=headline_rows(rows, 64))
     labels = [c.label for c in suite]
     assert {"a", "b", "d", "e", "f", "h", "rtn-int4-g32", "rtn-int4-g64-rot", "h2o-r0.2-fp8"} <= set(labels)
-    assert "h" not in {c.label for c in C.frontier_configs_from_screen(rows, 64, 128)}
+    assert "h" not in {c.label for c in F.frontier_configs_from_screen(rows, 64, 128)}
     from mikv_vllm.config import preset
     assert C.EvalConfig.from_mikv(preset("mikv")).key() in {c.key() for c in suite}   # (b is the shipped preset)
     sizes = [C.bytes_of(c.config(), 64, 128) for c in suite]
@@ -363,6 +364,7 @@ def test_split_width_configs_names_families_and_bytes():
     (scale, zero) = 4 B each; mikv r 0.03: 4 fp8 slots x 2 x 64 B / 128 = 4, tags + scores (16 + 16) / 128,
     balancer 128 / 128, rounded up to whole bytes."""
     from mikv_vllm.eval import configs as C
+    from mikv_vllm.eval import frontier as F
 
     screen = {c.label: c for c in C.screen_configs(64, 128)}
     want = {"rtn-k4v3-g64-rot": 64, "rtn-k4v2-g64-rot": 56, "rtn-k4v3-g64": 64,
@@ -373,9 +375,9 @@ def test_split_width_configs_names_families_and_bytes():
     assert (cfg.mikv["k_bits"], cfg.mikv["v_bits"], cfg.family) == (4, 3, "mikv K4/V3 g64-fp8")
     assert cfg.config() == preset_mikv_with(v_bits=3, name=cfg.label)     # the default's values at 3 bits
     assert C.cache_cost(cfg, 64, 128).bytes_per_token == 70
-    frontier = {c.label: c for c in C.frontier_configs_from_screen([], 64, 128)}
+    frontier = {c.label: c for c in F.frontier_configs_from_screen([], 64, 128)}
     assert {"rtn-k4v3-g64-rot", "rtn-k4v2-g64-rot"} <= set(frontier)
-    assert "rtn-k4v3-g64-rot" not in {c.label for c in C.frontier_configs_from_screen([], 96, 16)}   # no rotation
+    assert "rtn-k4v3-g64-rot" not in {c.label for c in F.frontier_configs_from_screen([], 96, 16)}   # no rotation
 
 
 def preset_mikv_with(**changes):

@@ -169,6 +169,7 @@ def screen_rows(path: str | os.PathLike | None = None) -> list[dict]:
 
 def suite_configs(suite: str, head_dim: int, block_size: int, targets=None, screen=None):
     from . import configs as C
+    from . import frontier as F
 
     stock = C.EvalConfig.stock(("reference",))
     if suite == "smoke":
@@ -182,7 +183,7 @@ def suite_configs(suite: str, head_dim: int, block_size: int, targets=None, scre
         from .report import headline_rows
 
         rows = screen_rows(screen)
-        return C.dedupe([stock, *C.frontier_configs_from_screen(rows, head_dim, block_size,
+        return C.dedupe([stock, *F.frontier_configs_from_screen(rows, head_dim, block_size,
                                                                 headline=headline_rows(rows, head_dim))])
     if suite == "ablations":
         return C.dedupe([stock, *C.ablation_configs()])

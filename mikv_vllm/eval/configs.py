@@ -415,8 +415,3 @@ def dedupe(configs: Iterable[EvalConfig]) -> list[EvalConfig]:
         k = c.key()
         seen[k] = seen[k].merged(c) if k in seen else c
     return list(seen.values())
-
-
-# the frontier suite from a screen lives in .frontier (re-exported here)
-from .frontier import (FRONTIER_RTN, FRONTIER_RTN_SPLIT, SCREEN_MAX_BYTES, SCREEN_MAX_PPL,  # noqa: E402
-                       SCREEN_NOISE, frontier_candidates, frontier_configs_from_screen)
