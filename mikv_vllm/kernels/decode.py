@@ -160,6 +160,23 @@ def _split_kernel(q_ptr, sqb, sqh, bt_ptr, sbtb, ctx_ptr, map_ptr, smb, smh, bin
 
 
 @triton.jit
+def merge_splits(pm_ptr, pl_ptr, prow, pacc_ptr, arow, pas, n_splits, s_new, vn, d, SP: tl.constexpr):
+    """Exact merge of one row's ``n_splits`` split-K partials (running max, normaliser, accumulator at
+    ``prow`` / ``arow``) with the new token's logit ``s_new`` and value ``vn`` (base-2 logits):
+    (output, max, normaliser, the new token's weight before normalising)."""
+    si = tl.arange(0, SP)
+    sm = si < n_splits
+    ms = tl.load(pm_ptr + prow + si, mask=sm, other=-float("inf"))
+    ls = tl.load(pl_ptr + prow + si, mask=sm, other=0.0)
+    m = tl.maximum(tl.max(ms, axis=0), s_new)
+    w = tl.exp2(ms - m)
+    w_new = tl.exp2(s_new - m)
+    l_tot = tl.sum(w * ls, axis=0) + w_new
+    accs = tl.load(pacc_ptr + arow + si[:, None] * pas + d[None, :], mask=sm[:, None], other=0.0)
+    return (tl.sum(w[:, None] * accs, axis=0) + w_new * vn) / l_tot, m, l_tot, w_new
+
+
+@triton.jit
 def _merge_kernel(q_ptr, sqb, sqh, kn_ptr, sknb, sknh, vn_ptr, svnb, svnh, ctx_ptr,
                   pm_ptr, pl_ptr, psb, psh, pacc_ptr, pab, pah, pas, out_ptr, sob, soh,
                   mx_ptr, sm_ptr, lg_ptr, slgb, slgh, qk_scale, tps,
@@ -174,16 +191,8 @@ def _merge_kernel(q_ptr, sqb, sqh, kn_ptr, sknb, sknh, vn_ptr, svnb, svnh, ctx_p
     kn = tl.load(kn_ptr + b * sknb + h * sknh + d).to(tl.float32)
     vn = tl.load(vn_ptr + b * svnb + h * svnh + d).to(tl.float32)
     s_new = tl.sum(q * kn, axis=0) * qk_scale
-    si = tl.arange(0, SP)
-    sm = si < ns
-    ms = tl.load(pm_ptr + b * psb + hq * psh + si, mask=sm, other=-float("inf"))
-    ls = tl.load(pl_ptr + b * psb + hq * psh + si, mask=sm, other=0.0)
-    m = tl.maximum(tl.max(ms, axis=0), s_new)
-    w = tl.exp2(ms - m)
-    w_new = tl.exp2(s_new - m)
-    l_tot = tl.sum(w * ls, axis=0) + w_new
-    accs = tl.load(pacc_ptr + b * pab + hq * pah + si[:, None] * pas + d[None, :], mask=sm[:, None], other=0.0)
-    o = (tl.sum(w[:, None] * accs, axis=0) + w_new * vn) / l_tot
+    o, m, l_tot, w_new = merge_splits(pm_ptr, pl_ptr, b * psb + hq * psh, pacc_ptr, b * pab + hq * pah, pas, ns,
+                                      s_new, vn, d, SP)
     tl.store(out_ptr + b * sob + hq * soh + d, o)
     tl.store(mx_ptr + b * tl.num_programs(1) + hq, m)
     tl.store(sm_ptr + b * tl.num_programs(1) + hq, l_tot)

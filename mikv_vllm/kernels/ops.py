@@ -63,13 +63,18 @@ class TritonOps(OpSet):
         buf.fill(layout, config, d.pos)
         d.kernel["triton_step"] = (buf, table)
 
+    @staticmethod
+    def _on_torch(plan: DecodePlan | ChunkPlan, layout: RegionLayout) -> bool:
+        """Rows reading shared prefix blocks raise; a layout outside ``supported`` runs on the torch op set."""
+        if plan.shared:
+            raise NotImplementedError(SHARED_UNSUPPORTED)
+        return not supported(layout)
+
     @classmethod
     def decode(cls, regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig, plan: DecodePlan,
                q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """Six launches, no torch op (``step.decode_step``); inputs are sanitized in the kernels."""
-        if plan.shared:
-            raise NotImplementedError(SHARED_UNSUPPORTED)
-        if not supported(layout):
+        if cls._on_torch(plan, layout):
             return TorchOps.decode(regions, layout, config, plan, q, k, v, scale)
         buf, table = plan.kernel["triton_step"]
         return decode_step(regions, layout, config, buf, table, q, k, v, scale)
@@ -77,9 +82,7 @@ class TritonOps(OpSet):
     @classmethod
     def chunks(cls, regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig, plan: ChunkPlan,
                q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        if plan.shared:
-            raise NotImplementedError(SHARED_UNSUPPORTED)
-        if not supported(layout):
+        if cls._on_torch(plan, layout):
             return TorchOps.chunks(regions, layout, config, plan, q, k, v, scale)
         q, k, v = finite_inputs(q), finite_inputs(k), finite_inputs(v)   # non-finite inputs: docs/design.md
         out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)

@@ -34,7 +34,7 @@ from ..core.balancer import B_MAX, B_MIN
 from ..core.importance import hi_budget, recent_window
 from ..core.layout import RegionLayout
 from ._common import next_pow2, tl, triton
-from .decode import LOG2E, _split_kernel, check_hi_dtype, default_block_n
+from .decode import LOG2E, _split_kernel, check_hi_dtype, default_block_n, merge_splits
 from .store import _quant_pack_store
 from .upkeep_tiled import _tiled_upkeep_kernel
 
@@ -126,17 +126,9 @@ def _step_merge_kernel(q_ptr, sqb, sqh, kn_ptr, sknb, sknh, vn_ptr, svnb, svnh, 
         q = _finite(tl.load(q_ptr + b * sqb + hq * sqh + d).to(tl.float32))
         kn = _finite(tl.load(kn_ptr + b * sknb + h * sknh + d).to(tl.float32))
         vn = _finite(tl.load(vn_ptr + b * svnb + h * svnh + d).to(tl.float32))
-        s_new = tl.sum(q * kn, axis=0) * qk_scale
-        si = tl.arange(0, SP)
-        sm = si < SPLITS
-        ms = tl.load(pm_ptr + b * psb + hq * psh + si, mask=sm, other=-float("inf"))
-        ls = tl.load(pl_ptr + b * psb + hq * psh + si, mask=sm, other=0.0)
-        m = tl.maximum(tl.max(ms, axis=0), s_new)          # s_new is finite: m is
-        w = tl.exp2(ms - m)
-        w_new = tl.exp2(s_new - m)
-        l_tot = tl.sum(w * ls, axis=0) + w_new
-        accs = tl.load(pacc_ptr + b * pab + hq * pah + si[:, None] * pas + d[None, :], mask=sm[:, None], other=0.0)
-        o = (tl.sum(w[:, None] * accs, axis=0) + w_new * vn) / l_tot
+        s_new = tl.sum(q * kn, axis=0) * qk_scale           # finite: so is the merged max
+        o, m, l_tot, w_new = merge_splits(pm_ptr, pl_ptr, b * psb + hq * psh, pacc_ptr, b * pab + hq * pah, pas,
+                                          SPLITS, s_new, vn, d, SP)
         tl.store(out_ptr + b * sob + hq * soh + d, o)
         tl.store(mx_ptr + b * hq_total + hq, m)
         tl.store(sm_ptr + b * hq_total + hq, l_tot)

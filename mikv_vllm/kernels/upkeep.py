@@ -26,6 +26,20 @@ from ..core.importance import hi_budget, recent_window
 from ..core.layout import RegionLayout
 from ._common import next_pow2, tl, triton
 
+
+@triton.jit
+def _lowest(alive, tier, sc_key, p_key, s):
+    """The lowest-priority candidate among ``alive``: its (tier, score key, priority key, slot); lowest
+    tier first, then score, then priority key; a full tie goes to the higher slot (the one that loses)."""
+    t_min = tl.min(tl.where(alive, tier, 3))
+    m = alive & (tier == t_min)
+    s_min = tl.min(tl.where(m, sc_key, float("inf")))
+    m = m & (sc_key == s_min)
+    k_min = tl.min(tl.where(m, p_key, 1 << 62))
+    m = m & (p_key == k_min)
+    return t_min, s_min, k_min, tl.max(tl.where(m, s, -1))
+
+
 _SINK, _RECENT, _HEAVY = 2, 1, 0
 
 
@@ -93,13 +107,7 @@ def _upkeep_kernel(bt_ptr, bt_sb, pos_ptr, budget_ptr, rstart_ptr, tag_ptr, tg_s
     alive = valid
     n_lose = tl.maximum(tl.sum(valid.to(tl.int64)) - budget, 0)
     for _ in range(0, n_lose):                               # one pass per loser (one in a normal step)
-        t_min = tl.min(tl.where(alive, tier, 3))
-        m = alive & (tier == t_min)
-        s_min = tl.min(tl.where(m, sc_key, float("inf")))
-        m = m & (sc_key == s_min)
-        k_min = tl.min(tl.where(m, p_key, big))
-        m = m & (p_key == k_min)
-        worst = tl.max(tl.where(m, s, -1))                   # full tie: the higher index loses
+        worst = _lowest(alive, tier, sc_key, p_key, s)[3]
         alive = alive & (s != worst)
     new_tags = tl.where(alive & tagged, tags, 0)
     new_kept = tl.sum((alive & is_new).to(tl.int32)) > 0

@@ -13,7 +13,7 @@ its hi copy and its mass as the slot's score. ``seq`` = pos + 1, 0 = a padded ro
 from __future__ import annotations
 
 from ._common import tl, triton
-from .upkeep import _bf16_rtne, _fp8e4m3_rtne
+from .upkeep import _bf16_rtne, _fp8e4m3_rtne, _lowest
 
 
 @triton.jit
@@ -73,13 +73,7 @@ def _tiled_upkeep_kernel(bt_ptr, bt_sb, seq_ptr, budget_ptr, rstart_ptr, tag_ptr
                 sc = tl.load(score_ptr + blk * sc_sb + h * sc_sh + s % R, mask=heavy, other=0.0).to(tl.float32)
                 sc_key = tl.where(heavy, tl.where(sc != sc, -float("inf"), sc), 0.0)
                 p_key = tl.where(tier == 2, -p, p)
-                t_min = tl.min(tl.where(tagged, tier, 3))
-                m = tagged & (tier == t_min)
-                s_min = tl.min(tl.where(m, sc_key, float("inf")))
-                m = m & (sc_key == s_min)
-                k_min = tl.min(tl.where(m, p_key, big))
-                m = m & (p_key == k_min)
-                w = tl.max(tl.where(m, s, -1))
+                t_min, s_min, k_min, w = _lowest(tagged, tier, sc_key, p_key, s)
                 better = (t_min < bt_) | ((t_min == bt_) & ((s_min < bs_) | ((s_min == bs_) & (
                     (k_min < bk_) | ((k_min == bk_) & (w > bw_))))))
                 bt_ = tl.where(better, t_min, bt_)
