@@ -21,10 +21,6 @@ from types import SimpleNamespace
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ.setdefault("MIKV_VLLM_OPS", "triton")
-
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 6, 2, 64, 16
@@ -114,6 +110,11 @@ def main(argv=None) -> int:
                     help="the model's activations (q / k / v / output)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    # here, not at import: tests import this module, and a module-level default would leak into
+    # every engine the test session starts later
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")     # before the kernels are imported
+    os.environ.setdefault("MIKV_VLLM_OPS", "triton")
     dtype = getattr(torch, args.dtype)
     results = {name: run_layer(cfg, args.rows, args.ctx, dtype=dtype) for name, cfg in shipped_presets().items()}
     if args.json:

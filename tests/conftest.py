@@ -27,6 +27,18 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
+# Switches that pick the op set and the Triton mode of every engine a test starts: a test module
+# that sets one while it is imported would change them for the whole session (checked below).
+_SESSION_SWITCHES = ("MIKV_VLLM_OPS", "TRITON_INTERPRET", "MIKV_CPU_ISA", "MIKV_CPU_MALLOC")
+_switches_before = {k: os.environ.get(k) for k in _SESSION_SWITCHES}
+
+
+def pytest_collection_finish(session):
+    changed = {k: (v, os.environ.get(k)) for k, v in _switches_before.items() if os.environ.get(k) != v}
+    if changed:
+        raise pytest.UsageError(f"importing the test modules changed {changed} (before, after): set them "
+                                "per test (monkeypatch) or in a subprocess, not at import")
+
 
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
