@@ -34,7 +34,7 @@ build_ops() {   # the C++ CPU op into mikv_vllm/cpu/prebuilt (only on CPU instal
 
 tcmalloc() {   # the engine processes' allocator (mikv_vllm/vllm_glue/allocator.py preloads it)
     [[ ",$EXTRAS," == *",cpu,"* && "${MIKV_CPU_MALLOC:-tcmalloc}" == tcmalloc ]] || return 0
-    ldconfig -p 2>/dev/null | grep -q 'libtcmalloc\(_minimal\)\?\.so\.4' && return 0
+    [[ -n "$(ldconfig -p 2>/dev/null | grep 'libtcmalloc\(_minimal\)\?\.so\.4')" ]] && return 0
     if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
         log "apt-get install libtcmalloc-minimal4 (the engine processes' allocator)"
         if (apt-get install -y --no-install-recommends libtcmalloc-minimal4 >/dev/null 2>&1 \
