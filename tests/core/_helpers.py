@@ -61,6 +61,25 @@ def run_request(regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig,
     return torch.cat(outs)
 
 
+def decode_after_prefill(cfg: MiKVConfig, path: str, n: int, d: int, hq: int, hkv: int, scale: float,
+                         qkv_seed: int, page_seed: int, length: int = 40):
+    """Prefill ``length`` tokens (oracle), then decode one more through ``path`` ("oracle" or "torch",
+    the batched torch op set). Returns (q, k, v of all length + 1 tokens, the decode output)."""
+    from mikv_vllm.ops.torch_ops import TorchOps
+
+    lay = RegionLayout.build(cfg, n, d)
+    q, k, v = structured_qkv(length + 1, hq, hkv, d, seed=qkv_seed)
+    regions = make_regions(lay, 5, hkv, garbage=True, seed=page_seed)
+    row = torch.tensor([3, 0, 4, 1])
+    forward_request(regions, lay, cfg, row, 0, q[:length], k[:length], v[:length], scale)
+    new = (q[length:], k[length:], v[length:])
+    if path == "oracle":
+        out = forward_request(regions, lay, cfg, row, length, *new, scale)
+    else:
+        out = TorchOps.forward_decode(regions, lay, cfg, row[None], [length], *new, scale)
+    return q, k, v, out
+
+
 def assert_pages(layout: RegionLayout, got: torch.Tensor, want: torch.Tensor, what: str = "") -> None:
     """Two pages equal byte for byte, except the hi slots' scores, which need only agree to fp32 rounding
     (two implementations sum the attention mass in different orders)."""

@@ -9,11 +9,9 @@ import torch
 from mikv_vllm.config import MiKVConfig, MiKVConfigError, preset
 from mikv_vllm.core.layout import RegionLayout
 from mikv_vllm.core.quant import (dequantize_codes, e5m2_round_up, pack_meta, quantize_codes, unpack_meta)
-from mikv_vllm.core.reference import forward_request
 from mikv_vllm.ops import select
-from mikv_vllm.ops.torch_ops import TorchOps
 
-from ._helpers import dense_attention, make_regions, structured_qkv
+from ._helpers import decode_after_prefill, dense_attention
 
 HQ, HKV, D, N = 6, 2, 32, 16
 SCALE = 1 / math.sqrt(D)
@@ -61,17 +59,8 @@ def test_layout_bytes_and_config():
 def test_fp8_scale_page_equals_dense_fake_quant(path):
     cfg = MiKVConfig(policy="rtn", k_bits=4, v_bits=3, hi_ratio=0.0, sink_tokens=0, recent_window=0,
                      balancer=False, group_meta="fp8-scale")
-    lay = RegionLayout.build(cfg, N, D)
     length = 40
-    q, k, v = structured_qkv(length + 1, HQ, HKV, D, seed=6)
-    regions = make_regions(lay, 5, HKV, garbage=True, seed=2)
-    row = torch.tensor([3, 0, 4, 1])
-    forward_request(regions, lay, cfg, row, 0, q[:length], k[:length], v[:length], SCALE)
-    new = (q[length:], k[length:], v[length:])
-    if path == "oracle":
-        out = forward_request(regions, lay, cfg, row, length, *new, SCALE)
-    else:
-        out = TorchOps.forward_decode(regions, lay, cfg, row[None], [length], *new, SCALE)
+    q, k, v, out = decode_after_prefill(cfg, path, N, D, HQ, HKV, SCALE, qkv_seed=6, page_seed=2, length=length)
     g = cfg.group_for(D)
 
     def fq(x, bits, fp8):

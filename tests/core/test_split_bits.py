@@ -13,7 +13,7 @@ from mikv_vllm.core.quant import fake_quantize, to_hi
 from mikv_vllm.core.reference import forward_request
 from mikv_vllm.ops.torch_ops import TorchOps
 
-from ._helpers import dense_attention, make_regions, run_request, structured_qkv
+from ._helpers import decode_after_prefill, dense_attention, make_regions, run_request, structured_qkv
 
 HQ, HKV, D, N = 6, 2, 32, 16
 SCALE = 1 / math.sqrt(D)
@@ -33,17 +33,8 @@ def test_uniform_split_widths_equal_dense_fake_quant(name, path):
     """No hi tier, no balancer: a decode step attends to the cached keys fake-quantized at k_bits and
     values at v_bits (one group width for both) plus the raw new token, exactly."""
     cfg = SPLIT[name]
-    lay = RegionLayout.build(cfg, N, D)
     length = 40
-    q, k, v = structured_qkv(length + 1, HQ, HKV, D, seed=5)
-    regions = make_regions(lay, 5, HKV, garbage=True, seed=1)
-    row = torch.tensor([3, 0, 4, 1])
-    forward_request(regions, lay, cfg, row, 0, q[:length], k[:length], v[:length], SCALE)
-    new = (q[length:], k[length:], v[length:])
-    if path == "oracle":
-        out = forward_request(regions, lay, cfg, row, length, *new, SCALE)
-    else:
-        out = TorchOps.forward_decode(regions, lay, cfg, row[None], [length], *new, SCALE)
+    q, k, v, out = decode_after_prefill(cfg, path, N, D, HQ, HKV, SCALE, qkv_seed=5, page_seed=1, length=length)
     g = cfg.group_for(D)
     kk = torch.cat([fake_quantize(k[:length], cfg.k_bits, g), k[length:]])
     vv = torch.cat([fake_quantize(v[:length], cfg.v_bits, g), v[length:]])
