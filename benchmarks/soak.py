@@ -12,6 +12,10 @@ fixed greedy probe that must answer exactly as at the start. The default config 
 every token stays hi, fp32 hi copies; the one ``tests/engine/test_robustness.py`` holds exact), so
 batching, preemption, block reuse and cancellation must not change the probe by a single token.
 
+Before the load it sweeps the step shapes (``--shape-sweep``: prompts of 1..N tokens, then long ones at
+once), so that the worker's per-shape oneDNN primitive cache is full when the clock starts; without it
+the worker's RSS climbs for 20-25 minutes of this load, in stock vLLM as in MiKV (docs/results.md).
+
 After the load it drains (no request may stay running), probes once more, and reads preemptions and
 prefix-cache hits from ``/metrics``. Writes ``summary.json``, ``summary.md`` and ``rss.csv`` to
 ``--out`` and exits 1 if a check failed: a failed request, a probe that changed, a request left running,
@@ -268,6 +272,27 @@ def probe(url: str, model: str, prompt: list[int]) -> str:
         return f"<probe failed: {type(e).__name__}: {e}>"
 
 
+def shape_sweep(url: str, model: str, workload: Workload, n: int, parallel: int) -> int:
+    """Meet the step shapes first: the worker caches a oneDNN matmul primitive per token count of a
+    step (the exact count: vLLM pads nothing on CPU), up to oneDNN's 1,024 entries of about 0.33 MiB,
+    so a mixed load meets new counts for tens of minutes and the worker's RSS climbs until that cache
+    is full (docs/results.md, "Soak"). One prompt of each length 1..n, one at a time with one new
+    token (a step of exactly that many tokens; the first token is unique, so no prefix-cache hit
+    shortens it), then ``parallel`` prompts of max_model_len - 1 tokens at once (the largest steps:
+    oneDNN's scratchpad only grows). Returns the number of requests sent."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(tag: int, length: int) -> None:
+        prompt = [1000 + tag] + workload._span(length - 1)
+        http_post(url + "/v1/completions", {"model": model, "prompt": prompt, "max_tokens": 1, "temperature": 0.0})
+
+    for length in range(1, n + 1):
+        one(length, length)
+    with ThreadPoolExecutor(parallel) as pool:
+        list(pool.map(lambda i: one(n + 1 + i, workload.max_model_len - 1), range(parallel)))
+    return n + parallel
+
+
 # ------------------------------------------------------------------------------------------- the run
 async def load(url: str, model: str, args, workload: Workload, root_pid: int | None, state: dict) -> None:
     import aiohttp
@@ -318,6 +343,11 @@ def rss_summary(samples: list[dict], warmup_s: float) -> dict:
             "per_process": per_process}
 
 
+def total_rss(root_pid: int | None) -> float | None:
+    """MiB of all server processes together (None without a pid)."""
+    return None if root_pid is None else round(sum(rss_bytes(p) for p in server_pids(root_pid)) / 2**20, 1)
+
+
 def cpu_model() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
@@ -346,6 +376,12 @@ def run(args) -> dict:
             raise RuntimeError(f"the first probe failed: {first}")
         state["probes"].append({"t": 0.0, "text": first})
         processes = {str(p): process_info(p) for p in server_pids(root_pid)} if root_pid is not None else {}
+        sweep = {"requests": 0}
+        if args.shape_sweep:
+            rss0, ts = total_rss(root_pid), time.monotonic()
+            sweep["requests"] = shape_sweep(url, model, workload, args.shape_sweep, args.max_num_seqs)
+            sweep.update(seconds=round(time.monotonic() - ts, 1), rss_before_mib=rss0,
+                         rss_after_mib=total_rss(root_pid))
         t0 = time.monotonic()
         asyncio.run(load(url, model, args, workload, root_pid, state))
         load_s = time.monotonic() - t0
@@ -389,7 +425,7 @@ def run(args) -> dict:
         "prefix_cache_hits": metric(body, "vllm:prefix_cache_hits_total"),
         "prefix_cache_queries": metric(body, "vllm:prefix_cache_queries_total"),
         "left_running": left, "probes": len(state["probes"]), "probe_changed": len(changed),
-        "probe_text": first, "rss": rss, "cpu": cpu_model(), "failures": failed[:20],
+        "probe_text": first, "rss": rss, "shape_sweep": sweep, "cpu": cpu_model(), "failures": failed[:20],
         "server_processes": processes,
     }
     checks = {"no failed request": not failed, "probe unchanged": not changed, "drained": left == 0,
@@ -421,6 +457,10 @@ def markdown(s: dict) -> str:
              f"{s['probes']} ({s['probe_changed']}) | {r.get('rss_at_warmup_mib')} -> "
              f"{r.get('rss_max_after_warmup_mib')} MiB ({(r['growth'] or 0) * 100:.2f} %) | "
              f"{r.get('max_process_growth', 0) * 100:.2f} % |", ""]
+    w = s.get("shape_sweep") or {}
+    if w.get("requests"):
+        lines += [f"Shape sweep before the load: {w['requests']} requests in {w['seconds']} s, server RSS "
+                  f"{w['rss_before_mib']} -> {w['rss_after_mib']} MiB.", ""]
     lines += [f"- {'PASS' if ok else 'FAIL'}: {name}" for name, ok in s["checks"].items()]
     lines += ["", "| pid | process | tcmalloc |", "|---|---|---|"] + [
         f"| {pid} | `{p['name']}` | {p['tcmalloc']} |" for pid, p in s.get("server_processes", {}).items()]
@@ -433,6 +473,9 @@ def parse_args(argv=None):
     p.add_argument("--minutes", type=float, default=2.0, help="load duration (the run stops by itself)")
     p.add_argument("--warmup-minutes", type=float, default=None,
                    help="RSS growth is measured from here (default: a quarter of --minutes)")
+    p.add_argument("--shape-sweep", type=int, default=320, metavar="N",
+                   help="before the load: prompts of 1..N tokens one at a time, then max_num_seqs long ones "
+                        "at once, so the worker meets the step shapes it caches (0: none)")
     p.add_argument("--concurrency", type=int, default=3, help="clients sending requests back to back")
     p.add_argument("--model", default=None, help="model dir (default: the embedded model, prepare_model())")
     p.add_argument("--url", default=None, help="use this running server (loopback only) instead of starting one")
@@ -461,6 +504,8 @@ def parse_args(argv=None):
         args.warmup_minutes = args.minutes / 4
     if not 0 <= args.warmup_minutes < args.minutes:
         p.error("--warmup-minutes must lie in [0, --minutes)")
+    if not 0 <= args.shape_sweep < args.max_model_len:
+        p.error("--shape-sweep must lie in [0, --max-model-len)")
     if args.out is None:
         args.out = tempfile.mkdtemp(prefix="mikv-soak-")
     if args.model is None and args.url is None:

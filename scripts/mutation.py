@@ -321,8 +321,9 @@ def run_tests(root: Path, timeout: int, tests: list[str] | None = None) -> tuple
 
 def scratch_copy(src: Path) -> Path:
     dst = Path(tempfile.mkdtemp(prefix="mikv-mutation-"))
-    for name in ("mikv_vllm", "tests", "benchmarks", "configs"):
-        if (src / name).exists():   # configs/: the shipped presets (tests/kernels/test_layer_probe.py)
+    for name in ("mikv_vllm", "tests", "benchmarks", "configs", "deploy"):
+        if (src / name).exists():   # configs/: the shipped presets (tests/kernels/test_layer_probe.py); deploy/:
+            # the image check (tests/cpu/test_build.py)
             shutil.copytree(src / name, dst / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     shutil.copy2(src / "pyproject.toml", dst / "pyproject.toml")
     return dst

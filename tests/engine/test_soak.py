@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_two_minute_soak(model_dir, tmp_path):
     out = tmp_path / "soak"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "soak.py"), "--minutes", "2", "--warmup-minutes", "0.5",
-           "--probe-every", "30", "--max-rss-growth", "0.10", "--model", str(model_dir), "--out", str(out)]
+           "--shape-sweep", "24", "--probe-every", "30", "--max-rss-growth", "0.10", "--model", str(model_dir),
+           "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     tail = f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}\nserver log: {out / 'server.log'}"
     assert (out / "summary.json").exists(), tail
@@ -29,6 +30,7 @@ def test_two_minute_soak(model_dir, tmp_path):
     assert s["failed"] == 0, s["failures"]
     assert s["probes"] >= 4 and s["probe_changed"] == 0, s["probe_text"]
     assert s["left_running"] == 0
+    assert s["shape_sweep"]["requests"] == 24 + 8, s["shape_sweep"]      # 1..24 tokens, then max_num_seqs long
     assert s["preemptions"] > 0 and s["prefix_cache_hits"] > 0, s     # the budget bit, the prefixes hit
     assert s["cancelled"] > 0 and 0 < s["streamed"] < s["requests"], s
     assert proc.returncode == 0, tail
