@@ -4,8 +4,8 @@ One layer's decode of B one-token rows is six launches and no torch op (:func:`d
 
 1. ``_row_store_kernel`` (row, KV head): q / k / v sanitized on load (``quant.finite_inputs``),
    the balancer computed from the row's own q / k at position 0 and stored in its first block, else
-   loaded (``ops.torch_decode.decode_balancer``), K*b / V quantized into the lo tier (``store``'s
-   ``_quant_pack_store``), the block's tags reset at offset 0;
+   loaded (``ops.torch_decode.decode_balancer``), K*b / V quantized into the lo tier at their own
+   widths and group metadata (``store``'s ``_quant_pack_store``), the block's tags reset at offset 0;
 2. ``_map_kernel`` (row, KV head): the row's positions -> hi slot map, refilled (``decode.hi_slot_map``);
 3. ``decode._split_kernel`` (row, KV head, split): split-K attention over both tiers, ``SPLITS``
    fixed at start-up, each row's context cut into SPLITS equal tile-aligned ranges on the device;
@@ -33,7 +33,7 @@ from ..config import MiKVConfig
 from ..core.balancer import B_MAX, B_MIN
 from ..core.importance import hi_budget, recent_window
 from ..core.layout import RegionLayout
-from ._common import next_pow2, tl, triton
+from ._common import lo_args, lo_constexprs, next_pow2, tl, triton
 from .decode import LOG2E, _split_kernel, check_hi_dtype, default_block_n, merge_splits
 from .store import _quant_pack_store
 from .upkeep_tiled import _tiled_upkeep_kernel
@@ -50,10 +50,11 @@ def _finite(x):
 
 @triton.jit
 def _row_store_kernel(seq_ptr, bt_ptr, sbtb, q_ptr, sqb, sqh, k_ptr, skb, skh, v_ptr, svb, svh,
-                      bal_ptr, bal_sb, bal_sh, klo, vlo, lo_sb, lo_sh, lo_sn, ksz, vsz, sz_sb, sz_sh, sz_sn,
+                      bal_ptr, bal_sb, bal_sh, klo, vlo, lo_sb, lo_sh, klo_sn, vlo_sn, ksz, vsz, sz_sb, sz_sh, sz_sn,
                       tag_ptr, tg_sb, tg_sh, b_min, b_max,
-                      N: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
-                      GS: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, HAS_BAL: tl.constexpr):
+                      N: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, KB: tl.constexpr,
+                      VB: tl.constexpr, GS: tl.constexpr, FP8S: tl.constexpr, R: tl.constexpr, RP: tl.constexpr,
+                      HAS_BAL: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     seq = tl.load(seq_ptr + b)
@@ -64,7 +65,7 @@ def _row_store_kernel(seq_ptr, bt_ptr, sbtb, q_ptr, sqb, sqh, k_ptr, skb, skh, v
         if R > 0:
             ri = tl.arange(0, RP)
             tl.store(tag_ptr + blk * tg_sb + h * tg_sh + ri, tl.zeros((RP,), tl.int32), mask=(ri < R) & (ri + off == ri))
-        if BITS > 0:
+        if KB > 0:
             d = tl.arange(0, D)
             k = _finite(tl.load(k_ptr + b * skb + h * skh + d).to(tl.float32))
             v = _finite(tl.load(v_ptr + b * svb + h * svh + d).to(tl.float32))
@@ -84,10 +85,10 @@ def _row_store_kernel(seq_ptr, bt_ptr, sbtb, q_ptr, sqb, sqh, k_ptr, skb, skh, v
                     bb = tl.minimum(tl.maximum(bb, b_min), b_max)
                     tl.store(baddr, bb.to(tl.float16))
                 k = k * tl.load(baddr).to(tl.float32)
-            lo = blk * lo_sb + h * lo_sh + off * lo_sn
+            lo = blk * lo_sb + h * lo_sh
             sz = blk * sz_sb + h * sz_sh + off * sz_sn
-            _quant_pack_store(k, klo + lo, ksz + sz, D, BITS, GS)
-            _quant_pack_store(v, vlo + lo, vsz + sz, D, BITS, GS)
+            _quant_pack_store(k, klo + lo + off * klo_sn, ksz + sz, D, KB, GS, FP8S)
+            _quant_pack_store(v, vlo + lo + off * vlo_sn, vsz + sz, D, VB, GS, FP8S)
 
 
 @triton.jit
@@ -294,16 +295,15 @@ def decode_step(regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig,
     dot = {torch.float16: 1, torch.bfloat16: 2}.get(q.dtype, 0)
     gp = max(16, next_pow2(grp))
     bal = views.balancer if layout.has_balancer else regions
-    lo_k, lo_v, sz_k, sz_v = ((views.k_lo, views.v_lo, views.k_sz, views.v_sz) if layout.bits
-                              else (regions, regions, regions, regions))
+    lo = lo_args(layout, views, regions)
+    lo_c = lo_constexprs(layout)
     tag = views.tag if r else regions
     hi_k, hi_v = (views.k_hi, views.v_hi) if r else (regions, regions)
     bt, seq = block_table, buf.seq
     _row_store_kernel[(bsz, h)](
         seq, bt, bt.stride(0), q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1),
-        bal, bal.stride(0), bal.stride(1), lo_k, lo_v, *lo_k.stride()[:3], sz_k, sz_v, *sz_k.stride()[:3],
-        tag, tag.stride(0), tag.stride(1), B_MIN, B_MAX, N=n, G=grp, GP=gp, D=d, BITS=layout.bits,
-        GS=layout.group, R=r, RP=max(1, next_pow2(r)), HAS_BAL=layout.has_balancer, num_warps=1,
+        bal, bal.stride(0), bal.stride(1), *lo, tag, tag.stride(0), tag.stride(1), B_MIN, B_MAX,
+        N=n, G=grp, GP=gp, D=d, **lo_c, R=r, RP=max(1, next_pow2(r)), HAS_BAL=layout.has_balancer, num_warps=1,
         enable_fp_fusion=False)
     hmap = buf.hi_map
     if r:
@@ -315,11 +315,10 @@ def decode_step(regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig,
     qk_scale = float(scale) * LOG2E
     _split_kernel[(bsz, h, buf.splits)](
         q, q.stride(0), q.stride(1), bt, bt.stride(0), seq, hmap, hmap.stride(0), hmap.stride(1),
-        bal, bal.stride(0), bal.stride(1), lo_k, lo_v, *lo_k.stride()[:3], sz_k, sz_v, *sz_k.stride()[:3],
-        hi_k, hi_v, *hi_k.stride()[:3], buf.pmax, 0, 0,
+        bal, bal.stride(0), bal.stride(1), *lo, hi_k, hi_v, *hi_k.stride()[:3], buf.pmax, 0, 0,
         buf.pmax, buf.psum, buf.pmax.stride(0), buf.pmax.stride(1), buf.pacc, buf.pacc.stride(0),
         buf.pacc.stride(1), buf.pacc.stride(2), qk_scale, buf.splits,
-        N=n, R=r, G=grp, GP=gp, D=d, BITS=layout.bits, GS=layout.group, BLOCK_N=buf.block_n,
+        N=n, R=r, G=grp, GP=gp, D=d, **lo_c, BLOCK_N=buf.block_n,
         HAS_BAL=layout.has_balancer, NEED_LOGITS=False, DOT=dot, STEP=True, num_warps=4)
     out = buf.out
     _step_merge_kernel[(bsz, hq)](
