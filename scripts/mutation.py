@@ -222,6 +222,17 @@ MUTATIONS = [
              "not up: codes no longer cover the group)",
              ((PAGE, "        pk, sk = quantize(kb, layout.k_bits, layout.group, layout.scale_fp8)\n        pv, sv = quantize(v.float(), layout.v_bits, layout.group, layout.scale_fp8)\n",
                "        pk, sk = quantize(kb, layout.k_bits, layout.group)\n        pv, sv = quantize(v.float(), layout.v_bits, layout.group)\n"),)),
+    # ... in the Triton op set (tests/kernels/test_store.py, test_decode.py, test_ops_contract.py)
+    Mutation("triton-v-read-at-k-width", "the Triton attention dequantizes value codes at the key width",
+             ((KDE, "vlo_sn, sz_sb, sz_sh, sz_sn, D, VB, GS, BLOCK_N, FP8S)", "vlo_sn, sz_sb, sz_sh, sz_sn, D, KB, GS, BLOCK_N, FP8S)"),)),
+    Mutation("triton-v-stored-at-k-width", "the Triton store (old path and decode step) packs value codes at the key width",
+             ((KST, "vsz + sz, D, VB, GS, FP8S)", "vsz + sz, D, KB, GS, FP8S)"),
+              (KSP, "vsz + sz, D, VB, GS, FP8S)", "vsz + sz, D, KB, GS, FP8S)"))),
+    Mutation("triton-fp8-scale-misread", "the Triton attention reads an fp8-scale group's scale from the zero's high byte",
+             ((KDE, "s1 = tl.load(sz_ptr + zb[:, None] + gi[None, :] + 2,", "s1 = tl.load(sz_ptr + zb[:, None] + gi[None, :] + 1,"),)),
+    Mutation("triton-fp8-scale-not-rounded-up", "the Triton store keeps the fp16 scale for the codes and stores its high "
+             "byte (rounded down: codes no longer cover the group)",
+             ((KST, "        scale = e5m2_round_up(scale)\n", ""),)),
     Mutation("split-bits-guard-bypassed", "the backend picks its op set without the layout: a C++ / Triton op set "
              "would serve k_bits != v_bits it does not implement",
              ((BKD, "        self.ops = get_ops(device, self.layout)\n", "        self.ops = get_ops(device)\n"),)),
