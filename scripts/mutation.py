@@ -55,6 +55,7 @@ KDE = "mikv_vllm/kernels/decode.py"
 KUP = "mikv_vllm/kernels/upkeep.py"
 KSP = "mikv_vllm/kernels/step.py"
 KUT = "mikv_vllm/kernels/upkeep_tiled.py"
+KRT = "mikv_vllm/kernels/rotate.py"
 CPP = "mikv_vllm/cpu/mikv_decode.cpp"
 CLY = "mikv_vllm/cpu/mikv_layout.h"
 CFP = "mikv_vllm/cpu/mikv_fp.h"
@@ -256,6 +257,13 @@ MUTATIONS = [
                "    if seq >= 0:                                          # seq 0: a padded row, no-op"),)),
     Mutation("rotation-not-orthogonal", "the Hadamard rotation is scaled by 1/D instead of 1/sqrt(D)",
              ((ROT, "    return signs[:, None] * hadamard(d) / math.sqrt(d)", "    return signs[:, None] * hadamard(d) / d"),)),
+    # issue 25: the rotation folded into the Triton decode step (tests/kernels/test_rotation_step.py)
+    Mutation("triton-output-rotated-not-back", "the merge kernel multiplies the output by R instead of R^T",
+             ((KRT, "tl.load(rot_ptr + j[:, None] * D + d[None, :]) * o[None, :]", "tl.load(rot_ptr + d[None, :] * D + j[:, None]) * o[None, :]"),)),
+    Mutation("triton-rotated-copies-unused", "the kernels after the store read the model-space q / k / v, not the rotated copies",
+             ((KSP, "    q, k, v = qr, kr, vr      # the later kernels", "    pass      # the later kernels"),)),
+    Mutation("triton-rotation-not-rounded", "the rotated q / k / v stay fp32 instead of being rounded to the input dtype",
+             ((KRT, "    if RND == 1:\n", "    if RND == 7:\n"), (KRT, "    elif RND == 2:\n", "    elif RND == 7:\n"))),
     # issue #24: where and how the C++ op is built and chosen
     Mutation("isa-flags-dropped", "every ISA variant is compiled with the common flags only (no SIMD paths)",
              ((BLD, "    return CFLAGS + list(variant.cflags) + [", "    return CFLAGS + ["),)),

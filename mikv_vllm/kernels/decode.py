@@ -104,6 +104,8 @@ def _split_kernel(q_ptr, sqb, sqh, bt_ptr, sbtb, ctx_ptr, map_ptr, smb, smh, bin
         q = tl.where(qf != qf, 0.0, tl.minimum(tl.maximum(qf, -65504.0), 65504.0)).to(q.dtype)
     if DOT != 1:   # fp32 ("ieee") or bf16 queries (tf32: fp32 range, 10-bit mantissa >= bf16's 7)
         q = q.to(tl.float32)
+    else:          # fp16 queries (read from an fp32 copy of fp16 values: the rotated decode step)
+        q = q.to(tl.float16)
     if HAS_BAL:
         if STEP:   # ``balancer.unbalance_keys``: k_hat * (1 / b), 1 / b correctly rounded
             first = tl.load(bt_ptr + b * sbtb).to(tl.int64)

@@ -95,6 +95,7 @@ for fname in sorted(os.listdir(CONFIGS)):
     step_configs.append((fname[:-5], preset(data["mikv-config"]).replace(**fields)))
 shipped = len(step_configs)
 step_configs.append(("mikv-k4v3-fp8-scale", preset("mikv").replace(v_bits=3, group_meta="fp8-scale")))
+step_configs.append(("mikv-rot-fp16", preset("mikv").replace(rotation=True)))   # fp16 activations below
 presets_done = []
 for name, cfg in step_configs:
     for d, g in ((64, 3), (128, 4)):
@@ -103,14 +104,20 @@ for name, cfg in step_configs:
             continue
         regions = torch.zeros(8, 2, lay.region_bytes, dtype=torch.uint8)
         tables = torch.arange(8, dtype=torch.int32).view(2, 4)
-        q, k, v = torch.randn(2, 2 * g, d).bfloat16(), torch.randn(2, 2, d).bfloat16(), torch.randn(2, 2, d).bfloat16()
+        act = torch.float16 if name == "mikv-rot-fp16" else torch.bfloat16
+        q, k, v = torch.randn(2, 2 * g, d).to(act), torch.randn(2, 2, d).to(act), torch.randn(2, 2, d).to(act)
         plan = plan_for(cfg, lay, tables, [40, 33])
         TritonOps.prepare(StepPlan(decode=plan), lay, cfg, 2 * g, 2)
-        TritonOps.decode(regions, lay, cfg, plan, q, k, v, 0.1)
+        if cfg.rotation:   # the rotation folded into the store and merge kernels (kernels/rotate.py)
+            from mikv_vllm.core.rotation import rotation_for
+
+            TritonOps.decode_rotated(regions, lay, cfg, plan, q, k, v, 0.1, rotation_for(d))
+        else:
+            TritonOps.decode(regions, lay, cfg, plan, q, k, v, 0.1)
         presets_done.append(f"{name}/d{d}")
-print(f"decode step compiled for the shipped presets and k4/v3 fp8-scale: {presets_done}")
+print(f"decode step compiled for the shipped presets, k4/v3 fp8-scale and rotated fp16: {presets_done}")
 names = sorted({n for n, _, _ in compiled})
 bad = [c for c in compiled if not c[1]]
 print(f"compiled {len(compiled)} launches of {names} for sm_{arch}; without cubin: {bad}")
 step_kernels = {"_row_store_kernel", "_map_kernel", "_step_merge_kernel", "_slot_score_kernel"}
-sys.exit(1 if bad or len(names) < 6 or not step_kernels <= set(names) or len(presets_done) < 2 * shipped + 2 else 0)
+sys.exit(1 if bad or len(names) < 6 or not step_kernels <= set(names) or len(presets_done) < 2 * shipped + 4 else 0)
