@@ -9,8 +9,10 @@ import torch
 
 from mikv_vllm.config import preset
 from mikv_vllm.core import reference as ref
+from mikv_vllm.core.layout import RegionLayout
 from mikv_vllm.core.rotation import rotation_for
 from mikv_vllm.kernels import TritonOps
+from mikv_vllm.kernels.step import DecodeBuffers, decode_buffer_bytes
 from mikv_vllm.ops.plan import StepPlan, plan_for
 
 from ._util import SCALE, assert_pages_match, build_batch
@@ -80,9 +82,39 @@ def test_fused_rotation_matches_the_oracle(head_dim):
         ctxs = [c + 1 for c in ctxs]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rotated_copies_are_rounded_to_the_input_dtype(dtype):
+    """``Rotation.rotate`` returns the input dtype: the kernels' rotated copies are values of that
+    dtype (nearest to the fp32 product), equal to torch's but where fp32 sums in another order
+    round across a tie."""
+    cfg = CONFIGS["mikv-int3-r05"]()
+    layout, regions, tables, *_ = build_batch(cfg, 16, 64, 2, 3, [12, 0], seed=4)
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, h, 64, generator=gen).to(dtype) for h in (6, 2, 2))
+    plan = plan_for(cfg, layout, tables, [12, 0])
+    TritonOps.prepare(StepPlan(decode=plan), layout, cfg, 6, 2)
+    TritonOps.decode_rotated(regions, layout, cfg, plan, q, k, v, SCALE, rotation_for(64))
+    buf = plan.state["triton_decode"]
+    for x, xr in zip((q, k, v), (buf.qr[:2], buf.kr[:2], buf.vr[:2])):
+        assert torch.equal(xr.to(dtype).float(), xr)               # a value of the input dtype
+        want = rotation_for(64).rotate(x)
+        assert (xr.to(dtype) == want).float().mean() > 0.99
+        torch.testing.assert_close(xr.to(dtype), want)
+
+
 def test_unrotated_buffers_refuse_a_rotated_decode():
     cfg = preset("mikv")
     layout, regions, tables, q, k, v = build_batch(cfg, 16, 64, 2, 2, [5], seed=1)
     with pytest.raises(ValueError, match="rotat"):
         _step(TritonOps.decode_rotated, regions, layout, cfg, tables, [5], q, k, v)
 
+
+
+def test_decode_buffer_bytes_cover_the_rotation_buffers():
+    """The engine's reservation (``decode_buffer_bytes``) counts the matrix and the rotated copies."""
+    layout = RegionLayout.build(preset("mikv-int3-r05"), 16, 64)
+    buf = DecodeBuffers.make(layout, 6, 2, rows=5, max_pos=64, device="cpu", rotation=True)
+    nbytes = {name: t.numel() * t.element_size() for name, t in vars(buf).items() if isinstance(t, torch.Tensor)}
+    with_rot, without = (decode_buffer_bytes(6, 2, 64, 5, 64, True, rotation=r) for r in (True, False))
+    assert sum(nbytes.values()) <= with_rot
+    assert sum(nbytes[name] for name in ("rot", "qr", "kr", "vr")) <= with_rot - without
