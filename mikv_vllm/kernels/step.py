@@ -6,11 +6,13 @@ One layer's decode of B one-token rows is six launches and no torch op (:func:`d
    the balancer computed from the row's own q / k at position 0 and stored in its first block, else
    loaded (``ops.torch_decode.decode_balancer``), K*b / V quantized into the lo tier at their own
    widths and group metadata (``store``'s ``_quant_pack_store``), the block's tags reset at offset 0;
+   with ``rotate`` the row's q / k / v are first rotated (``rotate.py``) into the buffers that the
+   later kernels read;
 2. ``_map_kernel`` (row, KV head): the row's positions -> hi slot map, refilled (``decode.hi_slot_map``);
 3. ``decode._split_kernel`` (row, KV head, split): split-K attention over both tiers, ``SPLITS``
    fixed at start-up, each row's context cut into SPLITS equal tile-aligned ranges on the device;
 4. ``_step_merge_kernel`` (row, query head): exact log-sum-exp merge with the new token, (max, sum) and
-   the new token's probability per query head;
+   the new token's probability per query head; with ``rotate`` the output rotated back;
 5. ``_slot_score_kernel`` (row, KV head, slot tile): every live hi slot's logit recomputed from its hi
    copy (no logits scratch), its mass added to its score (saturating, NaN kept as the reference),
    the new token's mass summed over the group;
