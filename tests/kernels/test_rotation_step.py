@@ -40,14 +40,18 @@ def _exact(shape, gen, dtype):
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_fused_rotation_equals_rotating_around_the_kernels(name, dtype):
     """Same page bytes (scores included: the same kernels run on the same values) and outputs as the
-    unfused path, over decode steps with a first token (the balancer from the rotated q)."""
+    unfused path, over decode steps with a first token (the balancer from the rotated q) and, in
+    the second step, a row with NaN and inf in q, k and v."""
     cfg = CONFIGS[name]()
     ctxs = [21, 0, 15]
     layout, regions, tables, *_ = build_batch(cfg, 16, 64, 2, 3, ctxs, seed=5, room=4)
     fused, unfused = regions.clone(), regions.clone()
     gen = torch.Generator().manual_seed(7)
-    for _ in range(3):
+    for step in range(3):
         q, k, v = (_exact((3, h, 64), gen, dtype) for h in (6, 2, 2))
+        if step == 1:
+            for x in (q, k, v):
+                x[1, 0, 3], x[1, -1, 5], x[1, -1, 9] = float("nan"), float("inf"), -float("inf")
         got = _step(TritonOps.decode_rotated, fused, layout, cfg, tables, ctxs, q, k, v)
         want = _step(super(TritonOps, TritonOps).decode_rotated, unfused, layout, cfg, tables, ctxs, q, k, v)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
