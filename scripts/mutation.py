@@ -55,6 +55,7 @@ KDE = "mikv_vllm/kernels/decode.py"
 KUP = "mikv_vllm/kernels/upkeep.py"
 KSP = "mikv_vllm/kernels/step.py"
 KUT = "mikv_vllm/kernels/upkeep_tiled.py"
+KRT = "mikv_vllm/kernels/rotate.py"
 CPP = "mikv_vllm/cpu/mikv_decode.cpp"
 CLY = "mikv_vllm/cpu/mikv_layout.h"
 CFP = "mikv_vllm/cpu/mikv_fp.h"
@@ -222,6 +223,17 @@ MUTATIONS = [
              "not up: codes no longer cover the group)",
              ((PAGE, "        pk, sk = quantize(kb, layout.k_bits, layout.group, layout.scale_fp8)\n        pv, sv = quantize(v.float(), layout.v_bits, layout.group, layout.scale_fp8)\n",
                "        pk, sk = quantize(kb, layout.k_bits, layout.group)\n        pv, sv = quantize(v.float(), layout.v_bits, layout.group)\n"),)),
+    # ... in the Triton op set (tests/kernels/test_store.py, test_decode.py, test_ops_contract.py)
+    Mutation("triton-v-read-at-k-width", "the Triton attention dequantizes value codes at the key width",
+             ((KDE, "vlo_sn, sz_sb, sz_sh, sz_sn, D, VB, GS, BLOCK_N, FP8S)", "vlo_sn, sz_sb, sz_sh, sz_sn, D, KB, GS, BLOCK_N, FP8S)"),)),
+    Mutation("triton-v-stored-at-k-width", "the Triton store (old path and decode step) packs value codes at the key width",
+             ((KST, "vsz + sz, D, VB, GS, FP8S)", "vsz + sz, D, KB, GS, FP8S)"),
+              (KSP, "vsz + sz, D, VB, GS, FP8S)", "vsz + sz, D, KB, GS, FP8S)"))),
+    Mutation("triton-fp8-scale-misread", "the Triton attention reads an fp8-scale group's scale from the zero's high byte",
+             ((KDE, "s1 = tl.load(sz_ptr + zb[:, None] + gi[None, :] + 2,", "s1 = tl.load(sz_ptr + zb[:, None] + gi[None, :] + 1,"),)),
+    Mutation("triton-fp8-scale-not-rounded-up", "the Triton store keeps the fp16 scale for the codes and stores its high "
+             "byte (rounded down: codes no longer cover the group)",
+             ((KST, "        scale = e5m2_round_up(scale)\n", ""),)),
     Mutation("split-bits-guard-bypassed", "the backend picks its op set without the layout: a C++ / Triton op set "
              "would serve k_bits != v_bits it does not implement",
              ((BKD, "        self.ops = get_ops(device, self.layout)\n", "        self.ops = get_ops(device)\n"),)),
@@ -245,6 +257,13 @@ MUTATIONS = [
                "    if seq >= 0:                                          # seq 0: a padded row, no-op"),)),
     Mutation("rotation-not-orthogonal", "the Hadamard rotation is scaled by 1/D instead of 1/sqrt(D)",
              ((ROT, "    return signs[:, None] * hadamard(d) / math.sqrt(d)", "    return signs[:, None] * hadamard(d) / d"),)),
+    # issue 25: the rotation folded into the Triton decode step (tests/kernels/test_rotation_step.py)
+    Mutation("triton-output-rotated-not-back", "the merge kernel multiplies the output by R instead of R^T",
+             ((KRT, "tl.load(rot_ptr + j[:, None] * D + d[None, :]) * o[None, :]", "tl.load(rot_ptr + d[None, :] * D + j[:, None]) * o[None, :]"),)),
+    Mutation("triton-rotated-copies-unused", "the kernels after the store read the model-space q / k / v, not the rotated copies",
+             ((KSP, "    q, k, v = qr, kr, vr      # the later kernels", "    pass      # the later kernels"),)),
+    Mutation("triton-rotation-not-rounded", "the rotated q / k / v stay fp32 instead of being rounded to the input dtype",
+             ((KRT, "    if RND == 1:\n", "    if RND == 7:\n"), (KRT, "    elif RND == 2:\n", "    elif RND == 7:\n"))),
     # issue #24: where and how the C++ op is built and chosen
     Mutation("isa-flags-dropped", "every ISA variant is compiled with the common flags only (no SIMD paths)",
              ((BLD, "    return CFLAGS + list(variant.cflags) + [", "    return CFLAGS + ["),)),

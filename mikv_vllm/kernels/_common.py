@@ -1,4 +1,5 @@
-"""Shared kernel helpers: optional triton import, the CUDA switch, fp16 directed rounding."""
+"""Shared kernel helpers: optional triton import, the CUDA switch, fp16 directed rounding, the lo
+tier's kernel arguments."""
 
 from __future__ import annotations
 
@@ -48,6 +49,23 @@ def supported(layout) -> bool:
     return 16 <= d <= 256 and d & (d - 1) == 0 and g & (g - 1) == 0
 
 
+def lo_args(layout, views, regions: torch.Tensor) -> tuple:
+    """The lo tier's pointer / stride arguments of the store and attention kernels, in their order
+    ``klo, vlo, lo_sb, lo_sh, klo_sn, vlo_sn, ksz, vsz, sz_sb, sz_sh, sz_sn`` (K and V codes have
+    their own per-token strides: ``k_packed_bytes`` / ``v_packed_bytes``); ``regions`` stands in
+    for every pointer of a layout without a lo tier."""
+    if not layout.has_lo:
+        sb, sh, _ = regions.stride()
+        return regions, regions, sb, sh, 1, 1, regions, regions, sb, sh, 1
+    klo, vlo, ksz = views.k_lo, views.v_lo, views.k_sz
+    return (klo, vlo, *klo.stride()[:2], klo.stride(2), vlo.stride(2), ksz, views.v_sz, *ksz.stride()[:3])
+
+
+def lo_constexprs(layout) -> dict:
+    """The lo tier's constexprs: key and value widths (0: no lo tier), group size, fp8-scale metadata."""
+    return dict(KB=layout.k_bits, VB=layout.v_bits, GS=layout.group, FP8S=layout.scale_fp8)
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
@@ -84,3 +102,10 @@ if HAVE_TRITON:
         bits = h.to(tl.int16, bitcast=True).to(tl.int32)
         nxt = tl.where(hf > 0, bits + 1, tl.where(hf < 0, bits - 1, 1))
         return tl.where(hf < x, nxt, bits).to(tl.int16).to(tl.float16, bitcast=True)
+
+    @triton.jit
+    def e5m2_round_up(scale):
+        """Smallest fp8 e5m2 value >= fp16 ``scale`` (>= 0), as fp16 (core.quant.e5m2_round_up):
+        the low byte cleared, carrying up when it was not 0."""
+        bits = scale.to(tl.int16, bitcast=True).to(tl.int32)
+        return ((bits + 0xFF) & 0x7F00).to(tl.int16).to(tl.float16, bitcast=True)

@@ -7,7 +7,8 @@ Pipeline (``decode_attention``), per layer and step:
    first ``ceil(ctx / N)`` blocks (tags in ``(0, ctx]`` only, as the reference).
 2. ``_split_kernel``, grid (request, KV head, split): all query heads of the KV
    head in one program; each token of ``[0, ctx)`` is read exactly once: its hi
-   copy where the map has a slot, else the packed lo codes + fp16 (scale, zero),
+   copy where the map has a slot, else the packed lo codes (keys at ``k_bits``, values at
+   ``v_bits``) + (scale, zero) (two fp16, or fp8-scale's three bytes),
    dequantized and multiplied by 1/b (balancer); lo_bits 0 skips untagged
    tokens. Online base-2 softmax; fp32 logits go to a scratch buffer when scores
    are needed. Dots are fp32 (``input_precision="ieee"``) for fp32 queries and
@@ -32,7 +33,7 @@ from __future__ import annotations
 import torch
 
 from ..core.layout import RegionLayout
-from ._common import next_pow2, sm_count, tl, triton
+from ._common import lo_args, lo_constexprs, next_pow2, sm_count, tl, triton
 from .workspace import MAX_SPLITS
 
 LOG2E = 1.4426950408889634
@@ -40,8 +41,9 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _dequant(lo_ptr, sz_ptr, blk, h, off, mask, lo_sb, lo_sh, lo_sn, sz_sb, sz_sh, sz_sn,
-             D: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """fp32 ``[BLOCK_N, D]`` = zero + code * scale for tokens (blk, off) of KV head h."""
+             D: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, BLOCK_N: tl.constexpr, FP8S: tl.constexpr):
+    """fp32 ``[BLOCK_N, D]`` = zero + code * scale for tokens (blk, off) of KV head h; (scale, zero)
+    two fp16, or with FP8S ``quant.pack_meta``'s three bytes (fp16 zero, e5m2 scale)."""
     base = blk * lo_sb + h * lo_sh + off * lo_sn
     if BITS == 8:
         codes = tl.load(lo_ptr + base[:, None] + tl.arange(0, D)[None, :], mask=mask[:, None], other=0)
@@ -55,21 +57,30 @@ def _dequant(lo_ptr, sz_ptr, blk, h, off, mask, lo_sb, lo_sh, lo_sn, sz_sb, sz_s
         codes = (word[:, :, None] >> (tl.arange(0, 8) * BITS)[None, None, :]) & ((1 << BITS) - 1)
     NG: tl.constexpr = D // GS
     zb = blk * sz_sb + h * sz_sh + off * sz_sn
-    gi = tl.arange(0, NG) * 2
-    sc = tl.load(sz_ptr + zb[:, None] + gi[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
-    zr = tl.load(sz_ptr + zb[:, None] + gi[None, :] + 1, mask=mask[:, None], other=0.0).to(tl.float32)
+    if FP8S:
+        gi = tl.arange(0, NG) * 3
+        m = mask[:, None]
+        z0 = tl.load(sz_ptr + zb[:, None] + gi[None, :], mask=m, other=0).to(tl.int32)
+        z1 = tl.load(sz_ptr + zb[:, None] + gi[None, :] + 1, mask=m, other=0).to(tl.int32)
+        s1 = tl.load(sz_ptr + zb[:, None] + gi[None, :] + 2, mask=m, other=0).to(tl.int32)
+        zr = (z0 | (z1 << 8)).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        sc = (s1 << 8).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    else:
+        gi = tl.arange(0, NG) * 2
+        sc = tl.load(sz_ptr + zb[:, None] + gi[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
+        zr = tl.load(sz_ptr + zb[:, None] + gi[None, :] + 1, mask=mask[:, None], other=0.0).to(tl.float32)
     x = zr[:, :, None] + tl.reshape(codes, (BLOCK_N, NG, GS)).to(tl.float32) * sc[:, :, None]
     return tl.reshape(x, (BLOCK_N, D))
 
 
 @triton.jit
 def _split_kernel(q_ptr, sqb, sqh, bt_ptr, sbtb, ctx_ptr, map_ptr, smb, smh, binv_ptr, sbib, sbih,
-                  klo, vlo, lo_sb, lo_sh, lo_sn, ksz, vsz, sz_sb, sz_sh, sz_sn,
+                  klo, vlo, lo_sb, lo_sh, klo_sn, vlo_sn, ksz, vsz, sz_sb, sz_sh, sz_sn,
                   khi, vhi, hi_sb, hi_sh, hi_sr, lg_ptr, slgb, slgh,
                   pm_ptr, pl_ptr, psb, psh, pacc_ptr, pab, pah, pas, qk_scale, tps,
                   N: tl.constexpr, R: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                  BITS: tl.constexpr, GS: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BAL: tl.constexpr,
-                  NEED_LOGITS: tl.constexpr, DOT: tl.constexpr, STEP: tl.constexpr = False):
+                  KB: tl.constexpr, VB: tl.constexpr, GS: tl.constexpr, FP8S: tl.constexpr, BLOCK_N: tl.constexpr,
+                  HAS_BAL: tl.constexpr, NEED_LOGITS: tl.constexpr, DOT: tl.constexpr, STEP: tl.constexpr = False):
     """STEP (``step.decode_step``): ``ctx_ptr`` holds seq = ctx + 1 (0: padded row), ``tps`` the
     split count (each row's range is cut on the device), q is sanitized on load and the balancer
     is read from the row's first block (``binv_ptr``: the page's balancer view)."""
@@ -93,6 +104,8 @@ def _split_kernel(q_ptr, sqb, sqh, bt_ptr, sbtb, ctx_ptr, map_ptr, smb, smh, bin
         q = tl.where(qf != qf, 0.0, tl.minimum(tl.maximum(qf, -65504.0), 65504.0)).to(q.dtype)
     if DOT != 1:   # fp32 ("ieee") or bf16 queries (tf32: fp32 range, 10-bit mantissa >= bf16's 7)
         q = q.to(tl.float32)
+    else:          # fp16 queries (read from an fp32 copy of fp16 values: the rotated decode step)
+        q = q.to(tl.float16)
     if HAS_BAL:
         if STEP:   # ``balancer.unbalance_keys``: k_hat * (1 / b), 1 / b correctly rounded
             first = tl.load(bt_ptr + b * sbtb).to(tl.int64)
@@ -114,9 +127,9 @@ def _split_kernel(q_ptr, sqb, sqh, bt_ptr, sbtb, ctx_ptr, map_ptr, smb, smh, bin
         else:
             is_hi = pm & (pos < 0)
             lo_m = pm
-        if BITS > 0:
-            kx = _dequant(klo, ksz, blk, h, off, lo_m, lo_sb, lo_sh, lo_sn, sz_sb, sz_sh, sz_sn, D, BITS, GS, BLOCK_N)
-            vx = _dequant(vlo, vsz, blk, h, off, lo_m, lo_sb, lo_sh, lo_sn, sz_sb, sz_sh, sz_sn, D, BITS, GS, BLOCK_N)
+        if KB > 0:
+            kx = _dequant(klo, ksz, blk, h, off, lo_m, lo_sb, lo_sh, klo_sn, sz_sb, sz_sh, sz_sn, D, KB, GS, BLOCK_N, FP8S)
+            vx = _dequant(vlo, vsz, blk, h, off, lo_m, lo_sb, lo_sh, vlo_sn, sz_sb, sz_sh, sz_sn, D, VB, GS, BLOCK_N, FP8S)
             if HAS_BAL:
                 kx = kx * binv[None, :]
             ok = pm
@@ -354,8 +367,6 @@ def decode_attention(regions: torch.Tensor, layout: RegionLayout, block_tables: 
     hmap = hi_map if r else ctx_t.view(1, 1, -1)
     binv = (1.0 / balancer.to(dev, torch.float32)).contiguous() if balancer is not None else None
     bi = binv if binv is not None else q
-    lo_k, lo_v, sz_k, sz_v = ((views.k_lo, views.v_lo, views.k_sz, views.v_sz) if layout.bits
-                              else (regions, regions, regions, regions))
     hi_k, hi_v = (views.k_hi, views.v_hi) if r else (regions, regions)
     lcap = max_ctx + 1
     lg = torch.empty(bsz, hq, lcap if logits else 1, device=dev, dtype=torch.float32)
@@ -368,10 +379,10 @@ def decode_attention(regions: torch.Tensor, layout: RegionLayout, block_tables: 
     if bsz and splits:
         _split_kernel[(bsz, h, splits)](
             q, q.stride(0), q.stride(1), bt, bt.stride(0), ctx_t, hmap, hmap.stride(0), hmap.stride(1),
-            bi, bi.stride(0), bi.stride(1), lo_k, lo_v, *lo_k.stride()[:3], sz_k, sz_v, *sz_k.stride()[:3],
+            bi, bi.stride(0), bi.stride(1), *lo_args(layout, views, regions),
             hi_k, hi_v, *hi_k.stride()[:3], lg, lg.stride(0), lg.stride(1),
             pmax, psum, pmax.stride(0), pmax.stride(1), pacc, pacc.stride(0), pacc.stride(1), pacc.stride(2),
-            qk_scale, tps, N=layout.block_size, R=r, G=grp, GP=gp, D=d, BITS=layout.bits, GS=layout.group,
+            qk_scale, tps, N=layout.block_size, R=r, G=grp, GP=gp, D=d, **lo_constexprs(layout),
             BLOCK_N=block_n, HAS_BAL=binv is not None, NEED_LOGITS=logits, DOT=dot, num_warps=nw)
     out = torch.empty(bsz, hq, d, device=dev, dtype=torch.float32)
     mx = torch.empty(bsz, hq, device=dev, dtype=torch.float32)

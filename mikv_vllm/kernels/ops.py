@@ -3,7 +3,8 @@
 * decode (one token per request): :func:`step.decode_step`, six launches on the persistent
   :class:`step.DecodeBuffers` that :meth:`TritonOps.prepare` makes at the first step (sized by the
   plan builder's bounds) and refills once per step (row lengths, hi budgets); no torch op, no
-  host read, padded rows (seq_len 0) are no-ops: what a captured CUDA graph replays.
+  host read, padded rows (seq_len 0) are no-ops: what a captured CUDA graph replays; a rotated
+  config's decode-only step (``decode_rotated``) rotates in the store kernel and back in the merge.
 * prefill / multi-token chunks: Triton store, then the bounded torch chunked attention of
   ``ops.torch_chunks`` and the page steps of ``core.page``.
 * layouts outside :func:`_common.supported` are served by the batched torch op set.
@@ -19,6 +20,7 @@ import torch
 from ..config import MiKVConfig
 from ..core.layout import RegionLayout
 from ..core.quant import finite_inputs
+from ..core.rotation import rotation_for
 from ..ops.base import OpSet
 from ..ops.plan import ChunkPlan, DecodePlan, StepPlan
 from ..ops.torch_chunks import chunked_attention  # noqa: F401  (re-exported: tests, benchmarks)
@@ -57,8 +59,9 @@ class TritonOps(OpSet):
         max_pos = table.shape[1] * layout.block_size
         buf = d.state.get("triton_decode")
         if (buf is None or buf.rows < d.size or buf.max_pos < max_pos or buf.out.shape[1:] != (num_heads, layout.head_dim)
-                or buf.new_mass.shape[1] != num_kv_heads):
-            buf = DecodeBuffers.make(layout, num_heads, num_kv_heads, rows, max_pos, table.device)
+                or buf.new_mass.shape[1] != num_kv_heads or (config.rotation and buf.rot is None)):
+            buf = DecodeBuffers.make(layout, num_heads, num_kv_heads, rows, max_pos, table.device,
+                                     rotation=config.rotation)
             d.state["triton_decode"] = buf
         buf.fill(layout, config, d.pos)
         d.kernel["triton_step"] = (buf, table)
@@ -78,6 +81,19 @@ class TritonOps(OpSet):
             return TorchOps.decode(regions, layout, config, plan, q, k, v, scale)
         buf, table = plan.kernel["triton_step"]
         return decode_step(regions, layout, config, buf, table, q, k, v, scale)
+
+    @classmethod
+    def decode_rotated(cls, regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig, plan: DecodePlan,
+                       q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, rotation) -> torch.Tensor:
+        """The rotation folded into the six launches (``kernels/rotate.py``): still no torch op."""
+        if cls._on_torch(plan, layout):
+            return TorchOps.decode_rotated(regions, layout, config, plan, q, k, v, scale, rotation)
+        buf, table = plan.kernel["triton_step"]
+        if buf.rot is None or not (rotation is rotation_for(layout.head_dim)
+                                   or torch.equal(rotation.matrix, rotation_for(layout.head_dim).matrix)):
+            raise ValueError("TritonOps.decode_rotated folds core.rotation.rotation_for(head_dim) only, on buffers "
+                             "made for a rotated config")
+        return decode_step(regions, layout, config, buf, table, q, k, v, scale, rotate=True)
 
     @classmethod
     def chunks(cls, regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig, plan: ChunkPlan,

@@ -4,13 +4,15 @@ One layer's decode of B one-token rows is six launches and no torch op (:func:`d
 
 1. ``_row_store_kernel`` (row, KV head): q / k / v sanitized on load (``quant.finite_inputs``),
    the balancer computed from the row's own q / k at position 0 and stored in its first block, else
-   loaded (``ops.torch_decode.decode_balancer``), K*b / V quantized into the lo tier (``store``'s
-   ``_quant_pack_store``), the block's tags reset at offset 0;
+   loaded (``ops.torch_decode.decode_balancer``), K*b / V quantized into the lo tier at their own
+   widths and group metadata (``store``'s ``_quant_pack_store``), the block's tags reset at offset 0;
+   with ``rotate`` the row's q / k / v are first rotated (``rotate.py``) into the buffers that the
+   later kernels read;
 2. ``_map_kernel`` (row, KV head): the row's positions -> hi slot map, refilled (``decode.hi_slot_map``);
 3. ``decode._split_kernel`` (row, KV head, split): split-K attention over both tiers, ``SPLITS``
    fixed at start-up, each row's context cut into SPLITS equal tile-aligned ranges on the device;
 4. ``_step_merge_kernel`` (row, query head): exact log-sum-exp merge with the new token, (max, sum) and
-   the new token's probability per query head;
+   the new token's probability per query head; with ``rotate`` the output rotated back;
 5. ``_slot_score_kernel`` (row, KV head, slot tile): every live hi slot's logit recomputed from its hi
    copy (no logits scratch), its mass added to its score (saturating, NaN kept as the reference),
    the new token's mass summed over the group;
@@ -33,8 +35,10 @@ from ..config import MiKVConfig
 from ..core.balancer import B_MAX, B_MIN
 from ..core.importance import hi_budget, recent_window
 from ..core.layout import RegionLayout
-from ._common import next_pow2, tl, triton
+from ..core.rotation import rotation_for
+from ._common import lo_args, lo_constexprs, next_pow2, tl, triton
 from .decode import LOG2E, _split_kernel, check_hi_dtype, default_block_n, merge_splits
+from .rotate import rotate_rows, rotate_vector, store_unrotated
 from .store import _quant_pack_store
 from .upkeep_tiled import _tiled_upkeep_kernel
 
@@ -50,10 +54,11 @@ def _finite(x):
 
 @triton.jit
 def _row_store_kernel(seq_ptr, bt_ptr, sbtb, q_ptr, sqb, sqh, k_ptr, skb, skh, v_ptr, svb, svh,
-                      bal_ptr, bal_sb, bal_sh, klo, vlo, lo_sb, lo_sh, lo_sn, ksz, vsz, sz_sb, sz_sh, sz_sn,
-                      tag_ptr, tg_sb, tg_sh, b_min, b_max,
-                      N: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
-                      GS: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, HAS_BAL: tl.constexpr):
+                      bal_ptr, bal_sb, bal_sh, klo, vlo, lo_sb, lo_sh, klo_sn, vlo_sn, ksz, vsz, sz_sb, sz_sh, sz_sn,
+                      tag_ptr, tg_sb, tg_sh, b_min, b_max, rot_ptr, qr_ptr, qr_sb, qr_sh, kr_ptr, vr_ptr, kr_sb, kr_sh,
+                      N: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, KB: tl.constexpr,
+                      VB: tl.constexpr, GS: tl.constexpr, FP8S: tl.constexpr, R: tl.constexpr, RP: tl.constexpr,
+                      HAS_BAL: tl.constexpr, ROT: tl.constexpr, RC: tl.constexpr, RND: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     seq = tl.load(seq_ptr + b)
@@ -61,20 +66,34 @@ def _row_store_kernel(seq_ptr, bt_ptr, sbtb, q_ptr, sqb, sqh, k_ptr, skb, skh, v
         pos = (seq - 1).to(tl.int64)
         blk = tl.load(bt_ptr + b * sbtb + pos // N).to(tl.int64)
         off = pos % N
+        d = tl.arange(0, D)
+        if ROT:   # rotate.py: q / k / v times R, as Rotation.rotate; left in the buffers for the later kernels
+            g = tl.arange(0, GP)
+            qrot = rotate_rows(q_ptr + b * sqb, (h * G + g) * sqh, g < G, rot_ptr, D, GP, RC, RND)
+            k_in = rotate_vector(k_ptr + b * skb + h * skh, rot_ptr, D, RC, RND)
+            v_in = rotate_vector(v_ptr + b * svb + h * svh, rot_ptr, D, RC, RND)
+            tl.store(qr_ptr + b * qr_sb + (h * G + g)[:, None] * qr_sh + d[None, :], qrot, mask=(g < G)[:, None])
+            tl.store(kr_ptr + b * kr_sb + h * kr_sh + d, k_in)
+            tl.store(vr_ptr + b * kr_sb + h * kr_sh + d, v_in)
         if R > 0:
             ri = tl.arange(0, RP)
             tl.store(tag_ptr + blk * tg_sb + h * tg_sh + ri, tl.zeros((RP,), tl.int32), mask=(ri < R) & (ri + off == ri))
-        if BITS > 0:
-            d = tl.arange(0, D)
-            k = _finite(tl.load(k_ptr + b * skb + h * skh + d).to(tl.float32))
-            v = _finite(tl.load(v_ptr + b * svb + h * svh + d).to(tl.float32))
+        if KB > 0:
+            if ROT:
+                k, v = _finite(k_in), _finite(v_in)
+            else:
+                k = _finite(tl.load(k_ptr + b * skb + h * skh + d).to(tl.float32))
+                v = _finite(tl.load(v_ptr + b * svb + h * svh + d).to(tl.float32))
             if HAS_BAL:
                 first = tl.load(bt_ptr + b * sbtb).to(tl.int64)
                 baddr = bal_ptr + first * bal_sb + h * bal_sh + d
                 if pos == 0:                              # core.balancer.compute_balancer + to_storage
                     g = tl.arange(0, GP)
-                    qg = tl.load(q_ptr + b * sqb + (h * G + g)[:, None] * sqh + d[None, :], mask=(g < G)[:, None],
-                                 other=0.0).to(tl.float32)
+                    if ROT:
+                        qg = qrot
+                    else:
+                        qg = tl.load(q_ptr + b * sqb + (h * G + g)[:, None] * sqh + d[None, :], mask=(g < G)[:, None],
+                                     other=0.0).to(tl.float32)
                     qmax = tl.max(tl.abs(_finite(qg)), axis=0)
                     kmax = tl.abs(k)
                     ok = (qmax > 0) & (kmax > 0)
@@ -84,10 +103,10 @@ def _row_store_kernel(seq_ptr, bt_ptr, sbtb, q_ptr, sqb, sqh, k_ptr, skb, skh, v
                     bb = tl.minimum(tl.maximum(bb, b_min), b_max)
                     tl.store(baddr, bb.to(tl.float16))
                 k = k * tl.load(baddr).to(tl.float32)
-            lo = blk * lo_sb + h * lo_sh + off * lo_sn
+            lo = blk * lo_sb + h * lo_sh
             sz = blk * sz_sb + h * sz_sh + off * sz_sn
-            _quant_pack_store(k, klo + lo, ksz + sz, D, BITS, GS)
-            _quant_pack_store(v, vlo + lo, vsz + sz, D, BITS, GS)
+            _quant_pack_store(k, klo + lo + off * klo_sn, ksz + sz, D, KB, GS, FP8S)
+            _quant_pack_store(v, vlo + lo + off * vlo_sn, vsz + sz, D, VB, GS, FP8S)
 
 
 @triton.jit
@@ -115,8 +134,9 @@ def _map_kernel(seq_ptr, bt_ptr, sbtb, tag_ptr, tg_sb, tg_sh, map_ptr, smb, smh,
 @triton.jit
 def _step_merge_kernel(q_ptr, sqb, sqh, kn_ptr, sknb, sknh, vn_ptr, svnb, svnh, seq_ptr,
                   pm_ptr, pl_ptr, psb, psh, pacc_ptr, pab, pah, pas, out_ptr, sob, soh,
-                  mx_ptr, sm_ptr, pn_ptr, hq_total, qk_scale,
-                  G: tl.constexpr, D: tl.constexpr, SP: tl.constexpr, SPLITS: tl.constexpr):
+                  mx_ptr, sm_ptr, pn_ptr, hq_total, qk_scale, rot_ptr,
+                  G: tl.constexpr, D: tl.constexpr, SP: tl.constexpr, SPLITS: tl.constexpr, ROT: tl.constexpr,
+                  RC: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     hq = tl.program_id(1)
     h = hq // G
@@ -129,7 +149,10 @@ def _step_merge_kernel(q_ptr, sqb, sqh, kn_ptr, sknb, sknh, vn_ptr, svnb, svnh, 
         s_new = tl.sum(q * kn, axis=0) * qk_scale           # finite: so is the merged max
         o, m, l_tot, w_new = merge_splits(pm_ptr, pl_ptr, b * psb + hq * psh, pacc_ptr, b * pab + hq * pah, pas,
                                           SPLITS, s_new, vn, d, SP)
-        tl.store(out_ptr + b * sob + hq * soh + d, o)
+        if ROT:   # back from the rotated value space (Rotation.unrotate)
+            store_unrotated(out_ptr + b * sob + hq * soh, o, rot_ptr, D, RC)
+        else:
+            tl.store(out_ptr + b * sob + hq * soh + d, o)
         tl.store(mx_ptr + b * hq_total + hq, m)
         tl.store(sm_ptr + b * hq_total + hq, l_tot)
         tl.store(pn_ptr + b * hq_total + hq, w_new / l_tot)
@@ -209,12 +232,17 @@ class DecodeBuffers:
     pnew: torch.Tensor      # fp32 [rows, Hq]: the new token's probability
     new_mass: torch.Tensor  # fp32 [rows, H]
     out: torch.Tensor       # fp32 [rows, Hq, D]
+    rot: torch.Tensor | None = None   # fp32 [D, D]: core.rotation's matrix (rotated configs only)
+    qr: torch.Tensor | None = None    # fp32 [rows, Hq, D]: the rotated q (rounded to the input dtype)
+    kr: torch.Tensor | None = None    # fp32 [rows, H, D]: the rotated k
+    vr: torch.Tensor | None = None    # fp32 [rows, H, D]: the rotated v
 
     @staticmethod
     def make(layout: RegionLayout, num_heads: int, num_kv_heads: int, rows: int, max_pos: int,
-             device: torch.device | str, splits: int | None = None) -> "DecodeBuffers":
+             device: torch.device | str, splits: int | None = None, rotation: bool = False) -> "DecodeBuffers":
         """Buffers for ``rows`` rows of at most ``max_pos`` positions each (the block-table width
-        times the block size); ``splits`` (default: up to 16, one tile each at least) fixes the grid."""
+        times the block size); ``splits`` (default: up to 16, one tile each at least) fixes the grid;
+        ``rotation``: also the rotation matrix and the rotated q / k / v (:func:`decode_step`'s ``rotate``)."""
         dev = torch.device(device)
         d, hq, h = layout.head_dim, num_heads, num_kv_heads
         block_n = default_block_n(dev, d, max_pos)
@@ -230,7 +258,9 @@ class DecodeBuffers:
             pmax=torch.zeros(rows, hq, splits, **f32), psum=torch.zeros(rows, hq, splits, **f32),
             pacc=torch.zeros(rows, hq, splits, d, **f32), mx=torch.zeros(rows, hq, **f32),
             sm=torch.ones(rows, hq, **f32), pnew=torch.zeros(rows, hq, **f32), new_mass=torch.zeros(rows, h, **f32),
-            out=torch.zeros(rows, hq, d, **f32))
+            out=torch.zeros(rows, hq, d, **f32),
+            **(dict(rot=rotation_for(d).matrix.to(dev), qr=torch.zeros(rows, hq, d, **f32),
+                    kr=torch.zeros(rows, h, d, **f32), vr=torch.zeros(rows, h, d, **f32)) if rotation else {}))
 
     def fill(self, layout: RegionLayout, config: MiKVConfig, pos: torch.Tensor) -> None:
         """Once per step (outside the layers): each row's position ``pos`` (int64, host; -1 = a padded
@@ -255,11 +285,12 @@ UPKEEP_TILE: int | None = None   # slots per upkeep tile (None: 128 on CUDA); te
 
 
 def decode_buffer_bytes(num_heads: int, num_kv_heads: int, head_dim: int, rows: int, max_pos: int,
-                        hi_slots: bool = True) -> int:
+                        hi_slots: bool = True, rotation: bool = False) -> int:
     """Upper bound of :meth:`DecodeBuffers.make`'s bytes (splits <= 16): what the engine's memory
     profile must leave free for them (``backend``: reserved in the profiling run)."""
     per_row = 4 * 3 * 8 + num_heads * (MAX_STEP_SPLITS * (head_dim + 2) + head_dim + 3) * 4 + num_kv_heads * 4
-    return rows * (per_row + (num_kv_heads * max_pos * 4 if hi_slots else 0))
+    rot = (head_dim * head_dim + rows * (num_heads + 2 * num_kv_heads) * head_dim) * 4 if rotation else 0
+    return rows * (per_row + (num_kv_heads * max_pos * 4 if hi_slots else 0)) + rot
 
 
 _VIEWS: dict = {}
@@ -278,11 +309,12 @@ def _views(regions: torch.Tensor, layout: RegionLayout):
 
 def decode_step(regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig, buf: DecodeBuffers,
                 block_table: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                scale: float) -> torch.Tensor:
+                scale: float, rotate: bool = False) -> torch.Tensor:
     """One layer's decode of ``B = q.shape[0]`` rows at ``buf.seq[:B] - 1`` (see module doc).
     ``block_table`` int32 ``[B, >= buf.max_pos // N]`` (columns past a row's blocks unread).
     Returns ``buf.out[:B]`` (fp32 ``[B, Hq, D]``; rows of padding are zeros), valid until the next
-    call."""
+    call. ``rotate`` (buffers made with ``rotation``): q / k / v are the model's, rotated in the
+    store kernel (``rotate.py``), and the output is rotated back in the merge kernel."""
     bsz, hq, d = q.shape
     h = k.shape[1]
     if bsz == 0:
@@ -294,17 +326,22 @@ def decode_step(regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig,
     dot = {torch.float16: 1, torch.bfloat16: 2}.get(q.dtype, 0)
     gp = max(16, next_pow2(grp))
     bal = views.balancer if layout.has_balancer else regions
-    lo_k, lo_v, sz_k, sz_v = ((views.k_lo, views.v_lo, views.k_sz, views.v_sz) if layout.bits
-                              else (regions, regions, regions, regions))
+    lo = lo_args(layout, views, regions)
+    lo_c = lo_constexprs(layout)
     tag = views.tag if r else regions
     hi_k, hi_v = (views.k_hi, views.v_hi) if r else (regions, regions)
     bt, seq = block_table, buf.seq
+    if rotate and buf.rot is None:
+        raise ValueError("decode_step(rotate=True) needs DecodeBuffers made with rotation=True")
+    rot, qr, kr, vr = (buf.rot, buf.qr, buf.kr, buf.vr) if rotate else (q, q, k, v)
+    rc = min(d, 32)
     _row_store_kernel[(bsz, h)](
         seq, bt, bt.stride(0), q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1),
-        bal, bal.stride(0), bal.stride(1), lo_k, lo_v, *lo_k.stride()[:3], sz_k, sz_v, *sz_k.stride()[:3],
-        tag, tag.stride(0), tag.stride(1), B_MIN, B_MAX, N=n, G=grp, GP=gp, D=d, BITS=layout.bits,
-        GS=layout.group, R=r, RP=max(1, next_pow2(r)), HAS_BAL=layout.has_balancer, num_warps=1,
-        enable_fp_fusion=False)
+        bal, bal.stride(0), bal.stride(1), *lo, tag, tag.stride(0), tag.stride(1), B_MIN, B_MAX,
+        rot, qr, qr.stride(0), qr.stride(1), kr, vr, kr.stride(0), kr.stride(1),
+        N=n, G=grp, GP=gp, D=d, **lo_c, R=r, RP=max(1, next_pow2(r)), HAS_BAL=layout.has_balancer,
+        ROT=rotate, RC=rc, RND=dot, num_warps=1, enable_fp_fusion=False)
+    q, k, v = qr, kr, vr      # the later kernels read the rotated copies (rotate) or the inputs
     hmap = buf.hi_map
     if r:
         fill = 1024 if regions.device.type == "cuda" else min(4096, next_pow2(buf.max_pos))
@@ -315,18 +352,18 @@ def decode_step(regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig,
     qk_scale = float(scale) * LOG2E
     _split_kernel[(bsz, h, buf.splits)](
         q, q.stride(0), q.stride(1), bt, bt.stride(0), seq, hmap, hmap.stride(0), hmap.stride(1),
-        bal, bal.stride(0), bal.stride(1), lo_k, lo_v, *lo_k.stride()[:3], sz_k, sz_v, *sz_k.stride()[:3],
-        hi_k, hi_v, *hi_k.stride()[:3], buf.pmax, 0, 0,
+        bal, bal.stride(0), bal.stride(1), *lo, hi_k, hi_v, *hi_k.stride()[:3], buf.pmax, 0, 0,
         buf.pmax, buf.psum, buf.pmax.stride(0), buf.pmax.stride(1), buf.pacc, buf.pacc.stride(0),
         buf.pacc.stride(1), buf.pacc.stride(2), qk_scale, buf.splits,
-        N=n, R=r, G=grp, GP=gp, D=d, BITS=layout.bits, GS=layout.group, BLOCK_N=buf.block_n,
+        N=n, R=r, G=grp, GP=gp, D=d, **lo_c, BLOCK_N=buf.block_n,
         HAS_BAL=layout.has_balancer, NEED_LOGITS=False, DOT=dot, STEP=True, num_warps=4)
     out = buf.out
     _step_merge_kernel[(bsz, hq)](
         q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1), seq,
         buf.pmax, buf.psum, buf.pmax.stride(0), buf.pmax.stride(1), buf.pacc, buf.pacc.stride(0),
         buf.pacc.stride(1), buf.pacc.stride(2), out, out.stride(0), out.stride(1), buf.mx, buf.sm, buf.pnew, hq,
-        qk_scale, G=grp, D=d, SP=max(2, next_pow2(buf.splits)), SPLITS=buf.splits, num_warps=4)
+        qk_scale, rot, G=grp, D=d, SP=max(2, next_pow2(buf.splits)), SPLITS=buf.splits, ROT=rotate, RC=rc,
+        num_warps=4)
     if r:
         slots = (buf.max_pos // n + 1) * r
         blk = 128 if regions.device.type == "cuda" else max(16, min(1024, next_pow2(slots)))

@@ -1,5 +1,8 @@
 """Store kernel: lo copies of new K (times balancer) / V, R-tag reset.
 
+Keys at ``k_bits``, values at ``v_bits`` (constexprs ``KB`` / ``VB``), group metadata as fp16
+(scale, zero) or fp8-scale (``FP8S``: ``quant.pack_meta``'s three bytes).
+
 One program per (token, KV head). Quantization follows core/quant.py step by
 step in fp32 with correctly rounded division (``div_rn``) and fp16 directed
 rounding; FP contraction is disabled at launch (``enable_fp_fusion=False``),
@@ -14,12 +17,14 @@ import torch
 
 from ..core.layout import RegionLayout
 from ..core.page import token_slots
-from ._common import f16_round_down, f16_round_up, next_pow2, tl, triton
+from ._common import e5m2_round_up, f16_round_down, f16_round_up, lo_args, lo_constexprs, next_pow2, tl, triton
 
 
 @triton.jit
-def _quant_pack_store(x, lo_ptr, sz_ptr, D: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr):
-    """Quantize fp32 ``x [D]`` per group of GS and store packed codes + fp16 (scale, zero)."""
+def _quant_pack_store(x, lo_ptr, sz_ptr, D: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr,
+                      FP8S: tl.constexpr):
+    """Quantize fp32 ``x [D]`` per group of GS and store packed codes + (scale, zero): two fp16, or
+    with FP8S the scale rounded up to e5m2 and the three bytes of ``quant.pack_meta``."""
     NG: tl.constexpr = D // GS
     QMAX: tl.constexpr = (1 << BITS) - 1
     x = tl.minimum(tl.maximum(tl.where(x != x, 0.0, x), -65504.0), 65504.0)   # quant.finite_for_lo
@@ -27,8 +32,15 @@ def _quant_pack_store(x, lo_ptr, sz_ptr, D: tl.constexpr, BITS: tl.constexpr, GS
     zero = f16_round_down(tl.min(xg, axis=1))                                    # [NG] fp16
     scale = f16_round_up(tl.math.div_rn(tl.max(xg, axis=1) - zero.to(tl.float32), QMAX * 1.0))
     gi = tl.arange(0, NG)
-    tl.store(sz_ptr + gi * 2, scale)
-    tl.store(sz_ptr + gi * 2 + 1, zero)
+    if FP8S:   # zero's two bytes (little-endian), then the scale's high byte (its e5m2 pattern)
+        scale = e5m2_round_up(scale)
+        zb = zero.to(tl.int16, bitcast=True).to(tl.int32)
+        tl.store(sz_ptr + gi * 3, (zb & 255).to(tl.uint8))
+        tl.store(sz_ptr + gi * 3 + 1, ((zb >> 8) & 255).to(tl.uint8))
+        tl.store(sz_ptr + gi * 3 + 2, ((scale.to(tl.int16, bitcast=True).to(tl.int32) >> 8) & 255).to(tl.uint8))
+    else:
+        tl.store(sz_ptr + gi * 2, scale)
+        tl.store(sz_ptr + gi * 2 + 1, zero)
     z = zero.to(tl.float32)[:, None]
     s = scale.to(tl.float32)[:, None]
     pos = s > 0
@@ -46,10 +58,10 @@ def _quant_pack_store(x, lo_ptr, sz_ptr, D: tl.constexpr, BITS: tl.constexpr, GS
 
 @triton.jit
 def _store_kernel(k_ptr, v_ptr, skt, skh, svt, svh, bal_ptr, sbt, sbh, blk_ptr, off_ptr,
-                  klo, vlo, lo_sb, lo_sh, lo_sn, ksz, vsz, sz_sb, sz_sh, sz_sn,
+                  klo, vlo, lo_sb, lo_sh, klo_sn, vlo_sn, ksz, vsz, sz_sb, sz_sh, sz_sn,
                   tag_ptr, tg_sb, tg_sh,
-                  D: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, R: tl.constexpr,
-                  RP: tl.constexpr, HAS_BAL: tl.constexpr):
+                  D: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr, GS: tl.constexpr, FP8S: tl.constexpr,
+                  R: tl.constexpr, RP: tl.constexpr, HAS_BAL: tl.constexpr):
     t = tl.program_id(0)
     h = tl.program_id(1)
     blk = tl.load(blk_ptr + t).to(tl.int64)
@@ -57,16 +69,16 @@ def _store_kernel(k_ptr, v_ptr, skt, skh, svt, svh, bal_ptr, sbt, sbh, blk_ptr, 
     if R > 0:
         ri = tl.arange(0, RP)
         tl.store(tag_ptr + blk * tg_sb + h * tg_sh + ri, tl.zeros((RP,), tl.int32), mask=(ri < R) & (ri + off == ri))
-    if BITS > 0:
+    if KB > 0:
         d = tl.arange(0, D)
         k = tl.load(k_ptr + t * skt + h * skh + d).to(tl.float32)
         if HAS_BAL:
             k = k * tl.load(bal_ptr + t * sbt + h * sbh + d)
         v = tl.load(v_ptr + t * svt + h * svh + d).to(tl.float32)
-        lo = blk * lo_sb + h * lo_sh + off * lo_sn
+        lo = blk * lo_sb + h * lo_sh
         sz = blk * sz_sb + h * sz_sh + off * sz_sn
-        _quant_pack_store(k, klo + lo, ksz + sz, D, BITS, GS)
-        _quant_pack_store(v, vlo + lo, vsz + sz, D, BITS, GS)
+        _quant_pack_store(k, klo + lo + off * klo_sn, ksz + sz, D, KB, GS, FP8S)
+        _quant_pack_store(v, vlo + lo + off * vlo_sn, vsz + sz, D, VB, GS, FP8S)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -90,15 +102,11 @@ def store_tokens(regions: torch.Tensor, layout: RegionLayout, blk: torch.Tensor,
     else:
         bal, sbt, sbh = k, 0, 0
     r = layout.hi_slots
-    lo_view, sz_view = (views.k_lo, views.k_sz) if layout.bits else (regions, regions)
     _store_kernel[(t, h)](
         k, v, k.stride(0), k.stride(1), v.stride(0), v.stride(1), bal, sbt, sbh,
         blk.to(regions.device, torch.int64).contiguous(), off.to(regions.device, torch.int64).contiguous(),
-        views.k_lo if layout.bits else regions, views.v_lo if layout.bits else regions,
-        *lo_view.stride()[:3], views.k_sz if layout.bits else regions, views.v_sz if layout.bits else regions,
-        *sz_view.stride()[:3], views.tag if r else regions,
-        views.tag.stride(0), views.tag.stride(1),
-        D=d, BITS=layout.bits, GS=layout.group, R=r, RP=max(1, next_pow2(r)),
+        *lo_args(layout, views, regions), views.tag if r else regions, views.tag.stride(0), views.tag.stride(1),
+        D=d, **lo_constexprs(layout), R=r, RP=max(1, next_pow2(r)),
         HAS_BAL=balancer is not None, num_warps=1, enable_fp_fusion=False)
 
 

@@ -7,7 +7,8 @@ import torch
 
 from ..config import MiKVConfig
 from ..core.layout import RegionLayout
-from .plan import StepPlan, plan_for
+from ..core.rotation import Rotation
+from .plan import DecodePlan, StepPlan, plan_for
 
 
 class OpSet:
@@ -20,6 +21,16 @@ class OpSet:
     def prepare(cls, plan: StepPlan, layout: RegionLayout, config: MiKVConfig, num_heads: int,
                 num_kv_heads: int) -> None:
         return None
+
+    @classmethod
+    def decode_rotated(cls, regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig, plan: DecodePlan,
+                       q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                       rotation: Rotation) -> torch.Tensor:
+        """:meth:`decode` of a rotated config on the model's q / k / v: each rotated
+        (``rotation.rotate``), decoded, the output rotated back (``rotation.unrotate``), fp32. What
+        the backend's decode-only step calls; an op set may fold the rotation into its kernels."""
+        q, k, v = (rotation.rotate(x) for x in (q, k, v))
+        return rotation.unrotate(cls.decode(regions, layout, config, plan, q, k, v, scale))
 
     @classmethod
     def forward_decode(cls, regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig,

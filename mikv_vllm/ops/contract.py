@@ -35,6 +35,11 @@ class MiKVOps(Protocol):
         """One token for each of the plan's B rows (q ``[B, Hq, D]``): balancer at position 0, store,
         attention over the page (+ the new token), score accumulation, hi upkeep. ``[B, Hq, D]``."""
 
+    def decode_rotated(self, regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig, plan: DecodePlan,
+                       q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, rotation) -> torch.Tensor:
+        """:meth:`decode` on the model's q / k / v of a rotated config (``core.rotation.Rotation``):
+        as if each were rotated, decoded and the output rotated back (``ops.base.OpSet``)."""
+
     def chunks(self, regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig, plan: ChunkPlan,
                q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """Every multi-token chunk of the plan: chunk c is rows ``plan.rows[c]`` of q / k / v, one

@@ -343,7 +343,7 @@ class MiKVAttentionImpl(AttentionImpl[MiKVMetadata]):
         if use_triton(current_device_type()) and vllm_config.model_config is not None:   # None: no engine
             self.decode_reserve = decode_buffer_bytes(
                 num_heads, self.num_kv_heads, head_size, vllm_config.scheduler_config.max_num_seqs,
-                vllm_config.model_config.max_model_len + 256, config.hi_ratio > 0)
+                vllm_config.model_config.max_model_len + 256, config.hi_ratio > 0, config.rotation)
 
     def _layout_for(self, kv_cache: torch.Tensor, ops: MiKVOps) -> RegionLayout:
         if self.layout is None:
@@ -404,13 +404,12 @@ class MiKVAttentionImpl(AttentionImpl[MiKVMetadata]):
                     q = query[:b].view(b, self.num_heads, self.head_size)
                     k = key[:b].view(b, self.num_kv_heads, self.head_size)
                     v = value[:b].view(b, self.num_kv_heads, self.head_size)
-                    if self.rotation is not None:
-                        q, k, v = (self.rotation.rotate(x) for x in (q, k, v))
             else:
                 q, k, v = q_all[dec.tokens], k_all[dec.tokens], v_all[dec.tokens]
-            result = ops.decode(regions, layout, self.config, dec, q, k, v, self.scale)
-            if dec.leading and self.rotation is not None and not rows_all:   # back from the rotated value space
-                result = self.rotation.unrotate(result)
+            if dec.leading and self.rotation is not None and not rows_all:   # model-space rows: the op set
+                result = ops.decode_rotated(regions, layout, self.config, dec, q, k, v, self.scale, self.rotation)
+            else:                                                            # rotates (Triton: in its kernels)
+                result = ops.decode(regions, layout, self.config, dec, q, k, v, self.scale)
             if dec.leading:
                 output[: dec.size].view(dec.size, self.num_heads, self.head_size).copy_(result)
             else:

@@ -57,11 +57,14 @@ from mikv_vllm.core.layout import RegionLayout  # noqa: E402
 from mikv_vllm.kernels import decode_attention, store_tokens  # noqa: E402
 from mikv_vllm.kernels.upkeep import maintain_hi_decode  # noqa: E402
 
-# (lo bits, hi ratio, head_dim, GQA group, query dtype, hi dtype): fp16 / tf32 (bf16) / ieee dots
-CASES = [(2, 0.2, 128, 4, torch.float16, "float16"), (0, 0.2, 64, 8, torch.float32, "float32"),
-         (3, 0.1, 128, 4, torch.bfloat16, "float16"), (3, 0.1, 128, 8, torch.bfloat16, "bfloat16")]
-for bits, r, d, g, qdt, hdt in CASES[: int(os.environ.get("AOT_CASES", len(CASES)))]:
-    cfg = MiKVConfig(policy="mikv" if bits else "h2o", lo_bits=bits, hi_ratio=r, balancer=bits > 0, hi_dtype=hdt)
+# (lo bits, hi ratio, head_dim, GQA group, query dtype, hi dtype, other fields): fp16 / tf32 (bf16) / ieee
+# dots; the last: keys at 4 bits, values at 3, fp8-scale group metadata
+CASES = [(2, 0.2, 128, 4, torch.float16, "float16", {}), (0, 0.2, 64, 8, torch.float32, "float32", {}),
+         (3, 0.1, 128, 4, torch.bfloat16, "float16", {}), (3, 0.1, 128, 8, torch.bfloat16, "bfloat16", {}),
+         (4, 0.1, 64, 3, torch.bfloat16, "float8_e4m3fn", dict(v_bits=3, group_meta="fp8-scale"))]
+for bits, r, d, g, qdt, hdt, extra in CASES[: int(os.environ.get("AOT_CASES", len(CASES)))]:
+    cfg = MiKVConfig(policy="mikv" if bits else "h2o", lo_bits=bits, hi_ratio=r, balancer=bits > 0,
+                     hi_dtype=hdt).replace(**extra)
     lay = RegionLayout.build(cfg, 16, d)
     regions = torch.zeros(8, 2, lay.region_bytes, dtype=torch.uint8)
     tables = torch.arange(8, dtype=torch.int32).view(2, 4)
@@ -82,28 +85,39 @@ from mikv_vllm.kernels.ops import TritonOps  # noqa: E402
 from mikv_vllm.ops.plan import StepPlan, plan_for  # noqa: E402
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "configs")
-presets_done = []
+step_configs = []
 for fname in sorted(os.listdir(CONFIGS)):
     if not fname.endswith(".yaml"):
         continue
     with open(os.path.join(CONFIGS, fname)) as fh:
         data = yaml.safe_load(fh) or {}
     fields = {k[len("mikv-"):].replace("-", "_"): v for k, v in data.items() if k.startswith("mikv-") and k != "mikv-config"}
-    cfg = preset(data["mikv-config"]).replace(**fields)
+    step_configs.append((fname[:-5], preset(data["mikv-config"]).replace(**fields)))
+shipped = len(step_configs)
+step_configs.append(("mikv-k4v3-fp8-scale", preset("mikv").replace(v_bits=3, group_meta="fp8-scale")))
+step_configs.append(("mikv-rot-fp16", preset("mikv").replace(rotation=True)))   # fp16 activations below
+presets_done = []
+for name, cfg in step_configs:
     for d, g in ((64, 3), (128, 4)):
         lay = RegionLayout.build(cfg, 16, d)
         if not supported(lay):
             continue
         regions = torch.zeros(8, 2, lay.region_bytes, dtype=torch.uint8)
         tables = torch.arange(8, dtype=torch.int32).view(2, 4)
-        q, k, v = torch.randn(2, 2 * g, d).bfloat16(), torch.randn(2, 2, d).bfloat16(), torch.randn(2, 2, d).bfloat16()
+        act = torch.float16 if name == "mikv-rot-fp16" else torch.bfloat16
+        q, k, v = torch.randn(2, 2 * g, d).to(act), torch.randn(2, 2, d).to(act), torch.randn(2, 2, d).to(act)
         plan = plan_for(cfg, lay, tables, [40, 33])
         TritonOps.prepare(StepPlan(decode=plan), lay, cfg, 2 * g, 2)
-        TritonOps.decode(regions, lay, cfg, plan, q, k, v, 0.1)
-        presets_done.append(f"{fname[:-5]}/d{d}")
-print(f"decode step compiled for the shipped presets: {presets_done}")
+        if cfg.rotation:   # the rotation folded into the store and merge kernels (kernels/rotate.py)
+            from mikv_vllm.core.rotation import rotation_for
+
+            TritonOps.decode_rotated(regions, lay, cfg, plan, q, k, v, 0.1, rotation_for(d))
+        else:
+            TritonOps.decode(regions, lay, cfg, plan, q, k, v, 0.1)
+        presets_done.append(f"{name}/d{d}")
+print(f"decode step compiled for the shipped presets, k4/v3 fp8-scale and rotated fp16: {presets_done}")
 names = sorted({n for n, _, _ in compiled})
 bad = [c for c in compiled if not c[1]]
 print(f"compiled {len(compiled)} launches of {names} for sm_{arch}; without cubin: {bad}")
 step_kernels = {"_row_store_kernel", "_map_kernel", "_step_merge_kernel", "_slot_score_kernel"}
-sys.exit(1 if bad or len(names) < 6 or not step_kernels <= set(names) or len(presets_done) < 12 else 0)
+sys.exit(1 if bad or len(names) < 6 or not step_kernels <= set(names) or len(presets_done) < 2 * shipped + 4 else 0)

@@ -14,6 +14,7 @@ from core._helpers import assert_pages, make_regions, structured_qkv
 from mikv_vllm.config import preset
 from mikv_vllm.core import reference as ref
 from mikv_vllm.core.layout import RegionLayout
+from mikv_vllm.core.rotation import rotation_for
 
 pytest.importorskip("vllm")
 
@@ -44,9 +45,10 @@ def _common(seq: list[int], table: torch.Tensor) -> CommonAttentionMetadata:
         seq_lens_cpu_upper_bound=seq_t.clone())
 
 
-@pytest.mark.parametrize("preset_name,tile", [("mikv", None), ("h2o", 4), ("mikv", 1)])
+@pytest.mark.parametrize("preset_name,tile", [("mikv", None), ("h2o", 4), ("mikv", 1), ("mikv-int3-r05", None)])
 def test_capture_batch_with_padded_rows(preset_name, tile, monkeypatch):
-    """``tile`` (4, 1): the upkeep walks each row's slots in several tiles."""
+    """``tile`` (4, 1): the upkeep walks each row's slots in several tiles. A rotated preset runs
+    ``decode_rotated`` (the rotation in the kernels): the oracle gets the kernels' rotated copies."""
     from mikv_vllm.kernels import step
 
     monkeypatch.setenv("MIKV_VLLM_OPS", "triton")
@@ -84,8 +86,14 @@ def test_capture_batch_with_padded_rows(preset_name, tile, monkeypatch):
         q, k, v = (torch.cat([torch.stack([x[c] for x, c in zip(part, ctx)]),
                               torch.full((PADDED, *part[0].shape[1:]), float("nan"))])
                    for part in zip(*qkv))
-        got = meta.ops.decode(mine, lay, cfg, dec, q, k, v, SCALE)
-        want = ref.forward_decode(oracle, lay, cfg, table[:REAL], ctx, q[:REAL], k[:REAL], v[:REAL], SCALE)
+        if cfg.rotation:
+            rot = rotation_for(D)
+            got = meta.ops.decode_rotated(mine, lay, cfg, dec, q, k, v, SCALE, rot)
+            rows = (buf.qr[:REAL], buf.kr[:REAL], buf.vr[:REAL])
+            want = rot.unrotate(ref.forward_decode(oracle, lay, cfg, table[:REAL], ctx, *rows, SCALE))
+        else:
+            got = meta.ops.decode(mine, lay, cfg, dec, q, k, v, SCALE)
+            want = ref.forward_decode(oracle, lay, cfg, table[:REAL], ctx, q[:REAL], k[:REAL], v[:REAL], SCALE)
         torch.testing.assert_close(got[:REAL], want, rtol=1e-4, atol=1e-4)
         assert (got[REAL:] == 0).all()
         assert_pages(lay, mine, oracle, f"{preset_name} capture step {step}")

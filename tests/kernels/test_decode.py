@@ -32,6 +32,25 @@ FORMAT_CASES = [
     (0, 0.25, 3, 64, dict(hi_dtype="float8_e4m3fn")),
 ]
 
+# keys and values at their own widths and the group metadata: (k_bits, v_bits, group_meta, hi ratio, GQA group)
+SPLIT_CASES = [(4, 3, "fp8-scale", 0.2, 3), (2, 4, "fp16", 0.1, 2), (3, 2, "fp8-scale", 0.0, 1), (4, 4, "fp8-scale", 0.2, 2)]
+
+
+def _split_config(k_bits, v_bits, meta, hi_ratio):
+    return make_config(k_bits, hi_ratio, True).replace(k_bits=k_bits, v_bits=v_bits, group_meta=meta)
+
+
+@pytest.mark.parametrize("k_bits,v_bits,meta,hi_ratio,group", SPLIT_CASES)
+def test_decode_attention_split_widths_and_group_meta(k_bits, v_bits, meta, hi_ratio, group):
+    """decode_attention reads K codes at k_bits, V codes at v_bits, fp16 or fp8-scale (scale, zero)."""
+    _check_decode_attention(_split_config(k_bits, v_bits, meta, hi_ratio), k_bits + v_bits, group, 64, 16)
+
+
+@pytest.mark.parametrize("k_bits,v_bits,meta,hi_ratio,group", SPLIT_CASES[:2] + SPLIT_CASES[3:])
+def test_forward_decode_steps_split_widths_and_group_meta(k_bits, v_bits, meta, hi_ratio, group):
+    """The decode step (kernels/step.py) stores and reads each width and metadata format as the oracle."""
+    _check_forward_decode_steps(_split_config(k_bits, v_bits, meta, hi_ratio), group, 64, 16)
+
 
 @pytest.mark.parametrize("bits,hi_ratio,group,head_dim,balancer,block_size", CASES)
 def test_decode_attention_matches_reference(bits, hi_ratio, group, head_dim, balancer, block_size):

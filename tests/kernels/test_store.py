@@ -37,10 +37,39 @@ def test_write_tokens_bit_exact(bits, hi_ratio, head_dim, balancer, extra):
         assert not (layout.views(got).tag[3] == 0).all()  # untouched offset 0: stale tags kept
 
 
+# keys and values at their own widths (k_bits, v_bits), each with both group metadata formats
+SPLIT = [(4, 3, "fp8-scale"), (2, 4, "fp16"), (3, 2, "fp8-scale"), (4, 4, "fp8-scale"), (8, 2, "fp16")]
+
+
+@pytest.mark.parametrize("k_bits,v_bits,meta", SPLIT)
+def test_split_widths_and_group_meta_bit_exact(k_bits, v_bits, meta):
+    """K codes at k_bits, V codes at v_bits, (scale, zero) as two fp16 or fp8-scale's three bytes:
+    the page bytes of the oracle, for per-token and shared balancers."""
+    cfg = make_config(k_bits, 0.25, True).replace(k_bits=k_bits, v_bits=v_bits, group_meta=meta)
+    layout = RegionLayout.build(cfg, 8, 64)
+    assert (layout.k_bits, layout.v_bits, layout.group_meta) == (k_bits, v_bits, meta)
+    gen = torch.Generator().manual_seed(k_bits * 10 + v_bits)
+    pages = _pages(layout)
+    k = torch.randn(5, 2, 64, generator=gen) * 4 + 1
+    v = torch.randn(5, 2, 64, generator=gen) * 3
+    b = (torch.rand(2, 64, generator=gen) * 3 + 0.1).half().float()
+    expected, got = pages.clone(), pages.clone()
+    ref.write_tokens(expected, layout, torch.tensor([3, 0, 4]), 6, k, v, b)
+    write_tokens(got, layout, torch.tensor([3, 0, 4]), 6, k, v, b)
+    assert_pages_match(expected, got, layout, score_rtol=0)
+    blk, off = torch.tensor([4, 1, 2]), torch.tensor([0, 7, 5])
+    bal = (torch.rand(3, 2, 64, generator=gen) + 0.5).half().float()
+    for i in range(3):
+        ref.write_tokens(expected, layout, blk[i:i + 1], int(off[i]), k[i:i + 1], v[i:i + 1], bal[i])
+    store_tokens(got, layout, blk, off, k[:3], v[:3], bal)
+    assert_pages_match(expected, got, layout, score_rtol=0)
+
+
+@pytest.mark.parametrize("meta", ["fp16", "fp8-scale"])
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_edge_values_bit_exact(bits):
+def test_edge_values_bit_exact(bits, meta):
     """Constant groups, huge (clamped) values, tiny values, exact rounding ties, fp16 inputs."""
-    layout = RegionLayout.build(make_config(bits, 0.0, False), 8, 16)
+    layout = RegionLayout.build(make_config(bits, 0.0, False, group_meta=meta), 8, 16)
     qmax = (1 << bits) - 1
     rows = [
         torch.full((16,), 3.0),                                   # constant, fp16-exact
