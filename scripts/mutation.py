@@ -31,10 +31,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# semantics tests first (pytest -x stops at the first failure; later paths are deduplicated)
-TESTS = ["tests/kernels/test_ops_contract.py", "tests/core/test_importance.py", "tests/core/test_selection.py", "tests/core/test_reference.py",
-         "tests/core/test_decode_batch.py", "tests/core/test_shared_prefix.py", "tests/core/test_quant.py", "tests/cpu", "tests/kernels", "tests/core",
-         "tests/test_ops_at_start.py", "tests/test_ops_select_bits.py"]
+# semantics tests first (pytest -x stops at the first failure; later paths are deduplicated), the
+# tests that compile C++ op variants (test_build, test_isa_variants: minutes each) last
+TESTS = ["tests/kernels/test_ops_contract.py", "tests/core/test_importance.py", "tests/core/test_selection.py",
+         "tests/core/test_reference.py", "tests/core/test_decode_batch.py", "tests/core/test_shared_prefix.py",
+         "tests/core/test_quant.py", "tests/cpu/test_cpu_ops.py", "tests/cpu/test_cpu_prefill.py",
+         "tests/cpu/test_cpu_qdot.py", "tests/cpu/test_cpu_nonfinite.py", "tests/cpu/test_cpu_fuzz.py",
+         "tests/cpu/test_cpu_layout.py", "tests/kernels", "tests/core", "tests/test_ops_at_start.py",
+         "tests/test_ops_select_bits.py", "tests/cpu/test_isa_variants.py", "tests/cpu/test_build.py", "tests/cpu"]
 
 REF = "mikv_vllm/core/reference.py"
 # The torch code of REF's edits since the op sets split off (core/page.py: the per-request page steps;
@@ -89,7 +93,7 @@ MUTATIONS = [
               (KUP, "    new_sc = tl.load(nm_ptr + b * snmb + h * snmh).to(tl.float32)\n", "    new_sc = tl.load(nm_ptr + b * snmb + h * snmh).to(tl.float32) * 0.0\n"),
               (CSL, "inline float new_token_score(float mass) { return std::min(mass,", "inline float new_token_score(float mass) { return 0.f * std::min(mass,"))),
     Mutation("tag-reset-removed", "a reused block keeps the previous request's hi tags",
-             ((REF, "        views.tag[blk[off == 0]] = 0\n", ""),
+             ((REF, "        views.tag[blk[off == 0]] = 0\n", "        pass\n"),
               (KST, "mask=(ri < R) & (ri + off == ri))", "mask=(ri < R) & (ri + off == ri) & (ri < 0))"),
               (CST, "      if (off == 0) std::memset(reg + L.tag, 0, R * sizeof(int32_t));\n", ""))),
     Mutation("score-off-by-one", "each hi token's score gets the next position's attention mass",
@@ -322,6 +326,20 @@ def apply(mutation: Mutation, root: Path, files: list[str] | None = None) -> lis
     return missing
 
 
+def syntax_errors(root: Path, mutation: Mutation) -> list[str]:
+    """The Python files ``mutation`` edits that no longer compile under ``root`` (a mutation must
+    break behaviour, not the syntax: a SyntaxError would "kill" it without testing anything)."""
+    errors = []
+    for rel in sorted({t for f, _, _ in mutation.edits for t in (TORCH if f == REF else (f,))}):
+        path = root / rel
+        if rel.endswith(".py") and path.exists():
+            try:
+                compile(path.read_text(), str(path), "exec")
+            except SyntaxError as e:
+                errors.append(f"{rel}:{e.lineno}: {e.msg}")
+    return errors
+
+
 def run_tests(root: Path, timeout: int, tests: list[str] | None = None) -> tuple[bool, str, float]:
     # the C++ op builds inside the scratch copy: builds of other paths with the same source hash
     # would otherwise share (and rebuild, concurrently) one directory of the user's cache
@@ -356,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=int, default=900, help="pytest-timeout per test (s)")
     ap.add_argument("--files", nargs="*", help="apply only the edits to these repo-relative files (one "
                     "implementation mutated alone, the others stay correct); mutations without such edits are n/a")
+    ap.add_argument("--skip-baseline", action="store_true", help="do not run the unmutated tests first (only "
+                    "when they passed on this very code, e.g. resuming a run with --only)")
     ap.add_argument("--tests", nargs="*", help="test paths or node ids to run instead of the default list "
                     "(e.g. tests/cpu with --files naming the C++ sources)")
     args = ap.parse_args(argv)
@@ -370,8 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     root = args.root.resolve()
     base = scratch_copy(root)
     try:
-        ok, detail, secs = run_tests(base, args.timeout, args.tests)
-        print(f"baseline (no mutation): {'pass' if ok else 'FAIL'} in {secs:.0f} s", flush=True)
+        ok, detail, secs = (True, "", 0.0) if args.skip_baseline else run_tests(base, args.timeout, args.tests)
+        print(f"baseline (no mutation): {'skipped' if args.skip_baseline else 'pass' if ok else 'FAIL'} in {secs:.0f} s",
+              flush=True)
         if not ok:
             print(f"error: the unmutated tests fail ({detail}); fix them first", file=sys.stderr)
             return 2
@@ -385,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
                     status, detail, secs = "n/a", "no edit in " + " ".join(args.files), 0.0
                 elif len(missing) == len(edits):
                     status, detail, secs = "n/a", "code to mutate not found: " + "; ".join(missing), 0.0
+                elif bad := syntax_errors(work, m):
+                    status, detail, secs = "INVALID", "the mutated code does not compile: " + "; ".join(bad), 0.0
                 else:
                     survived, detail, secs = run_tests(work, args.timeout, args.tests)
                     status = "SURVIVED" if survived else "killed"
@@ -400,9 +423,9 @@ def main(argv: list[str] | None = None) -> int:
     killed = sum(r[1] == "killed" for r in applicable)
     print(f"\nkilled {killed} of {len(applicable)} applicable mutations"
           + (f" ({len(results) - len(applicable)} not applicable)" if len(applicable) < len(results) else ""))
-    survivors = [m.name for m, s in results if s == "SURVIVED"]
+    survivors = [m.name for m, s in results if s in ("SURVIVED", "INVALID")]
     if survivors:
-        print("survived: " + ", ".join(survivors), file=sys.stderr)
+        print("survived or invalid: " + ", ".join(survivors), file=sys.stderr)
         return 1
     return 0
 
