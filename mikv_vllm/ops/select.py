@@ -13,11 +13,11 @@ OPS_CHOICES = envs.OPS_CHOICES
 
 # Op sets that do not yet store keys and values at their own widths (issue 26). Whoever adds
 # k_bits != v_bits to an op set deletes its entry here (and un-skips it in the contract test).
-NO_SPLIT_BITS = {"cpu", "triton"}
+NO_SPLIT_BITS = {"triton"}
 
 
 # Op sets that store only fp16 (scale, zero) group metadata (issue 26's leaner metadata axis).
-FP16_META_ONLY = {"cpu", "triton"}
+FP16_META_ONLY = {"triton"}
 
 
 def check_supports(layout: RegionLayout, op_set_name: str) -> None:

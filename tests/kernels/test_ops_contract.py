@@ -28,10 +28,10 @@ PRESETS = ["mikv", "mikv-paper", "rtn-int4", "h2o"]
 SPLIT = {"mikv-k4v3": lambda: preset("mikv").replace(v_bits=3, name="mikv-k4v3"),
          "rtn-k4v2": lambda: preset("rtn-int4").replace(v_bits=2, name="rtn-k4v2"),
          "mikv-paper-k2v4": lambda: preset("mikv-paper").replace(k_bits=2, v_bits=4, name="mikv-paper-k2v4"),
-         # leaner group metadata (fp8 e5m2 scale, fp16 zero): also torch only for now
+         # leaner group metadata (fp8 e5m2 scale, fp16 zero)
          "mikv-k4v3-fp8-scale": lambda: preset("mikv").replace(v_bits=3, group_meta="fp8-scale", name="k4v3-fp8-scale")}
 # op sets that do not store k_bits != v_bits yet (ops.select.NO_SPLIT_BITS); whoever adds support un-skips
-SPLIT_NOT_YET = {"cpu", "triton"}
+SPLIT_NOT_YET = {"triton"}
 DECODE_STEPS = 4
 
 
