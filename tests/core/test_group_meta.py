@@ -32,6 +32,8 @@ def test_pack_meta_round_trip_and_bytes():
     packed = pack_meta(sz)
     assert packed.shape == (3, 5, 2, 3) and packed.dtype == torch.uint8
     assert torch.equal(unpack_meta(packed), sz)
+    one = sz[:1, :1, :1]                      # one group of one token: size-1 dims with any strides
+    assert torch.equal(pack_meta(one), packed[:1, :1, :1]) and torch.equal(unpack_meta(pack_meta(one)), one)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
