@@ -238,9 +238,17 @@ MUTATIONS = [
     Mutation("triton-fp8-scale-not-rounded-up", "the Triton store keeps the fp16 scale for the codes and stores its high "
              "byte (rounded down: codes no longer cover the group)",
              ((KST, "        scale = e5m2_round_up(scale)\n", ""),)),
-    Mutation("split-bits-guard-bypassed", "the backend picks its op set without the layout: a C++ / Triton op set "
-             "would serve k_bits != v_bits it does not implement",
-             ((BKD, "        self.ops = get_ops(device, self.layout)\n", "        self.ops = get_ops(device)\n"),)),
+    # the C++ op set at its own widths and metadata (tests/cpu, tests/kernels/test_ops_contract.py)
+    Mutation("cpp-v-read-at-k-bits", "the C++ ops read the lo values at k_bits (decode P.V, prefill context)",
+             ((CPP, "    with_bits(L.v_bits, [&](auto vb) {", "    with_bits(L.k_bits, [&](auto vb) {"),
+              (PRE, "  with_bits(L.v_bits, [&](auto vb) {", "  with_bits(L.k_bits, [&](auto vb) {"))),
+    Mutation("cpp-k-stored-at-v-bits", "the C++ store quantizes keys at v_bits (page bytes)",
+             ((CST, "quantize_token(xk, D, L.k_bits, L.group", "quantize_token(xk, D, L.v_bits, L.group"),)),
+    Mutation("cpp-fp8-scale-misread", "the C++ ops decode an fp8-scale record's scale from the zero's high byte",
+             ((CCD, "s = half_to_float(static_cast<uint16_t>(r[2] << 8));", "s = half_to_float(static_cast<uint16_t>(r[1] << 8));"),)),
+    Mutation("cpp-fp8-scale-rounded-down", "the C++ store cuts the fp16 scale to its e5m2 byte instead of rounding "
+             "it up (codes no longer cover the group; page bytes)",
+             ((CCD, "(h + 0xFF) & 0x7F00", "h & 0x7F00"),)),
     # issue 25: the CUDA-graph-capturable decode step (tests/kernels/test_layer_probe.py, test_capture.py,
     # test_nonfinite.py)
     Mutation("layer-host-sync", "the Triton decode reads a device value on the host inside the layer",
@@ -290,7 +298,7 @@ def edits_in(mutation: Mutation, files: list[str] | None) -> tuple[tuple[str, st
 # The C++ prefill op's own code of a behaviour (mikv_prefill.cpp; the steps it shares with decode are in
 # mikv_steps.h, mutated above) and the torch chunk path's, added to the mutations above.
 PRE_EDITS = {
-    'balancer-not-undone': ((PRE, '      for (int64_t d = 0; d < D; ++d) xk[d] *= binv[d];\n', ''),),
+    'balancer-not-undone': ((PRE, 'L.k_packed(), binv.data(), xk.data()', 'L.k_packed(), nullptr, xk.data()'),),
     'window-scorer-votes-all': ((PRE, '(obs_window >= 0 && T > 1) ? std::max<int64_t>(0, T - obs_window) : 0;', '(obs_window >= 0 && T > 1) ? 0 : 0;'),),
     'evicted-tokens-attended': ((TCH, 'yield c0, kc, vc, (lambda i0, i1, ok=ok: ok[:, None, None, :])',
                                  'yield c0, kc, vc, (lambda i0, i1, ok=ok: torch.ones_like(ok)[:, None, None, :])'),

@@ -162,18 +162,20 @@ def pack_meta(sz: torch.Tensor) -> torch.Tensor:
     two bytes (little-endian fp16), then the scale's high byte (its e5m2 bit pattern)."""
     if sz.numel() == 0:
         return torch.empty(*sz.shape[:-1], 3, dtype=torch.uint8, device=sz.device)
-    zero = sz[..., 1].contiguous().view(torch.uint8).reshape(*sz.shape[:-1], 2)
-    scale = sz[..., 0].contiguous().view(torch.uint8).reshape(*sz.shape[:-1], 2)[..., 1:]
-    return torch.cat([zero, scale], dim=-1)
+    # bit patterns as integers (a uint8 view of sz[..., i] needs a unit last stride, which a size-1
+    # shape need not have even when "contiguous")
+    bits = sz.to(torch.float16).contiguous().view(torch.int16).to(torch.int32) & 0xFFFF   # [..., G, 2]
+    zero, scale = bits[..., 1], bits[..., 0]
+    return torch.stack([zero & 0xFF, zero >> 8, scale >> 8], dim=-1).to(torch.uint8)
 
 
 def unpack_meta(meta: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`pack_meta`: uint8 ``[..., G, 3]`` -> fp16 (scale, zero) ``[..., G, 2]``."""
     if meta.numel() == 0:    # (empty views have strides a dtype view refuses)
         return torch.empty(*meta.shape[:-1], 2, dtype=torch.float16, device=meta.device)
-    zero = meta[..., :2].contiguous().view(torch.float16)
-    scale = torch.stack([torch.zeros_like(meta[..., 2]), meta[..., 2]], dim=-1).view(torch.float16)
-    return torch.cat([scale, zero], dim=-1)
+    m = meta.to(torch.int32)
+    bits = torch.stack([m[..., 2] << 8, m[..., 0] | (m[..., 1] << 8)], dim=-1)       # (scale, zero) as uint16
+    return torch.where(bits >= 1 << 15, bits - (1 << 16), bits).to(torch.int16).view(torch.float16)
 
 
 def dequantize_codes(codes: torch.Tensor, sz: torch.Tensor, group: int) -> torch.Tensor:

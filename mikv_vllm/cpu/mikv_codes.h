@@ -87,20 +87,55 @@ inline void unpack(const uint8_t* __restrict p, int64_t D, float* __restrict out
   }
 }
 
-// x_hat = zero + code * scale per group (fp32), from packed codes and fp16 (scale, zero) pairs.
+// ------------------------------------------------------------------------ group metadata
+// A token's (scale, zero) records in a page's s/z array (Layout::group_meta): fp16 (scale, zero)
+// pairs, 4 B each; or fp8-scale (core.quant.pack_meta), 3 B each: the zero's fp16 bytes
+// (little-endian), then the scale's high byte (the scale is an e5m2 value, the high byte of its fp16).
+inline void read_meta(const uint8_t* __restrict sz, int64_t i, bool fp8, float& s, float& z) {
+  if (fp8) {
+    const uint8_t* r = sz + 3 * i;
+    z = half_to_float(static_cast<uint16_t>(r[0] | (r[1] << 8)));
+    s = half_to_float(static_cast<uint16_t>(r[2] << 8));
+  } else {
+    uint16_t h[2];
+    std::memcpy(h, sz + 4 * i, sizeof(h));
+    s = half_to_float(h[0]);
+    z = half_to_float(h[1]);
+  }
+}
+
+inline void write_meta(uint8_t* __restrict sz, int64_t i, bool fp8, uint16_t scale, uint16_t zero) {
+  if (fp8) {
+    uint8_t* r = sz + 3 * i;
+    r[0] = static_cast<uint8_t>(zero & 0xff);
+    r[1] = static_cast<uint8_t>(zero >> 8);
+    r[2] = static_cast<uint8_t>(scale >> 8);
+  } else {
+    const uint16_t h[2] = {scale, zero};
+    std::memcpy(sz + 4 * i, h, sizeof(h));
+  }
+}
+
+// Smallest fp8 e5m2 value >= an fp16 scale >= 0 (core.quant.e5m2_round_up): the low byte cleared,
+// carrying up when it was not 0.
+inline uint16_t e5m2_round_up(uint16_t h) { return static_cast<uint16_t>((h + 0xFF) & 0x7F00); }
+
+// x_hat = zero + code * scale per group (fp32), from packed codes and the token's s/z records.
 template <int BITS>
-inline void dequant(const uint8_t* __restrict p, const uint16_t* __restrict sz, int64_t D, int64_t group,
+inline void dequant(const uint8_t* __restrict p, const uint8_t* __restrict sz, bool fp8, int64_t D, int64_t group,
                     float* __restrict out) {
   unpack<BITS>(p, D, out);
   for (int64_t g0 = 0, gi = 0; g0 < D; g0 += group, ++gi) {
-    const float s = half_to_float(sz[2 * gi]), z = half_to_float(sz[2 * gi + 1]);
+    float s, z;
+    read_meta(sz, gi, fp8, s, z);
     for (int64_t d = g0; d < g0 + group; ++d) out[d] = z + out[d] * s;
   }
 }
 
-// Quantize one token x[D] (core.quant.quantize): packed codes -> p, fp16 (scale, zero) -> sz. Non-finite
-// elements are quantized as finite_for_lo makes them: every code and (scale, zero) is defined and finite.
-void quantize_token(const float* x_in, int64_t D, int64_t bits, int64_t group, uint8_t* p, uint16_t* sz,
+// Quantize one token x[D] (core.quant.quantize): packed codes -> p, its s/z records -> sz (fp8: the
+// scale rounded up to e5m2 before the codes are computed from it). Non-finite elements are quantized
+// as finite_for_lo makes them: every code and (scale, zero) is defined and finite.
+void quantize_token(const float* x_in, int64_t D, int64_t bits, int64_t group, bool fp8, uint8_t* p, uint8_t* sz,
                     uint8_t* codes /* scratch [D] */) {
   const float qmax = static_cast<float>((1 << bits) - 1);
   for (int64_t g0 = 0, gi = 0; g0 < D; g0 += group, ++gi) {
@@ -113,10 +148,9 @@ void quantize_token(const float* x_in, int64_t D, int64_t bits, int64_t group, u
     const uint16_t zh = fp16_round_down(mn);
     const float z = half_to_float(zh);
     const float sc = std::min(std::max((mx - z) / qmax, -65504.f), 65504.f);
-    const uint16_t sh = fp16_round_up(sc);
+    const uint16_t sh = fp8 ? e5m2_round_up(fp16_round_up(sc)) : fp16_round_up(sc);
     const float s = half_to_float(sh);
-    sz[2 * gi] = sh;
-    sz[2 * gi + 1] = zh;
+    write_meta(sz, gi, fp8, sh, zh);
     for (int64_t d = g0; d < g0 + group; ++d) {
       const float x = finite_for_lo(x_in[d]);
       float t = s > 0.f ? (x - z) / s : 0.f;

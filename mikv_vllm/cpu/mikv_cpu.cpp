@@ -47,23 +47,26 @@ std::vector<torch::Tensor> hi_roundtrip(torch::Tensor x, int64_t dtype) {
 void bind_layout(py::module_& m) {
   py::class_<Layout>(m, "Layout", py::module_local(),
                      "The page layout of one (block, KV head) region (core.layout.RegionLayout), checked at "
-                     "construction: byte offsets of the sub-arrays, widths, dtype codes (hi 0 fp16, 1 bf16, "
-                     "2 fp32, 3 fp8 e4m3fn; score 0 fp32)")
-      .def(py::init([](int64_t block_size, int64_t head_dim, int64_t bits, int64_t group, int64_t hi_slots,
-                       int64_t region_bytes, int64_t k_lo, int64_t v_lo, int64_t k_sz, int64_t v_sz, int64_t tag,
-                       int64_t score, int64_t k_hi, int64_t v_hi, int64_t balancer, int64_t hi_dtype,
-                       int64_t score_dtype, bool has_balancer) {
-             return checked_layout(Layout{block_size, head_dim, bits, group, hi_slots, region_bytes, k_lo, v_lo,
-                                          k_sz, v_sz, score, tag, k_hi, v_hi, balancer, hi_dtype, score_dtype,
-                                          has_balancer});
+                     "construction: byte offsets of the sub-arrays, key and value widths, dtype codes (hi 0 fp16, "
+                     "1 bf16, 2 fp32, 3 fp8 e4m3fn; score 0 fp32; group meta 0 fp16, 1 fp8-scale)")
+      .def(py::init([](int64_t block_size, int64_t head_dim, int64_t k_bits, int64_t v_bits, int64_t group,
+                       int64_t hi_slots, int64_t region_bytes, int64_t k_lo, int64_t v_lo, int64_t k_sz, int64_t v_sz,
+                       int64_t tag, int64_t score, int64_t k_hi, int64_t v_hi, int64_t balancer, int64_t hi_dtype,
+                       int64_t score_dtype, int64_t group_meta, bool has_balancer) {
+             return checked_layout(Layout{block_size, head_dim, k_bits, v_bits, group, hi_slots, region_bytes, k_lo,
+                                          v_lo, k_sz, v_sz, score, tag, k_hi, v_hi, balancer, hi_dtype, score_dtype,
+                                          group_meta, has_balancer});
            }),
-           py::kw_only(), py::arg("block_size"), py::arg("head_dim"), py::arg("bits"), py::arg("group"),
-           py::arg("hi_slots"), py::arg("region_bytes"), py::arg("k_lo"), py::arg("v_lo"), py::arg("k_sz"),
-           py::arg("v_sz"), py::arg("tag"), py::arg("score"), py::arg("k_hi"), py::arg("v_hi"), py::arg("balancer"),
-           py::arg("hi_dtype"), py::arg("score_dtype"), py::arg("has_balancer"))
+           py::kw_only(), py::arg("block_size"), py::arg("head_dim"), py::arg("k_bits"), py::arg("v_bits"),
+           py::arg("group"), py::arg("hi_slots"), py::arg("region_bytes"), py::arg("k_lo"), py::arg("v_lo"),
+           py::arg("k_sz"), py::arg("v_sz"), py::arg("tag"), py::arg("score"), py::arg("k_hi"), py::arg("v_hi"),
+           py::arg("balancer"), py::arg("hi_dtype"), py::arg("score_dtype"), py::arg("group_meta"),
+           py::arg("has_balancer"))
       .def_readonly("block_size", &Layout::N)
       .def_readonly("head_dim", &Layout::D)
-      .def_readonly("bits", &Layout::bits)
+      .def_readonly("k_bits", &Layout::k_bits)
+      .def_readonly("v_bits", &Layout::v_bits)
+      .def_readonly("group_meta", &Layout::group_meta)
       .def_readonly("hi_slots", &Layout::R)
       .def_readonly("region_bytes", &Layout::region_bytes);
 }

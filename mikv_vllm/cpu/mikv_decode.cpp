@@ -18,21 +18,59 @@
 
 namespace {
 
-// P @ V of the lo codes of context tokens [0, pos) into out [G, D] and zacc [G, NG] (any shape).
-template <int BITS, class Region>
-void decode_pv_generic(const Layout& L, const Region& region, int64_t nb_ctx, int64_t pos, const float* p, int64_t S,
-                       int64_t G, int64_t D, float* out, float* zacc, CodeTile& T) {
-  const int64_t N = L.N, P = L.packed(), NG = L.groups();
-  for (int64_t j = 0; j < nb_ctx; ++j) {
+// f(codes, s/z records, n, first position) for every tile of up to kTile lo tokens of the context
+// [0, pos): codes at offset lo of the tile's region (P bytes a token), records at offset sz.
+template <class Region, class F>
+void for_lo_tiles(const Layout& L, const Region& region, int64_t pos, int64_t lo, int64_t sz, int64_t P, F&& f) {
+  const int64_t N = L.N, MB = L.groups() * L.meta_bytes();
+  for (int64_t j = 0; j * N < pos; ++j) {
     const uint8_t* reg = region(j);
     const int64_t n_here = std::min(N, pos - j * N);
-    for (int64_t o = 0; o < n_here; o += kTile) {
-      const int64_t n = std::min<int64_t>(kTile, n_here - o);
-      load_code_tile<BITS>(reg + L.v_lo + o * P, reinterpret_cast<const uint16_t*>(reg + L.v_sz) + o * NG * 2, n, D, P,
-                           NG, false, T);
-      tile_pv(T, p + j * N + o, S, n, G, D, L.group, out, zacc);
+    for (int64_t o = 0; o < n_here; o += kTile)
+      f(reg + lo + o * P, reg + sz + o * MB, std::min<int64_t>(kTile, n_here - o), j * N + o);
+  }
+}
+
+// Logits of the lo keys (codes at KB = k_bits) of context tokens [0, pos) into lg [G, S].
+template <int KB, class Region>
+void decode_lo_logits(const Layout& L, const Region& region, int64_t pos, const QueryLo& query, int64_t G, bool int8,
+                      float* lg, int64_t S, CodeTile& T) {
+  const int64_t D = L.D, P = L.k_packed(), NG = L.groups();
+  const bool fp8 = L.group_meta == 1;
+  for_lo_tiles(L, region, pos, L.k_lo, L.k_sz, P, [&](const uint8_t* p, const uint8_t* sz, int64_t n, int64_t t0) {
+    load_code_tile<KB>(p, sz, fp8, n, D, P, NG, !int8, T);
+    tile_logits<KB>(T, query, n, G, D, L.group, int8, lg + t0, S);
+  });
+}
+
+// P @ V of the lo values (codes at VB = v_bits) of context tokens [0, pos) into out [G, D] and zacc
+// [G, NG]: with the accumulators in registers for the fixed shapes GT / DT (AVX-512, one group per
+// 16 channels or more), else any shape.
+template <int VB, int GT, int DT, class Region>
+void decode_lo_pv(const Layout& L, const Region& region, int64_t pos, const float* p, int64_t S, int64_t G, int64_t D,
+                  float* out, float* zacc, CodeTile& T) {
+  const int64_t P = L.v_packed(), NG = L.groups();
+  const bool fp8 = L.group_meta == 1;
+#ifdef MIKV_QDOT_AVX512
+  if constexpr (GT > 0 && DT > 0 && DT % 16 == 0) {
+    if (L.group % 16 == 0) {
+      __m512 acc[GT][DT / 16];
+      for (int g = 0; g < GT; ++g)
+        for (int j = 0; j < DT / 16; ++j) acc[g][j] = _mm512_loadu_ps(out + g * D + 16 * j);
+      for_lo_tiles(L, region, pos, L.v_lo, L.v_sz, P, [&](const uint8_t* c, const uint8_t* sz, int64_t n, int64_t t0) {
+        load_code_tile<VB>(c, sz, fp8, n, D, P, NG, false, T);
+        tile_pv_fixed<GT, DT>(T, p + t0, S, n, L.group, acc, zacc);
+      });
+      for (int g = 0; g < GT; ++g)
+        for (int j = 0; j < DT / 16; ++j) _mm512_storeu_ps(out + g * D + 16 * j, acc[g][j]);
+      return;
     }
   }
+#endif
+  for_lo_tiles(L, region, pos, L.v_lo, L.v_sz, P, [&](const uint8_t* c, const uint8_t* sz, int64_t n, int64_t t0) {
+    load_code_tile<VB>(c, sz, fp8, n, D, P, NG, false, T);
+    tile_pv(T, p + t0, S, n, G, D, L.group, out, zacc);
+  });
 }
 
 // Per-task scratch (reused across the tasks of one thread).
@@ -46,14 +84,15 @@ struct DecodeScratch {
 };
 
 // GT / DT: compile-time query-group size and head_dim (0 = runtime), so the common shapes keep
-// their accumulators in registers. int8: the QK mode (mikv_qdot.h).
-template <int BITS, int GT, int DT>
+// their accumulators in registers. int8: the QK mode (mikv_qdot.h). The lo widths are dispatched
+// apart: keys (k_bits) in the QK loop, values (v_bits) in the P.V loop.
+template <int GT, int DT>
 void decode_task(const Layout& L, const Regions& region, int64_t pos, const float* q, const float* kn,
                  const float* vn, float scale, int64_t G_rt, bool do_store, bool upkeep, const Selection& sel,
                  bool int8, float* out, DecodeScratch& ws, int64_t own_from, int64_t shared_hi) {
   constexpr bool FIXED = GT > 0 && DT > 0;
   const int64_t G = FIXED ? GT : G_rt, D = FIXED ? DT : L.D;
-  const int64_t N = L.N, R = L.R, P = L.packed(), NG = L.groups(), group = L.group;
+  const int64_t N = L.N, R = L.R, NG = L.groups(), group = L.group;
 
   // 1. balancer (computed and stored at position 0, loaded otherwise)
   const int64_t S = pos + 1;
@@ -68,7 +107,7 @@ void decode_task(const Layout& L, const Regions& region, int64_t pos, const floa
   request_balancer(L, region(0), pos == 0 && do_store, q, G * D, G, kn, D, 1, bal);
 
   // 2. store the new token at pos: lo copies; tags of a fresh block cleared (scores belong to the slots)
-  if (do_store) store_tokens<BITS>(L, region, pos, 1, kn, vn, D, bal, xk, ws.codes.data());
+  if (do_store) store_tokens(L, region, pos, 1, kn, vn, D, bal, xk, ws.codes.data());
 
   // 3. hi copies of the context: position -> j * R + r (tags in (0, pos] of the first ceil(pos/N)
   // blocks; a position tagged twice takes its last slot), listed once each in hi_t / hi_slot
@@ -97,19 +136,13 @@ void decode_task(const Layout& L, const Regions& region, int64_t pos, const floa
     for (int64_t d = 0; d < D; ++d) qs[g * D + d] = q[g * D + d] * scale;
   const float NEG_INF = -std::numeric_limits<float>::infinity();
   CodeTile& T = ws.tile;
-  if (BITS) {
+  if (L.has_lo()) {
     prepare_query(qs, bal, G, D, group, int8, ws.query);
     T.resize(D, NG);
-    for (int64_t j = 0; j < nb_ctx; ++j) {
-      const uint8_t* reg = region(j);
-      const int64_t n_here = std::min(N, pos - j * N);
-      for (int64_t o = 0; o < n_here; o += kTile) {
-        const int64_t n = std::min<int64_t>(kTile, n_here - o);
-        load_code_tile<BITS>(reg + L.k_lo + o * P, reinterpret_cast<const uint16_t*>(reg + L.k_sz) + o * NG * 2, n, D,
-                             P, NG, !int8, T);
-        tile_logits<BITS>(T, ws.query, n, G, D, group, int8, lg + j * N + o, S);
-      }
-    }
+    with_bits(L.k_bits, [&](auto kb) {
+      constexpr int KB = decltype(kb)::value;
+      if constexpr (KB > 0) decode_lo_logits<KB>(L, region, pos, ws.query, G, int8, lg, S, T);
+    });
   } else {
     for (int64_t g = 0; g < G; ++g)
       for (int64_t t = 0; t < pos; ++t) lg[g * S + t] = NEG_INF;
@@ -139,38 +172,12 @@ void decode_task(const Layout& L, const Regions& region, int64_t pos, const floa
       lg[g * S + t] = 0.f;
     }
   }
-  if (BITS) {
+  if (L.has_lo()) {
     for (int64_t i = 0; i < G * NG; ++i) zacc[i] = 0.f;
-#ifdef MIKV_QDOT_AVX512
-    constexpr bool REGS = FIXED && DT % 16 == 0;
-#else
-    constexpr bool REGS = false;
-#endif
-    if constexpr (REGS) {
-#ifdef MIKV_QDOT_AVX512
-      if (group % 16 == 0) {
-        __m512 acc[GT > 0 ? GT : 1][DT > 0 ? DT / 16 : 1];
-        for (int g = 0; g < GT; ++g)
-          for (int j = 0; j < DT / 16; ++j) acc[g][j] = _mm512_loadu_ps(out + g * D + 16 * j);
-        for (int64_t j = 0; j < nb_ctx; ++j) {
-          const uint8_t* reg = region(j);
-          const int64_t n_here = std::min(N, pos - j * N);
-          for (int64_t o = 0; o < n_here; o += kTile) {
-            const int64_t n = std::min<int64_t>(kTile, n_here - o);
-            load_code_tile<BITS>(reg + L.v_lo + o * P, reinterpret_cast<const uint16_t*>(reg + L.v_sz) + o * NG * 2, n,
-                                 D, P, NG, false, T);
-            tile_pv_fixed<GT, DT>(T, lg + j * N + o, S, n, group, acc, zacc);
-          }
-        }
-        for (int g = 0; g < GT; ++g)
-          for (int j = 0; j < DT / 16; ++j) _mm512_storeu_ps(out + g * D + 16 * j, acc[g][j]);
-      } else {
-        decode_pv_generic<BITS>(L, region, nb_ctx, pos, lg, S, G, D, out, zacc, T);
-      }
-#endif
-    } else {
-      decode_pv_generic<BITS>(L, region, nb_ctx, pos, lg, S, G, D, out, zacc, T);
-    }
+    with_bits(L.v_bits, [&](auto vb) {
+      constexpr int VB = decltype(vb)::value;
+      if constexpr (VB > 0) decode_lo_pv<VB, GT, DT>(L, region, pos, lg, S, G, D, out, zacc, T);
+    });
     for (int64_t g = 0; g < G; ++g)
       for (int64_t d = 0; d < D; ++d) out[g * D + d] += zacc[g * NG + d / group];
   }
@@ -180,13 +187,11 @@ void decode_task(const Layout& L, const Regions& region, int64_t pos, const floa
 }
 
 // decode_task with the compile-time shape of the common (G, D) pairs, else the runtime one.
-template <int BITS>
 void decode_dispatch(const Layout& L, const Regions& region, int64_t pos, const float* q, const float* kn,
                      const float* vn, float scale, int64_t G, bool do_store, bool upkeep, const Selection& sel,
                      bool int8, float* out, DecodeScratch& ws, int64_t own_from, int64_t shared_hi) {
-#define MIKV_TASK(GT, DT)                                                                                        \
-  decode_task<BITS, GT, DT>(L, region, pos, q, kn, vn, scale, G, do_store, upkeep, sel, int8, out, ws, own_from, \
-                            shared_hi)
+#define MIKV_TASK(GT, DT)                                                                                           \
+  decode_task<GT, DT>(L, region, pos, q, kn, vn, scale, G, do_store, upkeep, sel, int8, out, ws, own_from, shared_hi)
   if (L.D == 64 && G == 1) MIKV_TASK(1, 64);
   else if (L.D == 64 && G == 3) MIKV_TASK(3, 64);
   else if (L.D == 64 && G == 4) MIKV_TASK(4, 64);
@@ -227,10 +232,8 @@ torch::Tensor decode_step(torch::Tensor regions, const Layout& L, torch::Tensor 
       const float* vb = st.v + (b * H + h) * D;
       float* ob = op + (b * Hq + h * G) * D;
       // shared prefix: own_from[b] the first owned column, shared_hi[b] the stable hi tag limit
-      with_bits(L.bits, [&](auto bits) {
-        decode_dispatch<decltype(bits)::value>(L, region, pp[b], qb, kb, vb, sc, G, do_store, upkeep, sel, int8, ob,
-                                               ws, st.own_from[b], st.shared_hi[b]);
-      });
+      decode_dispatch(L, region, pp[b], qb, kb, vb, sc, G, do_store, upkeep, sel, int8, ob, ws, st.own_from[b],
+                      st.shared_hi[b]);
     }
   });
   return out;

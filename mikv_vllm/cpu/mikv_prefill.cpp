@@ -138,49 +138,71 @@ struct ChunkHead {
   bool any_evicted = false;
 };
 
-// Phase 1 of a (chunk, KV head): balancer, store of the chunk's lo copies, its context decoded.
+// The lo copies of the context positions lo_pos (codes at BITS, from the lo / s/z arrays at offsets
+// lo / sz of their regions) dequantized: position p's element d to out[p * row_stride + d * col_stride],
+// multiplied by mul[D] when given (keys: 1 / balancer). x [D]: scratch.
 template <int BITS>
+void dequant_context(const Layout& L, const Regions& region, const std::vector<int64_t>& lo_pos, int64_t lo,
+                     int64_t sz, int64_t P, const float* mul, float* x, float* out, int64_t row_stride,
+                     int64_t col_stride) {
+  const int64_t N = L.N, D = L.D, MB = L.groups() * L.meta_bytes();
+  const bool fp8 = L.group_meta == 1;
+  for (const int64_t p : lo_pos) {
+    const uint8_t* reg = region(p / N);
+    const int64_t o = p % N;
+    dequant<BITS>(reg + lo + o * P, reg + sz + o * MB, fp8, D, L.group, x);
+    float* r = out + p * row_stride;
+    for (int64_t d = 0; d < D; ++d) r[d * col_stride] = mul ? x[d] * mul[d] : x[d];
+  }
+}
+
+// Phase 1 of a (chunk, KV head): balancer, store of the chunk's lo copies, its context decoded.
 void prefill_prepare(const Layout& L, int64_t G, int64_t q_stride, int64_t kv_stride, ChunkHead& ch) {
-  const int64_t N = L.N, D = L.D, R = L.R, P = L.packed(), NG = L.groups(), ctx = ch.ctx, T = ch.T;
+  const int64_t D = L.D, R = L.R, ctx = ch.ctx, T = ch.T;
   const Regions& region = ch.region;
   std::vector<float> bal(D), binv(D), xk(D);
   std::vector<uint8_t> codes(D);
   std::vector<int32_t> hmap;
+  std::vector<int64_t> lo_pos;
 
   // 1. balancer: computed from the first min(T, N) tokens at context 0 and stored; loaded otherwise
-  request_balancer(L, region(0), ctx == 0, ch.q, q_stride, G, ch.kn, kv_stride, std::min(T, N), bal.data());
+  request_balancer(L, region(0), ctx == 0, ch.q, q_stride, G, ch.kn, kv_stride, std::min(T, L.N), bal.data());
   for (int64_t d = 0; d < D; ++d) binv[d] = 1.f / bal[d];
 
   // 2. store the new tokens (lo copies, fresh blocks' tags cleared), 3. the hi slot map of the context
-  store_tokens<BITS>(L, region, ctx, T, ch.kn, ch.vn, kv_stride, bal.data(), xk.data(), codes.data());
+  store_tokens(L, region, ctx, T, ch.kn, ch.vn, kv_stride, bal.data(), xk.data(), codes.data());
   hi_slot_map(L, region, ctx, ch.own_from, ch.shared_hi, hmap);
 
-  // 4. the context, decoded once: kT [D, CP] (lo keys divided by the balancer), vc [ctx, D]
+  // 4. the context, decoded once: kT [D, CP] (lo keys divided by the balancer), vc [ctx, D]: the hi
+  // copies, then the lo copies of the other positions (keys at k_bits, values at v_bits)
   ch.kT.assign(static_cast<size_t>(D) * ch.CP, 0.f);
-  ch.vc.resize(static_cast<size_t>(ctx) * D);
+  ch.vc.assign(static_cast<size_t>(ctx) * D, 0.f);
   ch.ok.assign(ctx, 1);
   ch.any_evicted = false;
   for (int64_t p = 0; p < ctx; ++p) {
-    float* vr = ch.vc.data() + p * D;
     const int32_t slot = R ? hmap[p] : -1;
     if (slot >= 0) {
       load_hi(hi_copy(L, region, slot, L.k_hi), L.hi_dtype, D, xk.data());
-      load_hi(hi_copy(L, region, slot, L.v_hi), L.hi_dtype, D, vr);
-    } else if (BITS) {
-      const uint8_t* reg = region(p / N);
-      const int64_t o = p % N;
-      dequant<BITS>(reg + L.k_lo + o * P, reinterpret_cast<const uint16_t*>(reg + L.k_sz) + o * NG * 2, D, L.group,
-                    xk.data());
-      for (int64_t d = 0; d < D; ++d) xk[d] *= binv[d];
-      dequant<BITS>(reg + L.v_lo + o * P, reinterpret_cast<const uint16_t*>(reg + L.v_sz) + o * NG * 2, D, L.group, vr);
+      load_hi(hi_copy(L, region, slot, L.v_hi), L.hi_dtype, D, ch.vc.data() + p * D);
+      for (int64_t d = 0; d < D; ++d) ch.kT[d * ch.CP + p] = xk[d];
+    } else if (L.has_lo()) {
+      lo_pos.push_back(p);
     } else {
       ch.ok[p] = 0;   // evicted: weight exactly 0
       ch.any_evicted = true;
-      std::memset(xk.data(), 0, D * sizeof(float));
-      std::memset(vr, 0, D * sizeof(float));
     }
-    for (int64_t d = 0; d < D; ++d) ch.kT[d * ch.CP + p] = xk[d];
   }
+  with_bits(L.k_bits, [&](auto kb) {
+    constexpr int KB = decltype(kb)::value;
+    if constexpr (KB > 0)
+      dequant_context<KB>(L, region, lo_pos, L.k_lo, L.k_sz, L.k_packed(), binv.data(), xk.data(), ch.kT.data(), 1,
+                          ch.CP);
+  });
+  with_bits(L.v_bits, [&](auto vb) {
+    constexpr int VB = decltype(vb)::value;
+    if constexpr (VB > 0)
+      dequant_context<VB>(L, region, lo_pos, L.v_lo, L.v_sz, L.v_packed(), nullptr, xk.data(), ch.vc.data(), D, 1);
+  });
   ch.knT.assign(static_cast<size_t>(D) * ch.TP, 0.f);
   for (int64_t t = 0; t < T; ++t)
     for (int64_t d = 0; d < D; ++d) ch.knT[d * ch.TP + t] = ch.kn[t * kv_stride + d];
@@ -322,7 +344,7 @@ torch::Tensor prefill_step(torch::Tensor regions, const Layout& L, torch::Tensor
   at::parallel_for(0, NH, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       ChunkHead& ch = heads[i];
-      with_bits(L.bits, [&](auto bits) { prefill_prepare<decltype(bits)::value>(L, G, q_stride, kv_stride, ch); });
+      prefill_prepare(L, G, q_stride, kv_stride, ch);
     }
   });
   at::parallel_for(0, NB, 1, [&](int64_t begin, int64_t end) {

@@ -199,19 +199,17 @@ struct CodeTile {
   }
 };
 
-// Unpack tokens [0, n) of a tile: packed codes at p (P bytes each), fp16 (scale, zero) pairs at sz.
+// Unpack tokens [0, n) of a tile: packed codes at p (P bytes each), their s/z records at sz (NG per
+// token, in the format fp8 says: read_meta).
 template <int BITS>
-inline void load_code_tile(const uint8_t* p, const uint16_t* sz, int64_t n, int64_t D, int64_t P, int64_t NG,
-                           bool with_floats, CodeTile& T) {
+inline void load_code_tile(const uint8_t* p, const uint8_t* sz, bool fp8, int64_t n, int64_t D, int64_t P,
+                           int64_t NG, bool with_floats, CodeTile& T) {
   for (int64_t i = 0; i < n; ++i) {
     uint8_t* cu = T.cu.data() + i * D;
     unpack_u8<BITS>(p + i * P, D, cu);
     if (with_floats)
       for (int64_t d = 0; d < D; ++d) T.cf[i * D + d] = static_cast<float>(cu[d]);
-    for (int64_t k = 0; k < NG; ++k) {
-      T.s[k * kTile + i] = half_to_float(sz[(i * NG + k) * 2]);
-      T.z[k * kTile + i] = half_to_float(sz[(i * NG + k) * 2 + 1]);
-    }
+    for (int64_t k = 0; k < NG; ++k) read_meta(sz, i * NG + k, fp8, T.s[k * kTile + i], T.z[k * kTile + i]);
   }
 }
 

@@ -56,8 +56,9 @@ inline void check_row(const Layout& L, const int32_t* row, int64_t M, int64_t nu
     TORCH_CHECK(row[j] >= 0 && row[j] < num_blocks, "mikv_cpu: block id ", row[j], " out of range");
 }
 
-// f(std::integral_constant<int, B>{}) for the lo width B = bits (0: no lo copies; checked_layout
-// admits 0, 2, 3, 4, 8 only).
+// f(std::integral_constant<int, B>{}) for the lo width B = bits (L.k_bits or L.v_bits: keys and
+// values are dispatched apart, in their own loops; 0: no lo copies; checked_layout admits 0, 2, 3,
+// 4, 8 only).
 template <class F>
 inline void with_bits(int64_t bits, F&& f) {
   switch (bits) {
@@ -83,24 +84,24 @@ inline void request_balancer(const Layout& L, uint8_t* first_region, bool comput
 
 // Store T new tokens at positions [first, first + T) (token t's k / v at kn / vn + t * kv_stride):
 // the tags of a block whose offset 0 is written are cleared (scores belong to the slots), then the
-// lo copies, K multiplied by the balancer. xk [D], codes [D]: scratch.
-template <int BITS, class Region>
+// lo copies (keys at k_bits, multiplied by the balancer; values at v_bits). xk [D], codes [D]: scratch.
+template <class Region>
 inline void store_tokens(const Layout& L, const Region& region, int64_t first, int64_t T, const float* kn,
                          const float* vn, int64_t kv_stride, const float* bal, float* xk, uint8_t* codes) {
-  const int64_t N = L.N, D = L.D, R = L.R, P = L.packed(), NG = L.groups();
+  const int64_t N = L.N, D = L.D, R = L.R, Pk = L.k_packed(), Pv = L.v_packed(), MB = L.groups() * L.meta_bytes();
+  const bool fp8 = L.group_meta == 1;
   for (int64_t t = 0; t < T; ++t) {
     const int64_t p = first + t, off = p % N;
     uint8_t* reg = region(p / N);
     if (R) {
       if (off == 0) std::memset(reg + L.tag, 0, R * sizeof(int32_t));
     }
-    if constexpr (BITS > 0) {
+    if (L.has_lo()) {
       const float* kt = kn + t * kv_stride;
       for (int64_t d = 0; d < D; ++d) xk[d] = kt[d] * bal[d];
-      quantize_token(xk, D, BITS, L.group, reg + L.k_lo + off * P,
-                     reinterpret_cast<uint16_t*>(reg + L.k_sz) + off * NG * 2, codes);
-      quantize_token(vn + t * kv_stride, D, BITS, L.group, reg + L.v_lo + off * P,
-                     reinterpret_cast<uint16_t*>(reg + L.v_sz) + off * NG * 2, codes);
+      quantize_token(xk, D, L.k_bits, L.group, fp8, reg + L.k_lo + off * Pk, reg + L.k_sz + off * MB, codes);
+      quantize_token(vn + t * kv_stride, D, L.v_bits, L.group, fp8, reg + L.v_lo + off * Pv, reg + L.v_sz + off * MB,
+                     codes);
     }
   }
 }

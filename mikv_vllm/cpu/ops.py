@@ -28,18 +28,21 @@ from .build import load
 
 _HI = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float8_e4m3fn: 3}
 _SCORE = {torch.float32: 0}   # the only score dtype (config.SCORE_DTYPES)
+_META = {"fp16": 0, "fp8-scale": 1}   # config.GROUP_METAS
 
 
 def layout_fields(layout: RegionLayout) -> dict[str, int | bool]:
-    """The keyword fields of the C++ op's ``Layout`` (mikv_layout.h) for ``layout``: sizes, byte
-    offsets of the sub-arrays, dtype codes (``score``: the R fp32 slot scores, one per hi slot)."""
+    """The keyword fields of the C++ op's ``Layout`` (mikv_layout.h) for ``layout``: sizes, key and
+    value widths, byte offsets of the sub-arrays, dtype codes (``score``: the R fp32 slot scores, one
+    per hi slot; ``group_meta``: the (scale, zero) record format)."""
     if layout.score_dtype not in _SCORE:
         raise ValueError(f"the C++ CPU op keeps fp32 scores only, not {layout.score_dtype}")
-    return dict(block_size=layout.block_size, head_dim=layout.head_dim, bits=layout.bits, group=layout.group,
-                hi_slots=layout.hi_slots, region_bytes=layout.region_bytes, k_lo=layout.k_lo, v_lo=layout.v_lo,
-                k_sz=layout.k_sz, v_sz=layout.v_sz, tag=layout.tag, score=layout.score, k_hi=layout.k_hi,
-                v_hi=layout.v_hi, balancer=layout.balancer, hi_dtype=_HI[layout.hi_dtype],
-                score_dtype=_SCORE[layout.score_dtype], has_balancer=bool(layout.has_balancer))
+    return dict(block_size=layout.block_size, head_dim=layout.head_dim, k_bits=layout.k_bits, v_bits=layout.v_bits,
+                group=layout.group, hi_slots=layout.hi_slots, region_bytes=layout.region_bytes, k_lo=layout.k_lo,
+                v_lo=layout.v_lo, k_sz=layout.k_sz, v_sz=layout.v_sz, tag=layout.tag, score=layout.score,
+                k_hi=layout.k_hi, v_hi=layout.v_hi, balancer=layout.balancer, hi_dtype=_HI[layout.hi_dtype],
+                score_dtype=_SCORE[layout.score_dtype], group_meta=_META[layout.group_meta],
+                has_balancer=bool(layout.has_balancer))
 
 
 def cpp_layout(layout: RegionLayout, module=None):

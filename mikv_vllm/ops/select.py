@@ -5,32 +5,10 @@ from __future__ import annotations
 import torch
 
 from .. import envs
-from ..core.layout import RegionLayout
 from .contract import MiKVOps
 
 OPS_ENV = envs.OPS
 OPS_CHOICES = envs.OPS_CHOICES
-
-# Op sets that do not yet store keys and values at their own widths (issue 26). Whoever adds
-# k_bits != v_bits to an op set deletes its entry here (and un-skips it in the contract test).
-NO_SPLIT_BITS = {"cpu"}
-
-
-# Op sets that store only fp16 (scale, zero) group metadata (issue 26's leaner metadata axis).
-FP16_META_ONLY = {"cpu"}
-
-
-def check_supports(layout: RegionLayout, op_set_name: str) -> None:
-    """Raise a clear error when op set ``op_set_name`` cannot serve ``layout``."""
-    if layout.k_bits != layout.v_bits and op_set_name in NO_SPLIT_BITS:
-        raise RuntimeError(
-            f"MiKV op set {op_set_name!r} does not support keys and values at different widths yet "
-            f"(k_bits {layout.k_bits}, v_bits {layout.v_bits}); set {OPS_ENV}=torch for this config")
-    if layout.group_meta != "fp16" and layout.has_lo and op_set_name in FP16_META_ONLY:
-        raise RuntimeError(
-            f"MiKV op set {op_set_name!r} does not support group_meta {layout.group_meta!r} yet; "
-            f"set {OPS_ENV}=torch for this config")
-
 
 def ops_choice() -> str:
     """``MIKV_VLLM_OPS``: ``auto`` (default; Triton on CUDA, the fused C++ op on CPU), ``torch``
@@ -39,15 +17,11 @@ def ops_choice() -> str:
     return envs.ops()
 
 
-def get_ops(device, layout: RegionLayout | None = None) -> MiKVOps:
+def get_ops(device) -> MiKVOps:
     """The op set for ``device`` by :func:`ops_choice`: ``TritonOps`` (``kernels``) where
     ``kernels.use_triton`` says so, ``CpuOps`` (``cpu``, built at first use; a build failure
-    raises) on CPU for ``auto`` / ``cpu``, else ``TorchOps``. With ``layout``, an op set that
-    cannot serve it raises (:func:`check_supports`) instead of being returned."""
-    ops = _choose_ops(device)
-    if layout is not None:
-        check_supports(layout, ops.name)
-    return ops
+    raises) on CPU for ``auto`` / ``cpu``, else ``TorchOps``."""
+    return _choose_ops(device)
 
 
 def _choose_ops(device) -> MiKVOps:

@@ -173,7 +173,7 @@ class MiKVMetadataBuilder(AttentionMetadataBuilder[MiKVMetadata]):
         self.layout = RegionLayout.build(config, block_size, head_size)
         self.heads = (num_heads, num_kv_heads)
         self.plans = PlanBuilder(config, self.layout, max_rows, max_cols, device)
-        self.ops = get_ops(device, self.layout)
+        self.ops = get_ops(device)
         self.capturable = use_triton(device)   # the Triton op set: decode rows keep vLLM's padding
 
     def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata) -> MiKVMetadata:

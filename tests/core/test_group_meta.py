@@ -9,7 +9,6 @@ import torch
 from mikv_vllm.config import MiKVConfig, MiKVConfigError, preset
 from mikv_vllm.core.layout import RegionLayout
 from mikv_vllm.core.quant import (dequantize_codes, e5m2_round_up, pack_meta, quantize_codes, unpack_meta)
-from mikv_vllm.ops import select
 
 from ._helpers import decode_after_prefill, dense_attention
 
@@ -32,6 +31,8 @@ def test_pack_meta_round_trip_and_bytes():
     packed = pack_meta(sz)
     assert packed.shape == (3, 5, 2, 3) and packed.dtype == torch.uint8
     assert torch.equal(unpack_meta(packed), sz)
+    one = sz[:1, :1, :1]                      # one group of one token: size-1 dims with any strides
+    assert torch.equal(pack_meta(one), packed[:1, :1, :1]) and torch.equal(unpack_meta(pack_meta(one)), one)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -72,12 +73,3 @@ def test_fp8_scale_page_equals_dense_fake_quant(path):
     fp16 = dense_attention(q[length:], torch.cat([fq(k[:length], 4, False), k[length:]]),
                            torch.cat([fq(v[:length], 3, False), v[length:]]), SCALE, offset=length)
     assert (out - fp16).abs().max().item() > 1e-4                            # the scales really are fp8
-
-
-def test_other_op_sets_refuse_fp8_scale():
-    lay = RegionLayout.build(preset("mikv").replace(group_meta="fp8-scale"), 16, 64)
-    for name in sorted(select.FP16_META_ONLY):
-        with pytest.raises(RuntimeError, match=rf"'{name}' does not support group_meta 'fp8-scale'"):
-            select.check_supports(lay, name)
-    select.check_supports(lay, "torch")
-    select.check_supports(RegionLayout.build(preset("h2o").replace(group_meta="fp8-scale"), 16, 64), "cpu")  # no lo

@@ -36,6 +36,9 @@ CONFIGS = {
     "lossless-r1": MiKVConfig(policy="mikv", lo_bits=4, hi_ratio=1.0, hi_dtype="float32"),
     "h2o": preset("h2o"),
     "rtn": preset("rtn"),
+    # keys and values at their own widths, fp8-scale group metadata
+    "k4v3-fp8-scale": preset("mikv").replace(v_bits=3, group_meta="fp8-scale"),
+    "k2v8-nobal-g16": MiKVConfig(policy="mikv", k_bits=2, v_bits=8, hi_ratio=0.2, balancer=False, group_size=16),
 }
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow],
                     derandomize=True)
@@ -51,7 +54,7 @@ def page_states(draw, chunk: bool):
     ctxs = list(draw(st.lists(st.integers(0, 3 * n + 3), min_size=1, max_size=3)))
     seed = draw(st.integers(0, 2**20))
     share = 0                                      # blocks request 0 reads from request 1 (prefix caching)
-    if len(ctxs) >= 2 and cfg.lo_bits and draw(st.booleans()):
+    if len(ctxs) >= 2 and cfg.has_lo and draw(st.booleans()):
         share = draw(st.integers(1, 2))
         ctxs[0] = max(ctxs[0], share * n + draw(st.integers(0, n - 1)))
         ctxs[1] = max(ctxs[1], share * n)
@@ -177,8 +180,8 @@ def _meta_fault(lay, kind, amount):
         small = 0 < lay.hi_slots < lay.block_size and amount % 2 == 0
         fields["hi_slots"] = lay.block_size if small else lay.block_size + amount    # a slot per position: past the page
     elif kind == "meta offset":    # one sub-array starts near or past the region's end
-        live = [(name, on) for name, on in [("k_lo", lay.bits), ("v_lo", lay.bits), ("k_sz", lay.bits),
-                                            ("v_sz", lay.bits), ("score", lay.hi_slots), ("tag", lay.hi_slots),
+        live = [(name, on) for name, on in [("k_lo", lay.has_lo), ("v_lo", lay.has_lo), ("k_sz", lay.has_lo),
+                                            ("v_sz", lay.has_lo), ("score", lay.hi_slots), ("tag", lay.hi_slots),
                                             ("k_hi", lay.hi_slots), ("v_hi", lay.hi_slots),
                                             ("balancer", lay.has_balancer)] if on]
         fields[live[amount % len(live)][0]] = lay.region_bytes - 1 - amount % 3 if amount % 4 else -4 * amount

@@ -17,16 +17,19 @@ def _layout(**kw):
 
 
 def test_layout_carries_its_fields_and_is_cached():
-    lay = _layout()
+    lay = _layout(k_bits=4, v_bits=3, lo_bits=None, group_meta="fp8-scale")
     got = cpp_layout(lay)
     assert isinstance(got, load().Layout)
-    assert (got.block_size, got.head_dim, got.bits, got.hi_slots, got.region_bytes) == (
-        lay.block_size, lay.head_dim, lay.bits, lay.hi_slots, lay.region_bytes)
+    assert (got.block_size, got.head_dim, got.k_bits, got.v_bits, got.group_meta, got.hi_slots,
+            got.region_bytes) == (lay.block_size, lay.head_dim, 4, 3, 1, lay.hi_slots, lay.region_bytes)
     assert cpp_layout(lay) is got
+    assert cpp_layout(_layout()).group_meta == 0
 
 
 BAD = {
-    "bits": (5, "bits 5"),
+    "k_bits": (5, "k_bits 5 v_bits 4"),
+    "v_bits": (1, "k_bits 4 v_bits 1"),
+    "group_meta": (2, "group meta code 2"),
     "group": (0, "group 0"),
     "hi_dtype": (4, "hi dtype code 4"),
     "score_dtype": (1, "score dtype code 1"),
@@ -41,6 +44,8 @@ BAD = {
 
 @pytest.mark.parametrize("field", sorted(BAD))
 def test_bad_field_raises_at_construction(field):
+    """Each bad field raises naming itself (``k_bits``/``v_bits`` checked apart: a width the codes
+    do not have in either)."""
     fields = layout_fields(_layout())
     value, message = BAD[field]
     fields[field] = value
@@ -56,4 +61,26 @@ def test_fields_are_named_and_all_required():
         load().Layout(**{k: v for k, v in fields.items() if k != "tag"})
     with pytest.raises(TypeError):
         load().Layout(**fields, slots=3)
+    with pytest.raises(TypeError):
+        load().Layout(**{k: v for k, v in fields.items() if k not in ("k_bits", "v_bits")}, bits=4)   # no `bits`
     load().Layout(**fields)   # the good fields construct
+
+
+def test_keys_and_values_evicted_together():
+    """One width 0 and the other not: neither an eviction layout nor a lo one."""
+    fields = layout_fields(_layout())
+    fields["v_bits"] = 0
+    with pytest.raises(RuntimeError, match="mikv_cpu: k_bits 4 v_bits 0 .*both evicted or both kept"):
+        load().Layout(**fields)
+
+
+def test_fp8_meta_records_inside_the_region():
+    """fp8-scale records are 3 bytes (1-byte aligned) and must fit: k_sz / v_sz placed at the region's
+    end minus fewer bytes than N * groups * 3 raise."""
+    lay = _layout(group_meta="fp8-scale")
+    fields = layout_fields(lay)
+    fields["v_sz"] = lay.region_bytes - lay.block_size * lay.groups * 3 + 1
+    with pytest.raises(RuntimeError, match="mikv_cpu: layout puts v_sz"):
+        load().Layout(**fields)
+    fields["v_sz"] = lay.v_sz + 1            # odd offsets are fine for 3-byte records
+    load().Layout(**fields)

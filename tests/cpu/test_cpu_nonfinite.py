@@ -11,7 +11,7 @@ import torch
 from mikv_vllm.config import MiKVConfig
 from mikv_vllm.core import reference as ref
 from mikv_vllm.core.layout import RegionLayout
-from mikv_vllm.core.quant import quantize, to_hi
+from mikv_vllm.core.quant import pack_meta, quantize, to_hi, unpack_meta
 from mikv_vllm.cpu import CpuOps, load
 from mikv_vllm.cpu.ops import cpp_layout
 
@@ -43,14 +43,22 @@ def _raw_poisoned_kv(d: int, group: int):
     return k, v
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+# (k_bits, v_bits, group_meta): each width for keys and values, alike and apart, both metadata formats
+STORES = [(2, 2, "fp16"), (3, 3, "fp16"), (4, 4, "fp16"), (8, 8, "fp16"), (4, 2, "fp8-scale"), (2, 8, "fp8-scale"),
+          (8, 3, "fp16"), (3, 4, "fp8-scale"), (8, 8, "fp8-scale")]
+
+
+@pytest.mark.parametrize("kv", STORES, ids=[f"k{k}v{v}-{m}" for k, v, m in STORES])
 @pytest.mark.parametrize("entry", ["decode", "prefill"])
-def test_raw_cpp_store_of_non_finite_is_defined(bits, entry):
+def test_raw_cpp_store_of_non_finite_is_defined(kv, entry):
     """The C++ quantizer and hi store without the op set's sanitizing: codes and (scale, zero) equal
-    core.quant.quantize of the same values (NaN -> 0, +-inf -> +-65504), every (scale, zero) finite,
+    core.quant.quantize of the same values (NaN -> 0, +-inf -> +-65504; keys at k_bits, values at
+    v_bits; fp8-scale records as quant.pack_meta packs them) byte for byte, every (scale, zero) finite,
     and the hi copy (r = 1, fp32) equals quant.to_hi (NaN -> 0)."""
     d, group, n = 32, 8, 8
-    cfg = MiKVConfig(policy="mikv", lo_bits=bits, hi_ratio=1.0, hi_dtype="float32", balancer=False, group_size=group)
+    k_bits, v_bits, meta_format = kv
+    cfg = MiKVConfig(policy="mikv", k_bits=k_bits, v_bits=v_bits, hi_ratio=1.0, hi_dtype="float32", balancer=False,
+                     group_size=group, group_meta=meta_format)
     lay = RegionLayout.build(cfg, n, d)
     k, v = _raw_poisoned_kv(d, group)
     q = torch.randn(1, 1, d, generator=torch.Generator().manual_seed(4))
@@ -66,10 +74,12 @@ def test_raw_cpp_store_of_non_finite_is_defined(bits, entry):
                             zero, zero)
     off = 0 if entry == "decode" else 1
     views = lay.views(pages)
-    for x, lo, sz in ((k, views.k_lo, views.k_sz), (v, views.v_lo, views.v_sz)):
-        want_lo, want_sz = quantize(x[0], bits, group)
-        assert torch.isfinite(sz[1, 0, off].float()).all()
-        assert torch.equal(sz[1, 0, off], want_sz[0]) and torch.equal(lo[1, 0, off], want_lo[0])
+    for x, bits, lo, sz in ((k, k_bits, views.k_lo, views.k_sz), (v, v_bits, views.v_lo, views.v_sz)):
+        want_lo, want_sz = quantize(x[0], bits, group, lay.scale_fp8)
+        got_sz = unpack_meta(sz[1, 0, off]) if lay.scale_fp8 else sz[1, 0, off]
+        assert torch.isfinite(got_sz.float()).all()
+        want_bytes = pack_meta(want_sz[0]) if lay.scale_fp8 else want_sz[0]
+        assert torch.equal(sz[1, 0, off], want_bytes) and torch.equal(lo[1, 0, off], want_lo[0])
     tags = views.tag[1, 0]
     slot = int((tags == off + 1).nonzero()[0, 0])
     assert torch.equal(views.k_hi[1, 0, slot], to_hi(k[0, 0], torch.float32))

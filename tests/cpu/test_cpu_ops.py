@@ -31,6 +31,15 @@ CONFIGS = {
                                    hi_dtype="float8_e4m3fn"), 3, 64),
     "rtn-int4-g64": (preset("rtn-int4").replace(group_size=64), 2, 64),
     "h2o-fp8-hi": (preset("h2o").replace(hi_dtype="float8_e4m3fn"), 2, 64),
+    # keys and values at their own widths (the QK and P.V loops dispatch them apart), fp8-scale metadata;
+    # fixed shapes (G, D) (3, 64), (4, 64), (2, 128) and runtime ones, groups of 64, 16, 8
+    "k4v3-fp8-scale": (preset("mikv").replace(v_bits=3, group_meta="fp8-scale"), 3, 64),
+    "k2v4-g16-fp16-hi": (MiKVConfig(policy="mikv", k_bits=2, v_bits=4, hi_ratio=0.25, group_size=16), 4, 64),
+    "k8v2-fp8-scale-g8-gqa1": (MiKVConfig(policy="mikv", k_bits=8, v_bits=2, hi_ratio=0.2, group_size=8,
+                                          balancer=False, group_meta="fp8-scale"), 1, 32),
+    "k3v8-fp8-scale-d128": (MiKVConfig(policy="mikv", k_bits=3, v_bits=8, hi_ratio=0.1,
+                                       group_meta="fp8-scale"), 2, 128),
+    "rtn-k4v2-fp8-scale": (preset("rtn-int4").replace(v_bits=2, group_meta="fp8-scale"), 2, 64),
 }
 HKV = 2
 
@@ -89,7 +98,8 @@ def test_decode_step_matches_reference(name):
     assert torch.equal(mine[unused], regions[unused])
 
 
-@pytest.mark.parametrize("name", ["mikv", "int4-fp32-hi", "h2o", "int3-group16-all-hi", "int3-fp8-hi-g64"])
+@pytest.mark.parametrize("name", ["mikv", "int4-fp32-hi", "h2o", "int3-group16-all-hi", "int3-fp8-hi-g64",
+                                  "k4v3-fp8-scale", "k2v4-g16-fp16-hi"])
 def test_forward_decode_steps_match_reference(name):
     cfg, group, d = CONFIGS[name]
     lay, regions, table, qkv, unused = _setup(cfg, group, d, seed=1)
@@ -106,7 +116,7 @@ def test_forward_decode_steps_match_reference(name):
     assert torch.equal(mine[unused], regions[unused])
 
 
-@pytest.mark.parametrize("name", ["mikv", "int4-fp32-hi", "int3-group16-all-hi"])
+@pytest.mark.parametrize("name", ["mikv", "int4-fp32-hi", "int3-group16-all-hi", "k8v2-fp8-scale-g8-gqa1"])
 def test_shared_rows_match_reference(name):
     """Rows reading shared prefix blocks (own_from > 0): request 0 reads request 5's first two
     blocks (as after a prefix-cache hit) while request 5 keeps writing them."""

@@ -15,7 +15,7 @@ import torch
 
 from mikv_vllm.core import reference as ref
 from mikv_vllm.ops import torch_decode as tdec
-from mikv_vllm.core.quant import unpack_codes
+from mikv_vllm.core.quant import unpack_codes, unpack_meta
 from mikv_vllm.cpu import decode_step
 
 from core._helpers import assert_pages
@@ -35,8 +35,9 @@ def int8_lo_logits(regions, lay, table, pos, q, scale, bal):
     h = regions.shape[1]
     lmax = int(pos.max())
     blocks = table[:, : -(-lmax // n)].long()
-    codes = _per_head(unpack_codes(views.k_lo[blocks], lay.bits, d))[:, :, :lmax].double()   # [B, H, L, D]
-    sz = _per_head(views.k_sz[blocks].float())[:, :, :lmax].double()                          # [B, H, L, NG, 2]
+    codes = _per_head(unpack_codes(views.k_lo[blocks], lay.k_bits, d))[:, :, :lmax].double()  # [B, H, L, D]
+    k_sz = unpack_meta(views.k_sz[blocks]) if lay.scale_fp8 else views.k_sz[blocks]
+    sz = _per_head(k_sz.float())[:, :, :lmax].double()                                        # [B, H, L, NG, 2]
     ql = (q.float() * scale).reshape(bsz, h, hq // h, d)
     if bal is not None:
         ql = ql / bal[:, :, None, :]
@@ -76,7 +77,7 @@ def model_step(regions, lay, cfg, table, pos, q, k, v, scale, upkeep):
     h = regions.shape[1]
     qs = (q.float() * scale).reshape(bsz, h, hq // h, d).double()
     logits = torch.einsum("bhgd,bhld->bhgl", qs, k_ctx.double())
-    if lay.bits and int(pos.max()):
+    if lay.has_lo and int(pos.max()):
         lo = ~hi_mask(regions, lay, table, pos)
         logits = torch.where(lo[:, :, None], int8_lo_logits(regions, lay, table, pos, q, scale, bal), logits)
     out = torch.empty(bsz, h, hq // h, d, dtype=torch.float64)

@@ -30,8 +30,6 @@ SPLIT = {"mikv-k4v3": lambda: preset("mikv").replace(v_bits=3, name="mikv-k4v3")
          "mikv-paper-k2v4": lambda: preset("mikv-paper").replace(k_bits=2, v_bits=4, name="mikv-paper-k2v4"),
          # leaner group metadata (fp8 e5m2 scale, fp16 zero)
          "mikv-k4v3-fp8-scale": lambda: preset("mikv").replace(v_bits=3, group_meta="fp8-scale", name="k4v3-fp8-scale")}
-# op sets that do not store k_bits != v_bits yet (ops.select.NO_SPLIT_BITS); whoever adds support un-skips
-SPLIT_NOT_YET = {"cpu"}
 DECODE_STEPS = 4
 
 
@@ -73,15 +71,9 @@ def _config(name: str):
     return preset(name)
 
 
-def _skip_split(ops_name: str, name: str) -> None:
-    if name in SPLIT and ops_name in SPLIT_NOT_YET:
-        pytest.skip("not yet: this op set refuses k_bits != v_bits and fp8-scale metadata (ops.select.check_supports)")
-
-
 @pytest.mark.parametrize("preset_name", PRESETS + list(SPLIT))
 @pytest.mark.parametrize("ops_name", OP_SETS)
 def test_op_set_matches_the_oracle(ops_name, preset_name):
-    _skip_split(ops_name, preset_name)
     ops = op_set(ops_name)
     assert isinstance(ops, MiKVOps)
     cfg = _config(preset_name)
@@ -118,7 +110,6 @@ def test_op_set_reads_shared_prefix_blocks_as_the_oracle(ops_name, preset_name):
     """Request 1 reads request 0's first two blocks (a prefix-cache hit, ``own_from`` 2): its chunk and
     its decode rows match the oracle; nothing in the shared blocks changes. Triton raises (the engine
     keeps prefix caching off on CUDA)."""
-    _skip_split(ops_name, preset_name)
     ops = op_set(ops_name)
     cfg = _config(preset_name)
     lay, regions, table = _pages(cfg, seed=2)
