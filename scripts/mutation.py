@@ -267,6 +267,13 @@ MUTATIONS = [
     Mutation("padded-rows-write", "rows of a captured batch's padding (seq_len 0) store into the page",
              ((KSP, "    if seq > 0:                                          # seq 0: a padded row, no-op",
                "    if seq >= 0:                                          # seq 0: a padded row, no-op"),)),
+    Mutation("triton-hi-lookup-own-block", "the Triton decode looks a position's hi copy up among its own block's "
+             "tags only (hi copies live in any block of the row: core.layout)",
+             ((KSP, "        ok = m & (tag > 0) & (tag <= ctx)\n",
+               "        ok = m & (tag > 0) & (tag <= ctx) & ((tag - 1) // N == s // R)\n"),
+              (KDE, "    ok = (tags > 0) & (tags <= ctx[:, None, None, None]) & live[:, :, None, None]\n",
+               "    ok = (tags > 0) & (tags <= ctx[:, None, None, None]) & live[:, :, None, None] & "
+               "((tags - 1) // n == torch.arange(nb, device=dev)[None, :, None, None])\n"))),
     Mutation("rotation-not-orthogonal", "the Hadamard rotation is scaled by 1/D instead of 1/sqrt(D)",
              ((ROT, "    return signs[:, None] * hadamard(d) / math.sqrt(d)", "    return signs[:, None] * hadamard(d) / d"),)),
     # issue 25: the rotation folded into the Triton decode step (tests/kernels/test_rotation_step.py)

@@ -143,6 +143,22 @@ def test_hi_slot_map_matches_tags():
             assert got == want and (len(want) > 0 or c < 8)
 
 
+
+def test_step_batches_hold_hi_copies_in_other_blocks():
+    """A hi copy sits in the lowest free slot of any block of its row, not in its position's block:
+    the decode-step batch of ``test_forward_decode_steps_match_reference`` (cases[1]) holds such
+    copies, so a lookup of a position's hi copy among its own block's tags alone fails that test."""
+    bits, hi_ratio, group, head_dim, balancer, n = CASES[1]
+    ctxs = [21, 0, 15]
+    layout, regions, tables, *_ = build_batch(make_config(bits, hi_ratio, balancer), n, head_dim, 2, group, ctxs,
+                                              seed=11)
+    tags, cross = layout.views(regions).tag, 0
+    for i, c in enumerate(ctxs):
+        for j in range(-(-c // n)):
+            t = tags[int(tables[i, j])].long()                                         # [H, R]
+            cross += int(((t > 0) & (t <= c) & ((t - 1) // n != j)).sum())
+    assert cross > 0
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_decode_attention_low_precision_queries(dtype):
     """fp16 queries take the fp16 tensor-core dot path, bf16 queries the tf32 path (fp32
