@@ -323,12 +323,17 @@ MUTATIONS = [dataclasses.replace(m, edits=m.edits + PRE_EDITS.get(m.name, ()) + 
              for m in MUTATIONS]
 
 
+def targets_of(rel: str) -> tuple[str, ...]:
+    """The files an edit of ``rel`` applies to: REF's edits reach every torch file (``TORCH``)."""
+    return TORCH if rel == REF else (rel,)
+
+
 def apply(mutation: Mutation, root: Path, files: list[str] | None = None) -> list[str]:
     """Apply every edit of ``mutation`` (in ``files``, when given) under ``root``; return the edits
     that found no match."""
     missing = []
     for rel, old, new in edits_in(mutation, files):
-        targets = [f for f in TORCH if not files or f in files] if rel == REF else [rel]
+        targets = [f for f in targets_of(rel) if rel != REF or not files or f in files]
         hit = False
         for target in targets:
             path = root / target
@@ -345,7 +350,7 @@ def syntax_errors(root: Path, mutation: Mutation) -> list[str]:
     """The Python files ``mutation`` edits that no longer compile under ``root`` (a mutation must
     break behaviour, not the syntax: a SyntaxError would "kill" it without testing anything)."""
     errors = []
-    for rel in sorted({t for f, _, _ in mutation.edits for t in (TORCH if f == REF else (f,))}):
+    for rel in sorted({t for f, _, _ in mutation.edits for t in targets_of(f)}):
         path = root / rel
         if rel.endswith(".py") and path.exists():
             try:
