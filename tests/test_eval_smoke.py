@@ -332,19 +332,22 @@ def test_screen_grid_covers_every_page_format_axis():
 
     cfgs = suite_configs("screen", 64, 128)
     assert cfgs[0].policy == "stock" and len({c.key() for c in cfgs}) == len(cfgs)
-    got = {(c.policy, (c.mikv["k_bits"], c.mikv["v_bits"]), c.mikv["hi_ratio"], c.mikv["group_size"],
-            c.mikv["hi_dtype"], c.mikv["rotation"], c.mikv["balancer"]) for c in cfgs[1:]}
-    mikv = {("mikv", (b, b), r, g, dt, rot, bal) for b, r, g, dt, rot, bal in itertools.product(
+    got = [(c.policy, (c.mikv["k_bits"], c.mikv["v_bits"]), c.mikv["hi_ratio"], c.mikv["group_size"],
+            c.mikv["hi_dtype"], c.mikv["rotation"], c.mikv["balancer"], c.mikv["group_meta"]) for c in cfgs[1:]]
+    mikv = {("mikv", (b, b), r, g, dt, rot, bal, "fp16") for b, r, g, dt, rot, bal in itertools.product(
         (2, 3, 4), (0.05, 0.1), (32, 64), ("float16", "float8_e4m3fn"), (False, True), (True, False))
         if bal or rot}                                                     # balancer off only when rotated
     kv = [(2, 2), (3, 3), (4, 4), (4, 3), (4, 2)]                          # keys and values apart (issue 26)
-    mikv |= {("mikv", b, 0.03, 64, "float8_e4m3fn", rot, bal)               # the lean small-r rows
+    mikv |= {("mikv", b, 0.03, 64, "float8_e4m3fn", rot, bal, "fp16")       # the lean small-r rows
              for b, rot, bal in itertools.product(kv, (False, True), (True, False)) if bal or rot}
-    rtn = {("rtn", (b, b), 0.0, g, "float16", rot, False)
+    mikv |= {("mikv", b, 0.03, 64, "float8_e4m3fn", rot, bal, "fp8-scale")  # split rows: 3-byte group metadata
+             for b, rot, bal in itertools.product(kv[3:], (False, True), (True, False)) if bal or rot}
+    rtn = {("rtn", (b, b), 0.0, g, "float16", rot, False, "fp16")
            for b, g, rot in itertools.product((2, 3, 4), (32, 64), (False, True))}
-    rtn |= {("rtn", b, 0.0, 64, "float16", rot, False) for b, rot in itertools.product(kv[3:], (False, True))}
-    h2o = {("h2o", (0, 0), r, None, dt, False, False) for r in (0.2, 0.3, 0.4) for dt in ("float16", "float8_e4m3fn")}
-    assert got == mikv | rtn | h2o
+    rtn |= {("rtn", b, 0.0, 64, "float16", rot, False, "fp16") for b, rot in itertools.product(kv[3:], (False, True))}
+    h2o = {("h2o", (0, 0), r, None, dt, False, False, "fp16")
+           for r in (0.2, 0.3, 0.4) for dt in ("float16", "float8_e4m3fn")}
+    assert len(got) == len(set(got)) and set(got) == mikv | rtn | h2o
     sizes = [RegionLayout.build(c.config(), 128, 64).content_bytes for c in cfgs[1:]]
     assert sizes == sorted(sizes)                                          # cheapest first
     by_label = {c.label: c for c in cfgs}
@@ -369,7 +372,8 @@ def test_split_width_configs_names_families_and_bytes():
     screen = {c.label: c for c in C.screen_configs(64, 128)}
     want = {"rtn-k4v3-g64-rot": 64, "rtn-k4v2-g64-rot": 56, "rtn-k4v3-g64": 64,
             "mikv-k4v3-r0.03-g64-fp8": 70, "mikv-k4v3-r0.03-g64-fp8-rot-nobal": 69,
-            "mikv-k4v2-r0.03-g64-fp8": 62, "mikv-k4v2-r0.03-g64-fp8-rot-nobal": 61}
+            "mikv-k4v2-r0.03-g64-fp8": 62, "mikv-k4v2-r0.03-g64-fp8-rot-nobal": 61,
+            "mikv-k4v3-r0.03-g64-fp8-fp8scale": 68, "mikv-k4v2-r0.03-g64-fp8-fp8scale-rot-nobal": 59}
     assert {label: C.bytes_of(screen[label].config(), 64, 128) for label in want} == want
     cfg = screen["mikv-k4v3-r0.03-g64-fp8"]
     assert (cfg.mikv["k_bits"], cfg.mikv["v_bits"], cfg.family) == (4, 3, "mikv K4/V3 g64-fp8")

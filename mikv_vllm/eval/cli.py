@@ -89,6 +89,9 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--targets", type=_floats, default=None, help="sweep targets (fractions of a 16-bit cache)")
     p.add_argument("--screen", default=None, help="frontier: the screen summary.json to pick configs from "
                    "(default: docs/results/screen/summary.json)")
+    p.add_argument("--reuse", default=None, help="comma-separated summary.json files of earlier runs: configs they "
+                   "measured with the same workload, model and KV memory are carried into this report instead of "
+                   "run again (stock always runs; the carried ratios are taken against it)")
     _common_args(p)
 
 
@@ -238,19 +241,26 @@ def run_eval(args: argparse.Namespace) -> int:
                          if suite == "screen" else None)
     out = Path(args.out or f"{DEFAULT_OUT}-{suite}{'-quick' if args.quick else ''}")
     settings = _settings(args, model)
+    carried: list[dict] = []
+    if args.reuse:
+        from .reuse import reuse_rows
+
+        cfgs, carried = reuse_rows([p.strip() for p in args.reuse.split(",") if p.strip()], cfgs,
+                                   workload.to_dict(), model, settings.kv_cache_memory_bytes)
+        print(f"[eval] {len(carried)} configs reused from {args.reuse}", file=sys.stderr)
     print(f"[eval] {len(cfgs)} engines ({suite}), {workload.num_requests()} requests each -> {out}", file=sys.stderr)
     done: list[dict] = []
 
     def partial(res: dict) -> None:  # keep the report current while a long sweep runs
         done.append(res)
         try:
-            write_report(done, out, _meta(args, model, workload, t0) | {"partial": True})
+            write_report(done, out, _meta(args, model, workload, t0) | {"partial": True}, carried=carried)
         except Exception as e:  # noqa: BLE001 - the final report below is what counts
             print(f"[eval] partial report failed: {e!r}", file=sys.stderr)
 
     results = run_configs(cfgs, workload, settings, out, jobs=args.jobs, fresh=args.fresh,
                           progress=not args.no_progress, desc=f"eval {suite}", on_result=partial)
-    summary = write_report(results, out, _meta(args, model, workload, t0))
+    summary = write_report(results, out, _meta(args, model, workload, t0), carried=carried)
     print(summary["markdown"])
     print(f"\n[eval] wrote {out / 'summary.json'}, {out / 'results.md'}"
           + (f", {summary['plot']}" if summary.get("plot") else "") + f" in {(time.time() - t0) / 60:.1f} min",

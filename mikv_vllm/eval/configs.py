@@ -55,6 +55,8 @@ SCREEN_LEAN = ((0.03, 64, "float8_e4m3fn"),)
 # groups of 64 (rotated and not) and on the lean mikv rows (r 0.03, g64, fp8; each rotation and
 # balancer setting). A fake-quant simulation put values at 3 bits almost free, at 2 bits not.
 SCREEN_SPLIT = ((4, 3), (4, 2))
+# group metadata of the split lean mikv rows: two fp16 (4 B a group) and the fp8 scale + int8 zero (3 B)
+SCREEN_SPLIT_META = ("fp16", "fp8-scale")
 SCREEN_SPLIT_RTN_GROUP = 64
 # A sweep cell is dropped when the closest reachable size is further than this
 # (relative) from the target: e.g. mikv cannot go below its rtn floor.
@@ -309,7 +311,7 @@ def format_label(config: MiKVConfig, head_dim: int) -> str:
     if config.hi_ratio and config.hi_dtype != "float16":
         parts.append({"float8_e4m3fn": "fp8"}.get(config.hi_dtype, config.hi_dtype))
     if config.has_lo and config.group_meta != "fp16":
-        parts.append(config.group_meta)
+        parts.append(config.group_meta.replace("-", ""))
     if config.rotation:
         parts.append("rot")
     if config.policy == "mikv" and not config.balancer:
@@ -323,7 +325,8 @@ def screen_configs(head_dim: int, block_size: int, lo_bits: Sequence[int] = SCRE
                    h2o_ratios: Sequence[float] = SCREEN_H2O_RATIOS,
                    rotated_balancer: Sequence[bool] = SCREEN_ROTATED_BALANCER,
                    lean: Sequence[tuple[float, int, str]] = SCREEN_LEAN,
-                   split: Sequence[tuple[int, int]] = SCREEN_SPLIT) -> list[EvalConfig]:
+                   split: Sequence[tuple[int, int]] = SCREEN_SPLIT,
+                   split_meta: Sequence[str] = SCREEN_SPLIT_META) -> list[EvalConfig]:
     """Page-format screening grid: mikv lo bits x r x group x hi dtype x rotation (rotated rows
     with each of ``rotated_balancer``), plus each ``lean`` (r, group, hi dtype) with every lo bits and
     rotation setting; r = 0 rows are
@@ -352,8 +355,10 @@ def screen_configs(head_dim: int, block_size: int, lo_bits: Sequence[int] = SCRE
             cfgs.append((rtn_config(kb, v_bits=vb, group_size=SCREEN_SPLIT_RTN_GROUP, rotation=rot), "rtn"))
             for r, g, dt in lean:
                 for bal in (rotated_balancer if rot else (True,)):
-                    c = mikv_config(kb, r, v_bits=vb, hi_dtype=dt, balancer=bal, group_size=g, rotation=rot)
-                    cfgs.append((c, f"mikv {family_bits(c)}"))
+                    for meta in split_meta:
+                        c = mikv_config(kb, r, v_bits=vb, hi_dtype=dt, balancer=bal, group_size=g, rotation=rot,
+                                        group_meta=meta)
+                        cfgs.append((c, f"mikv {family_bits(c)}"))
     cfgs += [(h2o_config(r, hi_dtype=dt), "h2o") for r in h2o_ratios for dt in hi_dtypes]
     out = []
     for c, fam in cfgs:

@@ -25,11 +25,15 @@ __all__ = ["FAMILY_STYLE", "OUT_OF_REACH", "PASSKEY_SLACK_TRIALS", "PPL_RATIO_MA
            "render_markdown", "retrieval_correct", "runs_on_any_head_dim", "summarize", "to_yaml", "write_report"]
 
 
-def write_report(results: Sequence[dict], out_dir: Path, meta: dict, with_pick: bool = True) -> dict[str, Any]:
-    """Write summary.json, results.md and quality.png into ``out_dir``; return the summary."""
+def write_report(results: Sequence[dict], out_dir: Path, meta: dict, with_pick: bool = True,
+                 carried: Sequence[dict] = ()) -> dict[str, Any]:
+    """Write summary.json, results.md and quality.png into ``out_dir``; return the summary. ``carried``:
+    rows reused from earlier reports (``--reuse``), listed in the meta."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    summary = summarize(results)
+    summary = summarize(results, carried)
+    if carried:
+        meta["reused"] = {p: sum(r["reused_from"] == p for r in carried) for p in dict.fromkeys(r["reused_from"] for r in carried)}
     if results:
         eng = results[0]["engine"]
         for k in ("block_size", "head_dim", "num_layers", "num_kv_heads", "dtype", "kv_cache_memory_bytes"):

@@ -134,7 +134,11 @@ def render_markdown(summary: dict, meta: dict, pick: dict | None) -> str:
              f"- runtime: {sum(r.get('seconds') or 0 for r in rows) / 60:.1f} engine-min over {len(rows)} engines "
              f"(each run's own time, cached runs included); this invocation {meta.get('runtime_s', 0) / 60:.1f} "
              f"min wall with {meta.get('jobs', 1)} job(s)"
-             + (f" (command: `{meta['command']}`)" if meta.get("command") else ""), ""]
+             + (f" (command: `{meta['command']}`)" if meta.get("command") else "")]
+    if meta.get("reused"):
+        parts += ["- reused: " + ", ".join(f"{n} rows from `{p}`" for p, n in meta["reused"].items())
+                  + " (same workload, model, KV memory and page bytes; their ratios are against this run's stock)"]
+    parts += [""]
     sweep = [r for r in rows if "sweep" in r["groups"]]
     if sweep:
         parts += ["## Policies x cache size (sweep)\n",

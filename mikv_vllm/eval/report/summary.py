@@ -29,8 +29,9 @@ def _group(recs: list[dict], key: str) -> dict[str, list[dict]]:
     return dict(sorted(out.items(), key=lambda kv: float(kv[0])))
 
 
-def summarize(results: Sequence[dict]) -> dict[str, Any]:
-    """Rows (one per config) + the stock reference + out-of-reach lengths."""
+def summarize(results: Sequence[dict], carried: Sequence[dict] = ()) -> dict[str, Any]:
+    """Rows (one per config) + the stock reference + out-of-reach lengths. ``carried``: rows of earlier
+    reports of the same workload (:mod:`..reuse`), appended with their ratios taken against this stock."""
     stock = next((r for r in results if r["config"]["policy"] == "stock"), None)
     ref_ppl = _ppl(stock) if stock else None
     ref_dec = _ppl(stock, "ppl_decode") if stock else None
@@ -96,10 +97,25 @@ def summarize(results: Sequence[dict]) -> dict[str, Any]:
         row["agreement_identical"] = identical if matches else None
         row["agreement_prompts"] = len(matches)
         rows.append(row)
+    rows += [_rebased(r, out_of_reach, ref_ppl, ref_dec, ref_cap) for r in carried]
     return {"rows": rows, "out_of_reach_lengths": out_of_reach,
             "agree_tokens": results[0]["workload"].get("agree_tokens") if results and "workload" in results[0] else None,
             "reference": {"ppl": ref_ppl, "ppl_decode": ref_dec, "capacity_tokens": ref_cap,
                           "passkey": next((r["passkey"] for r in rows if r["policy"] == "stock"), None)}}
+
+
+def _rebased(row: dict, out_of_reach: Sequence[str], ref_ppl: float | None, ref_dec: float | None,
+             ref_cap: int | None) -> dict:
+    """A carried row with its in-reach passkeys and ratios against this run's stock."""
+    row = dict(row)
+    inreach = [v for L, v in row["passkey"].items() if L not in out_of_reach]
+    row["passkey_correct"] = sum(v["correct"] for v in inreach)
+    row["passkey_trials"] = sum(v["trials"] for v in inreach)
+    row["passkey_acc"] = row["passkey_correct"] / row["passkey_trials"] if row["passkey_trials"] else None
+    row["ppl_ratio"] = row["ppl"] / ref_ppl if (row.get("ppl") and ref_ppl) else None
+    row["ppl_decode_ratio"] = row["ppl_decode"] / ref_dec if (row.get("ppl_decode") and ref_dec) else None
+    row["capacity_vs_stock"] = row["capacity_tokens"] / ref_cap if ref_cap else None
+    return row
 
 
 def _ppl(res: dict | None, probe: str = "ppl") -> float | None:
