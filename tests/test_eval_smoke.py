@@ -425,8 +425,9 @@ def test_results_stored_before_a_new_config_field_stay_cached():
 
 
 def test_default_pick_needs_a_config_that_runs_on_any_head_dim():
-    """A cheaper rotated config that passes is named, but the default is the cheapest one without rotation
-    (the Hadamard rotation needs a power-of-two head_dim)."""
+    """A rotated config is the default only when its unrotated fallback (what a model whose head_dim is not a
+    power of two serves) passes the bar too; a cheaper rotated config whose fallback was not measured or
+    fails is named, not picked."""
     from mikv_vllm.eval.configs import mikv_config
     from mikv_vllm.eval.report import pick_default, render_markdown, summarize
 
@@ -442,6 +443,13 @@ def test_default_pick_needs_a_config_that_runs_on_any_head_dim():
     assert flags == {"int4-rot": (True, False, False), "int4-lean": (True, True, True)}
     assert pick["chosen"]["label"] == "int4-lean" and pick["rotated"]["label"] == "int4-rot"
     assert "Fewer bytes pass with the rotation: `int4-rot`" in render_markdown(s, {"head_dim": 64}, pick)
+    # K4/V3 rotated (balancer on) at 70 B: picked over the 78 B config while its unrotated fallback passes
+    k4v3 = dict(v_bits=3, **lean)
+    rot = _fake_result("k4v3-rot", "mikv", mikv_config(4, 0.03, rotation=True, **k4v3).to_dict(), 10, 201.0)
+    for fallback_nll, chosen in ((202.0, "k4v3-rot"), (204.0, "int4-lean")):
+        plain = _fake_result("k4v3", "mikv", mikv_config(4, 0.03, **k4v3).to_dict(), 10, fallback_nll)
+        pick = pick_default(summarize([*results, rot, plain]))
+        assert pick["chosen"]["label"] == chosen, fallback_nll
 
 
 def test_compact_table_sums_retrieval_from_the_committed_frontier():

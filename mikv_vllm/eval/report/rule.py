@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from ..configs import EvalConfig
+
 PPL_RATIO_MAX = 1.03        # default-pick rule
 PASSKEY_SLACK_TRIALS = 1    # default-pick rule: within one trial of full cache
 
@@ -21,18 +23,29 @@ def passes_rule(row: dict, stock: dict | None) -> bool:
                 and (dec is None or dec <= PPL_RATIO_MAX))
 
 
-def runs_on_any_head_dim(config: dict) -> bool:
-    """Whether a config serves every model: the Hadamard rotation needs a power-of-two head_dim
-    (64 / 128 / 256, not Phi-3's 96 or Phi-2's 80), so a rotated config cannot be the product default."""
-    return not config.get("rotation")
+def runs_on_any_head_dim(row: dict, rows: Sequence[dict], stock: dict | None) -> bool:
+    """Whether a config serves every model at the quality bar. The Hadamard rotation needs a power-of-two
+    head_dim (64 / 128 / 256, not Phi-3's 96 or Phi-2's 80); elsewhere a rotated config serves its
+    unrotated variant (``MiKVConfig.for_head_dim``). So: unrotated, or that fallback is among ``rows``
+    and passes the bar too."""
+    config = row["config"] or {}
+    if not config.get("rotation"):
+        return True
+    fallback = _config_key({**config, "rotation": False})
+    return any(r["config"] and _config_key(r["config"]) == fallback and passes_rule(r, stock) for r in rows)
+
+
+def _config_key(config: dict) -> str:
+    return EvalConfig(label="", policy=config.get("policy", "mikv"), mikv=config).key()
 
 
 def pick_default(summary: dict, families: Sequence[str] | None = None,
                  max_fraction: float | None = None) -> dict[str, Any]:
     """The fewest-bytes mikv-policy config that passes the quality bar (:func:`passes_rule`), that no
     baseline beats (:func:`dominating_baselines`: a rtn / h2o config with no more bytes that is at least
-    as good on retrieval, PPL and decode PPL) and that runs on any head_dim (:func:`runs_on_any_head_dim`;
-    ``mikv-vllm tune`` recommends rotated configs for a model that takes them).
+    as good on retrieval, PPL and decode PPL) and that serves any head_dim at the bar
+    (:func:`runs_on_any_head_dim`: no rotation, or its unrotated fallback passes too; ``mikv-vllm tune``
+    recommends the other rotated configs for a model that takes them).
 
     ``max_fraction`` restricts to configs at most that share of a 16-bit cache (the tuner's budget).
     Returns {"chosen": row | None, "candidates": [...], "rule": str, "bar_only": row | None} (``bar_only``:
@@ -41,7 +54,8 @@ def pick_default(summary: dict, families: Sequence[str] | None = None,
     stock = next((r for r in rows if r["policy"] == "stock"), None)
     rule = (f"fewest bytes among mikv configs with passkey correct >= full-cache correct - "
             f"{PASSKEY_SLACK_TRIALS} (in-reach lengths), PPL ratio <= {PPL_RATIO_MAX} (chunked and decode), "
-            f"no rtn / h2o config with no more bytes at least as good, and it runs on any head_dim (no rotation)")
+            f"no rtn / h2o config with no more bytes at least as good, and it serves any head_dim at that bar "
+            f"(no rotation, or its unrotated fallback passes too)")
     if stock is None:
         return {"chosen": None, "candidates": [], "rule": rule, "why": "no stock (full-cache) result"}
     ok = []
@@ -54,7 +68,7 @@ def pick_default(summary: dict, families: Sequence[str] | None = None,
             continue
         bar = passes_rule(r, stock)
         beaten = [b["label"] for b in dominating_baselines(summary, r)] if bar else []
-        portable = runs_on_any_head_dim(r["config"])
+        portable = runs_on_any_head_dim(r, rows, stock)
         ok.append({**r, "passes_bar": bar, "beaten_by": beaten, "any_head_dim": portable,
                    "passes": bar and not beaten and portable})
     order = lambda r: (r["bytes_per_token_per_head"], r["ppl_ratio"])   # noqa: E731
