@@ -326,11 +326,16 @@ def _type_names(types: type | tuple[type, ...]) -> str:
 # ------------------------------------------------------------------- presets
 # `mikv-paper` is the paper's headline and never changes. `mikv` is the product
 # default, picked by the quality benchmark's rule (docs/quality.md, "Default rule"):
-# on the embedded model that is INT4 in one group of 64 channels, r = 0.03, fp8 hi copies.
-# `mikv-int3-r05` is the lean point of the measured frontier (INT3, rotation, no balancer).
+# on the embedded model that is keys in INT4 and values in INT3, one group of 64 channels
+# with an fp8 scale (3 B of group metadata), r = 0.03, fp8 hi copies, balancer.
+# `mikv-int4-r03` is the same with values in INT4 and fp16 scale + zero (the best perplexity
+# at 78 B); `mikv-int3-r05` an INT3 point with rotation and no balancer.
 PRESETS: dict[str, dict[str, Any]] = {
     "mikv-paper": dict(policy="mikv", lo_bits=2, hi_ratio=0.2, balancer=True, hi_dtype="float16"),
-    "mikv": dict(policy="mikv", lo_bits=4, group_size=64, hi_ratio=0.03, hi_dtype="float8_e4m3fn", balancer=True),
+    "mikv": dict(policy="mikv", k_bits=4, v_bits=3, group_size=64, hi_ratio=0.03, hi_dtype="float8_e4m3fn",
+                 balancer=True, group_meta="fp8-scale"),
+    "mikv-int4-r03": dict(policy="mikv", lo_bits=4, group_size=64, hi_ratio=0.03, hi_dtype="float8_e4m3fn",
+                          balancer=True),
     "mikv-int3-r05": dict(policy="mikv", lo_bits=3, group_size=64, hi_ratio=0.05, hi_dtype="float8_e4m3fn",
                           balancer=False, rotation=True),
     "mikv-int4": dict(policy="mikv", lo_bits=4, hi_ratio=0.2, balancer=True),

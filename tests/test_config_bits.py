@@ -43,14 +43,14 @@ def test_eviction_needs_both_zero():
 
 
 def test_replace_and_from_dict_resolve_the_alias():
-    base = preset("mikv")                                            # lo_bits 4
+    base = preset("mikv-int4-r03")                                   # lo_bits 4
     assert base.replace(v_bits=3).k_bits == 4 and base.replace(v_bits=3).v_bits == 3
     assert base.replace(v_bits=3).replace(lo_bits=2).to_dict()["v_bits"] == 2    # lo_bits overrides both
     assert base.replace(lo_bits=3) == base.replace(k_bits=3, v_bits=3)
-    cfg = MiKVConfig.from_dict({"preset": "mikv", "v_bits": 3})
-    assert (cfg.k_bits, cfg.v_bits, cfg.name) == (4, 3, "mikv+custom")
+    cfg = MiKVConfig.from_dict({"preset": "mikv-int4-r03", "v_bits": 3})
+    assert (cfg.k_bits, cfg.v_bits, cfg.name) == (4, 3, "mikv-int4-r03+custom")
     assert MiKVConfig.from_dict({"preset": "mikv", "lo_bits": 3}).v_bits == 3
-    assert MiKVConfig.from_dict({"preset": "mikv", "lo_bits": 4}).name == "mikv"   # no change: the preset's name
+    assert MiKVConfig.from_dict({"preset": "mikv", "v_bits": 3}).name == "mikv"   # no change: the preset's name
     with pytest.raises(MiKVConfigError, match="lo_bits"):
         MiKVConfig.from_dict({"preset": "mikv", "lo_bits": 3, "k_bits": 4})
     assert MiKVConfig.from_dict(cfg.to_dict()) == cfg.replace(name=cfg.to_dict()["name"])

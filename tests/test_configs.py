@@ -223,7 +223,7 @@ def test_bad_config_fails_naming_the_field(tmp_path, capsys, text, field_name):
 
 
 _DOC_ROW = re.compile(
-    r"^\| `configs/([\w-]+)\.yaml` \| (\w+) \| (\d+) \| ([\d.]+) \| (.+?) \| (.+?) \| (.+?) \| (.+?) \|", re.M)
+    r"^\| `configs/([\w-]+)\.yaml` \| (\w+) \| ([\w/]+) \| ([\d.]+) \| (.+?) \| (.+?) \| (.+?) \| (.+?) \|", re.M)
 
 
 def test_docs_presets_table_matches_layout():
@@ -233,7 +233,8 @@ def test_docs_presets_table_matches_layout():
     assert set(rows) == set(EXPECTED)
     for stem, (policy, bits, ratio, *cells) in rows.items():
         _, config = expected_config(stem)
-        assert (policy, int(bits), float(ratio)) == (config.policy, config.lo_bits, config.hi_ratio), stem
+        lo = str(config.k_bits) if config.k_bits == config.v_bits else f"K{config.k_bits}/V{config.v_bits}"
+        assert (policy, bits, float(ratio)) == (config.policy, lo, config.hi_ratio), stem
         want = []
         for d in (64, 128):
             for n in (16, 128):

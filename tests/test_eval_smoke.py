@@ -377,7 +377,7 @@ def test_split_width_configs_names_families_and_bytes():
     assert {label: C.bytes_of(screen[label].config(), 64, 128) for label in want} == want
     cfg = screen["mikv-k4v3-r0.03-g64-fp8"]
     assert (cfg.mikv["k_bits"], cfg.mikv["v_bits"], cfg.family) == (4, 3, "mikv K4/V3 g64-fp8")
-    assert cfg.config() == preset_mikv_with(v_bits=3, name=cfg.label)     # the default's values at 3 bits
+    assert cfg.config() == preset_mikv_with(v_bits=3, name=cfg.label)     # mikv-int4-r03's values at 3 bits
     assert C.cache_cost(cfg, 64, 128).bytes_per_token == 70
     frontier = {c.label: c for c in F.frontier_configs_from_screen([], 64, 128)}
     assert {"rtn-k4v3-g64-rot", "rtn-k4v2-g64-rot"} <= set(frontier)
@@ -387,7 +387,7 @@ def test_split_width_configs_names_families_and_bytes():
 def preset_mikv_with(**changes):
     from mikv_vllm.config import preset
 
-    return preset("mikv").replace(**changes)
+    return preset("mikv-int4-r03").replace(**changes)
 
 
 def test_tune_searches_keys_and_values_apart():
@@ -407,21 +407,21 @@ def test_results_stored_before_k_and_v_bits_stay_cached():
     from mikv_vllm.config import preset
     from mikv_vllm.eval.configs import EvalConfig
 
-    now = EvalConfig.from_mikv(preset("mikv"))
+    now = EvalConfig.from_mikv(preset("mikv-int4-r03"))
     stored = {k: v for k, v in now.mikv.items() if k not in ("k_bits", "v_bits")} | {"lo_bits": 4}
     old = EvalConfig.from_dict({**now.to_dict(), "mikv": stored})
     assert old.key() == now.key() and old.config() == now.config()
-    assert EvalConfig.from_mikv(preset("mikv").replace(v_bits=3)).key() != now.key()
+    assert EvalConfig.from_mikv(preset("mikv-int4-r03").replace(v_bits=3)).key() != now.key()
 
 
 def test_results_stored_before_a_new_config_field_stay_cached():
     from mikv_vllm.config import preset
     from mikv_vllm.eval.configs import EvalConfig
 
-    now = EvalConfig.from_mikv(preset("mikv"))
+    now = EvalConfig.from_mikv(preset("mikv-int4-r03"))
     old = EvalConfig.from_dict({**now.to_dict(), "mikv": {k: v for k, v in now.mikv.items() if k != "rotation"}})
     assert "rotation" not in old.mikv and old.key() == now.key()
-    assert EvalConfig.from_mikv(preset("mikv").replace(rotation=True)).key() != now.key()
+    assert EvalConfig.from_mikv(preset("mikv-int4-r03").replace(rotation=True)).key() != now.key()
 
 
 def test_default_pick_needs_a_config_that_runs_on_any_head_dim():

@@ -46,12 +46,16 @@ def test_table_rows_against_hand_computed_numbers():
     assert row["dense_fp16"] == 256 and row["in_page_fraction"] == 92 / 256
     assert row["paper_fraction"] == pytest.approx(0.325) and row["hi_slots"] == 13
     assert row["paper_with_lo_copy"] == pytest.approx((0.1 * 16 + 4) / 16)
-    # the default mikv (INT4, one group of 64, r = 0.03, fp8 hi) at D = 64, N = 128: lo 2 x (32 B codes
+    # mikv-int4-r03 (INT4, one group of 64, r = 0.03, fp8 hi) at D = 64, N = 128: lo 2 x (32 B codes
     # + 4 B s/z) = 72, hi 4 (4 slots x 128 B / 128), bookkeeping 0.125 (slot scores) + 0.125 (tags)
     # + 1 (balancer) + 0.75 (alignment) = 2; 78 B
+    int4 = bytes_row(preset("mikv-int4-r03"), 64, 128)
+    assert (int4["bytes_per_token"], int4["lo_kv"], int4["hi_kv"], int4["bookkeeping"]) == (78, 72, 4, 2)
+    assert int4["hi_slots"] == 4
+    # the default mikv (keys INT4, values INT3, fp8 scale + fp16 zero = 3 B a group): lo 32 + 3 + 24 + 3
+    # = 62, hi and bookkeeping as above: 68 B (3.76x a bf16 cache)
     default = bytes_row(preset("mikv"), 64, 128)
-    assert (default["bytes_per_token"], default["lo_kv"], default["hi_kv"], default["bookkeeping"]) == (78, 72, 4, 2)
-    assert default["hi_slots"] == 4
+    assert (default["bytes_per_token"], default["lo_kv"], default["hi_kv"], default["bookkeeping"]) == (68, 62, 4, 2)
     # rtn (INT2) at D = 128, N = 16: 32 B codes + 8 B (s, z) per K and per V, nothing else
     rtn = bytes_row(preset("rtn"), 128, 16)
     assert (rtn["bytes_per_token"], rtn["hi_kv"], rtn["bookkeeping"], rtn["in_page_fraction"]) == (80, 0, 0, 80 / 512)
@@ -92,12 +96,13 @@ def test_split_width_rows_and_cli(capsys):
     lo V 24 (INT3) or 16 (INT2) + 4 B s/z, hi and bookkeeping as the default -> 70 and 62 B."""
     from mikv_vllm.cli import main
 
-    k4v3 = bytes_row(preset("mikv").replace(v_bits=3), 64, 128)
+    k4v3 = bytes_row(preset("mikv-int4-r03").replace(v_bits=3), 64, 128)
     assert (k4v3["bytes_per_token"], k4v3["lo_kv"], k4v3["hi_kv"], k4v3["k_bits"], k4v3["v_bits"]) == (70, 64, 4, 4, 3)
-    assert bytes_row(preset("mikv").replace(v_bits=2), 64, 128)["bytes_per_token"] == 62
+    assert bytes_row(preset("mikv-int4-r03").replace(v_bits=2), 64, 128)["bytes_per_token"] == 62
     # paper accounting averages the two widths: bpe(lo) = 3.5 + 32/64
     assert k4v3["paper_fraction"] == pytest.approx((0.03 * 8 + 0.97 * 4.0) / 16)
     assert main(["bytes", "--head-dims", "64", "--block-sizes", "128",
-                 "--configs", "mikv", '{"preset": "mikv", "v_bits": 3}']) == 0
+                 "--configs", "mikv-int4-r03", '{"preset": "mikv-int4-r03", "v_bits": 3}', "mikv"]) == 0
     out = capsys.readouterr().out
-    assert "| mikv | 4 | 64 | 128 | 4 | 78 |" in out and "| mikv+custom | K4/V3 | 64 | 128 | 4 | 70 |" in out
+    assert "| mikv-int4-r03 | 4 | 64 | 128 | 4 | 78 |" in out and "| mikv-int4-r03+custom | K4/V3 | 64 | 128 | 4 | 70 |" in out
+    assert "| mikv | K4/V3 | 64 | 128 | 4 | 68 |" in out                    # the default: 3-byte group metadata

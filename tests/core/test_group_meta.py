@@ -48,7 +48,7 @@ def test_fp8_scale_keeps_the_error_bound(bits):
 
 def test_layout_bytes_and_config():
     # the default's K4/V3 at D 64, N 128 with fp8-scale: 1 group x 3 B per K and per V -> lo 62 B; 70 - 2 = 68
-    lay = RegionLayout.build(preset("mikv").replace(v_bits=3, group_meta="fp8-scale"), 128, 64)
+    lay = RegionLayout.build(preset("mikv-int4-r03").replace(v_bits=3, group_meta="fp8-scale"), 128, 64)
     assert (lay.meta_bytes, lay.content_bytes, lay.breakdown()["lo_kv"]) == (3, 68, 62)
     assert lay.views(torch.zeros(lay.region_bytes, dtype=torch.uint8)).k_sz.shape == (128, 1, 3)
     assert RegionLayout.build(preset("rtn-int4").replace(group_meta="fp8-scale"), 128, 64).content_bytes == 76   # 80 - 2 x 2

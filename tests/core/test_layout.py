@@ -46,12 +46,15 @@ def test_views_disjoint_aligned_in_bounds(name, d, n):
 #   rtn (INT2, no hi tier, no balancer), D=64, N=128: codes 16 + s/z 8 per K/V -> 48 B/token exactly.
 #   h2o (no lo copy, r=0.2), D=64, N=16: R = 4, tags 16, scores 16; hi 4*64*2 = 512 each -> 1056
 #   -> 66 B/token.
-#   mikv (the default: INT4 in one group of 64, r=0.03, fp8 hi, balancer), D=64, N=128: codes 32 +
+#   mikv-int4-r03 (INT4 in one group of 64, r=0.03, fp8 hi, balancer), D=64, N=128: codes 32 +
 #   s/z 4 per K/V -> lo 72 B/token = 9216; R = ceil(3.84) = 4: tags 16, scores 16; hi K and V 4*64 =
 #   256 each; balancer 128 -> 9216 + 16 + 16 + 512 + 128 = 9888 -> 77.25 -> 78 B/token.
+#   mikv (the default: the same with values in INT3 and 3-byte group metadata): K codes 32 + 3,
+#   V codes 24 + 3 -> lo 62 B/token = 7936; + 16 + 16 + 512 + 128 = 8608 -> 67.25 -> 68 B/token.
 HAND = [
     ("int3-r0.1", 64, 128, 92, dict(lo_kv=64, score=52 / 128, tag=52 / 128, hi_kv=3328 / 128, balancer=1.0)),
-    ("mikv", 64, 128, 78, dict(lo_kv=72, score=16 / 128, tag=16 / 128, hi_kv=512 / 128, balancer=1.0)),
+    ("mikv-int4-r03", 64, 128, 78, dict(lo_kv=72, score=16 / 128, tag=16 / 128, hi_kv=512 / 128, balancer=1.0)),
+    ("mikv", 64, 128, 68, dict(lo_kv=62, score=16 / 128, tag=16 / 128, hi_kv=512 / 128, balancer=1.0)),
     ("mikv-paper", 128, 16, 226, dict(lo_kv=80, score=1.0, tag=1.0, hi_kv=128, balancer=16.0)),
     ("rtn", 64, 128, 48, dict(lo_kv=48, score=0, tag=0, hi_kv=0, balancer=0)),
     ("h2o", 64, 16, 66, dict(lo_kv=0, score=1.0, tag=1.0, hi_kv=64, balancer=0)),
@@ -105,7 +108,7 @@ def test_core_does_not_import_vllm():
 #   V s/z 512 B; R = 4: tags 16, scores 16, hi K and V 4*64 = 256 each, balancer 128
 #   -> 4096 + 3072 + 512 + 512 + 16 + 16 + 256 + 256 + 128 = 8864 -> 69.25 -> 70 B/token.
 def test_split_widths_sizes_offsets_and_views():
-    cfg = preset("mikv").replace(v_bits=3)
+    cfg = preset("mikv-int4-r03").replace(v_bits=3)
     lay = RegionLayout.build(cfg, 128, 64)
     assert (lay.k_bits, lay.v_bits, lay.k_packed_bytes, lay.v_packed_bytes, lay.groups) == (4, 3, 32, 24, 1)
     assert (lay.k_lo, lay.v_lo, lay.k_sz, lay.v_sz, lay.tag, lay.score) == (0, 4096, 7168, 7680, 8192, 8208)
@@ -121,8 +124,9 @@ def test_split_widths_sizes_offsets_and_views():
     with pytest.raises(ValueError, match="k_bits 4 != v_bits 3"):
         lay.packed_bytes
     # the same widths given apart or through lo_bits build the same layout
-    assert RegionLayout.build(preset("mikv").replace(k_bits=4, v_bits=4), 128, 64) == RegionLayout.build(preset("mikv"), 128, 64)
-    assert RegionLayout.build(preset("mikv"), 128, 64).bits == 4
+    assert (RegionLayout.build(preset("mikv-int4-r03").replace(k_bits=4, v_bits=4), 128, 64)
+            == RegionLayout.build(preset("mikv-int4-r03"), 128, 64))
+    assert RegionLayout.build(preset("mikv-int4-r03"), 128, 64).bits == 4
 
 
 @pytest.mark.parametrize("k,v,d,n", [(4, 2, 64, 16), (2, 4, 128, 128), (8, 3, 64, 128), (3, 4, 128, 16)])

@@ -8,7 +8,7 @@ import torch
 from mikv_vllm.config import MiKVConfig, preset
 from mikv_vllm.core.balancer import compute_balancer, from_storage, to_storage, unbalance_keys
 from mikv_vllm.core.importance import hi_budget
-from mikv_vllm.core.quant import fake_quantize, to_hi
+from mikv_vllm.core.quant import dequantize_codes, fake_quantize, quantize_codes, to_hi
 from mikv_vllm.core.layout import RegionLayout
 from mikv_vllm.core.reference import (attention, first_voting_row, forward_request, gather_context,
                                       load_balancer, write_tokens)
@@ -267,7 +267,7 @@ def test_hi_copies_are_clamped_to_the_hi_dtype(hi_dtype):
         assert expect == [448.0, -448.0, 448.0]
 
 
-@pytest.mark.parametrize("name", ["mikv", "mikv-paper", "h2o", "rtn"])
+@pytest.mark.parametrize("name", ["mikv", "mikv-int4-r03", "mikv-paper", "h2o", "rtn"])
 def test_one_token_prompt_then_decode(name):
     cfg = preset(name)
     lay = _layout(cfg)
@@ -282,10 +282,13 @@ def test_one_token_prompt_then_decode(name):
     # (h2o), token 5 raw (the new token)
     b = from_storage(to_storage(compute_balancer(q[:1], k[:1]))) if lay.has_balancer else torch.ones(HKV, D)
     g = cfg.group_for(D)
-    lo_k = unbalance_keys(fake_quantize(k * b, cfg.lo_bits, g), b) if cfg.lo_bits else None
-    lo_v = fake_quantize(v, cfg.lo_bits, g) if cfg.lo_bits else None
+
+    def fq(x, bits):   # keys and values at their own widths; fp8-scale: the scale rounded up to e5m2
+        return dequantize_codes(*quantize_codes(x, bits, g, scale_fp8=cfg.group_meta == "fp8-scale"), g)
+    lo_k = unbalance_keys(fq(k * b, cfg.k_bits), b) if cfg.has_lo else None
+    lo_v = fq(v, cfg.v_bits) if cfg.has_lo else None
     hi = min(4, lay.hi_slots)
-    keep = list(range(5 if cfg.lo_bits else hi)) + [5]
+    keep = list(range(5 if cfg.has_lo else hi)) + [5]
     kk = torch.stack([to_hi(k[i], lay.hi_dtype).float() if i < hi else (lo_k[i] if i < 5 else k[i]) for i in keep])
     vv = torch.stack([to_hi(v[i], lay.hi_dtype).float() if i < hi else (lo_v[i] if i < 5 else v[i]) for i in keep])
     expect = dense_attention(q[5:6], kk, vv, SCALE, offset=len(keep) - 1)

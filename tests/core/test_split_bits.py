@@ -52,7 +52,7 @@ def test_mikv_split_widths_equal_dense_fake_quant(v_bits, path):
     """The default's K4 / V<v_bits> (balancer, fp8 hi tier): a one-token prompt then decode steps; the
     last step rebuilt by hand: the sinks hi (fp8), other cached keys balanced and fake-quantized at
     4 bits, values at ``v_bits``, the new token raw."""
-    cfg = preset("mikv").replace(v_bits=v_bits, hi_ratio=0.25)
+    cfg = preset("mikv-int4-r03").replace(v_bits=v_bits, hi_ratio=0.25)
     lay = RegionLayout.build(cfg, N, D)
     q, k, v = structured_qkv(8, HQ, HKV, D, seed=8)
     regions = make_regions(lay, 2, HKV, garbage=True)

@@ -36,8 +36,8 @@ CONFIGS = {
     "lossless-r1": MiKVConfig(policy="mikv", lo_bits=4, hi_ratio=1.0, hi_dtype="float32"),
     "h2o": preset("h2o"),
     "rtn": preset("rtn"),
-    # keys and values at their own widths, fp8-scale group metadata
-    "k4v3-fp8-scale": preset("mikv").replace(v_bits=3, group_meta="fp8-scale"),
+    # values at the keys' width with fp16 group metadata; keys and values far apart
+    "int4-r03": preset("mikv-int4-r03"),
     "k2v8-nobal-g16": MiKVConfig(policy="mikv", k_bits=2, v_bits=8, hi_ratio=0.2, balancer=False, group_size=16),
 }
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow],

@@ -33,7 +33,7 @@ CONFIGS = {
     "h2o-fp8-hi": (preset("h2o").replace(hi_dtype="float8_e4m3fn"), 2, 64),
     # keys and values at their own widths (the QK and P.V loops dispatch them apart), fp8-scale metadata;
     # fixed shapes (G, D) (3, 64), (4, 64), (2, 128) and runtime ones, groups of 64, 16, 8
-    "k4v3-fp8-scale": (preset("mikv").replace(v_bits=3, group_meta="fp8-scale"), 3, 64),
+    "int4-r03": (preset("mikv-int4-r03"), 3, 64),          # INT4 values, fp16 group metadata
     "k2v4-g16-fp16-hi": (MiKVConfig(policy="mikv", k_bits=2, v_bits=4, hi_ratio=0.25, group_size=16), 4, 64),
     "k8v2-fp8-scale-g8-gqa1": (MiKVConfig(policy="mikv", k_bits=8, v_bits=2, hi_ratio=0.2, group_size=8,
                                           balancer=False, group_meta="fp8-scale"), 1, 32),
@@ -99,7 +99,7 @@ def test_decode_step_matches_reference(name):
 
 
 @pytest.mark.parametrize("name", ["mikv", "int4-fp32-hi", "h2o", "int3-group16-all-hi", "int3-fp8-hi-g64",
-                                  "k4v3-fp8-scale", "k2v4-g16-fp16-hi"])
+                                  "int4-r03", "k2v4-g16-fp16-hi"])
 def test_forward_decode_steps_match_reference(name):
     cfg, group, d = CONFIGS[name]
     lay, regions, table, qkv, unused = _setup(cfg, group, d, seed=1)

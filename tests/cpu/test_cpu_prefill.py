@@ -33,7 +33,7 @@ CONFIGS = {
     "h2o": (preset("h2o"), 3, 64),
     "h2o-window": (MiKVConfig(policy="h2o", lo_bits=0, hi_ratio=0.3, scorer="window", obs_window=4), 3, 64),
     # keys and values at their own widths, fp8-scale metadata
-    "k4v3-fp8-scale": (preset("mikv").replace(v_bits=3, group_meta="fp8-scale"), 3, 64),
+    "int4-r03": (preset("mikv-int4-r03"), 3, 64),          # INT4 values, fp16 group metadata
     "k2v8-g16": (MiKVConfig(policy="mikv", k_bits=2, v_bits=8, hi_ratio=0.2, group_size=16), 2, 64),
     "k8v3-fp8-scale-g8-nobal": (MiKVConfig(policy="mikv", k_bits=8, v_bits=3, hi_ratio=0.2, group_size=8,
                                            balancer=False, group_meta="fp8-scale"), 1, 32),
@@ -161,7 +161,7 @@ def test_values_beyond_fp16_are_clamped_like_the_reference():
     assert_pages(lay, mine, oracle, "huge values")
 
 
-@pytest.mark.parametrize("name", ["mikv", "lossless-r1", "few-slots", "int4-fp32-hi", "k4v3-fp8-scale"])
+@pytest.mark.parametrize("name", ["mikv", "lossless-r1", "few-slots", "int4-fp32-hi", "int4-r03"])
 def test_prefill_reading_shared_prefix_blocks_matches_reference(name):
     """A prefix-cache hit: request 1's chunk starts after 2 blocks it shares with request 0 (own_from 2),
     in the same call as request 0's next chunk; then decode steps. The C++ op equals the reference,

@@ -35,18 +35,18 @@ def test_variant_has_its_simd_paths(variant):
 
 
 @pytest.mark.parametrize("name", ["mikv", "int4-fp32-hi", "int8-bf16-hi-nobal-g8", "int3-fp8-hi-g64", "h2o",
-                                  "k4v3-fp8-scale", "k2v4-g16-fp16-hi"])
+                                  "int4-r03", "k2v4-g16-fp16-hi"])
 def test_decode_steps_match_reference(variant, name):
     dec.test_forward_decode_steps_match_reference(name)
 
 
-@pytest.mark.parametrize("name", ["mikv", "int8-bf16-hi-nobal-g8", "mikv-window", "k4v3-fp8-scale",
+@pytest.mark.parametrize("name", ["mikv", "int8-bf16-hi-nobal-g8", "mikv-window", "int4-r03",
                                   "k8v3-fp8-scale-g8-nobal"])
 def test_prefill_then_decode_match_reference(variant, name):
     pre.test_prefill_chunks_then_decode_match_reference(name)
 
 
-@pytest.mark.parametrize("name", ["k4v3-fp8-scale", "k8v2-fp8-scale-g8-gqa1"])
+@pytest.mark.parametrize("name", ["mikv", "k8v2-fp8-scale-g8-gqa1"])
 def test_int8_qk_at_key_width_matches_the_model(variant, name, monkeypatch):
     """The int8 QK path (VNNI / AVX2 maddubs / scalar dot products) on keys at their own width."""
     qd.test_int8_decode_steps_match_the_model(name, monkeypatch)

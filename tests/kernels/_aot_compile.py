@@ -94,8 +94,8 @@ for fname in sorted(os.listdir(CONFIGS)):
     fields = {k[len("mikv-"):].replace("-", "_"): v for k, v in data.items() if k.startswith("mikv-") and k != "mikv-config"}
     step_configs.append((fname[:-5], preset(data["mikv-config"]).replace(**fields)))
 shipped = len(step_configs)
-step_configs.append(("mikv-k4v3-fp8-scale", preset("mikv").replace(v_bits=3, group_meta="fp8-scale")))
-step_configs.append(("mikv-rot-fp16", preset("mikv").replace(rotation=True)))   # fp16 activations below
+step_configs.append(("mikv-int4-r03", preset("mikv-int4-r03")))
+step_configs.append(("mikv-rot-fp16", preset("mikv-int4-r03").replace(rotation=True)))   # fp16 activations below
 presets_done = []
 for name, cfg in step_configs:
     for d, g in ((64, 3), (128, 4)):

@@ -33,8 +33,8 @@ def _bench():
 BENCH = _bench()
 PRESETS = BENCH.shipped_presets()
 assert PRESETS, f"no shipped presets found in {ROOT / 'configs'}"
-# keys and values at their own widths with fp8-scale metadata (issue 26), not (yet) a shipped file
-PRESETS["mikv-k4v3-fp8-scale"] = preset("mikv").replace(v_bits=3, group_meta="fp8-scale", name="mikv-k4v3-fp8-scale")
+# INT4 values with fp16 group metadata: a preset without a shipped file
+PRESETS["mikv-int4-r03"] = preset("mikv-int4-r03")
 
 
 def test_probe_flags_syncs_shapes_and_host_data():

@@ -25,11 +25,11 @@ N, HKV, GROUP, D = 16, 2, 3, 64
 SCALE = 1 / math.sqrt(D)
 PRESETS = ["mikv", "mikv-paper", "rtn-int4", "h2o"]
 # keys and values at their own widths (issue 26): name -> config
-SPLIT = {"mikv-k4v3": lambda: preset("mikv").replace(v_bits=3, name="mikv-k4v3"),
+SPLIT = {"mikv-k4v3": lambda: preset("mikv-int4-r03").replace(v_bits=3, name="mikv-k4v3"),
          "rtn-k4v2": lambda: preset("rtn-int4").replace(v_bits=2, name="rtn-k4v2"),
          "mikv-paper-k2v4": lambda: preset("mikv-paper").replace(k_bits=2, v_bits=4, name="mikv-paper-k2v4"),
          # leaner group metadata (fp8 e5m2 scale, fp16 zero)
-         "mikv-k4v3-fp8-scale": lambda: preset("mikv").replace(v_bits=3, group_meta="fp8-scale", name="k4v3-fp8-scale")}
+         "mikv-int4-r03": lambda: preset("mikv-int4-r03")}     # INT4 values, fp16 group metadata
 DECODE_STEPS = 4
 
 

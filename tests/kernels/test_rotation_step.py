@@ -19,7 +19,7 @@ from ._util import SCALE, assert_pages_match, build_batch
 
 CONFIGS = {
     "mikv-int3-r05": lambda: preset("mikv-int3-r05"),                        # fp8 hi, no balancer
-    "mikv-rot-bal-k4v3-fp8-scale": lambda: preset("mikv").replace(rotation=True, v_bits=3, group_meta="fp8-scale"),
+    "mikv-rot-bal-k4v3-fp8-scale": lambda: preset("mikv-int4-r03").replace(rotation=True, v_bits=3, group_meta="fp8-scale"),
     "h2o-rot": lambda: preset("h2o").replace(rotation=True),                 # no lo tier
 }
 

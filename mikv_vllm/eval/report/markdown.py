@@ -193,8 +193,8 @@ def render_markdown(summary: dict, meta: dict, pick: dict | None) -> str:
         if rot:
             parts += [f"Fewer bytes pass with the rotation: `{rot['label']}` ({rot['bytes_per_token_per_head']:.0f} B, "
                       f"PPL ratio {_f(rot['ppl_ratio'])}, decode {_f(rot.get('ppl_decode_ratio'))}); its unrotated "
-                      f"fallback (a head_dim that is not a power of two) does not pass, so it is `mikv-vllm tune`'s "
-                      f"to recommend, not the default.\n"]
+                      f"fallback (served on a head_dim that is not a power of two) is not among the rows that pass, "
+                      f"so it is `mikv-vllm tune`'s to recommend, not the default.\n"]
         cand = _by_bytes(pick.get("candidates", []))
         if cand:
             parts += ["| candidate | B/token/head | passkey | PPL ratio | PPL ratio, decode | quality bar | "
@@ -202,7 +202,7 @@ def render_markdown(summary: dict, meta: dict, pick: dict | None) -> str:
             parts += [f"| {r['label']} | {r['bytes_per_token_per_head']:.0f} | {r['passkey_correct']}/"
                       f"{r['passkey_trials']} | {_f(r['ppl_ratio'])} | {_f(r.get('ppl_decode_ratio'))} | "
                       f"{'yes' if r['passes_bar'] else 'no'} | {', '.join(r['beaten_by']) or '-'} | "
-                      f"{'yes' if r.get('any_head_dim', True) else 'no (rotation, fallback fails)'} | "
+                      f"{'yes' if r.get('any_head_dim', True) else 'no (rotated; fallback not passing here)'} | "
                       f"{'yes' if r['passes'] else 'no'} |" for r in cand]
             parts.append("")
     return "\n".join(parts)
