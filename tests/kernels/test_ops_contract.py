@@ -30,6 +30,8 @@ SPLIT = {"mikv-k4v3": lambda: preset("mikv").replace(v_bits=3, name="mikv-k4v3")
          "mikv-paper-k2v4": lambda: preset("mikv-paper").replace(k_bits=2, v_bits=4, name="mikv-paper-k2v4"),
          # leaner group metadata (fp8 e5m2 scale, fp16 zero)
          "mikv-k4v3-fp8-scale": lambda: preset("mikv").replace(v_bits=3, group_meta="fp8-scale", name="k4v3-fp8-scale")}
+# never demotes (r = 1): a reader uses every hi copy of the shared prefix (core.page.shared_hi_limit)
+LOSSLESS = {"mikv-r1": lambda: preset("mikv").replace(hi_ratio=1.0, name="mikv-r1")}
 DECODE_STEPS = 4
 
 
@@ -66,8 +68,8 @@ def _check(lay, got_out, want_out, got_pages, want_pages, what):
 
 
 def _config(name: str):
-    if name in SPLIT:
-        return SPLIT[name]()
+    if name in SPLIT or name in LOSSLESS:
+        return {**SPLIT, **LOSSLESS}[name]()
     return preset(name)
 
 
@@ -104,7 +106,7 @@ def test_op_set_matches_the_oracle(ops_name, preset_name):
         pos = [p + 1 for p in pos]
 
 
-@pytest.mark.parametrize("preset_name", ["mikv", "h2o", "mikv-k4v3"])
+@pytest.mark.parametrize("preset_name", ["mikv", "h2o", "mikv-k4v3", "mikv-r1"])
 @pytest.mark.parametrize("ops_name", OP_SETS)
 def test_op_set_reads_shared_prefix_blocks_as_the_oracle(ops_name, preset_name):
     """Request 1 reads request 0's first two blocks (a prefix-cache hit, ``own_from`` 2): its chunk and
