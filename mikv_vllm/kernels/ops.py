@@ -65,7 +65,7 @@ class TritonOps(OpSet):
         d.kernel["triton_step"] = (buf, table)
 
     @staticmethod
-    def _on_torch(plan: DecodePlan | ChunkPlan, layout: RegionLayout) -> bool:
+    def _on_torch(layout: RegionLayout) -> bool:
         """A layout outside ``supported`` runs on the torch op set."""
         return not supported(layout)
 
@@ -73,7 +73,7 @@ class TritonOps(OpSet):
     def decode(cls, regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig, plan: DecodePlan,
                q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """Six launches, no torch op (``step.decode_step``); inputs are sanitized in the kernels."""
-        if cls._on_torch(plan, layout):
+        if cls._on_torch(layout):
             return TorchOps.decode(regions, layout, config, plan, q, k, v, scale)
         buf, table = plan.kernel["triton_step"]
         return decode_step(regions, layout, config, buf, table, q, k, v, scale)
@@ -82,7 +82,7 @@ class TritonOps(OpSet):
     def decode_rotated(cls, regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig, plan: DecodePlan,
                        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, rotation) -> torch.Tensor:
         """The rotation folded into the six launches (``kernels/rotate.py``): still no torch op."""
-        if cls._on_torch(plan, layout):
+        if cls._on_torch(layout):
             return TorchOps.decode_rotated(regions, layout, config, plan, q, k, v, scale, rotation)
         buf, table = plan.kernel["triton_step"]
         if buf.rot is None or not (rotation is rotation_for(layout.head_dim)
@@ -94,7 +94,7 @@ class TritonOps(OpSet):
     @classmethod
     def chunks(cls, regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig, plan: ChunkPlan,
                q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        if cls._on_torch(plan, layout):
+        if cls._on_torch(layout):
             return TorchOps.chunks(regions, layout, config, plan, q, k, v, scale)
         q, k, v = finite_inputs(q), finite_inputs(k), finite_inputs(v)   # non-finite inputs: docs/design.md
         out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)

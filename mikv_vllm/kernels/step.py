@@ -8,21 +8,24 @@ One layer's decode of B one-token rows is six launches and no torch op (:func:`d
    widths and group metadata (``store``'s ``_quant_pack_store``), the block's tags reset at offset 0;
    with ``rotate`` the row's q / k / v are first rotated (``rotate.py``) into the buffers that the
    later kernels read;
-2. ``_map_kernel`` (row, KV head): the row's positions -> hi slot map, refilled (``decode.hi_slot_map``);
+2. ``_map_kernel`` (row, KV head): the row's positions -> hi slot map, refilled (``decode.hi_slot_map``;
+   a shared prefix block's hi copy only for a tag <= the row's ``shared_hi``);
 3. ``decode._split_kernel`` (row, KV head, split): split-K attention over both tiers, ``SPLITS``
    fixed at start-up, each row's context cut into SPLITS equal tile-aligned ranges on the device;
 4. ``_step_merge_kernel`` (row, query head): exact log-sum-exp merge with the new token, (max, sum) and
    the new token's probability per query head; with ``rotate`` the output rotated back;
 5. ``_slot_score_kernel`` (row, KV head, slot tile): every live hi slot's logit recomputed from its hi
    copy (no logits scratch), its mass added to its score (saturating, NaN kept as the reference),
-   the new token's mass summed over the group;
-6. ``upkeep_tiled._tiled_upkeep_kernel`` (row, KV head): the hi-set upkeep, tiled over the row's
-   slots with a constant tile.
+   the new token's mass summed over the group; the row's owned blocks only;
+6. ``upkeep_tiled._tiled_upkeep_kernel`` (row, KV head): the hi-set upkeep, tiled over the slots
+   of the row's owned blocks with a constant tile.
 
 Every grid and buffer is sized by bounds fixed when the :class:`DecodeBuffers` are made (rows
 per step, KV / query heads, head dim, positions per row, splits): nothing depends on this step's
 data, nothing is read back to the host, nothing is allocated per call. A row whose ``seq`` is 0
-(vLLM's padding of a captured batch) is a no-op in every kernel: no page byte is written.
+(vLLM's padding of a captured batch) is a no-op in every kernel: no page byte is written. A row
+reading shared prefix blocks (``own`` > 0, prefix caching: docs/design.md "Shared blocks") writes
+nothing into them.
 """
 
 from __future__ import annotations
