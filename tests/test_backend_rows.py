@@ -150,6 +150,9 @@ def test_admitted_rows_must_match_the_batch():
     table = torch.arange(24, dtype=torch.int32).reshape(2, 12)
     with pytest.raises(RuntimeError, match="admitted rows"):
         _build_shared([1, 1], [40, 20], [32], table)
+    # a captured batch's padding (seq_len 0) past the recorded rows: owns from block 0
+    padded = _build_shared([1, 0], [40, 0], [32], table)
+    assert padded.own_from == [2, 0]
 
 
 def test_prefix_caching_decision(monkeypatch):
