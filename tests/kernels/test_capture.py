@@ -120,8 +120,10 @@ def test_capture_batch_with_shared_and_padded_rows(preset_name, monkeypatch):
     table[REAL:] = table[1]
     qkv = [structured_qkv(60, GROUP * HKV, HKV, D, seed=30 + i) for i in range(REAL)]
     qkv[1] = tuple(torch.cat([x[:32], y[32:]]) for x, y in zip(qkv[0], qkv[1]))   # same first 32 tokens
-    ctx, admitted, own = [40, 37, 12], [0, 32, 0], [0, 2, 0]
-    ref.forward_request(regions, lay, cfg, table[0], 0, *(x[:40] for x in qkv[0]), SCALE)           # the writer
+    # the writer's prefix fills the shared blocks exactly: its recent tokens' hi copies lie in them
+    # (tags past shared_hi, which the reader must not use), and it decodes into its own third block
+    ctx, admitted, own = [32, 37, 12], [0, 32, 0], [0, 2, 0]
+    ref.forward_request(regions, lay, cfg, table[0], 0, *(x[:32] for x in qkv[0]), SCALE)           # the writer
     ref.forward_request(regions, lay, cfg, table[1], 32, *(x[32:37] for x in qkv[1]), SCALE, own_from=2)
     ref.forward_request(regions, lay, cfg, table[2], 0, *(x[:12] for x in qkv[2]), SCALE)
     builder = _builder(cfg)
