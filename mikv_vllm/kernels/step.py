@@ -168,8 +168,8 @@ def _step_merge_kernel(q_ptr, sqb, sqh, kn_ptr, sknb, sknh, vn_ptr, svnb, svnh, 
 
 
 @triton.jit
-def _slot_score_kernel(q_ptr, sqb, sqh, seq_ptr, own_ptr, mx_ptr, sm_ptr, pn_ptr, hq_total, bt_ptr, sbtb, tag_ptr, tg_sb, tg_sh,
-                  score_ptr, sc_sb, sc_sh, khi, hi_sb, hi_sh, hi_sr, nm_ptr, snmb, qk_scale, top,
+def _slot_score_kernel(q_ptr, sqb, sqh, seq_ptr, own_ptr, mx_ptr, sm_ptr, pn_ptr, hq_total, bt_ptr, sbtb,
+                  tag_ptr, tg_sb, tg_sh, score_ptr, sc_sb, sc_sh, khi, hi_sb, hi_sh, hi_sr, nm_ptr, snmb, qk_scale, top,
                   N: tl.constexpr, R: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                   BLOCK: tl.constexpr, DOT: tl.constexpr):
     """``reference.accumulate_scores_decode`` on the slots: each slot whose tag is a context
@@ -365,9 +365,9 @@ def decode_step(regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig,
     hmap = buf.hi_map
     if r:
         fill = 1024 if regions.device.type == "cuda" else min(4096, next_pow2(buf.max_pos))
-        _map_kernel[(bsz, h)](seq, buf.own, buf.shi, bt, bt.stride(0), tag, tag.stride(0), tag.stride(1), hmap, hmap.stride(0),
-                              hmap.stride(1), N=n, R=r, FILL=fill, SB=max(16, min(1024, next_pow2(buf.max_pos // n * r))),
-                              num_warps=4)
+        _map_kernel[(bsz, h)](seq, buf.own, buf.shi, bt, bt.stride(0), tag, tag.stride(0), tag.stride(1), hmap,
+                              hmap.stride(0), hmap.stride(1), N=n, R=r, FILL=fill,
+                              SB=max(16, min(1024, next_pow2(buf.max_pos // n * r))), num_warps=4)
     # the split kernel's per-row range: ctx cut into `splits` tile-aligned parts (tps < 0: per row)
     qk_scale = float(scale) * LOG2E
     _split_kernel[(bsz, h, buf.splits)](
@@ -389,9 +389,9 @@ def decode_step(regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig,
         blk = 128 if regions.device.type == "cuda" else max(16, min(1024, next_pow2(slots)))
         gp2 = max(16, next_pow2(grp))
         _slot_score_kernel[(bsz, h, -(-slots // blk))](
-            q, q.stride(0), q.stride(1), seq, buf.own, buf.mx, buf.sm, buf.pnew, hq, bt, bt.stride(0), tag, tag.stride(0),
-            tag.stride(1), views.score, views.score.stride(0), views.score.stride(1), hi_k, *hi_k.stride()[:3],
-            buf.new_mass, buf.new_mass.stride(0), qk_scale, float(torch.finfo(layout.score_dtype).max),
+            q, q.stride(0), q.stride(1), seq, buf.own, buf.mx, buf.sm, buf.pnew, hq, bt, bt.stride(0), tag,
+            tag.stride(0), tag.stride(1), views.score, views.score.stride(0), views.score.stride(1), hi_k,
+            *hi_k.stride()[:3], buf.new_mass, buf.new_mass.stride(0), qk_scale, float(torch.finfo(layout.score_dtype).max),
             N=n, R=r, G=grp, GP=gp2, D=d, BLOCK=blk, DOT=dot, num_warps=4)
         nm = buf.new_mass
         tile = UPKEEP_TILE or (128 if regions.device.type == "cuda" else max(16, min(256, next_pow2(slots))))

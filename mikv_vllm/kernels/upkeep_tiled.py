@@ -1,9 +1,9 @@
 """The decode step's hi-set upkeep, tiled over slots (``upkeep._upkeep_kernel``'s semantics).
 
-One program per (row, KV head) walks the slots of the row's owned blocks (block column >= ``own``;
-a shared prefix block is read-only, docs/design.md "Shared blocks") in tiles of ``TILE`` lanes (a constant, not
-a function of the context): pass 1 counts the candidates (tags in ``(0, pos]``) and clears stale
-tags; then one pass per loser (``max(0, candidates + 1 - budget)``, one in a normal step) finds
+One program per (row, KV head) walks the slots of the row's owned blocks (block column >=
+``own``; a shared prefix block is read-only, docs/design.md "Shared blocks") in tiles of ``TILE``
+lanes (a constant, not a function of the context): pass 1 counts the candidates (tags in
+``(0, pos]``) and clears stale tags; then one pass per loser (``max(0, candidates + 1 - budget)``, one in a normal step) finds
 the lowest-priority candidate - the new token included, as the highest index - with the order of
 ``core.importance.select_hi`` (tier SINK > RECENT > HEAVY; sinks lower position first, recent
 higher position first, heavy higher score first with NaN as -inf, then higher position; full
