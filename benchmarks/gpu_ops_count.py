@@ -59,8 +59,11 @@ def make_layer(config, device: str = "cpu"):
     return impl, builder
 
 
-def decode_metadata(builder, ctxs: list[int], table: torch.Tensor, padded: int = 0):
-    """The step's metadata for one-token rows at contexts ``ctxs`` (+ ``padded`` rows at seq_len 0)."""
+def decode_metadata(builder, ctxs: list[int], table: torch.Tensor, padded: int = 0, admitted=None):
+    """The step's metadata for one-token rows at contexts ``ctxs`` (+ ``padded`` rows at seq_len 0);
+    ``admitted``: each real row's prefix-cache hit in tokens (prefix caching; None: off)."""
+    from mikv_vllm.vllm_glue import sharing
+
     seq = torch.tensor([c + 1 for c in ctxs] + [0] * padded, dtype=torch.int32)
     n = seq.shape[0]
     qsl = torch.tensor([0] + [min(i + 1, len(ctxs)) for i in range(n)], dtype=torch.int32)
@@ -68,13 +71,20 @@ def decode_metadata(builder, ctxs: list[int], table: torch.Tensor, padded: int =
                         seq_lens=seq.to(table.device),
                         seq_lens_cpu_upper_bound=seq.clone(), block_table_tensor=table, max_query_len=1,
                         slot_mapping=torch.zeros(n, dtype=torch.int64), num_actual_tokens=n, max_seq_len=int(seq.max()))
-    return builder.build(0, m)
+    builder.prefix_caching = admitted is not None
+    sharing._state.rows = admitted             # what vllm_glue.sharing records for the step's real rows
+    try:
+        return builder.build(0, m)
+    finally:
+        sharing._state.rows = None
 
 
 def run_layer(config, rows: int = 4, ctx: int = 40, probe=None, seed: int = 0, padded: int = 0,
-              hook=None, dtype: torch.dtype = torch.bfloat16) -> dict:
+              hook=None, dtype: torch.dtype = torch.bfloat16, shared: int = 0) -> dict:
     """Build a layer and pages, run one warm-up decode step and one probed step; return the probe's
-    summary. ``hook(impl, meta)`` may change things between the builds and the probed forward."""
+    summary. ``hook(impl, meta)`` may change things between the builds and the probed forward.
+    ``shared`` (blocks): prefix caching on, each later row whose context covers them reads the first
+    row's first ``shared`` blocks."""
     from mikv_vllm.core.layout import RegionLayout
     from mikv_vllm.kernels.probe import LayerProbe
 
@@ -89,11 +99,17 @@ def run_layer(config, rows: int = 4, ctx: int = 40, probe=None, seed: int = 0, p
                           generator=gen).to(dev)
     table = torch.randperm(nb, generator=gen)[: (rows + padded) * cols].reshape(rows + padded, cols).int().to(dev)
     ctxs = [max(0, ctx - 3 * i) for i in range(rows)]
+    admitted = [shared * BLOCK if i and c >= shared * BLOCK else 0 for i, c in enumerate(ctxs)] if shared else None
+    for i, a in enumerate(admitted or []):
+        if a:
+            table[i, :shared] = table[0, :shared]
     t = rows + padded
     qkv = [torch.randn(t, h * HEAD_DIM, generator=gen).to(dev, dtype) for h in (HEADS, KV_HEADS, KV_HEADS)]
     out = torch.empty(t, HEADS * HEAD_DIM, dtype=dtype, device=dev)
-    impl.forward(None, *qkv, cache, decode_metadata(builder, ctxs, table, padded), out)   # warm-up (layout, compile)
-    meta = decode_metadata(builder, [c + 1 for c in ctxs], table, padded)               # built outside the layer
+    impl.forward(None, *qkv, cache, decode_metadata(builder, ctxs, table, padded, admitted), out)   # warm-up
+    meta = decode_metadata(builder, [c + 1 for c in ctxs], table, padded, admitted)    # built outside the layer
+    if shared and not (meta.decode.shared and int(meta.decode.own_from.max()) == shared):
+        raise RuntimeError(f"no row reads {shared} shared blocks at contexts {ctxs}")
     if hook is not None:
         hook(impl, meta)
     probe = probe or LayerProbe(strict=False)

@@ -269,11 +269,19 @@ MUTATIONS = [
                "    if seq >= 0:                                          # seq 0: a padded row, no-op"),)),
     Mutation("triton-hi-lookup-own-block", "the Triton decode looks a position's hi copy up among its own block's "
              "tags only (hi copies live in any block of the row: core.layout)",
-             ((KSP, "        ok = m & (tag > 0) & (tag <= ctx)\n",
-               "        ok = m & (tag > 0) & (tag <= ctx) & ((tag - 1) // N == s // R)\n"),
+             ((KSP, "        ok = m & (tag > 0) & (tag <= tl.where(s < own_slot, tl.minimum(ctx, shi), ctx))\n",
+               "        ok = m & (tag > 0) & (tag <= tl.where(s < own_slot, tl.minimum(ctx, shi), ctx)) & "
+               "((tag - 1) // N == s // R)\n"),
               (KDE, "    ok = (tags > 0) & (tags <= ctx[:, None, None, None]) & live[:, :, None, None]\n",
                "    ok = (tags > 0) & (tags <= ctx[:, None, None, None]) & live[:, :, None, None] & "
                "((tags - 1) // n == torch.arange(nb, device=dev)[None, :, None, None])\n"))),
+    # issue 25: shared-prefix rows on the Triton decode step (tests/kernels/test_ops_contract.py, test_capture.py)
+    Mutation("triton-shared-score-written", "a reader's slot-score kernel accumulates scores into its shared blocks' slots",
+             ((KSP, "    own = (s < nslots) & (s >= tl.load(own_ptr + b) * R)\n", "    own = s < nslots\n"),)),
+    Mutation("triton-shared-hi-unbounded", "a reader's decode reads the shared blocks' hi copies beyond shared_hi",
+             ((KSP, "tl.where(s < own_slot, tl.minimum(ctx, shi), ctx)", "tl.where(s < own_slot, ctx, ctx)"),)),
+    Mutation("triton-shared-slots-upkept", "a reader's hi upkeep walks (and demotes in) its shared blocks' slots",
+             ((KUT, "        first = tl.load(own_ptr + b) * R ", "        first = tl.load(own_ptr + b) * 0 "),)),
     Mutation("rotation-not-orthogonal", "the Hadamard rotation is scaled by 1/D instead of 1/sqrt(D)",
              ((ROT, "    return signs[:, None] * hadamard(d) / math.sqrt(d)", "    return signs[:, None] * hadamard(d) / d"),)),
     # issue 25: the rotation folded into the Triton decode step (tests/kernels/test_rotation_step.py)

@@ -150,6 +150,9 @@ def test_admitted_rows_must_match_the_batch():
     table = torch.arange(24, dtype=torch.int32).reshape(2, 12)
     with pytest.raises(RuntimeError, match="admitted rows"):
         _build_shared([1, 1], [40, 20], [32], table)
+    # a captured batch's padding (seq_len 0) past the recorded rows: owns from block 0
+    padded = _build_shared([1, 0], [40, 0], [32], table)
+    assert padded.own_from == [2, 0]
 
 
 def test_prefix_caching_decision(monkeypatch):
@@ -160,20 +163,20 @@ def test_prefix_caching_decision(monkeypatch):
     from mikv_vllm.config import preset
     from mikv_vllm.vllm_glue.engine_config import MiKVUnsupportedError, prefix_caching
 
-    assert prefix_caching(preset("mikv"), None, on_cuda=False) is True          # on by default, as stock
-    assert prefix_caching(preset("mikv"), True, on_cuda=False) is True
-    assert prefix_caching(preset("mikv"), False, on_cuda=False) is False        # --no-enable-prefix-caching
-    assert prefix_caching(preset("h2o"), None, on_cuda=False) is False          # eviction: nothing to share
-    assert prefix_caching(preset("mikv"), None, on_cuda=True) is False          # Triton path: not implemented
+    assert prefix_caching(preset("mikv"), None) is True          # on by default, as stock
+    assert prefix_caching(preset("mikv"), True) is True
+    assert prefix_caching(preset("mikv"), False) is False        # --no-enable-prefix-caching
+    assert prefix_caching(preset("h2o"), None) is False          # eviction: nothing to share
     with pytest.raises(MiKVUnsupportedError, match="evicted"):
-        prefix_caching(preset("h2o"), True, on_cuda=False)
+        prefix_caching(preset("h2o"), True)
 
 
-def test_prefix_caching_off_for_the_triton_ops(monkeypatch):
+def test_prefix_caching_on_for_every_op_set(monkeypatch):
+    """Every op set reads shared blocks (the Triton decode step too: tests/kernels/test_capture.py)."""
     from mikv_vllm.config import preset
     from mikv_vllm.vllm_glue.engine_config import prefix_caching
 
-    monkeypatch.setenv("MIKV_VLLM_OPS", "triton")
-    assert prefix_caching(preset("mikv"), None, on_cuda=False) is False
-    monkeypatch.setenv("MIKV_VLLM_OPS", "torch")                                # the reference on CUDA
-    assert prefix_caching(preset("mikv"), None, on_cuda=True) is True
+    for ops in ("triton", "torch", "cpu", "auto"):
+        monkeypatch.setenv("MIKV_VLLM_OPS", ops)
+        assert prefix_caching(preset("mikv"), None) is True
+        assert prefix_caching(preset("mikv"), True) is True

@@ -8,9 +8,10 @@
 * prefill / multi-token chunks: Triton store, then the bounded torch chunked attention of
   ``ops.torch_chunks`` and the page steps of ``core.page``.
 * layouts outside :func:`_common.supported` are served by the batched torch op set.
-* shared prefix blocks (``own_from > 0``, prefix caching) are not implemented in the Triton path:
-  such rows raise NotImplementedError (the engine keeps prefix caching off on CUDA,
-  vllm_glue/engine_config.py).
+* shared prefix blocks (``own_from > 0``, prefix caching; docs/design.md "Shared blocks"): the
+  decode kernels take each row's ``own_from`` / ``shared_hi`` from the :class:`step.DecodeBuffers`
+  (read the shared blocks' lo copies and their hi copies up to ``shared_hi``, write scores, tags
+  and hi slots in the owned blocks only); chunks pass them to the torch chunk step.
 """
 
 from __future__ import annotations
@@ -30,10 +31,6 @@ from .store import write_tokens
 from .step import DecodeBuffers, decode_step
 
 
-SHARED_UNSUPPORTED = ("MiKV Triton ops: rows reading shared prefix blocks (own_from > 0) are not implemented; "
-                      "serve with --no-enable-prefix-caching on CUDA (docs/usage.md)")
-
-
 class TritonOps(OpSet):
     """Triton store, split-K decode attention with in-kernel scores and the upkeep kernel; chunks
     through the bounded torch attention. ``workspace`` (bytes, class attribute; None: the
@@ -45,10 +42,11 @@ class TritonOps(OpSet):
     @classmethod
     def prepare(cls, plan: StepPlan, layout: RegionLayout, config: MiKVConfig, num_heads: int,
                 num_kv_heads: int, workspace: int | None = None) -> None:
-        """Once per step: the decode rows' lengths, hi budgets and block table into the persistent
-        :class:`step.DecodeBuffers` (made at the first step, sized by the plan builder's bounds)."""
+        """Once per step: the decode rows' lengths, shared-prefix bounds, hi budgets and block table
+        into the persistent :class:`step.DecodeBuffers` (made at the first step, sized by the plan
+        builder's bounds)."""
         d = plan.decode
-        if d is None or d.shared or not supported(layout):
+        if d is None or not supported(layout):
             if d is not None and not supported(layout):
                 TorchOps.prepare(plan, layout, config, num_heads, num_kv_heads)
             return
@@ -63,21 +61,19 @@ class TritonOps(OpSet):
             buf = DecodeBuffers.make(layout, num_heads, num_kv_heads, rows, max_pos, table.device,
                                      rotation=config.rotation)
             d.state["triton_decode"] = buf
-        buf.fill(layout, config, d.pos)
+        buf.fill(layout, config, d.pos, *((d.own_from, d.shared_hi) if d.shared else ()))
         d.kernel["triton_step"] = (buf, table)
 
     @staticmethod
-    def _on_torch(plan: DecodePlan | ChunkPlan, layout: RegionLayout) -> bool:
-        """Rows reading shared prefix blocks raise; a layout outside ``supported`` runs on the torch op set."""
-        if plan.shared:
-            raise NotImplementedError(SHARED_UNSUPPORTED)
+    def _on_torch(layout: RegionLayout) -> bool:
+        """A layout outside ``supported`` runs on the torch op set."""
         return not supported(layout)
 
     @classmethod
     def decode(cls, regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig, plan: DecodePlan,
                q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """Six launches, no torch op (``step.decode_step``); inputs are sanitized in the kernels."""
-        if cls._on_torch(plan, layout):
+        if cls._on_torch(layout):
             return TorchOps.decode(regions, layout, config, plan, q, k, v, scale)
         buf, table = plan.kernel["triton_step"]
         return decode_step(regions, layout, config, buf, table, q, k, v, scale)
@@ -86,7 +82,7 @@ class TritonOps(OpSet):
     def decode_rotated(cls, regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig, plan: DecodePlan,
                        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, rotation) -> torch.Tensor:
         """The rotation folded into the six launches (``kernels/rotate.py``): still no torch op."""
-        if cls._on_torch(plan, layout):
+        if cls._on_torch(layout):
             return TorchOps.decode_rotated(regions, layout, config, plan, q, k, v, scale, rotation)
         buf, table = plan.kernel["triton_step"]
         if buf.rot is None or not (rotation is rotation_for(layout.head_dim)
@@ -98,14 +94,15 @@ class TritonOps(OpSet):
     @classmethod
     def chunks(cls, regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig, plan: ChunkPlan,
                q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        if cls._on_torch(plan, layout):
+        if cls._on_torch(layout):
             return TorchOps.chunks(regions, layout, config, plan, q, k, v, scale)
         q, k, v = finite_inputs(q), finite_inputs(k), finite_inputs(v)   # non-finite inputs: docs/design.md
         out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         for c, (start, end) in enumerate(plan.rows.tolist()):
             if end > start:
                 out[start:end] = chunk_step(regions, layout, config, plan.block_table[c], int(plan.ctx[c]),
-                                            q[start:end], k[start:end], v[start:end], scale, write=write_tokens)
+                                            q[start:end], k[start:end], v[start:end], scale,
+                                            int(plan.own_from[c]), int(plan.shared_hi[c]), write=write_tokens)
         return out
 
 

@@ -8,21 +8,24 @@ One layer's decode of B one-token rows is six launches and no torch op (:func:`d
    widths and group metadata (``store``'s ``_quant_pack_store``), the block's tags reset at offset 0;
    with ``rotate`` the row's q / k / v are first rotated (``rotate.py``) into the buffers that the
    later kernels read;
-2. ``_map_kernel`` (row, KV head): the row's positions -> hi slot map, refilled (``decode.hi_slot_map``);
+2. ``_map_kernel`` (row, KV head): the row's positions -> hi slot map, refilled (``decode.hi_slot_map``;
+   a shared prefix block's hi copy only for a tag <= the row's ``shared_hi``);
 3. ``decode._split_kernel`` (row, KV head, split): split-K attention over both tiers, ``SPLITS``
    fixed at start-up, each row's context cut into SPLITS equal tile-aligned ranges on the device;
 4. ``_step_merge_kernel`` (row, query head): exact log-sum-exp merge with the new token, (max, sum) and
    the new token's probability per query head; with ``rotate`` the output rotated back;
 5. ``_slot_score_kernel`` (row, KV head, slot tile): every live hi slot's logit recomputed from its hi
    copy (no logits scratch), its mass added to its score (saturating, NaN kept as the reference),
-   the new token's mass summed over the group;
-6. ``upkeep_tiled._tiled_upkeep_kernel`` (row, KV head): the hi-set upkeep, tiled over the row's
-   slots with a constant tile.
+   the new token's mass summed over the group; the row's owned blocks only;
+6. ``upkeep_tiled._tiled_upkeep_kernel`` (row, KV head): the hi-set upkeep, tiled over the slots
+   of the row's owned blocks with a constant tile.
 
 Every grid and buffer is sized by bounds fixed when the :class:`DecodeBuffers` are made (rows
 per step, KV / query heads, head dim, positions per row, splits): nothing depends on this step's
 data, nothing is read back to the host, nothing is allocated per call. A row whose ``seq`` is 0
-(vLLM's padding of a captured batch) is a no-op in every kernel: no page byte is written.
+(vLLM's padding of a captured batch) is a no-op in every kernel: no page byte is written. A row
+reading shared prefix blocks (``own`` > 0, prefix caching: docs/design.md "Shared blocks") writes
+nothing into them.
 """
 
 from __future__ import annotations
@@ -110,9 +113,11 @@ def _row_store_kernel(seq_ptr, bt_ptr, sbtb, q_ptr, sqb, sqh, k_ptr, skb, skh, v
 
 
 @triton.jit
-def _map_kernel(seq_ptr, bt_ptr, sbtb, tag_ptr, tg_sb, tg_sh, map_ptr, smb, smh,
+def _map_kernel(seq_ptr, own_ptr, shi_ptr, bt_ptr, sbtb, tag_ptr, tg_sb, tg_sh, map_ptr, smb, smh,
                 N: tl.constexpr, R: tl.constexpr, FILL: tl.constexpr, SB: tl.constexpr):
-    """map[b, h, p] = global hi slot of position p < ctx, -1 when none (``decode.hi_slot_map``)."""
+    """map[b, h, p] = global hi slot of position p < ctx, -1 when none (``decode.hi_slot_map``); a
+    shared block's slot (block column < ``own``) counts only with a tag <= ``shi`` (docs/design.md,
+    "Shared blocks")."""
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     ctx = (tl.load(seq_ptr + b) - 1).to(tl.int64)
@@ -122,12 +127,14 @@ def _map_kernel(seq_ptr, bt_ptr, sbtb, tag_ptr, tg_sb, tg_sh, map_ptr, smb, smh,
         tl.store(base + p, tl.full((FILL,), -1, tl.int32), mask=p < ctx)
     tl.debug_barrier()
     nslots = (ctx + N - 1) // N * R                      # slots of the blocks of positions [0, ctx)
+    own_slot = tl.load(own_ptr + b) * R                  # first slot of the owned blocks
+    shi = tl.load(shi_ptr + b)
     for s0 in range(0, nslots, SB):
         s = s0 + tl.arange(0, SB)
         m = s < nslots
         blk = tl.load(bt_ptr + b * sbtb + s // R, mask=m, other=0).to(tl.int64)
         tag = tl.load(tag_ptr + blk * tg_sb + h * tg_sh + s % R, mask=m, other=0)
-        ok = m & (tag > 0) & (tag <= ctx)
+        ok = m & (tag > 0) & (tag <= tl.where(s < own_slot, tl.minimum(ctx, shi), ctx))
         tl.store(base + tl.where(ok, tag - 1, 0), (blk * R + s % R).to(tl.int32), mask=ok)
 
 
@@ -161,13 +168,14 @@ def _step_merge_kernel(q_ptr, sqb, sqh, kn_ptr, sknb, sknh, vn_ptr, svnb, svnh, 
 
 
 @triton.jit
-def _slot_score_kernel(q_ptr, sqb, sqh, seq_ptr, mx_ptr, sm_ptr, pn_ptr, hq_total, bt_ptr, sbtb, tag_ptr, tg_sb, tg_sh,
-                  score_ptr, sc_sb, sc_sh, khi, hi_sb, hi_sh, hi_sr, nm_ptr, snmb, qk_scale, top,
+def _slot_score_kernel(q_ptr, sqb, sqh, seq_ptr, own_ptr, mx_ptr, sm_ptr, pn_ptr, hq_total, bt_ptr, sbtb,
+                  tag_ptr, tg_sb, tg_sh, score_ptr, sc_sb, sc_sh, khi, hi_sb, hi_sh, hi_sr, nm_ptr, snmb, qk_scale, top,
                   N: tl.constexpr, R: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                   BLOCK: tl.constexpr, DOT: tl.constexpr):
     """``reference.accumulate_scores_decode`` on the slots: each slot whose tag is a context
     position adds that position's mass (its logit recomputed from the slot's hi copy, as the split
-    kernel read it) to its score; the new token's mass goes to ``nm [B, H]``."""
+    kernel read it) to its score; only the slots of the owned blocks (column >= ``own``): a shared
+    block's scores are its writer's. The new token's mass goes to ``nm [B, H]``."""
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     t = tl.program_id(2)
@@ -175,7 +183,7 @@ def _slot_score_kernel(q_ptr, sqb, sqh, seq_ptr, mx_ptr, sm_ptr, pn_ptr, hq_tota
     ctx = seq - 1
     nslots = tl.where(seq > 0, (ctx // N + 1) * R, 0)    # blocks of positions [0, ctx]
     s = t.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    own = s < nslots
+    own = (s < nslots) & (s >= tl.load(own_ptr + b) * R)
     g = tl.arange(0, GP)
     gm = g < G
     hq = h * G + g
@@ -223,6 +231,8 @@ class DecodeBuffers:
     seq: torch.Tensor       # int32 [rows]: context + 1 per row, 0 = padded
     budget: torch.Tensor    # int64 [rows]
     rstart: torch.Tensor    # int64 [rows]
+    own: torch.Tensor       # int64 [rows]: first owned block (0: nothing shared)
+    shi: torch.Tensor       # int64 [rows]: largest tag read from the shared blocks (core.page.shared_hi_limit)
     hi_map: torch.Tensor    # int32 [rows, H, max_pos] (or [1, 1, 1] without hi slots)
     pmax: torch.Tensor      # fp32 [rows, Hq, splits]
     psum: torch.Tensor
@@ -254,6 +264,7 @@ class DecodeBuffers:
             seq=torch.zeros(rows, device=dev, dtype=torch.int32),
             budget=torch.zeros(rows, device=dev, dtype=torch.int64),
             rstart=torch.zeros(rows, device=dev, dtype=torch.int64),
+            own=torch.zeros(rows, device=dev, dtype=torch.int64), shi=torch.zeros(rows, device=dev, dtype=torch.int64),
             hi_map=torch.full((rows, h, max_pos) if r else (1, 1, 1), -1, device=dev, dtype=torch.int32),
             pmax=torch.zeros(rows, hq, splits, **f32), psum=torch.zeros(rows, hq, splits, **f32),
             pacc=torch.zeros(rows, hq, splits, d, **f32), mx=torch.zeros(rows, hq, **f32),
@@ -262,10 +273,13 @@ class DecodeBuffers:
             **(dict(rot=rotation_for(d).matrix.to(dev), qr=torch.zeros(rows, hq, d, **f32),
                     kr=torch.zeros(rows, h, d, **f32), vr=torch.zeros(rows, h, d, **f32)) if rotation else {}))
 
-    def fill(self, layout: RegionLayout, config: MiKVConfig, pos: torch.Tensor) -> None:
+    def fill(self, layout: RegionLayout, config: MiKVConfig, pos: torch.Tensor, own_from: torch.Tensor | None = None,
+             shared_hi: torch.Tensor | None = None) -> None:
         """Once per step (outside the layers): each row's position ``pos`` (int64, host; -1 = a padded
-        row) with its hi budget and recent-window start, computed on the host and copied into the
-        device buffers (no device allocation, no read of device data)."""
+        row), its first owned block ``own_from`` and shared hi bound ``shared_hi`` (int64, host; None:
+        nothing shared), with its hi budget (counting the owned slots only) and recent-window start,
+        computed on the host and copied into the device buffers (no device allocation, no read of
+        device data)."""
         b = pos.shape[0]
         if b > self.rows:
             raise ValueError(f"MiKV decode step: {b} rows exceed the {self.rows} rows the buffers were sized for")
@@ -273,9 +287,15 @@ class DecodeBuffers:
             raise ValueError("DecodeBuffers.fill takes the host positions of the step plan")
         length = torch.zeros(self.rows, dtype=torch.int64)
         length[:b] = pos + 1
+        own, shi = torch.zeros(self.rows, dtype=torch.int64), torch.zeros(self.rows, dtype=torch.int64)
+        if own_from is not None:
+            own[:b], shi[:b] = own_from, shared_hi
         self.seq.copy_(length, non_blocking=True)
+        self.own.copy_(own, non_blocking=True)
+        self.shi.copy_(shi, non_blocking=True)
         if layout.hi_slots:
-            budget = hi_budget(config, length, ((length - 1).clamp(min=0) // layout.block_size + 1) * layout.hi_slots)
+            owned = ((length - 1).clamp(min=0) // layout.block_size + 1 - own).clamp(min=0) * layout.hi_slots
+            budget = hi_budget(config, length, owned)
             self.budget.copy_(budget, non_blocking=True)
             self.rstart.copy_(length - recent_window(config, budget), non_blocking=True)
 
@@ -288,7 +308,7 @@ def decode_buffer_bytes(num_heads: int, num_kv_heads: int, head_dim: int, rows: 
                         hi_slots: bool = True, rotation: bool = False) -> int:
     """Upper bound of :meth:`DecodeBuffers.make`'s bytes (splits <= 16): what the engine's memory
     profile must leave free for them (``backend``: reserved in the profiling run)."""
-    per_row = 4 * 3 * 8 + num_heads * (MAX_STEP_SPLITS * (head_dim + 2) + head_dim + 3) * 4 + num_kv_heads * 4
+    per_row = 4 * 5 * 8 + num_heads * (MAX_STEP_SPLITS * (head_dim + 2) + head_dim + 3) * 4 + num_kv_heads * 4
     rot = (head_dim * head_dim + rows * (num_heads + 2 * num_kv_heads) * head_dim) * 4 if rotation else 0
     return rows * (per_row + (num_kv_heads * max_pos * 4 if hi_slots else 0)) + rot
 
@@ -345,9 +365,9 @@ def decode_step(regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig,
     hmap = buf.hi_map
     if r:
         fill = 1024 if regions.device.type == "cuda" else min(4096, next_pow2(buf.max_pos))
-        _map_kernel[(bsz, h)](seq, bt, bt.stride(0), tag, tag.stride(0), tag.stride(1), hmap, hmap.stride(0),
-                              hmap.stride(1), N=n, R=r, FILL=fill, SB=max(16, min(1024, next_pow2(buf.max_pos // n * r))),
-                              num_warps=4)
+        _map_kernel[(bsz, h)](seq, buf.own, buf.shi, bt, bt.stride(0), tag, tag.stride(0), tag.stride(1), hmap,
+                              hmap.stride(0), hmap.stride(1), N=n, R=r, FILL=fill,
+                              SB=max(16, min(1024, next_pow2(buf.max_pos // n * r))), num_warps=4)
     # the split kernel's per-row range: ctx cut into `splits` tile-aligned parts (tps < 0: per row)
     qk_scale = float(scale) * LOG2E
     _split_kernel[(bsz, h, buf.splits)](
@@ -369,14 +389,14 @@ def decode_step(regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig,
         blk = 128 if regions.device.type == "cuda" else max(16, min(1024, next_pow2(slots)))
         gp2 = max(16, next_pow2(grp))
         _slot_score_kernel[(bsz, h, -(-slots // blk))](
-            q, q.stride(0), q.stride(1), seq, buf.mx, buf.sm, buf.pnew, hq, bt, bt.stride(0), tag, tag.stride(0),
-            tag.stride(1), views.score, views.score.stride(0), views.score.stride(1), hi_k, *hi_k.stride()[:3],
-            buf.new_mass, buf.new_mass.stride(0), qk_scale, float(torch.finfo(layout.score_dtype).max),
+            q, q.stride(0), q.stride(1), seq, buf.own, buf.mx, buf.sm, buf.pnew, hq, bt, bt.stride(0), tag,
+            tag.stride(0), tag.stride(1), views.score, views.score.stride(0), views.score.stride(1), hi_k,
+            *hi_k.stride()[:3], buf.new_mass, buf.new_mass.stride(0), qk_scale, float(torch.finfo(layout.score_dtype).max),
             N=n, R=r, G=grp, GP=gp2, D=d, BLOCK=blk, DOT=dot, num_warps=4)
         nm = buf.new_mass
         tile = UPKEEP_TILE or (128 if regions.device.type == "cuda" else max(16, min(256, next_pow2(slots))))
         _tiled_upkeep_kernel[(bsz, h)](
-            bt, bt.stride(0), seq, buf.budget, buf.rstart, tag, tag.stride(0), tag.stride(1),
+            bt, bt.stride(0), seq, buf.own, buf.budget, buf.rstart, tag, tag.stride(0), tag.stride(1),
             views.score, views.score.stride(0), views.score.stride(1), nm, nm.stride(0),
             hi_k, hi_v, *hi_k.stride()[:3], k, v, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             float(torch.finfo(layout.hi_dtype).max), float(torch.finfo(layout.score_dtype).max),

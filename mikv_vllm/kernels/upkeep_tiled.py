@@ -1,8 +1,9 @@
 """The decode step's hi-set upkeep, tiled over slots (``upkeep._upkeep_kernel``'s semantics).
 
-One program per (row, KV head) walks the row's slots in tiles of ``TILE`` lanes (a constant, not
-a function of the context): pass 1 counts the candidates (tags in ``(0, pos]``) and clears stale
-tags; then one pass per loser (``max(0, candidates + 1 - budget)``, one in a normal step) finds
+One program per (row, KV head) walks the slots of the row's owned blocks (block column >=
+``own``; a shared prefix block is read-only, docs/design.md "Shared blocks") in tiles of ``TILE``
+lanes (a constant, not a function of the context): pass 1 counts the candidates (tags in
+``(0, pos]``) and clears stale tags; then one pass per loser (``max(0, candidates + 1 - budget)``, one in a normal step) finds
 the lowest-priority candidate - the new token included, as the highest index - with the order of
 ``core.importance.select_hi`` (tier SINK > RECENT > HEAVY; sinks lower position first, recent
 higher position first, heavy higher score first with NaN as -inf, then higher position; full
@@ -22,7 +23,7 @@ def _tier(p, sinks, rstart):
 
 
 @triton.jit
-def _tiled_upkeep_kernel(bt_ptr, bt_sb, seq_ptr, budget_ptr, rstart_ptr, tag_ptr, tg_sb, tg_sh,
+def _tiled_upkeep_kernel(bt_ptr, bt_sb, seq_ptr, own_ptr, budget_ptr, rstart_ptr, tag_ptr, tg_sb, tg_sh,
                          score_ptr, sc_sb, sc_sh, nm_ptr, snmb, khi_ptr, vhi_ptr, hi_sb, hi_sh, hi_sr,
                          k_ptr, v_ptr, skb, skh, svb, svh, top, sc_top, sinks,
                          N: tl.constexpr, R: tl.constexpr, D: tl.constexpr, TILE: tl.constexpr,
@@ -34,6 +35,7 @@ def _tiled_upkeep_kernel(bt_ptr, bt_sb, seq_ptr, budget_ptr, rstart_ptr, tag_ptr
         budget = tl.load(budget_ptr + b).to(tl.int64)
         rstart = tl.load(rstart_ptr + b).to(tl.int64)
         num_slots = (pos // N + 1) * R
+        first = tl.load(own_ptr + b) * R                 # the owned blocks' first slot: shared ones are read-only
         big = 1 << 62
         lanes = tl.arange(0, TILE).to(tl.int64)
         # the new token's keys: tier, score (its mass, saturated; NaN ranks as -inf), position key
@@ -44,7 +46,7 @@ def _tiled_upkeep_kernel(bt_ptr, bt_sb, seq_ptr, budget_ptr, rstart_ptr, tag_ptr
         n_pk = tl.where(n_tier == 2, -pos, pos)
         # pass 1: count the candidates, clear stale tags
         count = tl.zeros((), tl.int64)
-        for s0 in range(0, num_slots, TILE):
+        for s0 in range(first, num_slots, TILE):
             s = s0 + lanes
             own = s < num_slots
             blk = tl.load(bt_ptr + b * bt_sb + s // R, mask=own, other=0).to(tl.int64)
@@ -61,7 +63,7 @@ def _tiled_upkeep_kernel(bt_ptr, bt_sb, seq_ptr, budget_ptr, rstart_ptr, tag_ptr
             bs_ = tl.zeros((), tl.float32) + float("inf")
             bk_ = tl.zeros((), tl.int64) + big
             bw_ = tl.zeros((), tl.int64) - 1
-            for s0 in range(0, num_slots, TILE):
+            for s0 in range(first, num_slots, TILE):
                 s = s0 + lanes
                 own = s < num_slots
                 blk = tl.load(bt_ptr + b * bt_sb + s // R, mask=own, other=0).to(tl.int64)
@@ -89,7 +91,7 @@ def _tiled_upkeep_kernel(bt_ptr, bt_sb, seq_ptr, budget_ptr, rstart_ptr, tag_ptr
             tl.debug_barrier()
         if new_alive > 0:
             free = tl.zeros((), tl.int64) + big
-            for s0 in range(0, num_slots, TILE):
+            for s0 in range(first, num_slots, TILE):
                 s = s0 + lanes
                 own = s < num_slots
                 blk = tl.load(bt_ptr + b * bt_sb + s // R, mask=own, other=0).to(tl.int64)
@@ -117,9 +119,11 @@ def _tiled_upkeep_kernel(bt_ptr, bt_sb, seq_ptr, budget_ptr, rstart_ptr, tag_ptr
                 tl.store(vhi_ptr + hi, v.to(vhi_ptr.dtype.element_ty))
 
 
-def maintain_hi_tiled(regions, layout, config, block_tables, pos, k_new, v_new, new_mass, tile: int = 128) -> None:
+def maintain_hi_tiled(regions, layout, config, block_tables, pos, k_new, v_new, new_mass, tile: int = 128,
+                      own_from=None) -> None:
     """Host wrapper (tests): ``upkeep.maintain_hi_decode``'s arguments with ``new_mass [B, H]``,
-    k / v as the op set's entry leaves them; ``tile`` slots per tile."""
+    k / v as the op set's entry leaves them; ``tile`` slots per tile; ``own_from`` int64 ``[B]``
+    (None: all 0)."""
     import torch
 
     from ..core.importance import hi_budget, recent_window
@@ -130,14 +134,15 @@ def maintain_hi_tiled(regions, layout, config, block_tables, pos, k_new, v_new, 
     views, dev = layout.views(regions), regions.device
     pos = pos.to(dev, torch.int64)
     length = pos + 1
-    budget = hi_budget(config, length, (pos // n + 1) * r).contiguous()
+    own = torch.zeros_like(pos) if own_from is None else torch.as_tensor(own_from, dtype=torch.int64).to(dev)
+    budget = hi_budget(config, length, (pos // n + 1 - own) * r).contiguous()
     rstart = (length - recent_window(config, budget)).contiguous()
     seq = length.to(torch.int32).contiguous()
     bt = block_tables.to(dev).contiguous()
     k, v = k_new.contiguous(), v_new.contiguous()
     nm = new_mass.to(dev, torch.float32).contiguous()
     _tiled_upkeep_kernel[(pos.shape[0], regions.shape[1])](
-        bt, bt.stride(0), seq, budget, rstart, views.tag, views.tag.stride(0), views.tag.stride(1),
+        bt, bt.stride(0), seq, own, budget, rstart, views.tag, views.tag.stride(0), views.tag.stride(1),
         views.score, views.score.stride(0), views.score.stride(1), nm, nm.stride(0),
         views.k_hi, views.v_hi, *views.k_hi.stride()[:3], k, v, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         float(torch.finfo(layout.hi_dtype).max), float(torch.finfo(layout.score_dtype).max), int(config.sink_tokens),

@@ -137,7 +137,7 @@ class PlanBuilder:
             own.zero_()
             shi.zero_()
             return False
-        if bool(((own_from < 0) | (own_from * self.layout.block_size > ctx)).any()):
+        if bool(((own_from < 0) | ((own_from > 0) & (own_from * self.layout.block_size > ctx))).any()):
             raise ValueError(f"own_from {own_from.tolist()} (block size {self.layout.block_size}) must be in "
                              f"[0, ctx // block_size] for contexts {ctx.tolist()}: a request writes only owned blocks")
         own.copy_(own_from)

@@ -193,14 +193,17 @@ class MiKVMetadataBuilder(AttentionMetadataBuilder[MiKVMetadata]):
         seq = (host_seq[:n] if host_seq is not None else m.seq_lens[:n]).to("cpu", torch.int64)
         qlen = qsl[1:] - qsl[:-1]
         ctx = seq - qlen
-        own = self._own_from(n)
+        own = self._own_from(n, seq)
         table, dev = m.block_table_tensor, m.query_start_loc.device
         plan = StepPlan()
-        if getattr(self, "capturable", False) and own is None and n and getattr(m, "max_query_len", 2) <= 1:
+        uniform = getattr(self, "capturable", False) and n and getattr(m, "max_query_len", 2) <= 1
+        if uniform:
             # uniform decode (what vLLM captures): every row, padded ones (seq_len 0) included, row i =
-            # query token i; pos = seq_len - 1 (-1: padding, a no-op in every kernel)
+            # query token i; pos = seq_len - 1 (-1: padding, a no-op in every kernel). Never serial (a
+            # graph replay runs the batched step): its launches store every row's token before any row
+            # attends, so a same-step hit reads the writer's new token (docs/design.md "Shared blocks")
             one = multi = torch.zeros(0, dtype=torch.int64)
-            plan.decode = self.plans.decode(torch.arange(n), seq - 1, table, None, None, token_device=dev)
+            plan.decode = self.plans.decode(torch.arange(n), seq - 1, table, None, own, token_device=dev)
         else:
             one = torch.nonzero(qlen == 1).flatten()
             multi = torch.nonzero(qlen > 1).flatten()
@@ -225,6 +228,7 @@ class MiKVMetadataBuilder(AttentionMetadataBuilder[MiKVMetadata]):
         )
         if own is not None:
             meta.own_from = own.tolist()
+        if own is not None and not uniform:
             order = writers_first(meta.own_from, ctx.tolist(), meta.seq_lens, table[:n].cpu(), self.block_size)
             if order is not None:
                 qs = meta.query_start_loc
@@ -234,14 +238,17 @@ class MiKVMetadataBuilder(AttentionMetadataBuilder[MiKVMetadata]):
         self.ops.prepare(plan, self.layout, self.config, *self.heads)
         return meta
 
-    def _own_from(self, n: int) -> torch.Tensor | None:
+    def _own_from(self, n: int, seq: torch.Tensor) -> torch.Tensor | None:
         """Each row's first owned block (int64 ``[n]``) from the tokens it was admitted with
-        (:mod:`.sharing`); None when nothing is shared (or in dummy / profiling runs)."""
+        (:mod:`.sharing`; rows past those recorded must be a captured batch's padding, ``seq`` 0:
+        they own from block 0); None when nothing is shared (or in dummy / profiling runs)."""
         if not getattr(self, "prefix_caching", False):
             return None
         admitted = sharing.step_rows()
         if admitted is None:          # dummy / profiling run: nothing is shared
             return None
+        if len(admitted) < n and not bool(seq[len(admitted):n].any()):
+            admitted = list(admitted) + [0] * (n - len(admitted))
         if len(admitted) != n:
             raise RuntimeError(f"MiKV prefix caching: {len(admitted)} admitted rows recorded for {n} request rows")
         own = torch.tensor(admitted, dtype=torch.int64) // self.block_size

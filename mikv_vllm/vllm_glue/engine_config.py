@@ -55,32 +55,20 @@ def prepare_engine_args(engine_args) -> MiKVConfig | None:
     return config
 
 
-def prefix_caching(config: MiKVConfig, requested: bool | None, on_cuda: bool | None = None) -> bool:
+def prefix_caching(config: MiKVConfig, requested: bool | None) -> bool:
     """Whether the engine caches prefixes under this policy: as stock vLLM (on unless
     ``--no-enable-prefix-caching``) where a shared block can be read (docs/design.md, "Shared
-    blocks"); off, with a log line, where it cannot; an explicit ``--enable-prefix-caching``
-    there raises.
+    blocks"; every op set: torch, C++, Triton); off, with a log line, where it cannot; an
+    explicit ``--enable-prefix-caching`` there raises.
 
-    Not shareable: lo_bits 0 (eviction: a reader would see only the prefix's sinks) and the Triton
-    ops (CUDA by default, or ``MIKV_VLLM_OPS=triton``), which have no shared-row support.
+    Not shareable: lo_bits 0 (eviction: a reader would see only the prefix's sinks).
     """
     if requested is False:
         return False
-    if on_cuda is None:
-        from vllm.platforms import current_platform
-
-        on_cuda = current_platform.is_cuda_alike()
-    from ..kernels import ops_choice
-
-    choice = ops_choice()
-    reason = None
-    if not config.has_lo:
-        reason = f"policy {config.policy} keeps no lo copies (evicted tokens cannot be shared)"
-    elif choice == "triton" or (choice == "auto" and on_cuda):
-        reason = "the Triton ops do not implement shared prefix blocks yet"
-    if reason is None:
+    if config.has_lo:
         logger.info("MiKV: prefix caching on (shared blocks are read-only: lo copies + sink hi copies)")
         return True
+    reason = f"policy {config.policy} keeps no lo copies (evicted tokens cannot be shared)"
     if requested:
         raise MiKVUnsupportedError(f"--enable-prefix-caching with --kv-cache-policy {config.policy}: {reason}")
     logger.info("MiKV: prefix caching turned off: %s", reason)

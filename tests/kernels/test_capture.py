@@ -98,3 +98,67 @@ def test_capture_batch_with_padded_rows(preset_name, tile, monkeypatch):
         assert (got[REAL:] == 0).all()
         assert_pages(lay, mine, oracle, f"{preset_name} capture step {step}")
         ctx = [c + 1 for c in ctx]
+
+
+@pytest.mark.parametrize("preset_name", ["mikv", "mikv-int3-r05", "mikv-paper"])
+def test_capture_batch_with_shared_and_padded_rows(preset_name, monkeypatch):
+    """Prefix caching on the captured path: row 1 was admitted with a 2-block hit on row 0's blocks
+    (``own_from`` 2, from :mod:`vllm_glue.sharing`), row 0 (the writer) and row 2 decode alongside,
+    two padded rows (beyond the recorded admissions) point at the shared blocks. Real rows equal the
+    oracle (which runs them in order: the writer first), padded rows write nothing, and the reader
+    writes nothing into the shared blocks: their bytes change only where the writer's own steps do."""
+    from mikv_vllm.vllm_glue import sharing
+
+    monkeypatch.setenv("MIKV_VLLM_OPS", "triton")
+    cfg = preset(preset_name)
+    lay = RegionLayout.build(cfg, N, D)
+    regions = make_regions(lay, 24, HKV, garbage=True, seed=5)
+    perm = torch.randperm(24, generator=torch.Generator().manual_seed(5))
+    table = torch.zeros(REAL + PADDED, COLS, dtype=torch.int32)
+    table[:REAL] = perm[: REAL * COLS].reshape(REAL, COLS).int()
+    table[1, :2] = table[0, :2]                    # the reader's hit: the writer's first two blocks
+    table[REAL:] = table[1]
+    qkv = [structured_qkv(60, GROUP * HKV, HKV, D, seed=30 + i) for i in range(REAL)]
+    qkv[1] = tuple(torch.cat([x[:32], y[32:]]) for x, y in zip(qkv[0], qkv[1]))   # same first 32 tokens
+    # the writer's prefix fills the shared blocks exactly: its recent tokens' hi copies lie in them
+    # (tags past shared_hi, which the reader must not use), and it decodes into its own third block
+    ctx, admitted, own = [32, 37, 12], [0, 32, 0], [0, 2, 0]
+    ref.forward_request(regions, lay, cfg, table[0], 0, *(x[:32] for x in qkv[0]), SCALE)           # the writer
+    ref.forward_request(regions, lay, cfg, table[1], 32, *(x[32:37] for x in qkv[1]), SCALE, own_from=2)
+    ref.forward_request(regions, lay, cfg, table[2], 0, *(x[:12] for x in qkv[2]), SCALE)
+    builder = _builder(cfg)
+    builder.prefix_caching = True
+    mine, oracle = regions.clone(), regions.clone()
+    shared = table[0, :2].long()
+    for step in range(3):
+        seq = [c + 1 for c in ctx] + [0] * PADDED
+        sharing._state.rows = admitted             # what sharing.py records for the real rows
+        try:
+            common = _common(seq, table)
+            meta = builder.build_for_cudagraph_capture(common) if step == 0 else builder.build(0, common)
+        finally:
+            sharing._state.rows = None
+        dec = meta.decode
+        assert meta.serial is None and dec is not None and dec.size == REAL + PADDED and dec.shared
+        assert dec.own_from.tolist() == own + [0] * PADDED
+        buf = dec.kernel["triton_step"][0]
+        assert buf.own[:REAL + PADDED].tolist() == own + [0] * PADDED
+        q, k, v = (torch.cat([torch.stack([x[c] for x, c in zip(part, ctx)]),
+                              torch.full((PADDED, *part[0].shape[1:]), float("nan"))])
+                   for part in zip(*qkv))
+        writer_only = oracle.clone()               # the writer's step alone: what the shared blocks may become
+        if cfg.rotation:
+            rot = rotation_for(D)
+            got = meta.ops.decode_rotated(mine, lay, cfg, dec, q, k, v, SCALE, rot)
+            rows = (buf.qr[:REAL], buf.kr[:REAL], buf.vr[:REAL])
+            ref.forward_request(writer_only, lay, cfg, table[0], ctx[0], *(x[:1] for x in rows), SCALE)
+            want = rot.unrotate(ref.forward_decode(oracle, lay, cfg, table[:REAL], ctx, *rows, SCALE, own))
+        else:
+            got = meta.ops.decode(mine, lay, cfg, dec, q, k, v, SCALE)
+            ref.forward_request(writer_only, lay, cfg, table[0], ctx[0], q[:1], k[:1], v[:1], SCALE)
+            want = ref.forward_decode(oracle, lay, cfg, table[:REAL], ctx, q[:REAL], k[:REAL], v[:REAL], SCALE, own)
+        torch.testing.assert_close(got[:REAL], want, rtol=1e-4, atol=1e-4)
+        assert (got[REAL:] == 0).all()
+        assert_pages(lay, mine, oracle, f"{preset_name} shared capture step {step}")
+        assert_pages(lay, mine[shared], writer_only[shared], f"{preset_name} shared blocks, step {step}")
+        ctx = [c + 1 for c in ctx]

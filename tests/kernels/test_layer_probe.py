@@ -51,11 +51,13 @@ def test_probe_flags_syncs_shapes_and_host_data():
     assert probe.views == ["view"]
 
 
+@pytest.mark.parametrize("shared", [0, 1])
 @pytest.mark.parametrize("name", sorted(PRESETS))
-def test_decode_layer_is_sync_free_and_within_the_op_bound(name, monkeypatch):
+def test_decode_layer_is_sync_free_and_within_the_op_bound(name, shared, monkeypatch):
+    """``shared`` 1: prefix caching on, a row reads the first row's first block (same launches)."""
     monkeypatch.setenv("MIKV_VLLM_OPS", "triton")
     cfg = PRESETS[name]
-    summary = BENCH.run_layer(cfg, rows=3, ctx=20, padded=1, probe=LayerProbe(strict=True))
+    summary = BENCH.run_layer(cfg, rows=3, ctx=20, padded=1, probe=LayerProbe(strict=True), shared=shared)
     print(name, summary["total"], summary["ops"], summary["kernels"])
     assert summary["violations"] == []
     assert summary["launches"] >= 3                  # the kernels ran inside the probe

@@ -30,6 +30,8 @@ SPLIT = {"mikv-k4v3": lambda: preset("mikv-int4-r03").replace(v_bits=3, name="mi
          "mikv-paper-k2v4": lambda: preset("mikv-paper").replace(k_bits=2, v_bits=4, name="mikv-paper-k2v4"),
          # leaner group metadata (fp8 e5m2 scale, fp16 zero)
          "mikv-int4-r03": lambda: preset("mikv-int4-r03")}     # INT4 values, fp16 group metadata
+# never demotes (r = 1): a reader uses every hi copy of the shared prefix (core.page.shared_hi_limit)
+LOSSLESS = {"mikv-r1": lambda: preset("mikv").replace(hi_ratio=1.0, name="mikv-r1")}
 DECODE_STEPS = 4
 
 
@@ -66,8 +68,8 @@ def _check(lay, got_out, want_out, got_pages, want_pages, what):
 
 
 def _config(name: str):
-    if name in SPLIT:
-        return SPLIT[name]()
+    if name in SPLIT or name in LOSSLESS:
+        return {**SPLIT, **LOSSLESS}[name]()
     return preset(name)
 
 
@@ -104,12 +106,12 @@ def test_op_set_matches_the_oracle(ops_name, preset_name):
         pos = [p + 1 for p in pos]
 
 
-@pytest.mark.parametrize("preset_name", ["mikv", "h2o", "mikv-k4v3"])
+@pytest.mark.parametrize("preset_name", ["mikv", "h2o", "mikv-k4v3", "mikv-r1"])
 @pytest.mark.parametrize("ops_name", OP_SETS)
 def test_op_set_reads_shared_prefix_blocks_as_the_oracle(ops_name, preset_name):
     """Request 1 reads request 0's first two blocks (a prefix-cache hit, ``own_from`` 2): its chunk and
-    its decode rows match the oracle; nothing in the shared blocks changes. Triton raises (the engine
-    keeps prefix caching off on CUDA)."""
+    its decode rows match the oracle, outputs and page bytes; the writer decodes alongside, then the
+    reader decodes alone: the shared blocks stay byte for byte as the writer left them."""
     ops = op_set(ops_name)
     cfg = _config(preset_name)
     lay, regions, table = _pages(cfg, seed=2)
@@ -119,13 +121,11 @@ def test_op_set_reads_shared_prefix_blocks_as_the_oracle(ops_name, preset_name):
     ref.forward_request(regions, lay, cfg, table[0], 0, *(x[:40] for x in qkv[0]), SCALE)   # the writer
     mine, oracle = regions.clone(), regions.clone()
     q, k, v = (x[32:44] for x in qkv[1])
-    if ops_name == "triton":
-        with pytest.raises(NotImplementedError, match="shared prefix"):
-            ops.forward_chunks(mine, lay, cfg, table[1:2], [32], torch.tensor([[0, 12]]), q, k, v, SCALE, [2])
-        return
     got = ops.forward_chunks(mine, lay, cfg, table[1:2], [32], torch.tensor([[0, 12]]), q, k, v, SCALE, [2])
     want = ref.forward_chunks(oracle, lay, cfg, table[1:2], [32], torch.tensor([[0, 12]]), q, k, v, SCALE, [2])
     _check(lay, got, want, mine, oracle, f"{ops_name} reader chunk")
+    shared = table[0, :2].long()
+    assert torch.equal(mine[shared], regions[shared]), f"{ops_name}: the reader's chunk wrote into shared blocks"
     pos = [40, 44]
     for step in range(DECODE_STEPS):      # writer and reader decode together
         q, k, v = (torch.stack([qkv[i][j][p] for i, p in enumerate(pos)]) for j in range(3))
@@ -135,6 +135,14 @@ def test_op_set_reads_shared_prefix_blocks_as_the_oracle(ops_name, preset_name):
         pos = [p + 1 for p in pos]
     blocks = table[0, :2].long()          # the prefix's lo copies stay as the writer wrote them
     assert torch.equal(lay.views(mine).k_lo[blocks], lay.views(regions).k_lo[blocks])
+    before = mine[shared].clone()
+    for step in range(DECODE_STEPS):      # the reader alone (a batch of one shared row)
+        q, k, v = (qkv[1][j][pos[1]][None] for j in range(3))
+        got = ops.forward_decode(mine, lay, cfg, table[1:2], pos[1:], q, k, v, SCALE, [2])
+        want = ref.forward_decode(oracle, lay, cfg, table[1:2], pos[1:], q, k, v, SCALE, [2])
+        _check(lay, got, want, mine, oracle, f"{ops_name} reader decode step {step}")
+        assert torch.equal(mine[shared], before), f"{ops_name}: the reader's decode wrote into shared blocks"
+        pos[1] += 1
 
 
 @pytest.mark.parametrize("ops_name", OP_SETS)
