@@ -190,8 +190,10 @@ MUTATIONS = [
               (KUT, "            v = tl.where(v != v, 0.0,", "            v = tl.where(v != v, v,"))),
     Mutation("input-sanitize-removed", "the op sets take non-finite q/k/v as they come (0 * NaN reaches other rows)",
              ((REF, "    q, k, v = finite_inputs(q), finite_inputs(k), finite_inputs(v)\n", ""),
-              (KOP, "        q, k, v = finite_inputs(q), finite_inputs(k), finite_inputs(v)   # non-finite inputs: docs/design.md\n", ""),
-              (TOP, "        q, k, v = finite_inputs(q), finite_inputs(k), finite_inputs(v)   # non-finite inputs: docs/design.md\n", ""),
+              (TOP, "\n        q, k, v = finite_inputs(q), finite_inputs(k), finite_inputs(v)   # non-finite inputs: docs/design.md\n",
+               "\n"),
+              (TOP, "\n    q, k, v = finite_inputs(q), finite_inputs(k), finite_inputs(v)   # non-finite inputs: docs/design.md\n",
+               "\n"),   # run_chunks: the torch and Triton op sets' chunks
               (CPO, "    return finite_inputs(x.to(torch.float32)).contiguous()", "    return x.to(torch.float32).contiguous()"),
               (KSP, "    return tl.where(x != x, 0.0, tl.minimum(tl.maximum(x, -65504.0), 65504.0))", "    return x"),
               (KDE, "        q = tl.where(qf != qf, 0.0, tl.minimum(tl.maximum(qf, -65504.0), 65504.0)).to(q.dtype)",

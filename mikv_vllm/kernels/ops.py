@@ -20,12 +20,11 @@ import torch
 
 from ..config import MiKVConfig
 from ..core.layout import RegionLayout
-from ..core.quant import finite_inputs
 from ..core.rotation import rotation_for
 from ..ops.base import OpSet
 from ..ops.plan import ChunkPlan, DecodePlan, StepPlan
 from ..ops.torch_chunks import chunked_attention  # noqa: F401  (re-exported: tests, benchmarks)
-from ..ops.torch_ops import TorchOps, chunk_step
+from ..ops.torch_ops import TorchOps, run_chunks
 from ._common import supported
 from .store import write_tokens
 from .step import DecodeBuffers, decode_step
@@ -96,14 +95,7 @@ class TritonOps(OpSet):
                q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         if cls._on_torch(layout):
             return TorchOps.chunks(regions, layout, config, plan, q, k, v, scale)
-        q, k, v = finite_inputs(q), finite_inputs(k), finite_inputs(v)   # non-finite inputs: docs/design.md
-        out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        for c, (start, end) in enumerate(plan.rows.tolist()):
-            if end > start:
-                out[start:end] = chunk_step(regions, layout, config, plan.block_table[c], int(plan.ctx[c]),
-                                            q[start:end], k[start:end], v[start:end], scale,
-                                            int(plan.own_from[c]), int(plan.shared_hi[c]), write=write_tokens)
-        return out
+        return run_chunks(regions, layout, config, plan, q, k, v, scale, write=write_tokens)
 
 
 def forward_decode(regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig, block_tables: torch.Tensor,

@@ -56,14 +56,20 @@ class TorchOps(OpSet):
     @classmethod
     def chunks(cls, regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig, plan: ChunkPlan,
                q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        q, k, v = finite_inputs(q), finite_inputs(k), finite_inputs(v)   # non-finite inputs: docs/design.md
-        out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        for c, (start, end) in enumerate(plan.rows.tolist()):
-            if end > start:
-                out[start:end] = chunk_step(regions, layout, config, plan.block_table[c], int(plan.ctx[c]),
-                                            q[start:end], k[start:end], v[start:end], scale,
-                                            int(plan.own_from[c]), int(plan.shared_hi[c]))
-        return out
+        return run_chunks(regions, layout, config, plan, q, k, v, scale)
+
+
+def run_chunks(regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig, plan: ChunkPlan,
+               q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, write=write_tokens) -> torch.Tensor:
+    """Every chunk of a step, one :func:`chunk_step` each (``write``: the lo store, as there)."""
+    q, k, v = finite_inputs(q), finite_inputs(k), finite_inputs(v)   # non-finite inputs: docs/design.md
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    for c, (start, end) in enumerate(plan.rows.tolist()):
+        if end > start:
+            out[start:end] = chunk_step(regions, layout, config, plan.block_table[c], int(plan.ctx[c]),
+                                        q[start:end], k[start:end], v[start:end], scale,
+                                        int(plan.own_from[c]), int(plan.shared_hi[c]), write=write)
+    return out
 
 
 def chunk_step(regions: torch.Tensor, layout: RegionLayout, config: MiKVConfig, block_row: torch.Tensor,
