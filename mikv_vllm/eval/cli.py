@@ -271,10 +271,11 @@ def run_eval(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ tune
 # tune: per family, the page formats that led the measured frontier (docs/quality.md); each gets the
 # most bytes the budget allows (mikv: the largest hi ratio in whole slots per block)
-# keyed by (k_bits, v_bits): keys and values at their own widths are searched too (issue 26)
+# keyed by (k_bits, v_bits): keys and values at their own widths are searched too; K4/V3 in the default's
+# format (fp8 scales), K4/V2 rotated with fp8 scales (the frontier's best at <= 64 B)
 TUNE_MIKV_FORMATS = {(4, 4): dict(group_size=64, hi_dtype="float8_e4m3fn"),
-                     (4, 3): dict(group_size=64, hi_dtype="float8_e4m3fn", rotation=True, balancer=False),
-                     (4, 2): dict(group_size=64, hi_dtype="float8_e4m3fn", rotation=True, balancer=False),
+                     (4, 3): dict(group_size=64, hi_dtype="float8_e4m3fn", group_meta="fp8-scale"),
+                     (4, 2): dict(group_size=64, hi_dtype="float8_e4m3fn", group_meta="fp8-scale", rotation=True),
                      (3, 3): dict(group_size=64, hi_dtype="float8_e4m3fn", rotation=True, balancer=False),
                      (2, 2): dict(group_size=64, hi_dtype="float8_e4m3fn", rotation=True)}
 TUNE_RTN_FORMATS = (dict(group_size=32, rotation=True), dict(group_size=64, rotation=True))
