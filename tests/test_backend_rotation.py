@@ -35,7 +35,7 @@ def _meta(config, qlen, ctx, cols=4):
 def _run(impl, q, k, v, prefill=40):
     """A prefill chunk then one-token steps through forward(); outputs [T, Hq, D]."""
     lay = RegionLayout.build(impl.config, N, D)
-    cache = torch.zeros(4, HKV, N, lay.content_bytes // 4)                  # fp32 model dtype
+    cache = torch.zeros(4, HKV, N, lay.content_bytes, dtype=torch.uint8)    # as the engine allocates it
     outs, start = [], 0
     for size in [prefill] + [1] * (q.shape[0] - prefill):
         sl = slice(start, start + size)
