@@ -114,10 +114,7 @@ class EvalConfig:
     def key(self) -> str:
         """Identity of the engine (label and bookkeeping fields excluded). Fields a stored result
         predates take their defaults (a cached run without ``rotation`` is a rotation-off run)."""
-        if self.is_stock:
-            return STOCK
-        values = {k: v for k, v in MiKVConfig(**self.mikv).to_dict().items() if k != "name"}
-        return json.dumps(values, sort_keys=True)
+        return STOCK if self.is_stock else engine_key(self.mikv)
 
     def slug(self) -> str:
         """File-name-safe label."""
@@ -139,6 +136,12 @@ class EvalConfig:
         d = dict(d)
         d["groups"] = tuple(d.get("groups", ()))
         return cls(**d)
+
+
+def engine_key(mikv: dict[str, Any]) -> str:
+    """:meth:`EvalConfig.key` of a MiKV config's fields (a report row's ``config``)."""
+    values = {k: v for k, v in MiKVConfig(**mikv).to_dict().items() if k != "name"}
+    return json.dumps(values, sort_keys=True)
 
 
 def default_family(config: MiKVConfig) -> str:

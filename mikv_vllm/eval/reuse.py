@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import CLIError
-from .configs import EvalConfig, bytes_of
+from .configs import EvalConfig, bytes_of, engine_key
 
 
 def _load(path: str) -> dict:
@@ -47,7 +47,7 @@ def reuse_rows(paths: Sequence[str], cfgs: Sequence[EvalConfig], workload: dict,
         for row in doc["summary"]["rows"]:
             if row["policy"] == "stock" or not row.get("config"):
                 continue
-            cfg = wanted.get(EvalConfig(label=row["label"], policy=row["policy"], mikv=row["config"]).key())
+            cfg = wanted.get(engine_key(row["config"]))
             if cfg is None or cfg.key() in carried:
                 continue
             if row.get("engine_bytes_per_token_per_head") != bytes_of(cfg.config(), int(meta["head_dim"]),

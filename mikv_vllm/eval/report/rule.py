@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from ..configs import EvalConfig
+from ..configs import engine_key
 
 PPL_RATIO_MAX = 1.03        # default-pick rule
 PASSKEY_SLACK_TRIALS = 1    # default-pick rule: within one trial of full cache
@@ -23,20 +23,13 @@ def passes_rule(row: dict, stock: dict | None) -> bool:
                 and (dec is None or dec <= PPL_RATIO_MAX))
 
 
-def runs_on_any_head_dim(row: dict, rows: Sequence[dict], stock: dict | None) -> bool:
+def runs_on_any_head_dim(row: dict, passing: set[str]) -> bool:
     """Whether a config serves every model at the quality bar. The Hadamard rotation needs a power-of-two
     head_dim (64 / 128 / 256, not Phi-3's 96 or Phi-2's 80); elsewhere a rotated config serves its
-    unrotated variant (``MiKVConfig.for_head_dim``). So: unrotated, or that fallback is among ``rows``
-    and passes the bar too."""
+    unrotated variant (``MiKVConfig.for_head_dim``). So: unrotated, or that fallback's engine key is
+    in ``passing`` (the keys of the rows that pass the bar)."""
     config = row["config"] or {}
-    if not config.get("rotation"):
-        return True
-    fallback = _config_key({**config, "rotation": False})
-    return any(r["config"] and _config_key(r["config"]) == fallback and passes_rule(r, stock) for r in rows)
-
-
-def _config_key(config: dict) -> str:
-    return EvalConfig(label="", policy=config.get("policy", "mikv"), mikv=config).key()
+    return not config.get("rotation") or engine_key({**config, "rotation": False}) in passing
 
 
 def pick_default(summary: dict, families: Sequence[str] | None = None,
@@ -58,6 +51,7 @@ def pick_default(summary: dict, families: Sequence[str] | None = None,
             f"(no rotation, or its unrotated fallback passes too)")
     if stock is None:
         return {"chosen": None, "candidates": [], "rule": rule, "why": "no stock (full-cache) result"}
+    passing_keys = {engine_key(r["config"]) for r in rows if r["config"] and passes_rule(r, stock)}
     ok = []
     for r in rows:
         if r["policy"] != "mikv" or (families and r["family"] not in families):
@@ -68,7 +62,7 @@ def pick_default(summary: dict, families: Sequence[str] | None = None,
             continue
         bar = passes_rule(r, stock)
         beaten = [b["label"] for b in dominating_baselines(summary, r)] if bar else []
-        portable = runs_on_any_head_dim(r, rows, stock)
+        portable = runs_on_any_head_dim(r, passing_keys)
         ok.append({**r, "passes_bar": bar, "beaten_by": beaten, "any_head_dim": portable,
                    "passes": bar and not beaten and portable})
     order = lambda r: (r["bytes_per_token_per_head"], r["ppl_ratio"])   # noqa: E731
