@@ -15,16 +15,22 @@ Prints ms per layer-step, stock/MiKV ratios (>1 means MiKV is faster) and the GB
 on each side: bytes the step reads from the cache / median time (stock: the fp32 K and V of every
 context token; MiKV: the K and V lo codes and (scale, zero) of every context token, the hi copies
 of its tagged tokens, the tags and scores of its blocks; decode: the ``fast`` step). Not a test.
-``MIKV_CPU_QK=fp32`` times the exact QK path instead of the default int8 one. On a
+``--layers L`` (default 30, the embedded model's): each side keeps L caches of the same shape and
+step s reads cache s mod L, as the engine's L layers do one after the other; with ``--layers 1``
+every step rereads one cache that then sits in the CPU's caches (stock's fp32 K/V of small
+batches fits in L2/L3 and streams at 30-60 GB/s there, which no engine step sees).
+``MIKV_CPU_QK=int8`` times the int8 QK path instead of the default exact one. On a
 shared machine use ``--threads 1``: OpenMP regions of both sides stall when other processes hold
 the cores, and the medians stop meaning anything.
 
 ``--prefill CTX:T ...``: one prefill chunk of T tokens at context CTX for each of B requests
 instead (stock: reshape_and_cache + causal attention of the chunk; fused: the C++ prefill step
-``CpuOps.forward_chunks``, all chunks in one call, hi upkeep included; ref: the torch reference
+``CpuOps.chunks`` on a step plan made once outside the timing, as the engine's metadata builder makes
+it once per step for every layer; all chunks in one call, hi upkeep included; ref: the torch reference
 ``forward_request`` per request, the CPU path before the fused prefill).
 
     python benchmarks/cpu_layer.py [--preset mikv] [--context 512 2048] [--batch 1 8 32] [--steps 30] [--threads 1]
+                                   [--layers 30]
     python benchmarks/cpu_layer.py --prefill 0:512 1536:512 0:2048 --batch 1 4 --steps 5
 """
 
@@ -43,6 +49,7 @@ from mikv_vllm.core import reference as ref
 from mikv_vllm.ops import torch_decode as tdec
 from mikv_vllm.core.layout import RegionLayout
 from mikv_vllm.cpu import CpuOps, decode_step
+from mikv_vllm.ops.plan import plan_for
 
 N, D, H, HQ = 128, 64, 3, 9
 SCALE = D ** -0.5
@@ -71,16 +78,15 @@ def _interleaved_ms(fns: dict, steps: int, warmup: int = 2) -> dict[str, float]:
     return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
-def stock_step_fn(context: int, batch: int, steps: int):
+def stock_step_fn(context: int, batch: int, steps: int, layers: int = 1):
     from vllm import _custom_ops as ops
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
     per_req = (context + steps + 8) // N + 1
     nblocks = batch * per_req
     gen = torch.Generator().manual_seed(0)
-    cache = torch.randn(nblocks, H, N, 2 * D, generator=gen)
-    kv = cache.view(nblocks, H, N * 2, D)
-    key_cache, value_cache = kv.chunk(2, dim=2)
+    caches = [torch.randn(nblocks, H, N, 2 * D, generator=gen).view(nblocks, H, N * 2, D).chunk(2, dim=2)
+              for _ in range(layers)]   # (key_cache, value_cache) per layer
     table = torch.arange(nblocks, dtype=torch.int32).reshape(batch, per_req)
     isa = _get_attn_isa(torch.float32, N, D, "auto")
     q = torch.randn(batch, HQ, D, generator=gen)
@@ -98,6 +104,7 @@ def stock_step_fn(context: int, batch: int, steps: int):
                                                         True)
             metas[s] = (seq, slots, sched)
         seq, slots, sched = metas[s]
+        key_cache, value_cache = caches[s % layers]
         ops.cpu_attn_reshape_and_cache(k, v, key_cache, value_cache, slots, isa)
         ops.cpu_attention_with_kv_cache(q, key_cache, value_cache, out, qsl, seq, SCALE, True, None, -1, table,
                                         0.0, sched, None)
@@ -145,12 +152,13 @@ def run_prefill(config: MiKVConfig, context: int, chunk: int, batch: int, steps:
     layout, base, table = mikv_state(config, context, batch, chunk)
     ctx = torch.full((batch,), context, dtype=torch.int64)
     rows = torch.stack([torch.arange(batch) * chunk, torch.arange(1, batch + 1) * chunk], dim=1)
+    plan = plan_for(config, layout, table, ctx, None, rows)   # once per step in the engine, for every layer
     for name in ("fused", "ref") if with_ref else ("fused",):
         regions = base.clone()   # the same chunk rewritten every step: same work each time
 
         def step(s, regions=regions, name=name):
             if name == "fused":
-                CpuOps.forward_chunks(regions, layout, config, table, ctx, rows, q, k, v, SCALE)
+                CpuOps.chunks(regions, layout, config, plan, q, k, v, SCALE)
                 return
             for b in range(batch):
                 sl = slice(b * chunk, (b + 1) * chunk)
@@ -199,16 +207,18 @@ def mikv_bytes(layout: RegionLayout, regions: torch.Tensor, table: torch.Tensor,
     return total
 
 
-def run(config: MiKVConfig, context: int, batch: int, steps: int, with_ref: bool = True) -> dict[str, float]:
+def run(config: MiKVConfig, context: int, batch: int, steps: int, with_ref: bool = True,
+        layers: int = 1) -> dict[str, float]:
     gen = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(batch, h, D, generator=gen) for h in (HQ, H, H))
-    fns = {"stock": stock_step_fn(context, batch, steps)}
+    fns = {"stock": stock_step_fn(context, batch, steps, layers)}
     layout, base, table = mikv_state(config, context, batch, steps)
     for name in ("fused", "fast", "ref") if with_ref else ("fused", "fast"):
-        regions = base.clone()
+        per_layer = [base.clone() for _ in range(layers)]
 
-        def step(s, regions=regions, name=name):
-            pos = torch.full((batch,), context + s, dtype=torch.int64)
+        def step(s, per_layer=per_layer, name=name):
+            regions = per_layer[s % layers]
+            pos = torch.full((batch,), context + s // layers, dtype=torch.int64)
             if name == "ref":
                 tdec.forward_decode(regions, layout, config, table, pos.tolist(), q, k, v, SCALE)
                 return
@@ -229,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--no-ref", action="store_true", help="skip the torch reference (slow at large batches)")
+    p.add_argument("--layers", type=int, default=30,
+                   help="decode: caches per side, read round-robin as an engine's layers (1: one cache-hot layer)")
     p.add_argument("--prefill", nargs="+", default=None, metavar="CTX:T",
                    help="time prefill chunks of T tokens at context CTX instead of decode steps")
     args = p.parse_args(argv)
@@ -237,7 +249,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     print(f"CPU: {cpu_model()}; MIKV_CPU_QK={os.environ.get('MIKV_CPU_QK') or 'unset (default fp32)'}")
     print(f"preset {args.preset}, fp32, {HQ} q / {H} kv heads, head_dim {D}, block {N}, torch threads "
-          f"{torch.get_num_threads()}; ms per layer-step (median of {args.steps}); ratio = stock ms / MiKV ms\n")
+          f"{torch.get_num_threads()}; ms per layer-step (median of {args.steps}); ratio = stock ms / MiKV ms")
+    if not args.prefill:
+        print(f"decode: {args.layers} layer cache(s) per side, read round-robin\n")
     if args.prefill:
         print("| context | chunk | requests | stock | MiKV fused (C++ prefill) | reference | stock/fused | stock/ref | "
               "ref/fused | stock MB, GB/s | MiKV MB, GB/s |")
@@ -258,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for c in args.context:
         for b in args.batch:
-            r = run(config, c, b, args.steps, with_ref=not args.no_ref)
+            r = run(config, c, b, args.steps, with_ref=not args.no_ref, layers=args.layers)
             refs = f"{r['ref']:.2f}" if "ref" in r else "-"
             ref_ratio = f"{r['stock'] / r['ref']:.2f}x" if "ref" in r else "-"
             sb, mb = r["stock_bytes"], r["mikv_bytes"]

@@ -72,6 +72,7 @@ BLD = "mikv_vllm/cpu/build.py"
 BKD = "mikv_vllm/vllm_glue/backend.py"
 LAY = "mikv_vllm/core/layout.py"
 QDT = "mikv_vllm/cpu/mikv_qdot.h"
+T512 = "mikv_vllm/cpu/mikv_tiles512.h"   # the exact mode's AVX-512 decode loops
 
 
 @dataclass(frozen=True)
@@ -173,6 +174,10 @@ MUTATIONS = [
              ((CFP, "out[d] = tab.t[base[d]];", "out[d] = tab.t[base[d] & 0xfe];"),)),
     Mutation("qdot-zero-point-dropped", "the C++ decode's logits on the codes lose the zero-point term z * sum(q)",
              ((QDT, "      Q.qsum[g * NG + d / group] += ql[d];", "      Q.qsum[g * NG + d / group] += 0.f * ql[d];"),)),
+    Mutation("tiles512-transpose-wrong", "the AVX-512 QK tile reads channels 8-11 of each 64 as channels 0-3",
+             ((T512, "    r[8 + i] = _mm512_shuffle_i32x4(t[i], t[8 + i], 0xdd);", "    r[8 + i] = _mm512_shuffle_i32x4(t[i], t[8 + i], 0x88);"),)),
+    Mutation("tiles512-pv-group-weight", "the AVX-512 P.V tile weights every channel with its first group's scale",
+             ((T512, "kv[jv] = static_cast<int>(16 * jv / group);", "kv[jv] = 0 * static_cast<int>(16 * jv / group);"),)),
     Mutation("qdot-int8-scale-wrong", "the int8 query is dequantized with amax / 128 instead of amax / 127",
              ((QDT, "    Q.qa[g] = amax / 127.f;", "    Q.qa[g] = amax / 128.f;"),)),
     # issue 28: non-finite inputs and page validation (killed by tests/core/test_nonfinite.py,

@@ -15,6 +15,7 @@
 
 #include "mikv_qdot.h"
 #include "mikv_steps.h"
+#include "mikv_tiles512.h"
 
 namespace {
 
@@ -93,6 +94,7 @@ void decode_task(const Layout& L, const Regions& region, int64_t pos, const floa
   constexpr bool FIXED = GT > 0 && DT > 0;
   const int64_t G = FIXED ? GT : G_rt, D = FIXED ? DT : L.D;
   const int64_t N = L.N, R = L.R, NG = L.groups(), group = L.group;
+  [[maybe_unused]] const bool tiles512 = !int8 && group % 16 == 0;   // the exact mode's AVX-512 loops (mikv_tiles512.h)
 
   // 1. balancer (computed and stored at position 0, loaded otherwise)
   const int64_t S = pos + 1;
@@ -141,7 +143,13 @@ void decode_task(const Layout& L, const Regions& region, int64_t pos, const floa
     T.resize(D, NG);
     with_bits(L.k_bits, [&](auto kb) {
       constexpr int KB = decltype(kb)::value;
-      if constexpr (KB > 0) decode_lo_logits<KB>(L, region, pos, ws.query, G, int8, lg, S, T);
+      if constexpr (KB > 0) {
+#ifdef MIKV_TILES512
+        if constexpr (FIXED && DT % 64 == 0)
+          if (tiles512) return decode_lo_logits512<KB, GT, DT>(L, region, pos, ws.query, lg, S, T);
+#endif
+        decode_lo_logits<KB>(L, region, pos, ws.query, G, int8, lg, S, T);
+      }
     });
   } else {
     for (int64_t g = 0; g < G; ++g)
@@ -176,7 +184,13 @@ void decode_task(const Layout& L, const Regions& region, int64_t pos, const floa
     for (int64_t i = 0; i < G * NG; ++i) zacc[i] = 0.f;
     with_bits(L.v_bits, [&](auto vb) {
       constexpr int VB = decltype(vb)::value;
-      if constexpr (VB > 0) decode_lo_pv<VB, GT, DT>(L, region, pos, lg, S, G, D, out, zacc, T);
+      if constexpr (VB > 0) {
+#ifdef MIKV_TILES512
+        if constexpr (FIXED && DT % 64 == 0)
+          if (tiles512) return decode_lo_pv512<VB, GT, DT>(L, region, pos, lg, S, out, zacc, T);
+#endif
+        decode_lo_pv<VB, GT, DT>(L, region, pos, lg, S, G, D, out, zacc, T);
+      }
     });
     for (int64_t g = 0; g < G; ++g)
       for (int64_t d = 0; d < D; ++d) out[g * D + d] += zacc[g * NG + d / group];
@@ -222,7 +236,7 @@ torch::Tensor decode_step(torch::Tensor regions, const Layout& L, torch::Tensor 
   const float sc = static_cast<float>(scale);
   const bool int8 = qk_int8();
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    DecodeScratch ws;
+    thread_local DecodeScratch ws;   // kept across calls: a step allocates nothing once warm
     ws.codes.resize(D);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / H, h = i % H;

@@ -111,4 +111,12 @@ inline void store_hi(uint8_t* base, int64_t dtype, int64_t D, const float* x) {
 // An element as the lo quantizer sees it (core.quant.finite_for_lo): NaN -> 0, clamped to +-65504.
 inline float finite_for_lo(float v) { return std::isnan(v) ? 0.f : std::min(std::max(v, -65504.f), 65504.f); }
 
+#ifdef __AVX512F__
+inline __m512 finite_for_lo512(__m512 v) {   // finite_for_lo in 16 lanes
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  v = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(-65504.f)), _mm512_set1_ps(65504.f));
+  return _mm512_mask_mov_ps(v, nan, _mm512_setzero_ps());
+}
+#endif
+
 }  // namespace

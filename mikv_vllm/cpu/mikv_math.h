@@ -1,5 +1,5 @@
-// fp32 math of the attention: dot products (one and several rows), exp for softmax arguments <= 0,
-// the softmax of one row. Lane-parallel, so they vectorise without reassociation flags.
+// fp32 math of the attention: dot products (one and several rows), exp for softmax arguments <= 0
+// (AVX-512: 16 lanes at a time), the softmax of one row. Lane-parallel, so they vectorise without reassociation flags.
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -82,34 +82,71 @@ inline float exp_nonpos(float x) {
   return x < -87.f ? 0.f : y * scale;
 }
 
+#ifdef __AVX512F__
+// exp(x) for x <= 0 in 16 lanes (exp_nonpos, vectorised: same polynomial; x < -87 -> 0, NaN stays NaN).
+inline __m512 exp_nonpos512(__m512 x) {
+  const __m512 xc = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(xc, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+                                        _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.f));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  const __m512 v = _mm512_mul_ps(y, _mm512_castsi512_ps(e));
+  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.f), _CMP_NLT_UQ), v);
+}
+
+#endif
+
+// x[k] = exp(x[k] - mx) for k < n (x[k] <= mx); returns their sum (AVX-512: 16 lanes, else lane-parallel).
+inline float exp_shift_sum(float* __restrict x, int64_t n, float mx) {
+  int64_t k = 0;
+#ifdef __AVX512F__
+  const __m512 m = _mm512_set1_ps(mx);
+  __m512 sv = _mm512_setzero_ps();
+  for (; k + 16 <= n; k += 16) {
+    const __m512 e = exp_nonpos512(_mm512_sub_ps(_mm512_loadu_ps(x + k), m));
+    _mm512_storeu_ps(x + k, e);
+    sv = _mm512_add_ps(sv, e);
+  }
+  if (k < n) {
+    const __mmask16 tail = static_cast<__mmask16>((1u << (n - k)) - 1);
+    const __m512 e = _mm512_maskz_mov_ps(tail, exp_nonpos512(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, x + k), m)));
+    _mm512_mask_storeu_ps(x + k, tail, e);
+    sv = _mm512_add_ps(sv, e);
+  }
+  return _mm512_reduce_add_ps(sv);
+#else
+  constexpr int L = 16;
+  for (int64_t j = 0; j < n; ++j) x[j] = exp_nonpos(x[j] - mx);
+  float s[L] = {0};
+  for (; k + L <= n; k += L)
+    for (int i = 0; i < L; ++i) s[i] += x[k + i];
+  float r = 0.f;
+  for (; k < n; ++k) r += x[k];
+  for (int i = 0; i < L; ++i) r += s[i];
+  return r;
+#endif
+}
+
 // In place: l[0..S) -> softmax(l) (max, exp, 1/sum), lane-parallel reductions.
 inline void softmax_row(float* __restrict l, int64_t S) {
   constexpr int L = 16;
-  float mx[L], sm[L];
-  for (int i = 0; i < L; ++i) {
-    mx[i] = -std::numeric_limits<float>::infinity();
-    sm[i] = 0.f;
-  }
+  float mx[L];
+  for (int i = 0; i < L; ++i) mx[i] = -std::numeric_limits<float>::infinity();
   int64_t t = 0;
   for (; t + L <= S; t += L)
     for (int i = 0; i < L; ++i) mx[i] = l[t + i] > mx[i] ? l[t + i] : mx[i];
   float m = -std::numeric_limits<float>::infinity();
   for (; t < S; ++t) m = std::max(m, l[t]);
   for (int i = 0; i < L; ++i) m = std::max(m, mx[i]);
-  t = 0;
-  for (; t + L <= S; t += L)
-    for (int i = 0; i < L; ++i) {
-      const float e = exp_nonpos(l[t + i] - m);
-      l[t + i] = e;
-      sm[i] += e;
-    }
-  float sum = 0.f;
-  for (; t < S; ++t) {
-    l[t] = exp_nonpos(l[t] - m);
-    sum += l[t];
-  }
-  for (int i = 0; i < L; ++i) sum += sm[i];
-  const float inv = 1.f / sum;
+  const float inv = 1.f / exp_shift_sum(l, S, m);
   for (t = 0; t < S; ++t) l[t] *= inv;
 }
 

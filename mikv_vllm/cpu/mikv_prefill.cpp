@@ -2,9 +2,9 @@
 // mikv_vllm.core.reference.forward_request per chunk (request_balancer, write_tokens,
 // gather_context + attention, accumulate_scores, maintain_hi).
 //
-// Three parallel phases. 1. per (chunk c, KV head h): balancer, store of the chunk's lo copies,
-// and its context decoded once into fp32 buffers (hi copy where tagged, else the lo codes
-// dequantized, keys divided by the balancer). 2. per (c, h, block of query rows, at most
+// Three parallel phases. 1. per (chunk c, KV head h): balancer; then per (c, h, piece): store of the
+// chunk's lo copies and its context decoded once into fp32 buffers (hi copy where tagged, else the
+// lo codes dequantized, keys divided by the balancer). 2. per (c, h, block of query rows, at most
 // kLogitBudget logits): the rows' logits over every key they see (one sweep of key tiles of the
 // decoded context, then the chunk's raw keys), an exact softmax per row, the score mass of the
 // voting rows, then P @ V (a second sweep). 3. per (c, h): the mass summed over the blocks, the hi
@@ -23,7 +23,7 @@ namespace {
 
 constexpr int64_t kKeyTile = 64;      // keys per tile
 constexpr int64_t kQueryVecs = 128;   // query vectors (rows x group heads) per query block, at most
-constexpr int64_t kLogitBudget = 1 << 20;   // logits per block (4 MiB): fewer rows for long contexts
+constexpr int64_t kLogitBudget = 1 << 17;   // logits per block (512 KiB, within L2): fewer rows for long contexts
 // lg[r * ld + 0..KB) = Q[r, :] . kT[:, 0..KB) for rows [0, rows) (kT: keys transposed, row stride ldk);
 // 4 rows x KB keys of accumulators per pass (rows are padded to a multiple of 4 in Q and lg).
 void tile_qk(const float* __restrict Q, int64_t rows, const float* __restrict kT, int64_t ldk, int64_t D,
@@ -111,20 +111,6 @@ inline float lane_max(const float* __restrict x, int64_t n, float init) {
   return r;
 }
 
-// x[k] = exp(x[k] - mx) for k < n; returns their sum (lane-parallel)
-inline float exp_shift_sum(float* __restrict x, int64_t n, float mx) {
-  constexpr int L = 16;
-  for (int64_t k = 0; k < n; ++k) x[k] = exp_nonpos(x[k] - mx);
-  float s[L] = {0};
-  int64_t k = 0;
-  for (; k + L <= n; k += L)
-    for (int i = 0; i < L; ++i) s[i] += x[k + i];
-  float r = 0.f;
-  for (; k < n; ++k) r += x[k];
-  for (int i = 0; i < L; ++i) r += s[i];
-  return r;
-}
-
 // One (chunk, KV head): its context decoded once (keys divided by the balancer and transposed,
 // values row-major, fp32; hi copy where tagged, else the lo codes), the chunk's raw keys
 // transposed, and the score mass of each query block's voting rows.
@@ -136,6 +122,15 @@ struct ChunkHead {
   std::vector<float> kT, vc, knT, mass;   // [D, CP], [ctx, D], [D, TP], [nqb, S]
   std::vector<uint8_t> ok;                // [ctx]: 0 = evicted (no lo copy, no hi copy): weight 0
   bool any_evicted = false;
+};
+
+// Scratch of a phase-1 piece (one per thread, kept across calls).
+struct PieceScratch {
+  std::vector<float> xk, bal, binv;   // [D]: scratch token, the balancer and its inverse
+  std::vector<uint16_t> bits;         // [D]: the balancer's fp16 bits
+  std::vector<uint8_t> codes;
+  std::vector<int32_t> hmap;
+  std::vector<int64_t> lo_pos;
 };
 
 // The lo copies of the context positions lo_pos (codes at BITS, from the lo / s/z arrays at offsets
@@ -156,68 +151,90 @@ void dequant_context(const Layout& L, const Regions& region, const std::vector<i
   }
 }
 
-// Phase 1 of a (chunk, KV head): balancer, store of the chunk's lo copies, its context decoded.
-void prefill_prepare(const Layout& L, int64_t G, int64_t q_stride, int64_t kv_stride, ChunkHead& ch) {
+// Phase 1, piece p of P of a (chunk, KV head). The balancer: computed from the first min(T, N)
+// tokens at context 0 (every piece computes it; piece 0 stores it in block 0's fp16 header), read
+// from the header otherwise. Then the piece's share of: the store of the chunk's tokens (lo copies,
+// fresh blocks' tags cleared), the chunk's raw keys transposed (knT [D, TP]), the zeroed score mass,
+// and the context decoded: kT [D, CP] (lo keys divided by the balancer), vc [ctx, D], the hi copies
+// where tagged, else the lo copies (keys at k_bits, values at v_bits). Pieces write disjoint bytes:
+// the store writes positions >= ctx (a block's tags are cleared only where the chunk starts it),
+// the decoding reads positions < ctx.
+void prefill_piece(const Layout& L, int64_t G, int64_t q_stride, int64_t kv_stride, ChunkHead& ch, int64_t p,
+                   int64_t P, PieceScratch& ws) {
   const int64_t D = L.D, R = L.R, ctx = ch.ctx, T = ch.T;
   const Regions& region = ch.region;
-  std::vector<float> bal(D), binv(D), xk(D);
-  std::vector<uint8_t> codes(D);
-  std::vector<int32_t> hmap;
-  std::vector<int64_t> lo_pos;
-
-  // 1. balancer: computed from the first min(T, N) tokens at context 0 and stored; loaded otherwise
-  request_balancer(L, region(0), ctx == 0, ch.q, q_stride, G, ch.kn, kv_stride, std::min(T, L.N), bal.data());
-  for (int64_t d = 0; d < D; ++d) binv[d] = 1.f / bal[d];
-
-  // 2. store the new tokens (lo copies, fresh blocks' tags cleared), 3. the hi slot map of the context
-  store_tokens(L, region, ctx, T, ch.kn, ch.vn, kv_stride, bal.data(), xk.data(), codes.data());
-  hi_slot_map(L, region, ctx, ch.own_from, ch.shared_hi, hmap);
-
-  // 4. the context, decoded once: kT [D, CP] (lo keys divided by the balancer), vc [ctx, D]: the hi
-  // copies, then the lo copies of the other positions (keys at k_bits, values at v_bits)
-  ch.kT.assign(static_cast<size_t>(D) * ch.CP, 0.f);
-  ch.vc.assign(static_cast<size_t>(ctx) * D, 0.f);
-  ch.ok.assign(ctx, 1);
-  ch.any_evicted = false;
-  for (int64_t p = 0; p < ctx; ++p) {
-    const int32_t slot = R ? hmap[p] : -1;
-    if (slot >= 0) {
-      load_hi(hi_copy(L, region, slot, L.k_hi), L.hi_dtype, D, xk.data());
-      load_hi(hi_copy(L, region, slot, L.v_hi), L.hi_dtype, D, ch.vc.data() + p * D);
-      for (int64_t d = 0; d < D; ++d) ch.kT[d * ch.CP + p] = xk[d];
-    } else if (L.has_lo()) {
-      lo_pos.push_back(p);
+  ws.xk.resize(D);
+  ws.codes.resize(D);
+  ws.bal.assign(D, 1.f);
+  ws.binv.assign(D, 1.f);
+  if (L.has_bal) {
+    uint16_t* header = reinterpret_cast<uint16_t*>(region(0) + L.balancer);
+    ws.bits.resize(D);
+    if (ctx == 0) {
+      balancer_to_storage(ch.q, q_stride, G, ch.kn, kv_stride, std::min(T, L.N), D, ws.bits.data());
+      if (p == 0) std::memcpy(header, ws.bits.data(), sizeof(uint16_t) * D);
     } else {
-      ch.ok[p] = 0;   // evicted: weight exactly 0
-      ch.any_evicted = true;
+      std::memcpy(ws.bits.data(), header, sizeof(uint16_t) * D);
+    }
+    for (int64_t d = 0; d < D; ++d) ws.bal[d] = half_to_float(ws.bits[d]);
+    for (int64_t d = 0; d < D; ++d) ws.binv[d] = 1.f / ws.bal[d];
+  }
+  const int64_t t0 = T * p / P, t1 = T * (p + 1) / P;
+  store_tokens(L, region, ctx + t0, t1 - t0, ch.kn + t0 * kv_stride, ch.vn + t0 * kv_stride, kv_stride,
+               ws.bal.data(), ws.xk.data(), ws.codes.data());
+  for (int64_t d = 0; d < D; ++d) {
+    float* row = ch.knT.data() + d * ch.TP;
+    for (int64_t t = t0; t < t1; ++t) row[t] = ch.kn[t * kv_stride + d];
+    if (p == P - 1) {   // padding columns: keys of the last tiles past the chunk / the context
+      std::fill(row + T, row + ch.TP, 0.f);
+      std::fill(ch.kT.data() + d * ch.CP + ctx, ch.kT.data() + (d + 1) * ch.CP, 0.f);
+    }
+  }
+  const int64_t m0 = ch.nqb * ch.S * p / P, m1 = ch.nqb * ch.S * (p + 1) / P;
+  std::fill(ch.mass.data() + m0, ch.mass.data() + m1, 0.f);
+  const int64_t c0 = ctx * p / P, c1 = ctx * (p + 1) / P;
+  if (c0 == c1) return;
+  std::fill(ch.ok.data() + c0, ch.ok.data() + c1, uint8_t{1});
+  hi_slot_map(L, region, ctx, ch.own_from, ch.shared_hi, ws.hmap);
+  ws.lo_pos.clear();
+  for (int64_t q = c0; q < c1; ++q) {
+    const int32_t slot = R ? ws.hmap[q] : -1;
+    if (slot >= 0) {
+      load_hi(hi_copy(L, region, slot, L.k_hi), L.hi_dtype, D, ws.xk.data());
+      load_hi(hi_copy(L, region, slot, L.v_hi), L.hi_dtype, D, ch.vc.data() + q * D);
+      for (int64_t d = 0; d < D; ++d) ch.kT[d * ch.CP + q] = ws.xk[d];
+    } else if (L.has_lo()) {
+      ws.lo_pos.push_back(q);
+    } else {
+      ch.ok[q] = 0;   // evicted: weight exactly 0
+      std::memset(ch.vc.data() + q * D, 0, sizeof(float) * D);
     }
   }
   with_bits(L.k_bits, [&](auto kb) {
     constexpr int KB = decltype(kb)::value;
     if constexpr (KB > 0)
-      dequant_context<KB>(L, region, lo_pos, L.k_lo, L.k_sz, L.k_packed(), binv.data(), xk.data(), ch.kT.data(), 1,
-                          ch.CP);
+      dequant_context<KB>(L, region, ws.lo_pos, L.k_lo, L.k_sz, L.k_packed(), ws.binv.data(), ws.xk.data(),
+                          ch.kT.data(), 1, ch.CP);
   });
   with_bits(L.v_bits, [&](auto vb) {
     constexpr int VB = decltype(vb)::value;
     if constexpr (VB > 0)
-      dequant_context<VB>(L, region, lo_pos, L.v_lo, L.v_sz, L.v_packed(), nullptr, xk.data(), ch.vc.data(), D, 1);
+      dequant_context<VB>(L, region, ws.lo_pos, L.v_lo, L.v_sz, L.v_packed(), nullptr, ws.xk.data(), ch.vc.data(),
+                          D, 1);
   });
-  ch.knT.assign(static_cast<size_t>(D) * ch.TP, 0.f);
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t d = 0; d < D; ++d) ch.knT[d * ch.TP + t] = ch.kn[t * kv_stride + d];
-  ch.mass.assign(static_cast<size_t>(ch.nqb) * ch.S, 0.f);
 }
 
 // Phase 2: attention of query block qb (rows [qb * QB, ...)): logits over every key the rows see
 // (sweep 1, key tiles of the decoded context, then the chunk's own keys), exact softmax per row, the
 // score mass of the voting rows (into mass[qb]), then P @ V (sweep 2).
 inline void prefill_attend(const Layout& L, int64_t G, int64_t q_stride, int64_t kv_stride, float scale,
-                           int64_t vote_from, ChunkHead& ch, int64_t qb, std::vector<float>& f) {
+                           int64_t vote_from, ChunkHead& ch, int64_t qb, std::vector<float>& f,
+                           std::vector<float>& f2) {
   const int64_t D = L.D, ctx = ch.ctx, T = ch.T, S = ch.S, KB = kKeyTile;
   const int64_t LS = (S + KB + 15) / 16 * 16;   // logit row stride: room for a whole last tile
   const int64_t RB = (ch.QB * G + 3) / 4 * 4;   // query vectors per block, padded to 4
-  f.assign(static_cast<size_t>(RB * D * 2 + RB * LS), 0.f);
+  f.resize(static_cast<size_t>(RB * D * 2 + RB * LS));   // lg is written before it is read: not cleared
+  std::fill(f.begin(), f.begin() + RB * D * 2, 0.f);
   float* Q = f.data();        // [RB, D] q * scale
   float* acc = Q + RB * D;    // [RB, D]
   float* lg = acc + RB * D;   // [RB, LS] logits -> probabilities of the block's rows
@@ -230,10 +247,14 @@ inline void prefill_attend(const Layout& L, int64_t G, int64_t q_stride, int64_t
       float* Qr = Q + ((i - i0) * G + g) * D;
       for (int64_t d = 0; d < D; ++d) Qr[d] = qr[d] * scale;
     }
+  // rows [0, r_from(j0)) see no key from j0 on (causal; rows in query order, whole 4-row groups skipped;
+  // their logits there are never read, their probabilities there are set to 0 below)
+  auto r_from = [&](int64_t j0) { return std::min(rows, std::max<int64_t>(0, (j0 - ctx - i0) * G) / 4 * 4); };
   for (int64_t j0 = 0, j1 = 0; j0 < kend; j0 = j1) {   // context tiles [0, ctx), then the chunk's own keys
     j1 = std::min(j0 < ctx ? ctx : kend, j0 + KB);
     if (j0 >= ctx) {
-      tile_qk(Q, rows, ch.knT.data() + (j0 - ctx), ch.TP, D, lg + j0, LS);
+      const int64_t r0 = r_from(j0);
+      tile_qk(Q + r0 * D, rows - r0, ch.knT.data() + (j0 - ctx), ch.TP, D, lg + r0 * LS + j0, LS);
       continue;
     }
     tile_qk(Q, rows, ch.kT.data() + j0, ch.CP, D, lg + j0, LS);
@@ -242,31 +263,36 @@ inline void prefill_attend(const Layout& L, int64_t G, int64_t q_stride, int64_t
         for (int64_t kk = j0; kk < j1; ++kk)
           if (!ch.ok[kk]) lg[r * LS + kk] = NEG_INF;
   }
+  std::vector<float>& inv = f2;   // 1 / softmax sum per row: P @ V runs on exp(l - max), scaled at the end
+  inv.resize(static_cast<size_t>(rows));
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = i0 + r / G, n = ctx + i + 1;   // causal: keys [0, n)
     float* lr = lg + r * LS;
     const float mx = lane_max(lr, n, NEG_INF);      // finite: the row's own key is always visible
-    const float inv = 1.f / exp_shift_sum(lr, n, mx);
-    for (int64_t j = 0; j < n; ++j) lr[j] *= inv;
+    const float ir = inv[r] = 1.f / exp_shift_sum(lr, n, mx);
     for (int64_t j = n; j < kend; ++j) lr[j] = 0.f;
     if (i >= vote_from)   // score mass of the voting rows
-      for (int64_t j = 0; j < n; ++j) mass[j] += lr[j];
+      for (int64_t j = 0; j < n; ++j) mass[j] += lr[j] * ir;
   }
   for (int64_t j0 = 0, j1 = 0; j0 < kend; j0 = j1) {
     j1 = std::min(j0 < ctx ? ctx : kend, j0 + KB);
     const int64_t nk = j1 - j0;
     const float* vt = j0 >= ctx ? ch.vn + (j0 - ctx) * kv_stride : ch.vc.data() + j0 * D;
     const int64_t ldv = j0 >= ctx ? kv_stride : D;
+    const int64_t r0 = r_from(j0), n = rows - r0;
+    float* a = acc + r0 * D;
+    const float* pr = lg + r0 * LS + j0;
     switch (D) {
-      case 32: tile_pv<2>(acc, rows, lg + j0, LS, vt, ldv, nk, D); break;
-      case 64: tile_pv<4>(acc, rows, lg + j0, LS, vt, ldv, nk, D); break;
-      case 128: tile_pv<8>(acc, rows, lg + j0, LS, vt, ldv, nk, D); break;
-      default: tile_pv<0>(acc, rows, lg + j0, LS, vt, ldv, nk, D); break;
+      case 32: tile_pv<2>(a, n, pr, LS, vt, ldv, nk, D); break;
+      case 64: tile_pv<4>(a, n, pr, LS, vt, ldv, nk, D); break;
+      case 128: tile_pv<8>(a, n, pr, LS, vt, ldv, nk, D); break;
+      default: tile_pv<0>(a, n, pr, LS, vt, ldv, nk, D); break;
     }
   }
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = i0 + r / G, g = r % G;
-    std::memcpy(ch.out + i * q_stride + g * D, acc + r * D, sizeof(float) * D);
+    float* o = ch.out + i * q_stride + g * D;
+    for (int64_t d = 0; d < D; ++d) o[d] = acc[r * D + d] * inv[r];
   }
 }
 
@@ -309,17 +335,27 @@ torch::Tensor prefill_step(torch::Tensor regions, const Layout& L, torch::Tensor
     check_row(L, st.block_tables + c * M, M, regions.size(0), cp[c], cp[c] + e - s - 1, st.own_from[c]);
   }
   const Selection sel = checked_selection(hi_ratio, sink_tokens, recent_window);
-  auto out = torch::zeros({Tq, Hq, D}, q.options());
+  auto out = torch::empty({Tq, Hq, D}, q.options());   // every chunk row is written; the others are zeroed here
   float* op = out.data_ptr<float>();
+  {
+    std::vector<uint8_t> covered(static_cast<size_t>(Tq), 0);
+    for (int64_t c = 0; c < C; ++c) std::fill(covered.begin() + rp[2 * c], covered.begin() + rp[2 * c + 1], uint8_t{1});
+    for (int64_t t = 0; t < Tq; ++t)
+      if (!covered[t]) std::fill(op + t * Hq * D, op + (t + 1) * Hq * D, 0.f);
+  }
   const float sc = static_cast<float>(scale);
-  // (chunk, KV head) pairs with rows, and their query blocks (at most kLogitBudget logits each)
-  std::vector<ChunkHead> heads;
+  // (chunk, KV head) pairs with rows, and their query blocks (at most kLogitBudget logits each); the
+  // pairs' buffers are kept across calls (per calling thread), so a step allocates no fresh pages
+  thread_local std::vector<ChunkHead> pool;
+  std::vector<ChunkHead>& heads = pool;   // the lambdas below run on other threads: not the thread_local itself
   std::vector<std::pair<int64_t, int64_t>> blocks;   // (index into heads, query block)
+  int64_t NH = 0;
   for (int64_t c = 0; c < C; ++c) {
     const int64_t s = rp[2 * c], T = rp[2 * c + 1] - s;
     if (T == 0) continue;
     for (int64_t h = 0; h < H; ++h) {
-      ChunkHead ch;
+      if (static_cast<int64_t>(heads.size()) <= NH) heads.emplace_back();
+      ChunkHead& ch = heads[NH];
       ch.region = Regions{st.regions, st.block_tables + c * M, H, h, L.region_bytes};
       ch.ctx = cp[c];
       ch.T = T;
@@ -335,30 +371,38 @@ torch::Tensor prefill_step(torch::Tensor regions, const Layout& L, torch::Tensor
       ch.kn = st.k + (s * H + h) * D;
       ch.vn = st.v + (s * H + h) * D;
       ch.out = op + (s * Hq + h * G) * D;
-      for (int64_t b = 0; b < ch.nqb; ++b) blocks.emplace_back(static_cast<int64_t>(heads.size()), b);
-      heads.push_back(std::move(ch));
+      ch.kT.resize(static_cast<size_t>(D) * ch.CP);   // filled by the phase-1 pieces
+      ch.vc.resize(static_cast<size_t>(ch.ctx) * D);
+      ch.ok.resize(ch.ctx);
+      ch.knT.resize(static_cast<size_t>(D) * ch.TP);
+      ch.mass.resize(static_cast<size_t>(ch.nqb) * ch.S);
+      for (int64_t b = 0; b < ch.nqb; ++b) blocks.emplace_back(NH, b);
+      ++NH;
     }
   }
-  const int64_t NH = static_cast<int64_t>(heads.size()), NB = static_cast<int64_t>(blocks.size());
+  const int64_t NB = static_cast<int64_t>(blocks.size());
   const int64_t q_stride = Hq * D, kv_stride = H * D;
-  at::parallel_for(0, NH, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      ChunkHead& ch = heads[i];
-      prefill_prepare(L, G, q_stride, kv_stride, ch);
-    }
+  // phase 1 in P pieces per pair when there are fewer pairs than two per thread (one prompt's KV heads)
+  const int64_t threads = at::get_num_threads();
+  const int64_t P = NH < 2 * threads ? threads : 1;
+  at::parallel_for(0, NH * P, 1, [&](int64_t begin, int64_t end) {
+    thread_local PieceScratch ws;
+    for (int64_t k = begin; k < end; ++k) prefill_piece(L, G, q_stride, kv_stride, heads[k / P], k % P, P, ws);
   });
+  for (int64_t i = 0; i < NH; ++i)
+    heads[i].any_evicted = std::find(heads[i].ok.begin(), heads[i].ok.end(), 0) != heads[i].ok.end();
   at::parallel_for(0, NB, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> f;
+    thread_local std::vector<float> f, f2;
     for (int64_t k = begin; k < end; ++k) {
       const auto [i, b] = blocks[zigzag(k, NB)];
       ChunkHead& ch = heads[i];
       const int64_t T = ch.T;
       const int64_t vote_from = !L.R ? T : (obs_window >= 0 && T > 1) ? std::max<int64_t>(0, T - obs_window) : 0;
-      prefill_attend(L, G, q_stride, kv_stride, sc, vote_from, ch, b, f);
+      prefill_attend(L, G, q_stride, kv_stride, sc, vote_from, ch, b, f, f2);
     }
   });
   at::parallel_for(0, NH, 1, [&](int64_t begin, int64_t end) {
-    UpkeepScratch ws;
+    thread_local UpkeepScratch ws;
     for (int64_t i = begin; i < end; ++i) prefill_finish(L, sel, kv_stride, heads[i], ws);
   });
   return out;
