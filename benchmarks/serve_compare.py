@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     print("| scenario | stock tok/s | mikv tok/s | mikv / stock | TTFT median ms (stock / mikv) | "
           "TPOT median ms (stock / mikv) | failed (stock / mikv) | KV capacity tokens (stock / mikv) |")
     print("|---|---:|---:|---:|---|---|---|---|")
-    summary = {}
+    summary = {"meta": {"cpu": cpu_model(), "cores": os.cpu_count(), "policy": args.policy, "dtype": "float32",
+                        "enforce_eager": True}}
     for name in args.scenarios:
         sc = SCENARIOS[name]
         d = out / name
