@@ -23,6 +23,7 @@ namespace {
 
 constexpr int64_t kKeyTile = 64;      // keys per tile
 constexpr int64_t kQueryVecs = 128;   // query vectors (rows x group heads) per query block, at most
+constexpr size_t kKeptBytes = size_t{64} << 20;   // scratch of the (chunk, KV head) pairs kept across calls
 constexpr int64_t kLogitBudget = 1 << 17;   // logits per block (512 KiB, within L2): fewer rows for long contexts
 // lg[r * ld + 0..KB) = Q[r, :] . kT[:, 0..KB) for rows [0, rows) (kT: keys transposed, row stride ldk);
 // 4 rows x KB keys of accumulators per pass (rows are padded to a multiple of 4 in Q and lg).
@@ -405,6 +406,11 @@ torch::Tensor prefill_step(torch::Tensor regions, const Layout& L, torch::Tensor
     thread_local UpkeepScratch ws;
     for (int64_t i = begin; i < end; ++i) prefill_finish(L, sel, kv_stride, heads[i], ws);
   });
+  size_t kept = 0;   // the pairs' buffers stay for the next call, up to kKeptBytes (a long step's are freed)
+  for (const ChunkHead& ch : heads)
+    kept += (ch.kT.capacity() + ch.vc.capacity() + ch.knT.capacity() + ch.mass.capacity()) * sizeof(float) +
+            ch.ok.capacity();
+  if (kept > kKeptBytes) std::vector<ChunkHead>().swap(heads);
   return out;
 }
 
