@@ -2,9 +2,9 @@
 // mikv_vllm.core.reference.forward_request per chunk (request_balancer, write_tokens,
 // gather_context + attention, accumulate_scores, maintain_hi).
 //
-// Three parallel phases. 1. per (chunk c, KV head h): balancer; then per (c, h, piece): store of the
-// chunk's lo copies and its context decoded once into fp32 buffers (hi copy where tagged, else the
-// lo codes dequantized, keys divided by the balancer). 2. per (c, h, block of query rows, at most
+// Three parallel phases. 1. per (chunk c, KV head h, piece): balancer, store of the piece's share of
+// the chunk's lo copies and of its context decoded once into fp32 buffers (hi copy where tagged, else
+// the lo codes dequantized, keys divided by the balancer). 2. per (c, h, block of query rows, at most
 // kLogitBudget logits): the rows' logits over every key they see (one sweep of key tiles of the
 // decoded context, then the chunk's raw keys), an exact softmax per row, the score mass of the
 // voting rows, then P @ V (a second sweep). 3. per (c, h): the mass summed over the blocks, the hi
@@ -229,8 +229,7 @@ void prefill_piece(const Layout& L, int64_t G, int64_t q_stride, int64_t kv_stri
 // (sweep 1, key tiles of the decoded context, then the chunk's own keys), exact softmax per row, the
 // score mass of the voting rows (into mass[qb]), then P @ V (sweep 2).
 inline void prefill_attend(const Layout& L, int64_t G, int64_t q_stride, int64_t kv_stride, float scale,
-                           int64_t vote_from, ChunkHead& ch, int64_t qb, std::vector<float>& f,
-                           std::vector<float>& f2) {
+                           int64_t vote_from, ChunkHead& ch, int64_t qb, std::vector<float>& f) {
   const int64_t D = L.D, ctx = ch.ctx, T = ch.T, S = ch.S, KB = kKeyTile;
   const int64_t LS = (S + KB + 15) / 16 * 16;   // logit row stride: room for a whole last tile
   const int64_t RB = (ch.QB * G + 3) / 4 * 4;   // query vectors per block, padded to 4
@@ -264,16 +263,15 @@ inline void prefill_attend(const Layout& L, int64_t G, int64_t q_stride, int64_t
         for (int64_t kk = j0; kk < j1; ++kk)
           if (!ch.ok[kk]) lg[r * LS + kk] = NEG_INF;
   }
-  std::vector<float>& inv = f2;   // 1 / softmax sum per row: P @ V runs on exp(l - max), scaled at the end
-  inv.resize(static_cast<size_t>(rows));
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = i0 + r / G, n = ctx + i + 1;   // causal: keys [0, n)
     float* lr = lg + r * LS;
     const float mx = lane_max(lr, n, NEG_INF);      // finite: the row's own key is always visible
-    const float ir = inv[r] = 1.f / exp_shift_sum(lr, n, mx);
+    const float inv = 1.f / exp_shift_sum(lr, n, mx);
+    for (int64_t j = 0; j < n; ++j) lr[j] *= inv;
     for (int64_t j = n; j < kend; ++j) lr[j] = 0.f;
     if (i >= vote_from)   // score mass of the voting rows
-      for (int64_t j = 0; j < n; ++j) mass[j] += lr[j] * ir;
+      for (int64_t j = 0; j < n; ++j) mass[j] += lr[j];
   }
   for (int64_t j0 = 0, j1 = 0; j0 < kend; j0 = j1) {
     j1 = std::min(j0 < ctx ? ctx : kend, j0 + KB);
@@ -292,8 +290,7 @@ inline void prefill_attend(const Layout& L, int64_t G, int64_t q_stride, int64_t
   }
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = i0 + r / G, g = r % G;
-    float* o = ch.out + i * q_stride + g * D;
-    for (int64_t d = 0; d < D; ++d) o[d] = acc[r * D + d] * inv[r];
+    std::memcpy(ch.out + i * q_stride + g * D, acc + r * D, sizeof(float) * D);
   }
 }
 
@@ -393,13 +390,13 @@ torch::Tensor prefill_step(torch::Tensor regions, const Layout& L, torch::Tensor
   for (int64_t i = 0; i < NH; ++i)
     heads[i].any_evicted = std::find(heads[i].ok.begin(), heads[i].ok.end(), 0) != heads[i].ok.end();
   at::parallel_for(0, NB, 1, [&](int64_t begin, int64_t end) {
-    thread_local std::vector<float> f, f2;
+    thread_local std::vector<float> f;
     for (int64_t k = begin; k < end; ++k) {
       const auto [i, b] = blocks[zigzag(k, NB)];
       ChunkHead& ch = heads[i];
       const int64_t T = ch.T;
       const int64_t vote_from = !L.R ? T : (obs_window >= 0 && T > 1) ? std::max<int64_t>(0, T - obs_window) : 0;
-      prefill_attend(L, G, q_stride, kv_stride, sc, vote_from, ch, b, f, f2);
+      prefill_attend(L, G, q_stride, kv_stride, sc, vote_from, ch, b, f);
     }
   });
   at::parallel_for(0, NH, 1, [&](int64_t begin, int64_t end) {
