@@ -104,35 +104,35 @@ inline __m512 exp_nonpos512(__m512 x) {
 
 #endif
 
-// x[k] = exp(x[k] - mx) for k < n (x[k] <= mx); returns their sum, added in a fixed order: 16
-// lane sums over the whole blocks of 16, the tail in order, then the lane sums in order (AVX-512
-// computes the exps 16 at a time; the sum is the same bit for bit).
+// x[k] = exp(x[k] - mx) for k < n (x[k] <= mx); returns their sum (AVX-512: 16 lanes, else lane-parallel).
 inline float exp_shift_sum(float* __restrict x, int64_t n, float mx) {
-  constexpr int L = 16;
-  float s[L] = {0};
   int64_t k = 0;
 #ifdef __AVX512F__
   const __m512 m = _mm512_set1_ps(mx);
   __m512 sv = _mm512_setzero_ps();
-  for (; k + L <= n; k += L) {
+  for (; k + 16 <= n; k += 16) {
     const __m512 e = exp_nonpos512(_mm512_sub_ps(_mm512_loadu_ps(x + k), m));
     _mm512_storeu_ps(x + k, e);
     sv = _mm512_add_ps(sv, e);
   }
   if (k < n) {
     const __mmask16 tail = static_cast<__mmask16>((1u << (n - k)) - 1);
-    _mm512_mask_storeu_ps(x + k, tail, exp_nonpos512(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, x + k), m)));
+    const __m512 e = _mm512_maskz_mov_ps(tail, exp_nonpos512(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, x + k), m)));
+    _mm512_mask_storeu_ps(x + k, tail, e);
+    sv = _mm512_add_ps(sv, e);
   }
-  _mm512_storeu_ps(s, sv);
+  return _mm512_reduce_add_ps(sv);
 #else
+  constexpr int L = 16;
   for (int64_t j = 0; j < n; ++j) x[j] = exp_nonpos(x[j] - mx);
+  float s[L] = {0};
   for (; k + L <= n; k += L)
     for (int i = 0; i < L; ++i) s[i] += x[k + i];
-#endif
   float r = 0.f;
   for (; k < n; ++k) r += x[k];
   for (int i = 0; i < L; ++i) r += s[i];
   return r;
+#endif
 }
 
 // In place: l[0..S) -> softmax(l) (max, exp, 1/sum), lane-parallel reductions.

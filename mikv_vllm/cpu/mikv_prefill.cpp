@@ -229,7 +229,8 @@ void prefill_piece(const Layout& L, int64_t G, int64_t q_stride, int64_t kv_stri
 // (sweep 1, key tiles of the decoded context, then the chunk's own keys), exact softmax per row, the
 // score mass of the voting rows (into mass[qb]), then P @ V (sweep 2).
 inline void prefill_attend(const Layout& L, int64_t G, int64_t q_stride, int64_t kv_stride, float scale,
-                           int64_t vote_from, ChunkHead& ch, int64_t qb, std::vector<float>& f) {
+                           int64_t vote_from, ChunkHead& ch, int64_t qb, std::vector<float>& f,
+                           std::vector<float>& f2) {
   const int64_t D = L.D, ctx = ch.ctx, T = ch.T, S = ch.S, KB = kKeyTile;
   const int64_t LS = (S + KB + 15) / 16 * 16;   // logit row stride: room for a whole last tile
   const int64_t RB = (ch.QB * G + 3) / 4 * 4;   // query vectors per block, padded to 4
@@ -263,15 +264,16 @@ inline void prefill_attend(const Layout& L, int64_t G, int64_t q_stride, int64_t
         for (int64_t kk = j0; kk < j1; ++kk)
           if (!ch.ok[kk]) lg[r * LS + kk] = NEG_INF;
   }
+  std::vector<float>& inv = f2;   // 1 / softmax sum per row: P @ V runs on exp(l - max), scaled at the end
+  inv.resize(static_cast<size_t>(rows));
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = i0 + r / G, n = ctx + i + 1;   // causal: keys [0, n)
     float* lr = lg + r * LS;
     const float mx = lane_max(lr, n, NEG_INF);      // finite: the row's own key is always visible
-    const float inv = 1.f / exp_shift_sum(lr, n, mx);
-    for (int64_t j = 0; j < n; ++j) lr[j] *= inv;
+    const float ir = inv[r] = 1.f / exp_shift_sum(lr, n, mx);
     for (int64_t j = n; j < kend; ++j) lr[j] = 0.f;
     if (i >= vote_from)   // score mass of the voting rows
-      for (int64_t j = 0; j < n; ++j) mass[j] += lr[j];
+      for (int64_t j = 0; j < n; ++j) mass[j] += lr[j] * ir;
   }
   for (int64_t j0 = 0, j1 = 0; j0 < kend; j0 = j1) {
     j1 = std::min(j0 < ctx ? ctx : kend, j0 + KB);
@@ -290,7 +292,8 @@ inline void prefill_attend(const Layout& L, int64_t G, int64_t q_stride, int64_t
   }
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = i0 + r / G, g = r % G;
-    std::memcpy(ch.out + i * q_stride + g * D, acc + r * D, sizeof(float) * D);
+    float* o = ch.out + i * q_stride + g * D;
+    for (int64_t d = 0; d < D; ++d) o[d] = acc[r * D + d] * inv[r];
   }
 }
 
@@ -390,13 +393,13 @@ torch::Tensor prefill_step(torch::Tensor regions, const Layout& L, torch::Tensor
   for (int64_t i = 0; i < NH; ++i)
     heads[i].any_evicted = std::find(heads[i].ok.begin(), heads[i].ok.end(), 0) != heads[i].ok.end();
   at::parallel_for(0, NB, 1, [&](int64_t begin, int64_t end) {
-    thread_local std::vector<float> f;
+    thread_local std::vector<float> f, f2;
     for (int64_t k = begin; k < end; ++k) {
       const auto [i, b] = blocks[zigzag(k, NB)];
       ChunkHead& ch = heads[i];
       const int64_t T = ch.T;
       const int64_t vote_from = !L.R ? T : (obs_window >= 0 && T > 1) ? std::max<int64_t>(0, T - obs_window) : 0;
-      prefill_attend(L, G, q_stride, kv_stride, sc, vote_from, ch, b, f);
+      prefill_attend(L, G, q_stride, kv_stride, sc, vote_from, ch, b, f, f2);
     }
   });
   at::parallel_for(0, NH, 1, [&](int64_t begin, int64_t end) {

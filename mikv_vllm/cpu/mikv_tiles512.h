@@ -2,13 +2,12 @@
 // head_dim DT a multiple of 64, groups of a multiple of 16 channels): every lo token's codes are
 // read once per tile of kTile tokens and used by the GT query heads, with no per-token reduction.
 //   QK: tokens in lanes. The tile's codes are unpacked to bytes, then transposed (16 x 16 dwords per
-//       64 channels) so that each channel is one vector of 16 tokens, converted once per tile and
-//       used by the GT query heads with one FMA each, the group's scale and zero applied once per
-//       group (s * (c . q) + z * sum(q), as mikv_qdot.h). No horizontal sum per token and head.
+//       64 channels) so that each channel is one vector of 16 tokens: logits of 16 tokens per
+//       channel with one convert and GT FMAs, the group's scale and zero applied once per group
+//       (s * (c . q) + z * sum(q), as mikv_qdot.h).
 //   PV: channels in lanes, accumulators in registers: per token GT * DT/16 FMAs with the weight
-//       p * s broadcast (a memory operand), the zero points summed apart.
-// The same operations in the same order as tile_logits / tile_pv's AVX-512 paths: the results are
-// equal bit for bit, so a page and an output do not depend on which loop ran.
+//       p * s broadcast, the zero points summed apart per tile in token lanes.
+// Same arithmetic as tile_logits / tile_pv up to fp32 summation order.
 #pragma once
 #include "mikv_qdot.h"
 
@@ -46,44 +45,41 @@ inline void transpose16_epi32(__m512i (&r)[16]) {
 }
 
 // Logits of the tile's tokens (bytes T.cu [kTile, DT], records T.s / T.z [NG, kTile]) for the GT
-// query heads: lg[g * ld + i] for i < n. Bit for bit those of tile_logits (mikv_qdot.h): per group,
-// 16 partial sums over the channels c0 + 16 m + l (one per l, m in order), added in hsum16's tree,
-// then s * dot + (z * sum(q) + l); only the tokens sit in the lanes instead of the channels.
+// query heads: lg[g * ld + i] for i < n.
 template <int GT, int DT>
 inline void tile_logits512(const CodeTile& T, const QueryLo& Q, int64_t n, int64_t group, float* lg, int64_t ld) {
   const int64_t NG = DT / group;
-  alignas(64) float cf[DT][kTile];   // channel c of the tile's tokens, as floats
+  __m512 l[GT], dk[4][GT];   // a partial sum per byte of the dword (shorter sums, less rounding)
+  for (int g = 0; g < GT; ++g) l[g] = _mm512_setzero_ps();
+  for (int j = 0; j < 4; ++j)
+    for (int g = 0; g < GT; ++g) dk[j][g] = _mm512_setzero_ps();
   const __m512i byte = _mm512_set1_epi32(0xff);
   for (int64_t c0 = 0; c0 < DT; c0 += 64) {
     __m512i r[16];
     for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(T.cu.data() + i * DT + c0);
     transpose16_epi32(r);
-    for (int w = 0; w < 16; ++w)   // dword w: channels c0 + 4w .. + 3, one byte each
+    for (int w = 0; w < 16; ++w) {   // dword w: channels c0 + 4w .. + 3, one byte each
+      const int64_t c = c0 + 4 * w;
       for (int j = 0; j < 4; ++j) {
         const __m512i x = j == 0 ? _mm512_and_si512(r[w], byte)
                         : j == 3 ? _mm512_srli_epi32(r[w], 24)
                                  : _mm512_and_si512(_mm512_srli_epi32(r[w], 8 * j), byte);
-        _mm512_store_ps(cf[c0 + 4 * w + j], _mm512_cvtepi32_ps(x));
+        const __m512 cf = _mm512_cvtepi32_ps(x);
+        for (int g = 0; g < GT; ++g) dk[j][g] = _mm512_fmadd_ps(cf, _mm512_set1_ps(Q.ql[g * DT + c + j]), dk[j][g]);
       }
-  }
-  const __m512 zero = _mm512_setzero_ps();
-  const __mmask16 m = static_cast<__mmask16>((1u << n) - 1);
-  for (int g = 0; g < GT; ++g) {
-    const float* q = Q.ql.data() + g * DT;
-    __m512 l = zero;
-    for (int64_t k = 0; k < NG; ++k) {
-      const int64_t c0 = k * group;
-      __m512 a[16];
-      for (int i = 0; i < 16; ++i) a[i] = _mm512_fmadd_ps(_mm512_load_ps(cf[c0 + i]), _mm512_set1_ps(q[c0 + i]), zero);
-      for (int64_t c = c0 + 16; c < c0 + group; c += 16)
-        for (int i = 0; i < 16; ++i) a[i] = _mm512_fmadd_ps(_mm512_load_ps(cf[c + i]), _mm512_set1_ps(q[c + i]), a[i]);
-      for (int w = 8; w >= 1; w /= 2)   // hsum16's tree: (0, 1), (2, 3), ..., then the pairs of pairs
-        for (int i = 0; i < w; ++i) a[i] = _mm512_add_ps(a[2 * i], a[2 * i + 1]);
-      const __m512 s = _mm512_loadu_ps(T.s.data() + k * kTile), z = _mm512_loadu_ps(T.z.data() + k * kTile);
-      l = _mm512_fmadd_ps(s, a[0], _mm512_fmadd_ps(z, _mm512_set1_ps(Q.qsum[g * NG + k]), l));
+      if ((c + 4) % group == 0) {   // the end of group k: apply its scale and zero
+        const int64_t k = c / group;
+        const __m512 s = _mm512_loadu_ps(T.s.data() + k * kTile), z = _mm512_loadu_ps(T.z.data() + k * kTile);
+        for (int g = 0; g < GT; ++g) {
+          const __m512 d = _mm512_add_ps(_mm512_add_ps(dk[0][g], dk[1][g]), _mm512_add_ps(dk[2][g], dk[3][g]));
+          l[g] = _mm512_fmadd_ps(s, d, _mm512_fmadd_ps(z, _mm512_set1_ps(Q.qsum[g * NG + k]), l[g]));
+          for (int j = 0; j < 4; ++j) dk[j][g] = _mm512_setzero_ps();
+        }
+      }
     }
-    _mm512_mask_storeu_ps(lg + g * ld, m, l);
   }
+  const __mmask16 m = static_cast<__mmask16>((1u << n) - 1);
+  for (int g = 0; g < GT; ++g) _mm512_mask_storeu_ps(lg + g * ld, m, l[g]);
 }
 
 // Logits of the lo keys (KB-bit codes) of context tokens [0, pos) into lg [GT, S].
@@ -117,6 +113,9 @@ void decode_lo_pv512(const Layout& L, const Region& region, int64_t pos, const f
   for (int g = 0; g < GT; ++g)
     for (int jv = 0; jv < NV; ++jv) acc[g][jv] = _mm512_loadu_ps(out + g * DT + 16 * jv);
   alignas(64) float w[GT][DT / 16][kTile];   // p * s per query head, group and token (NG <= NV)
+  __m512 zv[GT][DT / 16];
+  for (int g = 0; g < GT; ++g)
+    for (int64_t k = 0; k < NG; ++k) zv[g][k] = _mm512_setzero_ps();
   for (int64_t j = 0; j * N < pos; ++j) {
     const uint8_t* reg = region(j);
     const int64_t n_here = std::min(N, pos - j * N);
@@ -126,23 +125,25 @@ void decode_lo_pv512(const Layout& L, const Region& region, int64_t pos, const f
       load_code_tile<VB>(reg + L.v_lo + o * P, reg + L.v_sz + o * MB, fp8, n, DT, P, NG, false, T);
       for (int g = 0; g < GT; ++g) {
         const __m512 pg = _mm512_maskz_loadu_ps(m, p + g * S + t0);
-        for (int64_t k = 0; k < NG; ++k) _mm512_store_ps(w[g][k], _mm512_mul_ps(pg, _mm512_loadu_ps(T.s.data() + k * kTile)));
+        for (int64_t k = 0; k < NG; ++k) {
+          _mm512_store_ps(w[g][k], _mm512_mul_ps(pg, _mm512_loadu_ps(T.s.data() + k * kTile)));
+          zv[g][k] = _mm512_fmadd_ps(pg, _mm512_maskz_loadu_ps(m, T.z.data() + k * kTile), zv[g][k]);
+        }
       }
       for (int64_t i = 0; i < n; ++i) {
         const uint8_t* cu = T.cu.data() + i * DT;
         __m512 cv[NV];
         for (int jv = 0; jv < NV; ++jv)
           cv[jv] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cu + 16 * jv))));
-        for (int g = 0; g < GT; ++g) {
-          const float pg = p[g * S + t0 + i];
-          for (int64_t k = 0; k < NG; ++k) zacc[g * NG + k] += pg * T.z[k * kTile + i];   // in token order, as tile_pv
+        for (int g = 0; g < GT; ++g)
           for (int jv = 0; jv < NV; ++jv) acc[g][jv] = _mm512_fmadd_ps(_mm512_set1_ps(w[g][kv[jv]][i]), cv[jv], acc[g][jv]);
-        }
       }
     }
   }
   for (int g = 0; g < GT; ++g)
     for (int jv = 0; jv < NV; ++jv) _mm512_storeu_ps(out + g * DT + 16 * jv, acc[g][jv]);
+  for (int g = 0; g < GT; ++g)
+    for (int64_t k = 0; k < NG; ++k) zacc[g * NG + k] += _mm512_reduce_add_ps(zv[g][k]);
 }
 
 }  // namespace

@@ -112,16 +112,25 @@ def _metric(server, name: str) -> float:
     return total
 
 
+PREEMPTION_ROUNDS = 3    # whether a round preempts depends on timing (aborts, arrivals): rounds until one does
+
+
 def _concurrent_vs_alone(server, require_preemption: bool = True):
-    """(survivors, preemptions, mismatches) of the concurrent run vs one-at-a-time runs."""
+    """(survivors, preemptions, mismatches) of a concurrent round vs one-at-a-time runs. With
+    ``require_preemption`` the concurrent round is repeated (at most PREEMPTION_ROUNDS) until one
+    preempts, and that round's survivors are compared."""
     prompts = _prompts()
-    concurrent = asyncio.run(_run_concurrent(server, prompts))
-    preemptions = _metric(server, "vllm:num_preemptions_total")
+    for _ in range(PREEMPTION_ROUNDS if require_preemption else 1):
+        before = _metric(server, "vllm:num_preemptions_total")
+        concurrent = asyncio.run(_run_concurrent(server, prompts))
+        preemptions = _metric(server, "vllm:num_preemptions_total") - before
+        if preemptions > 0:
+            break
     survivors = {i: t for i, t in concurrent.items() if t is not None}
     assert len(survivors) == NUM_REQUESTS - len(range(0, NUM_REQUESTS, ABORT_EVERY))
     assert all(survivors.values()), "a surviving request returned no text"
     if require_preemption:
-        assert preemptions > 0, "the KV cache was not small enough to force preemption"
+        assert preemptions > 0, f"no preemption in {PREEMPTION_ROUNDS} concurrent rounds: the KV cache is too large"
     client = server.openai_client()
     mismatches = []
     for i, text in sorted(survivors.items()):
