@@ -135,19 +135,24 @@ inline float exp_shift_sum(float* __restrict x, int64_t n, float mx) {
 #endif
 }
 
+// max of x[0..n), lane-parallel (vectorises without reassociation flags)
+inline float lane_max(const float* __restrict x, int64_t n, float init) {
+  constexpr int L = 16;
+  float m[L];
+  for (int i = 0; i < L; ++i) m[i] = init;
+  int64_t k = 0;
+  for (; k + L <= n; k += L)
+    for (int i = 0; i < L; ++i) m[i] = x[k + i] > m[i] ? x[k + i] : m[i];
+  float r = init;
+  for (; k < n; ++k) r = std::max(r, x[k]);
+  for (int i = 0; i < L; ++i) r = std::max(r, m[i]);
+  return r;
+}
+
 // In place: l[0..S) -> softmax(l) (max, exp, 1/sum), lane-parallel reductions.
 inline void softmax_row(float* __restrict l, int64_t S) {
-  constexpr int L = 16;
-  float mx[L];
-  for (int i = 0; i < L; ++i) mx[i] = -std::numeric_limits<float>::infinity();
-  int64_t t = 0;
-  for (; t + L <= S; t += L)
-    for (int i = 0; i < L; ++i) mx[i] = l[t + i] > mx[i] ? l[t + i] : mx[i];
-  float m = -std::numeric_limits<float>::infinity();
-  for (; t < S; ++t) m = std::max(m, l[t]);
-  for (int i = 0; i < L; ++i) m = std::max(m, mx[i]);
-  const float inv = 1.f / exp_shift_sum(l, S, m);
-  for (t = 0; t < S; ++t) l[t] *= inv;
+  const float inv = 1.f / exp_shift_sum(l, S, lane_max(l, S, -std::numeric_limits<float>::infinity()));
+  for (int64_t t = 0; t < S; ++t) l[t] *= inv;
 }
 
 }  // namespace

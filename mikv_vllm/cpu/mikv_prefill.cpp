@@ -98,20 +98,6 @@ void tile_pv(float* __restrict acc, int64_t rows, const float* __restrict p, int
   }
 }
 
-// max of x[0..n), lane-parallel (vectorises without reassociation flags)
-inline float lane_max(const float* __restrict x, int64_t n, float init) {
-  constexpr int L = 16;
-  float m[L];
-  for (int i = 0; i < L; ++i) m[i] = init;
-  int64_t k = 0;
-  for (; k + L <= n; k += L)
-    for (int i = 0; i < L; ++i) m[i] = x[k + i] > m[i] ? x[k + i] : m[i];
-  float r = init;
-  for (; k < n; ++k) r = std::max(r, x[k]);
-  for (int i = 0; i < L; ++i) r = std::max(r, m[i]);
-  return r;
-}
-
 // One (chunk, KV head): its context decoded once (keys divided by the balancer and transposed,
 // values row-major, fp32; hi copy where tagged, else the lo codes), the chunk's raw keys
 // transposed, and the score mass of each query block's voting rows.
