@@ -199,7 +199,7 @@ MUTATIONS = [
                "\n"),
               (TOP, "\n    q, k, v = finite_inputs(q), finite_inputs(k), finite_inputs(v)   # non-finite inputs: docs/design.md\n",
                "\n"),   # run_chunks: the torch and Triton op sets' chunks
-              (CPO, "    return finite_inputs(x.to(torch.float32)).contiguous()", "    return x.to(torch.float32).contiguous()"),
+              (CST, "  return bad ? at::nan_to_num(x, 0.0, 65504.0, -65504.0) : x;", "  return x;"),
               (KSP, "    return tl.where(x != x, 0.0, tl.minimum(tl.maximum(x, -65504.0), 65504.0))", "    return x"),
               (KDE, "        q = tl.where(qf != qf, 0.0, tl.minimum(tl.maximum(qf, -65504.0), 65504.0)).to(q.dtype)",
                "        q = qf.to(q.dtype)"),

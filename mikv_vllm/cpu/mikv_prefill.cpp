@@ -14,6 +14,8 @@
 // this step.
 #include <ATen/Parallel.h>
 
+#include <atomic>
+
 #include "mikv_codes.h"
 #include "mikv_math.h"
 #include "mikv_select.h"
@@ -169,14 +171,16 @@ void prefill_piece(const Layout& L, int64_t G, int64_t q_stride, int64_t kv_stri
   const int64_t t0 = T * p / P, t1 = T * (p + 1) / P;
   store_tokens(L, region, ctx + t0, t1 - t0, ch.kn + t0 * kv_stride, ch.vn + t0 * kv_stride, kv_stride,
                ws.bal.data(), ws.xk.data(), ws.codes.data());
-  for (int64_t d = 0; d < D; ++d) {
-    float* row = ch.knT.data() + d * ch.TP;
-    for (int64_t t = t0; t < t1; ++t) row[t] = ch.kn[t * kv_stride + d];
-    if (p == P - 1) {   // padding columns: keys of the last tiles past the chunk / the context
-      std::fill(row + T, row + ch.TP, 0.f);
+  float* knT = ch.knT.data();
+  for (int64_t t = t0; t < t1; ++t) {   // token-major: contiguous reads, D sequential write streams
+    const float* kt = ch.kn + t * kv_stride;
+    for (int64_t d = 0; d < D; ++d) knT[d * ch.TP + t] = kt[d];
+  }
+  if (p == P - 1)   // padding columns: keys of the last tiles past the chunk / the context
+    for (int64_t d = 0; d < D; ++d) {
+      std::fill(knT + d * ch.TP + T, knT + (d + 1) * ch.TP, 0.f);
       std::fill(ch.kT.data() + d * ch.CP + ctx, ch.kT.data() + (d + 1) * ch.CP, 0.f);
     }
-  }
   const int64_t m0 = ch.nqb * ch.S * p / P, m1 = ch.nqb * ch.S * (p + 1) / P;
   std::fill(ch.mass.data() + m0, ch.mass.data() + m1, 0.f);
   const int64_t c0 = ctx * p / P, c1 = ctx * (p + 1) / P;
@@ -294,9 +298,16 @@ inline void prefill_finish(const Layout& L, const Selection& sel, int64_t kv_str
   update_hi_set(L, sel, ch.region, ch.ctx, ch.T, ch.own_from, mass, ch.kn, ch.vn, kv_stride, true, ws);
 }
 
-// Task k of n in an order that spreads the costly ones (late query blocks see more keys) over the
-// contiguous ranges at::parallel_for gives each thread: 0, n-1, 1, n-2, ...
-inline int64_t zigzag(int64_t k, int64_t n) { return k % 2 == 0 ? k / 2 : n - 1 - k / 2; }
+// f(k) for every task k of n on every thread, the tasks handed out one at a time in index order
+// (list them costliest first: a thread that finishes early takes the next one, and the last to finish
+// waits for at most one small task). Without threads (or nested) the loop runs them all inline.
+template <class F>
+void for_each_dynamic(int64_t n, F&& f) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), n), 1, [&](int64_t, int64_t) {
+    for (int64_t k; (k = next.fetch_add(1, std::memory_order_relaxed)) < n;) f(k);
+  });
+}
 
 }  // namespace
 
@@ -363,7 +374,7 @@ torch::Tensor prefill_step(torch::Tensor regions, const Layout& L, torch::Tensor
       ch.ok.resize(ch.ctx);
       ch.knT.resize(static_cast<size_t>(D) * ch.TP);
       ch.mass.resize(static_cast<size_t>(ch.nqb) * ch.S);
-      for (int64_t b = 0; b < ch.nqb; ++b) blocks.emplace_back(NH, b);
+      for (int64_t b = ch.nqb - 1; b >= 0; --b) blocks.emplace_back(NH, b);
       ++NH;
     }
   }
@@ -378,15 +389,15 @@ torch::Tensor prefill_step(torch::Tensor regions, const Layout& L, torch::Tensor
   });
   for (int64_t i = 0; i < NH; ++i)
     heads[i].any_evicted = std::find(heads[i].ok.begin(), heads[i].ok.end(), 0) != heads[i].ok.end();
-  at::parallel_for(0, NB, 1, [&](int64_t begin, int64_t end) {
+  // query blocks pair by pair (their keys stay in cache), each pair's last (costliest: causal) first,
+  // so the step ends on small blocks
+  for_each_dynamic(NB, [&](int64_t k) {
     thread_local std::vector<float> f, f2;
-    for (int64_t k = begin; k < end; ++k) {
-      const auto [i, b] = blocks[zigzag(k, NB)];
-      ChunkHead& ch = heads[i];
-      const int64_t T = ch.T;
-      const int64_t vote_from = !L.R ? T : (obs_window >= 0 && T > 1) ? std::max<int64_t>(0, T - obs_window) : 0;
-      prefill_attend(L, G, q_stride, kv_stride, sc, vote_from, ch, b, f, f2);
-    }
+    const auto [i, b] = blocks[k];
+    ChunkHead& ch = heads[i];
+    const int64_t T = ch.T;
+    const int64_t vote_from = !L.R ? T : (obs_window >= 0 && T > 1) ? std::max<int64_t>(0, T - obs_window) : 0;
+    prefill_attend(L, G, q_stride, kv_stride, sc, vote_from, ch, b, f, f2);
   });
   at::parallel_for(0, NH, 1, [&](int64_t begin, int64_t end) {
     thread_local UpkeepScratch ws;

@@ -12,14 +12,26 @@ namespace {
 // ------------------------------------------------------------------------------ argument checks
 // The tensors both ops take: regions uint8 [blocks, H, region_bytes], a block table int32 [rows, M]
 // (a row per request or chunk), q fp32 [n, Hq, D] with Hq a multiple of H, k / v fp32 [n, H, D],
-// own_from / shared_hi int64 [rows]. Returns their shapes and data.
+// own_from / shared_hi int64 [rows]. Returns their shapes and data (q / k / v through finite_inputs).
 struct StepTensors {
   int64_t H, G, M;   // KV heads, query heads per KV head, block-table columns
   uint8_t* regions;
   const int32_t* block_tables;
+  torch::Tensor qf, kf, vf;   // q / k / v as the ops see them (finite_inputs; they own a copy if one was needed)
   const float *q, *k, *v;
   const int64_t *own_from, *shared_hi;
 };
+
+// x as every op set sees its q / k / v (reference: quant.finite_inputs): x itself when all its
+// elements are finite (one pass over the exponent bits), else a copy with NaN -> 0 and
+// +-inf -> +-65504 (finite values unchanged).
+inline torch::Tensor finite_inputs(const torch::Tensor& x) {
+  const uint32_t* u = reinterpret_cast<const uint32_t*>(x.data_ptr<float>());
+  const int64_t n = x.numel();
+  uint32_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) bad |= (u[i] & 0x7f800000u) == 0x7f800000u;   // inf or NaN
+  return bad ? at::nan_to_num(x, 0.0, 65504.0, -65504.0) : x;
+}
 inline StepTensors check_step_tensors(const Layout& L, const torch::Tensor& regions, const torch::Tensor& block_tables,
                                       const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                       const torch::Tensor& own_from, const torch::Tensor& shared_hi) {
@@ -38,9 +50,14 @@ inline StepTensors check_step_tensors(const Layout& L, const torch::Tensor& regi
   for (const auto* t : {&own_from, &shared_hi})
     TORCH_CHECK(t->scalar_type() == torch::kInt64 && t->dim() == 1 && t->is_contiguous() && t->size(0) == rows,
                 "mikv_cpu: own_from / shared_hi must be contiguous int64 [rows]");
-  return StepTensors{H, q.size(1) / H, block_tables.size(1), regions.data_ptr<uint8_t>(),
-                     block_tables.data_ptr<int32_t>(), q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(),
-                     own_from.data_ptr<int64_t>(), shared_hi.data_ptr<int64_t>()};
+  StepTensors st{H, q.size(1) / H, block_tables.size(1), regions.data_ptr<uint8_t>(), block_tables.data_ptr<int32_t>(),
+                 finite_inputs(q), finite_inputs(k), finite_inputs(v)};
+  st.q = st.qf.data_ptr<float>();
+  st.k = st.kf.data_ptr<float>();
+  st.v = st.vf.data_ptr<float>();
+  st.own_from = own_from.data_ptr<int64_t>();
+  st.shared_hi = shared_hi.data_ptr<int64_t>();
+  return st;
 }
 
 // One block-table row whose tokens lie at positions [ctx, last] (last < ctx: no token): own_from

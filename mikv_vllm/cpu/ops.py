@@ -20,7 +20,6 @@ import torch
 
 from ..config import MiKVConfig
 from ..core.layout import RegionLayout
-from ..core.quant import finite_inputs
 from ..ops.base import OpSet
 from ..core.page import shared_hi_limits
 from ..ops.plan import ChunkPlan, DecodePlan
@@ -79,7 +78,9 @@ def _prefill_call(regions, layout, block_tables, ctx, rows, q, k, v, scale, sele
 
 
 def _f32(x: torch.Tensor) -> torch.Tensor:
-    return finite_inputs(x.to(torch.float32)).contiguous()    # non-finite inputs: as the reference
+    """q / k / v as the C++ op takes them: fp32, contiguous (no copy when they are; the op itself
+    applies ``quant.finite_inputs`` to them, mikv_steps.h)."""
+    return x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
 
 
 def decode_step(regions: torch.Tensor, layout: RegionLayout, block_tables: torch.Tensor, pos: torch.Tensor,

@@ -1,8 +1,9 @@
 """Non-finite q / k / v in the fused C++ ops: the oracle's semantics (tests/core/test_nonfinite.py).
 
-Through the op set (``CpuOps``, which sanitizes its inputs as the reference does) a poisoned token is
-confined exactly as in the reference; through the raw bindings (no sanitizing in front) the C++
-quantizer and hi store themselves must keep every stored code, (scale, zero) and hi copy defined.
+Through the op set (``CpuOps``) a poisoned token is confined exactly as in the reference; the raw
+bindings apply ``quant.finite_inputs`` to q / k / v themselves (mikv_steps.h), and the C++ quantizer
+and hi store keep every stored code, (scale, zero) and hi copy defined, also for finite values past
+fp16's range.
 """
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 from mikv_vllm.config import MiKVConfig
 from mikv_vllm.core import reference as ref
 from mikv_vllm.core.layout import RegionLayout
-from mikv_vllm.core.quant import pack_meta, quantize, to_hi, unpack_meta
+from mikv_vllm.core.quant import finite_inputs, pack_meta, quantize, to_hi, unpack_meta
 from mikv_vllm.cpu import CpuOps, load
 from mikv_vllm.cpu.ops import cpp_layout
 
@@ -32,13 +33,15 @@ def test_poisoned_token_is_confined_in_the_cpu_ops(name):
 
 def _raw_poisoned_kv(d: int, group: int):
     """k, v [1, 1, D]: positive values (so a NaN read as 0 moves the group's zero), one all-NaN group,
-    a NaN element, +-inf elements."""
+    a NaN element, +-inf elements, a finite key past fp16's range (kept by finite_inputs, clamped by
+    the lo quantizer)."""
     gen = torch.Generator().manual_seed(3)
     k = torch.rand(1, 1, d, generator=gen) * 4 + 1
     v = torch.rand(1, 1, d, generator=gen) * 4 + 1
     k[0, 0, :group] = NAN
     k[0, 0, group + 1] = NAN
     k[0, 0, group + 2] = INF
+    k[0, 0, group + 3] = 1e30
     v[0, 0, 3], v[0, 0, group + 5] = NAN, -INF
     return k, v
 
@@ -51,10 +54,11 @@ STORES = [(2, 2, "fp16"), (3, 3, "fp16"), (4, 4, "fp16"), (8, 8, "fp16"), (4, 2,
 @pytest.mark.parametrize("kv", STORES, ids=[f"k{k}v{v}-{m}" for k, v, m in STORES])
 @pytest.mark.parametrize("entry", ["decode", "prefill"])
 def test_raw_cpp_store_of_non_finite_is_defined(kv, entry):
-    """The C++ quantizer and hi store without the op set's sanitizing: codes and (scale, zero) equal
-    core.quant.quantize of the same values (NaN -> 0, +-inf -> +-65504; keys at k_bits, values at
-    v_bits; fp8-scale records as quant.pack_meta packs them) byte for byte, every (scale, zero) finite,
-    and the hi copy (r = 1, fp32) equals quant.to_hi (NaN -> 0)."""
+    """The raw C++ bindings (no op set in front): codes and (scale, zero) equal core.quant.quantize
+    of the same values (NaN -> 0, +-inf -> +-65504, finite values clamped to +-65504; keys at k_bits,
+    values at v_bits; fp8-scale records as quant.pack_meta packs them) byte for byte, every
+    (scale, zero) finite, and the hi copy (r = 1, fp32) equals quant.to_hi of finite_inputs (NaN -> 0,
+    +-inf -> +-65504, 1e30 kept)."""
     d, group, n = 32, 8, 8
     k_bits, v_bits, meta_format = kv
     cfg = MiKVConfig(policy="mikv", k_bits=k_bits, v_bits=v_bits, hi_ratio=1.0, hi_dtype="float32", balancer=False,
@@ -82,8 +86,8 @@ def test_raw_cpp_store_of_non_finite_is_defined(kv, entry):
         assert torch.equal(sz[1, 0, off], want_bytes) and torch.equal(lo[1, 0, off], want_lo[0])
     tags = views.tag[1, 0]
     slot = int((tags == off + 1).nonzero()[0, 0])
-    assert torch.equal(views.k_hi[1, 0, slot], to_hi(k[0, 0], torch.float32))
-    assert torch.equal(views.v_hi[1, 0, slot], to_hi(v[0, 0], torch.float32))
+    assert torch.equal(views.k_hi[1, 0, slot], to_hi(finite_inputs(k[0, 0]), torch.float32))
+    assert torch.equal(views.v_hi[1, 0, slot], to_hi(finite_inputs(v[0, 0]), torch.float32))
 
 
 def test_hi_roundtrip_stores_nan_as_zero_in_every_dtype():
