@@ -82,13 +82,13 @@ inline void tile_logits512(const CodeTile& T, const QueryLo& Q, int64_t n, int64
   for (int g = 0; g < GT; ++g) _mm512_mask_storeu_ps(lg + g * ld, m, l[g]);
 }
 
-// Logits of the lo keys (KB-bit codes) of context tokens [0, pos) into lg [GT, S].
+// Logits of the lo keys (KB-bit codes) of the context tokens [0, pos) in blocks [j0, j1) into lg [GT, S].
 template <int KB, int GT, int DT, class Region>
-void decode_lo_logits512(const Layout& L, const Region& region, int64_t pos, const QueryLo& query, float* lg,
-                         int64_t S, CodeTile& T) {
+void decode_lo_logits512(const Layout& L, const Region& region, int64_t pos, int64_t j0, int64_t j1,
+                         const QueryLo& query, float* lg, int64_t S, CodeTile& T) {
   const int64_t N = L.N, P = L.k_packed(), NG = L.groups(), MB = NG * L.meta_bytes();
   const bool fp8 = L.group_meta == 1;
-  for (int64_t j = 0; j * N < pos; ++j) {
+  for (int64_t j = j0; j < j1 && j * N < pos; ++j) {
     const uint8_t* reg = region(j);
     const int64_t n_here = std::min(N, pos - j * N);
     for (int64_t o = 0; o < n_here; o += kTile) {
@@ -99,11 +99,11 @@ void decode_lo_logits512(const Layout& L, const Region& region, int64_t pos, con
   }
 }
 
-// P @ V of the lo values (VB-bit codes) of context tokens [0, pos) with weights p [GT, S] (0 where
-// the hi copy stands in): out [GT, DT] += sum_t (p s) c_t, zacc [GT, NG] += sum_t p z.
+// P @ V of the lo values (VB-bit codes) of the context tokens [0, pos) in blocks [j0, j1) with weights
+// p [GT, S] (0 where the hi copy stands in): out [GT, DT] += sum_t (p s) c_t, zacc [GT, NG] += sum_t p z.
 template <int VB, int GT, int DT, class Region>
-void decode_lo_pv512(const Layout& L, const Region& region, int64_t pos, const float* p, int64_t S, float* out,
-                     float* zacc, CodeTile& T) {
+void decode_lo_pv512(const Layout& L, const Region& region, int64_t pos, int64_t j0, int64_t j1, const float* p,
+                     int64_t S, float* out, float* zacc, CodeTile& T) {
   constexpr int NV = DT / 16;
   const int64_t N = L.N, P = L.v_packed(), NG = L.groups(), MB = NG * L.meta_bytes(), group = L.group;
   const bool fp8 = L.group_meta == 1;
@@ -116,7 +116,7 @@ void decode_lo_pv512(const Layout& L, const Region& region, int64_t pos, const f
   __m512 zv[GT][DT / 16];
   for (int g = 0; g < GT; ++g)
     for (int64_t k = 0; k < NG; ++k) zv[g][k] = _mm512_setzero_ps();
-  for (int64_t j = 0; j * N < pos; ++j) {
+  for (int64_t j = j0; j < j1 && j * N < pos; ++j) {
     const uint8_t* reg = region(j);
     const int64_t n_here = std::min(N, pos - j * N);
     for (int64_t o = 0; o < n_here; o += kTile) {

@@ -98,6 +98,37 @@ def test_decode_step_matches_reference(name):
     assert torch.equal(mine[unused], regions[unused])
 
 
+@pytest.mark.parametrize("name", ["mikv", "h2o", "k2v4-g16-fp16-hi", "k8v2-fp8-scale-g8-gqa1"])
+def test_decode_split_over_the_context_is_exact(name):
+    """One request (HKV tasks: fewer than two per thread) at a context of five segments (2100 tokens;
+    kSegTokens = 512 in mikv_decode.cpp, a split from four on): with 2 threads each task's lo context
+    is split over the threads, segment by segment. Outputs and page bytes equal the 1-thread run's bit for bit (the
+    segments' sums are added in segment order either way) and the oracle's."""
+    cfg, group, d = CONFIGS[name]
+    lay = RegionLayout.build(cfg, N, d)
+    ctx, scale = 2100, 1 / math.sqrt(d)
+    nb = -(-(ctx + 1) // N)
+    regions = make_regions(lay, nb + 6, HKV, garbage=True, seed=5)
+    table = torch.randperm(nb + 6, generator=torch.Generator().manual_seed(5))[:nb].int()[None]
+    q, k, v = structured_qkv(ctx + 1, group * HKV, HKV, d, seed=5)
+    CpuOps.forward_request(regions, lay, cfg, table[0], 0, q[:ctx], k[:ctx], v[:ctx], scale)
+    pos, step = torch.tensor([ctx]), (q[ctx:], k[ctx:], v[ctx:])
+    threads = torch.get_num_threads()
+    outs, pages = [], []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            pages.append(regions.clone())
+            outs.append(decode_step(pages[-1], lay, table, pos, *step, scale))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(pages[0], pages[1])
+    oracle = regions.clone()
+    want, _ = _reference_step(oracle, lay, table, pos, *step, scale)
+    torch.testing.assert_close(outs[1], want, rtol=1e-5, atol=1e-5)
+    assert_pages(lay, pages[1], oracle)
+
+
 @pytest.mark.parametrize("name", ["mikv", "int4-fp32-hi", "h2o", "int3-group16-all-hi", "int3-fp8-hi-g64",
                                   "int4-r03", "k2v4-g16-fp16-hi"])
 def test_forward_decode_steps_match_reference(name):
