@@ -92,12 +92,17 @@ struct DecodeState {
   float *bal, *xk, *vx, *qs, *lg, *mass;
 };
 
-// Per-thread scratch (kept across calls).
+// Per-thread scratch, kept across calls: a step allocates nothing once warm.
 struct DecodeScratch {
   std::vector<uint8_t> codes;
   UpkeepScratch up;
   CodeTile tile;
 };
+inline DecodeScratch& thread_scratch(int64_t D) {
+  thread_local DecodeScratch ws;
+  ws.codes.resize(D);
+  return ws;
+}
 
 // The stages of one (request, KV head), for the compile-time query-group size GT and head_dim DT
 // (0 = runtime), so the common shapes keep their accumulators in registers. int8: the QK mode
@@ -305,7 +310,7 @@ torch::Tensor decode_step(torch::Tensor regions, const Layout& L, torch::Tensor 
     thread_local std::vector<DecodeState> pool;   // per calling thread, kept across calls
     if (static_cast<int64_t>(pool.size()) < BH) pool.resize(BH);
     std::vector<DecodeState>& states = pool;   // the lambdas below run on other threads
-    auto each = [&](auto&& f) {   // f(Decode, i, region, q, k, v, out) for every task, in parallel
+    auto each = [&](auto&& f) {   // f(Decode, i, q, k, v, out rows) for every task, in parallel
       at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
           const auto [region, qb, kb, vb, ob] = task(i);
@@ -318,32 +323,28 @@ torch::Tensor decode_step(torch::Tensor regions, const Layout& L, torch::Tensor 
       for (int64_t i = 0; i < BH; ++i)
         for (int64_t s = 0; s < states[i].nseg; ++s) work.emplace_back(i, s);
       at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t begin, int64_t end) {
-        thread_local DecodeScratch ws;
+        CodeTile& tile = thread_scratch(D).tile;
         for (int64_t k = begin; k < end; ++k) {
           const auto [i, s] = work[k];
           const Regions region = std::get<0>(task(i));
-          with_shape(L, region, pp[i / H], G, int8, states[i], [&](auto dec) { f(dec, s, ws.tile); });
+          with_shape(L, region, pp[i / H], G, int8, states[i], [&](auto dec) { f(dec, s, tile); });
         }
       });
     };
     each([&](auto& dec, int64_t i, const float* qb, const float* kb, const float* vb, float*) {
-      thread_local DecodeScratch ws;
-      ws.codes.resize(D);
-      dec.begin(qb, kb, vb, sc, do_store, st.own_from[i / H], st.shared_hi[i / H], ws);
+      dec.begin(qb, kb, vb, sc, do_store, st.own_from[i / H], st.shared_hi[i / H], thread_scratch(D));
     });
     segments([&](auto& dec, int64_t s, CodeTile& T) { dec.logits(s, s + 1, T); });
     each([&](auto& dec, int64_t, const float*, const float* kb, const float* vb, float* ob) { dec.middle(kb, vb, ob); });
     segments([&](auto& dec, int64_t s, CodeTile& T) { dec.pv(s, s + 1, T); });
     each([&](auto& dec, int64_t i, const float*, const float* kb, const float* vb, float* ob) {
-      thread_local DecodeScratch ws;
-      dec.finish(kb, vb, sel, upkeep, st.own_from[i / H], ob, ws);
+      dec.finish(kb, vb, sel, upkeep, st.own_from[i / H], ob, thread_scratch(D));
     });
     return out;
   }
   at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
-    thread_local DecodeScratch ws;   // kept across calls: a step allocates nothing once warm
+    DecodeScratch& ws = thread_scratch(D);
     thread_local DecodeState state;
-    ws.codes.resize(D);
     for (int64_t i = begin; i < end; ++i) {
       const auto [region, qb, kb, vb, ob] = task(i);
       // shared prefix: own_from[b] the first owned column, shared_hi[b] the stable hi tag limit
