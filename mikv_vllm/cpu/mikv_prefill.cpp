@@ -298,9 +298,9 @@ inline void prefill_finish(const Layout& L, const Selection& sel, int64_t kv_str
   update_hi_set(L, sel, ch.region, ch.ctx, ch.T, ch.own_from, mass, ch.kn, ch.vn, kv_stride, true, ws);
 }
 
-// f(k) for every task k of n on every thread, the tasks handed out one at a time in index order
-// (list them costliest first: a thread that finishes early takes the next one, and the last to finish
-// waits for at most one small task). Without threads (or nested) the loop runs them all inline.
+// f(k) for every task k of n, handed out to the threads one at a time in index order: a thread that
+// finishes early takes the next one, so when the list ends on small tasks the threads finish close
+// together. Without threads (or nested) the loop runs them all inline.
 template <class F>
 void for_each_dynamic(int64_t n, F&& f) {
   std::atomic<int64_t> next{0};
