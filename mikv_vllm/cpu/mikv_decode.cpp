@@ -318,10 +318,8 @@ torch::Tensor decode_step(torch::Tensor regions, const Layout& L, torch::Tensor 
         }
       });
     };
+    std::vector<std::pair<int64_t, int64_t>> work;   // (task, segment), listed once begin has set nseg
     auto segments = [&](auto&& f) {   // f(Decode, segment) for every (task, segment), in parallel
-      std::vector<std::pair<int64_t, int64_t>> work;
-      for (int64_t i = 0; i < BH; ++i)
-        for (int64_t s = 0; s < states[i].nseg; ++s) work.emplace_back(i, s);
       at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t begin, int64_t end) {
         CodeTile& tile = thread_scratch(D).tile;
         for (int64_t k = begin; k < end; ++k) {
@@ -334,6 +332,8 @@ torch::Tensor decode_step(torch::Tensor regions, const Layout& L, torch::Tensor 
     each([&](auto& dec, int64_t i, const float* qb, const float* kb, const float* vb, float*) {
       dec.begin(qb, kb, vb, sc, do_store, st.own_from[i / H], st.shared_hi[i / H], thread_scratch(D));
     });
+    for (int64_t i = 0; i < BH; ++i)
+      for (int64_t s = 0; s < states[i].nseg; ++s) work.emplace_back(i, s);
     segments([&](auto& dec, int64_t s, CodeTile& T) { dec.logits(s, s + 1, T); });
     each([&](auto& dec, int64_t, const float*, const float* kb, const float* vb, float* ob) { dec.middle(kb, vb, ob); });
     segments([&](auto& dec, int64_t s, CodeTile& T) { dec.pv(s, s + 1, T); });
